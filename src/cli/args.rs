@@ -1,0 +1,322 @@
+//! The command line, as clap types. Card numbers and security codes are never arguments: `card
+//! add` reads them from standard input or a no-echo prompt.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "autopay",
+    version,
+    about = "Charges members' automatic bill payments on schedule and emails them about it",
+    after_help = "Exit codes: 0 ok, 64 usage, 65 bad data, 66 no such member/card/bill/schedule/payment, 69 a service unavailable, 78 bad configuration or database schema."
+)]
+pub struct Cli {
+    /// Settings file (TOML) layered over the embedded defaults.
+    #[arg(long, global = true, env = "AUTOPAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print JSON for scripts instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the database schema and record the installation id.
+    Migrate,
+    /// Print the effective settings (secrets redacted), or every problem in them.
+    CheckConfig,
+    /// Counts by state, and whether charging or mail is paused.
+    Status,
+    /// Members: billing accounts.
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// Cards: stored as processor tokens, never as numbers.
+    #[command(subcommand)]
+    Card(CardCommand),
+    /// Bills: what members owe.
+    #[command(subcommand)]
+    Bill(BillCommand),
+    /// Schedules: one-time and recurring automatic payments.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+    /// Payments: one per occurrence of a schedule.
+    #[command(subcommand)]
+    Payment(PaymentCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MemberCommand {
+    /// Add a member.
+    Add {
+        #[arg(long, value_name = "N")]
+        account: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_name = "E")]
+        email: String,
+        /// individual-family or employer-group.
+        #[arg(long = "type", value_name = "TYPE")]
+        account_type: String,
+        /// IANA time zone (default: this host's zone).
+        #[arg(long, value_name = "TZ")]
+        time_zone: Option<String>,
+    },
+    /// List members.
+    List,
+    /// Show one member with cards, schedules and credits.
+    Show {
+        #[arg(value_name = "ACCOUNT")]
+        account: String,
+    },
+    /// Change a member's contact details, zone or reminder preference.
+    Update {
+        #[arg(value_name = "ACCOUNT")]
+        account: String,
+        #[arg(long, value_name = "E")]
+        email: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_name = "TZ")]
+        time_zone: Option<String>,
+        /// on or off: upcoming-charge reminders and card-expiry notices.
+        #[arg(long, value_name = "on|off")]
+        reminders: Option<String>,
+    },
+    /// Close a member's account, cancelling every schedule.
+    Close {
+        #[arg(value_name = "ACCOUNT")]
+        account: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CardCommand {
+    /// Add a card: the number and security code from standard input (two lines) or a no-echo
+    /// prompt, or a token the member portal got from the processor.
+    Add {
+        #[arg(long, value_name = "N")]
+        account: String,
+        /// Expiry, MM/YYYY (with a number from standard input).
+        #[arg(
+            long,
+            value_name = "MM/YYYY",
+            conflicts_with = "token",
+            required_unless_present = "token"
+        )]
+        exp: Option<String>,
+        /// A processor token instead of a number.
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+    },
+    /// List a member's cards.
+    List {
+        #[arg(long, value_name = "N")]
+        account: String,
+    },
+    /// Remove a card no live schedule uses.
+    Remove {
+        #[arg(value_name = "CARD_ID")]
+        card: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BillCommand {
+    /// Add one bill.
+    Add {
+        #[arg(long, value_name = "N")]
+        account: String,
+        #[arg(long, value_name = "125.00")]
+        amount: String,
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        due: String,
+        #[arg(long, value_name = "REF")]
+        reference: String,
+    },
+    /// Import bills from CSV (account,reference,amount,due_date): all rows or none.
+    Import {
+        #[arg(value_name = "FILE.csv")]
+        file: PathBuf,
+        /// Check the file and print the count and total without storing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List bills.
+    List {
+        #[arg(long, value_name = "N")]
+        account: Option<String>,
+    },
+    /// Void a bill; what was paid on it becomes a credit.
+    Void {
+        #[arg(value_name = "ID")]
+        bill: String,
+        #[arg(long, default_value = "voided by operator")]
+        reason: String,
+    },
+    /// Set a new amount due; below what was paid, the difference becomes a credit.
+    Adjust {
+        #[arg(value_name = "ID")]
+        bill: String,
+        #[arg(long, value_name = "100.00")]
+        amount: String,
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
+    /// Record a payment made outside autopay (phone, portal).
+    Pay {
+        #[arg(value_name = "ID")]
+        bill: String,
+        #[arg(long, value_name = "50.00")]
+        amount: String,
+        /// The outside payment's reference.
+        #[arg(long, value_name = "REF")]
+        external: String,
+    },
+}
+
+/// When and how often a schedule charges.
+#[derive(Debug, Clone, Args)]
+#[group(skip)]
+pub struct RuleArgs {
+    /// One payment, on --on.
+    #[arg(long, requires = "on", group = "rule")]
+    pub once: bool,
+    /// The one-time payment's date, YYYY-MM-DD, or now.
+    #[arg(long, value_name = "YYYY-MM-DD|now")]
+    pub on: Option<String>,
+    /// Every month, on --day.
+    #[arg(long, requires = "day", group = "rule")]
+    pub monthly: bool,
+    /// Day of the month, 1 to 31 (the month's last day when it is shorter).
+    #[arg(long, value_name = "1..31")]
+    pub day: Option<u8>,
+    /// Every N --unit.
+    #[arg(long, value_name = "N", requires = "unit", group = "rule")]
+    pub every: Option<u32>,
+    /// days, weeks or months.
+    #[arg(long, value_name = "UNIT")]
+    pub unit: Option<String>,
+    /// Time of day in the schedule's zone, HH:MM (default payments.default_time).
+    #[arg(long, value_name = "HH:MM")]
+    pub at: Option<String>,
+    /// First date the rule may fall on (default today).
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    pub start: Option<String>,
+    /// One payment before the rule's first date: now or a date.
+    #[arg(long, value_name = "now|YYYY-MM-DD")]
+    pub first_payment: Option<String>,
+    /// Last date a payment may fall on.
+    #[arg(long, value_name = "YYYY-MM-DD", conflicts_with = "count")]
+    pub end: Option<String>,
+    /// Number of payments (a first payment not counted).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u32>,
+    /// Move dates on weekends and holidays to the next business day (monthly rules).
+    #[arg(long)]
+    pub business_days: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Set up automatic payments, recording the member's authorization.
+    Add {
+        #[arg(long, value_name = "N")]
+        account: String,
+        #[arg(long, value_name = "CARD_ID")]
+        card: String,
+        #[command(flatten)]
+        rule: RuleArgs,
+        /// A fixed amount each time.
+        #[arg(
+            long,
+            value_name = "125.00",
+            conflicts_with = "balance",
+            required_unless_present = "balance"
+        )]
+        amount: Option<String>,
+        /// The statement balance: every unpaid bill.
+        #[arg(long)]
+        balance: bool,
+        /// IANA zone (default the member's).
+        #[arg(long, value_name = "TZ")]
+        time_zone: Option<String>,
+        /// The version of the terms the member agreed to.
+        #[arg(long, default_value = "2026-01", value_name = "V")]
+        terms_version: String,
+    },
+    /// Change a schedule's card, amount, day, time or zone; unclaimed payments are re-planned.
+    Update {
+        #[arg(value_name = "ID")]
+        schedule: String,
+        #[arg(long, value_name = "CARD_ID")]
+        card: Option<String>,
+        #[arg(long, value_name = "125.00", conflicts_with = "balance")]
+        amount: Option<String>,
+        #[arg(long)]
+        balance: bool,
+        #[arg(long, value_name = "1..31")]
+        day: Option<u8>,
+        #[arg(long, value_name = "HH:MM")]
+        at: Option<String>,
+        #[arg(long, value_name = "TZ")]
+        time_zone: Option<String>,
+    },
+    /// List the next payment dates of a rule, without a database.
+    Preview {
+        #[command(flatten)]
+        rule: RuleArgs,
+        #[arg(long, value_name = "TZ", default_value = "UTC")]
+        time_zone: String,
+        #[arg(long, default_value_t = 12, value_name = "N")]
+        next: usize,
+    },
+    /// List schedules.
+    List {
+        #[arg(long, value_name = "N")]
+        account: Option<String>,
+    },
+    /// Show a schedule and its next payment dates.
+    Show {
+        #[arg(value_name = "ID")]
+        schedule: String,
+        #[arg(long, default_value_t = 6, value_name = "N")]
+        next: usize,
+    },
+    /// Pause: nothing is charged until resumed.
+    Pause {
+        #[arg(value_name = "ID")]
+        schedule: String,
+    },
+    /// Resume a paused or suspended schedule from now on (missed dates are not charged).
+    Resume {
+        #[arg(value_name = "ID")]
+        schedule: String,
+    },
+    /// Cancel for good.
+    Cancel {
+        #[arg(value_name = "ID")]
+        schedule: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PaymentCommand {
+    /// List payments.
+    List {
+        #[arg(long, value_name = "N")]
+        account: Option<String>,
+        /// scheduled, processing, retry_wait, unknown, succeeded, failed, skipped, cancelled,
+        /// needs_review or missed.
+        #[arg(long, value_name = "S")]
+        state: Option<String>,
+    },
+    /// Show one payment with its history.
+    Show {
+        #[arg(value_name = "ID")]
+        payment: String,
+    },
+}

@@ -1,0 +1,332 @@
+//! `autopay bill ...`: bills one at a time or imported from CSV, and the changes that may turn
+//! into credits.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use uuid::Uuid;
+
+use super::args::BillCommand;
+use super::members::account;
+use super::output::{self, Table, say};
+use super::{CliError, Context, exit, parse_id};
+use crate::domain::card::contains_card_number;
+use crate::domain::member::AccountNumber;
+use crate::domain::money::Money;
+use crate::domain::schedule::parse_date;
+use crate::store::{BillChange, NewBill, Store, StoreError};
+
+/// A bill reference: what the billing system calls the bill.
+fn reference(value: &str) -> Result<String, String> {
+    free_text(value, 64)
+}
+
+/// Text stored in clear (references, reasons): bounded, printable, and never a card number.
+pub(super) fn free_text(value: &str, max: usize) -> Result<String, String> {
+    let r = value.trim();
+    if r.is_empty() || r.chars().count() > max || r.chars().any(char::is_control) {
+        return Err(format!(
+            "write 1 to {max} characters without control characters"
+        ));
+    }
+    if contains_card_number(r) {
+        return Err(
+            "this text looks like it holds a card number, which is never stored; remove it".into(),
+        );
+    }
+    Ok(r.to_string())
+}
+
+fn money(ctx: &Context, value: &str, flag: &str) -> Result<Money, CliError> {
+    Money::parse(value, ctx.settings.payments.currency)
+        .map_err(|e| CliError::data(format!("{flag}: {e}")))
+}
+
+/// Reads and checks every row of a CSV file, collecting every problem by line.
+async fn read_csv(ctx: &Context, store: &dyn Store, path: &Path) -> Result<Vec<NewBill>, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::new(
+            exit::NO_INPUT,
+            format!("cannot read {}: {e}; check the path", path.display()),
+        )
+    })?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .trim(csv::Trim::All)
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let currency = ctx.settings.payments.currency;
+    let mut members: HashMap<AccountNumber, Option<Uuid>> = HashMap::new();
+    let mut bills = Vec::new();
+    let mut problems = Vec::new();
+    let mut seen: HashMap<(Uuid, String), usize> = HashMap::new();
+    for (i, record) in reader.records().enumerate() {
+        let line = i + 1;
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push(format!("line {line}: not valid CSV ({e})"));
+                continue;
+            }
+        };
+        let cells: Vec<&str> = record.iter().collect();
+        if line == 1
+            && cells
+                .first()
+                .is_some_and(|c| c.eq_ignore_ascii_case("account"))
+        {
+            continue;
+        }
+        if cells.iter().all(|c| c.is_empty()) {
+            continue;
+        }
+        let [acct, reference_cell, amount, due] = cells.as_slice() else {
+            problems.push(format!(
+                "line {line}: {} fields; expected 4: account,reference,amount,due_date",
+                cells.len()
+            ));
+            continue;
+        };
+        let mut row_problems = Vec::new();
+        let acct = AccountNumber::parse(acct)
+            .map_err(|e| row_problems.push(format!("account: {e}")))
+            .ok();
+        let reference = reference(reference_cell)
+            .map_err(|e| row_problems.push(format!("reference: {e}")))
+            .ok();
+        let amount = Money::parse(amount, currency)
+            .map_err(|e| row_problems.push(format!("amount: {e}")))
+            .ok()
+            .and_then(|m| {
+                if m.minor() < 0 {
+                    row_problems.push("amount: a bill's amount is 0.00 or more".into());
+                    None
+                } else {
+                    Some(m)
+                }
+            });
+        let due = parse_date(due)
+            .map_err(|e| row_problems.push(format!("due_date: {e}")))
+            .ok();
+        let member_id = match &acct {
+            Some(a) => {
+                if !members.contains_key(a) {
+                    let found = match store.member(a).await {
+                        Ok(m) => Some(m.id),
+                        Err(StoreError::NotFound(_)) => None,
+                        Err(e) => return Err(e.into()),
+                    };
+                    members.insert(a.clone(), found);
+                }
+                let found = members.get(a).copied().flatten();
+                if found.is_none() {
+                    row_problems.push(format!(
+                        "account: no member has account number {}",
+                        a.masked()
+                    ));
+                }
+                found
+            }
+            None => None,
+        };
+        if let (Some(member_id), Some(reference)) = (member_id, &reference)
+            && let Some(first) = seen.insert((member_id, reference.clone()), line)
+        {
+            row_problems.push(format!(
+                "reference '{reference}' repeats line {first} for the same account"
+            ));
+        }
+        if !row_problems.is_empty() {
+            problems.push(format!("line {line}: {}", row_problems.join("; ")));
+            continue;
+        }
+        if let (Some(member_id), Some(reference), Some(amount_due), Some(due_date)) =
+            (member_id, reference, amount, due)
+        {
+            bills.push(NewBill {
+                member_id,
+                reference,
+                amount_due,
+                due_date,
+                origin: format!("line {line}"),
+            });
+        }
+    }
+    if !problems.is_empty() {
+        return Err(CliError::data(format!(
+            "{} has {} bad line(s); nothing was imported. Fix them and import the file again:\n  {}",
+            path.display(),
+            problems.len(),
+            problems.join("\n  ")
+        )));
+    }
+    Ok(bills)
+}
+
+fn print_change(ctx: &Context, change: &BillChange, what: &str) -> Result<(), CliError> {
+    if ctx.json {
+        return output::json(change);
+    }
+    say(format!(
+        "{what} bill {}: due {}, paid {}, {}",
+        change.bill.id,
+        change.bill.amount_due.display_with_code(),
+        change.bill.amount_paid.display_with_code(),
+        change.bill.status
+    ));
+    if let Some(credit) = &change.credit {
+        say(format!(
+            "credit {} of {} recorded for the member",
+            credit.id,
+            credit.amount.display_with_code()
+        ));
+    }
+    Ok(())
+}
+
+pub(super) async fn bill(ctx: &Context, command: BillCommand) -> Result<(), CliError> {
+    match command {
+        BillCommand::Add {
+            account: acct,
+            amount,
+            due,
+            reference: r,
+        } => {
+            let acct = account(&acct)?;
+            let amount_due = money(ctx, &amount, "--amount")?;
+            if amount_due.minor() < 0 {
+                return Err(CliError::data("--amount: a bill's amount is 0.00 or more"));
+            }
+            let due_date = parse_date(&due).map_err(|e| CliError::data(format!("--due: {e}")))?;
+            let r = reference(&r).map_err(|e| CliError::data(format!("--reference: {e}")))?;
+            let store = ctx.store().await?;
+            let member = store.member(&acct).await?;
+            let bill = NewBill {
+                member_id: member.id,
+                reference: r.clone(),
+                amount_due,
+                due_date,
+                origin: "--reference".into(),
+            };
+            let import = store.add_bills(&[bill], &ctx.audit()).await?;
+            let Some(added) = import.added.first() else {
+                return Err(CliError::data(format!(
+                    "bill '{r}' already exists for this member with the same amount and due date; nothing was added"
+                )));
+            };
+            tracing::info!(bill_id = %added.id, member_id = %member.id, "bill added");
+            if ctx.json {
+                return output::json(added);
+            }
+            say(added.id.to_string());
+            Ok(())
+        }
+        BillCommand::Import { file, dry_run } => {
+            let store = ctx.store().await?;
+            let bills = read_csv(ctx, store.as_ref(), &file).await?;
+            let total: i64 = bills.iter().map(|b| b.amount_due.minor()).sum();
+            let total = Money::from_minor(total, ctx.settings.payments.currency);
+            if dry_run {
+                if ctx.json {
+                    return output::json(&serde_json::json!({
+                        "dry_run": true, "bills": bills.len(), "total": total.amount_string(), "currency": total.currency(),
+                    }));
+                }
+                say(format!(
+                    "{} bill(s), total {}; nothing stored (dry run)",
+                    bills.len(),
+                    total.display_with_code()
+                ));
+                return Ok(());
+            }
+            let import = store.add_bills(&bills, &ctx.audit()).await?;
+            tracing::info!(
+                added = import.added.len(),
+                unchanged = import.unchanged,
+                "bills imported"
+            );
+            if ctx.json {
+                return output::json(&serde_json::json!({
+                    "added": import.added.len(), "unchanged": import.unchanged, "total": total.amount_string(), "currency": total.currency(),
+                }));
+            }
+            say(format!(
+                "imported {} bill(s), {} already present; file total {}",
+                import.added.len(),
+                import.unchanged,
+                total.display_with_code()
+            ));
+            Ok(())
+        }
+        BillCommand::List { account: acct } => {
+            let store = ctx.store().await?;
+            let member_id = match acct {
+                Some(a) => Some(store.member(&account(&a)?).await?.id),
+                None => None,
+            };
+            let bills = store.list_bills(member_id).await?;
+            if ctx.json {
+                return output::json(&bills);
+            }
+            let mut t = Table::new(vec!["ID", "REFERENCE", "DUE", "AMOUNT", "PAID", "STATUS"]);
+            for b in &bills {
+                t.row(vec![
+                    b.id.to_string(),
+                    b.reference.clone(),
+                    b.due_date.to_string(),
+                    b.amount_due.display_with_code(),
+                    b.amount_paid.amount_string(),
+                    b.status.to_string(),
+                ]);
+            }
+            say(t.render());
+            Ok(())
+        }
+        BillCommand::Void { bill, reason } => {
+            let id = parse_id(&bill, "bill")?;
+            let reason =
+                free_text(&reason, 200).map_err(|e| CliError::data(format!("--reason: {e}")))?;
+            let store = ctx.store().await?;
+            let change = store.void_bill(id, &reason, &ctx.audit()).await?;
+            tracing::info!(bill_id = %id, "bill voided");
+            print_change(ctx, &change, "voided")
+        }
+        BillCommand::Adjust {
+            bill,
+            amount,
+            reason,
+        } => {
+            let id = parse_id(&bill, "bill")?;
+            let amount = money(ctx, &amount, "--amount")?;
+            if amount.minor() < 0 {
+                return Err(CliError::data("--amount: a bill's amount is 0.00 or more"));
+            }
+            let reason = free_text(&reason, 200).map_err(|e| {
+                CliError::data(format!("--reason: say why the amount changes; {e}"))
+            })?;
+            let store = ctx.store().await?;
+            let change = store.adjust_bill(id, amount, &reason, &ctx.audit()).await?;
+            tracing::info!(bill_id = %id, "bill adjusted");
+            print_change(ctx, &change, "adjusted")
+        }
+        BillCommand::Pay {
+            bill,
+            amount,
+            external,
+        } => {
+            let id = parse_id(&bill, "bill")?;
+            let amount = money(ctx, &amount, "--amount")?;
+            if !amount.is_positive() {
+                return Err(CliError::data("--amount: a payment is more than 0.00"));
+            }
+            let external =
+                reference(&external).map_err(|e| CliError::data(format!("--external: {e}")))?;
+            let store = ctx.store().await?;
+            let change = store
+                .pay_bill_external(id, amount, &external, &ctx.audit())
+                .await?;
+            tracing::info!(bill_id = %id, "external payment recorded");
+            print_change(ctx, &change, "recorded a payment on")
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! The command-line tool: parses arguments, calls the layers below, prints tables or JSON, and
+//! maps every error to a sysexits code with a message that says what to do.
+
+pub mod args;
+mod billing;
+mod members;
+pub mod output;
+mod schedules;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use jiff::Timestamp;
+use uuid::Uuid;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{ConfigError, ProcessorKind, Settings};
+use crate::processor::Processor;
+use crate::processor::simulated::SimulatedProcessor;
+use crate::store::{self, Audit, Store, StoreError};
+use args::{Cli, Command};
+use output::say;
+
+/// sysexits(3) codes.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const USAGE: u8 = 64;
+    pub const DATA: u8 = 65;
+    pub const NO_INPUT: u8 = 66;
+    pub const UNAVAILABLE: u8 = 69;
+    pub const SOFTWARE: u8 = 70;
+    pub const CONFIG: u8 = 78;
+}
+
+/// An error for the person at the terminal: what went wrong and how to fix it, with its exit
+/// code.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn new(code: u8, message: impl Into<String>) -> CliError {
+        CliError {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn usage(message: impl Into<String>) -> CliError {
+        CliError::new(exit::USAGE, message)
+    }
+    pub fn data(message: impl Into<String>) -> CliError {
+        CliError::new(exit::DATA, message)
+    }
+    pub fn internal(message: impl Into<String>) -> CliError {
+        CliError::new(exit::SOFTWARE, message)
+    }
+}
+
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> CliError {
+        let code = match &e {
+            StoreError::NotFound(_) => exit::NO_INPUT,
+            StoreError::Conflict(_) => exit::DATA,
+            StoreError::Unavailable(_) => exit::UNAVAILABLE,
+            StoreError::Schema(_) => exit::CONFIG,
+            StoreError::Internal(_) => exit::SOFTWARE,
+        };
+        CliError::new(code, e.to_string())
+    }
+}
+
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> CliError {
+        CliError::new(
+            exit::CONFIG,
+            format!(
+                "{e}\nFix these settings (see config/default.toml for every key), then run `autopay check-config`."
+            ),
+        )
+    }
+}
+
+/// Replaces anything shaped like a card number (12 to 19 digits, spaces or dashes between)
+/// with a placeholder: clap echoes unexpected arguments, and a card number typed in the wrong
+/// place must not reach the terminal's scrollback or a log.
+pub fn redact_card_numbers(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].is_ascii_digit() {
+            let mut j = i;
+            let mut digits = 0;
+            let mut end = i;
+            while j < chars.len()
+                && (chars[j].is_ascii_digit() || chars[j] == ' ' || chars[j] == '-')
+            {
+                if chars[j].is_ascii_digit() {
+                    digits += 1;
+                    end = j + 1;
+                } else if j + 1 < chars.len() && !chars[j + 1].is_ascii_digit() {
+                    break;
+                }
+                j += 1;
+            }
+            if digits >= 12 {
+                out.push_str("[card number removed]");
+            } else {
+                out.extend(&chars[i..end]);
+            }
+            i = end;
+        } else {
+            out.push(chars[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// What every command may need: settings, "now", who is acting.
+pub struct Context {
+    pub settings: Settings,
+    pub clock: Arc<dyn Clock>,
+    pub json: bool,
+}
+
+impl Context {
+    pub fn audit(&self) -> Audit {
+        Audit {
+            actor: operator(),
+            at: self.clock.now(),
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// Opens the database and refuses one whose schema this binary does not match.
+    pub async fn store(&self) -> Result<Arc<dyn Store>, CliError> {
+        let store = store::open(
+            &self.settings.database.url,
+            self.settings.database.max_connections,
+        )
+        .await?;
+        store::require_current_schema(store.as_ref()).await?;
+        Ok(store)
+    }
+
+    pub fn processor(&self) -> Result<Arc<dyn Processor>, CliError> {
+        match self.settings.processor.kind {
+            ProcessorKind::Simulated => Ok(Arc::new(SimulatedProcessor::new(
+                self.clock.clone(),
+                self.settings.processor.simulated.latency.as_std(),
+            ))),
+            ProcessorKind::Stripe => Err(CliError::new(
+                exit::CONFIG,
+                "processor.kind = \"stripe\" is not available in this version of autopay; set processor.kind = \"simulated\"",
+            )),
+        }
+    }
+}
+
+/// The operating-system user behind a command-line action, for the audit trail.
+pub fn operator() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::geteuid() };
+            format!("uid {uid}")
+        });
+    format!("cli:{user}")
+}
+
+/// Parses a UUID argument, naming what it should be.
+pub fn parse_id(value: &str, what: &str) -> Result<Uuid, CliError> {
+    Uuid::parse_str(value.trim()).map_err(|_| {
+        CliError::usage(format!(
+            "'{}' is not a {what} id; ids look like 0193a5b2-7c1e-7d3f-9a41-2b6c8d0e1f23 (see the list command)",
+            redact_card_numbers(value)
+        ))
+    })
+}
+
+/// Runs the command line and returns the process's exit code.
+pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp
+                | clap::error::ErrorKind::DisplayVersion
+                | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => exit::OK,
+                _ => exit::USAGE,
+            };
+            let text = redact_card_numbers(&e.render().to_string());
+            if code == exit::OK {
+                say(text.trim_end());
+            } else {
+                eprintln!("{}", text.trim_end());
+            }
+            return ExitCode::from(code);
+        }
+    };
+    let settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(s) => s,
+        Err(e) => {
+            if matches!(cli.command, Command::CheckConfig)
+                && cli.json
+                && let ConfigError::Invalid(problems) = &e
+            {
+                let _ = output::json(&serde_json::json!({ "ok": false, "problems": problems }));
+            }
+            let err = CliError::from(e);
+            eprintln!("error: {}", err.message);
+            return ExitCode::from(err.code);
+        }
+    };
+    crate::telemetry::init(&settings.log.level, settings.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    let ctx = Context {
+        settings,
+        clock: Arc::new(SystemClock),
+        json: cli.json,
+    };
+    match runtime.block_on(dispatch(&ctx, cli.command)) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("error: {}", redact_card_numbers(&e.message));
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+async fn dispatch(ctx: &Context, command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Migrate => migrate(ctx).await,
+        Command::CheckConfig => check_config(ctx),
+        Command::Status => status(ctx).await,
+        Command::Member(c) => members::member(ctx, c).await,
+        Command::Card(c) => members::card(ctx, c).await,
+        Command::Bill(c) => billing::bill(ctx, c).await,
+        Command::Schedule(c) => schedules::schedule(ctx, c).await,
+        Command::Payment(c) => schedules::payment(ctx, c).await,
+    }
+}
+
+async fn migrate(ctx: &Context) -> Result<(), CliError> {
+    let store = store::open(
+        &ctx.settings.database.url,
+        ctx.settings.database.max_connections,
+    )
+    .await?;
+    let report = store.migrate(ctx.now()).await?;
+    tracing::info!(
+        applied = report.applied.len(),
+        schema_version = report.schema_version,
+        "migrated"
+    );
+    if ctx.json {
+        return output::json(&report);
+    }
+    if report.applied.is_empty() {
+        say(format!(
+            "schema is up to date (version {})",
+            report.schema_version
+        ));
+    } else {
+        for m in &report.applied {
+            say(format!("applied {m}"));
+        }
+    }
+    say(format!("installation {}", report.installation_id));
+    Ok(())
+}
+
+fn check_config(ctx: &Context) -> Result<(), CliError> {
+    if ctx.json {
+        return output::json(
+            &serde_json::json!({ "ok": true, "settings": ctx.settings.redacted_json() }),
+        );
+    }
+    for line in ctx.settings.redacted_lines() {
+        say(line);
+    }
+    say("settings are valid");
+    Ok(())
+}
+
+async fn status(ctx: &Context) -> Result<(), CliError> {
+    let store = ctx.store().await?;
+    let report = store.status().await?;
+    if ctx.json {
+        return output::json(&report);
+    }
+    let mut lines = vec![
+        (
+            "database",
+            format!(
+                "{} (schema version {})",
+                report.backend, report.schema_version
+            ),
+        ),
+        ("installation", report.control.installation_id.to_string()),
+        (
+            "charging",
+            match &report.control.charging_paused {
+                Some(p) => format!(
+                    "PAUSED since {} by {}: {}",
+                    p.since,
+                    p.by.as_deref().unwrap_or("?"),
+                    p.reason
+                ),
+                None => "running".into(),
+            },
+        ),
+        (
+            "mail",
+            match &report.control.mail_paused {
+                Some(p) => format!("PAUSED since {}: {}", p.since, p.reason),
+                None => "running".into(),
+            },
+        ),
+    ];
+    let counts = |m: &std::collections::BTreeMap<String, i64>| {
+        if m.is_empty() {
+            "none".to_string()
+        } else {
+            m.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    lines.push(("members", counts(&report.members)));
+    lines.push(("schedules", counts(&report.schedules)));
+    lines.push(("payments", counts(&report.payments)));
+    lines.push(("bills", counts(&report.bills)));
+    lines.push(("notifications", counts(&report.notifications)));
+    lines.push(("bouncing emails", report.members_bouncing.to_string()));
+    if let Some(since) = report.control.reconcile_required_since {
+        lines.push((
+            "reconcile",
+            format!("REQUIRED since {since}: run `autopay reconcile`"),
+        ));
+    }
+    say(output::fields(&lines));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn card_numbers_are_removed_from_any_text() {
+        assert_eq!(
+            redact_card_numbers("unexpected argument '4242424242424242' found"),
+            "unexpected argument '[card number removed]' found"
+        );
+        assert_eq!(
+            redact_card_numbers("x 4242 4242 4242 4242 y"),
+            "x [card number removed] y"
+        );
+        assert_eq!(
+            redact_card_numbers("4242-4242-4242-4242"),
+            "[card number removed]"
+        );
+        assert_eq!(
+            redact_card_numbers("bill 2026-12-01 for 125.00"),
+            "bill 2026-12-01 for 125.00"
+        );
+        assert_eq!(
+            redact_card_numbers("exit 64, code 123"),
+            "exit 64, code 123"
+        );
+    }
+}

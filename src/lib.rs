@@ -1,0 +1,10 @@
+//! autopay: charges members' automatic bill payments on schedule and tells them about it.
+//! The module tree follows the layers of design.md; nothing else lives here.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod processor;
+pub mod store;
+pub mod telemetry;

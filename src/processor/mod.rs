@@ -1,0 +1,127 @@
+//! The payment-processor boundary: one [`Processor`] trait, with the simulated processor (the
+//! embedded default) beside it. The engine knows nothing about which processor is behind it.
+//!
+//! Card numbers and security codes exist only on their way into [`Processor::tokenize`]; what
+//! comes back, and what autopay stores, is a token plus what may be shown (brand, last four,
+//! expiry).
+
+pub mod simulated;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::domain::card::{CardBrand, CardNumber, Expiry, Last4, SecurityCode};
+use crate::domain::money::Money;
+
+/// What the processor knows about a stored card now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CardDetails {
+    pub brand: CardBrand,
+    pub last4: Last4,
+    pub expiry: Expiry,
+}
+
+/// A tokenized card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokenized {
+    pub token: String,
+    pub details: CardDetails,
+}
+
+/// One attempt to charge one payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeRequest {
+    /// `autopay:{installation}:{schedule}:{occurrence}:{attempt}`: the same key always means the
+    /// same charge.
+    pub idempotency_key: String,
+    pub token: String,
+    pub amount: Money,
+    pub payment_id: Uuid,
+    pub schedule_id: Uuid,
+    pub occurrence: String,
+    pub attempt: i64,
+    pub account_number: String,
+}
+
+/// What a charge call came back with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    Approved {
+        reference: String,
+    },
+    Declined {
+        code: String,
+        message: String,
+    },
+    /// The call did not say whether money moved: a timeout, a dropped connection, a 5xx.
+    Unknown {
+        detail: String,
+    },
+    /// The same key was used with other parameters: an operator must look.
+    IdempotencyMismatch {
+        detail: String,
+    },
+}
+
+/// What the processor holds for one attempt, found by its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessorAttempt {
+    pub reference: String,
+    pub payment_id: Uuid,
+    pub schedule_id: Uuid,
+    pub occurrence: String,
+    pub attempt: i64,
+    pub amount: Money,
+    pub approved: bool,
+    pub decline_code: Option<String>,
+    pub created_at: Timestamp,
+}
+
+/// The answer to "did this attempt happen?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Found(ProcessorAttempt),
+    NotFound,
+    /// The processor could not answer now; ask again later.
+    Unknown {
+        detail: String,
+    },
+}
+
+/// Why the processor refused a request outright.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProcessorError {
+    /// The card or token was refused; the message says why and what to do.
+    #[error("{0}")]
+    Rejected(String),
+    /// The processor cannot be reached now.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A payment processor.
+#[async_trait]
+pub trait Processor: Send + Sync {
+    /// The name stored beside each token ("simulated", "stripe").
+    fn name(&self) -> &'static str;
+    /// Exchanges a card number and security code for a token. Neither is kept.
+    async fn tokenize(
+        &self,
+        number: &CardNumber,
+        security_code: &SecurityCode,
+        expiry: Expiry,
+    ) -> Result<Tokenized, ProcessorError>;
+    /// Brand, last four and expiry of a token, as the processor knows them now.
+    async fn card_details(&self, token: &str) -> Result<CardDetails, ProcessorError>;
+    /// Charges a token once per idempotency key.
+    async fn charge(&self, request: &ChargeRequest) -> ChargeOutcome;
+    /// Looks up one attempt by its payment and attempt number.
+    async fn find_attempt(&self, payment_id: Uuid, attempt: i64) -> Lookup;
+    /// Every charge this installation made since `since`, for `reconcile`.
+    async fn list_attempts(
+        &self,
+        since: Timestamp,
+    ) -> Result<Vec<ProcessorAttempt>, ProcessorError>;
+}

@@ -1,0 +1,208 @@
+//! Persistence: one [`Store`] trait, implemented by [`sqlite::SqliteStore`] and
+//! [`postgres::PgStore`], chosen by the database URL's scheme.
+//!
+//! Each method is one transaction that keeps the invariants of design.md: it writes the change
+//! and its audit event together, binds "now" from the caller's clock, and refuses (with a
+//! [`StoreError`] that says what to do) anything the schema's rules forbid.
+
+pub mod postgres;
+mod records;
+mod shared;
+pub mod sqlite;
+pub mod types;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use uuid::Uuid;
+
+pub use records::*;
+
+use crate::config::{Backend, DatabaseUrl};
+use crate::domain::member::AccountNumber;
+use crate::domain::money::Money;
+use crate::domain::payment::PaymentState;
+
+/// The schema version this binary needs (the highest migration it knows).
+pub const SCHEMA_VERSION: i64 = 1;
+/// The schema version a database records as the oldest binary that may run against it.
+pub const MIN_BINARY_SCHEMA: i64 = 1;
+
+/// What went wrong in the store, sorted by what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No such member, card, bill, schedule or payment (exit 66).
+    #[error("{0}")]
+    NotFound(String),
+    /// The change breaks a rule: a duplicate, a card in use, a state that does not allow it
+    /// (exit 65).
+    #[error("{0}")]
+    Conflict(String),
+    /// The database cannot be reached (exit 69).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The database's schema does not match this binary (exit 78).
+    #[error("{0}")]
+    Schema(String),
+    /// Anything else: a bug or a corrupt row (exit 70).
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+impl StoreError {
+    pub(crate) fn from_sqlx(e: sqlx::Error, doing: &str) -> StoreError {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(format!(
+                "cannot reach the database while {doing}: {e}; check that it is running and that database.url is right"
+            )),
+            sqlx::Error::Database(db)
+                if db.message().contains("no such table")
+                    || db.code().as_deref() == Some("42P01") =>
+            {
+                StoreError::Schema(format!(
+                    "the database has no autopay tables ({}); run `autopay migrate` first",
+                    db.message()
+                ))
+            }
+            sqlx::Error::Database(db)
+                if db.message().contains("database is locked") || db.message().contains("busy") =>
+            {
+                StoreError::Unavailable(format!(
+                    "the database stayed busy while {doing}; another process holds a long write, try again"
+                ))
+            }
+            _ => StoreError::Internal(format!("database error while {doing}: {e}")),
+        }
+    }
+}
+
+/// Who made a change and when: written into the audit event of every change.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    /// The operating-system user of a command-line action, or the worker id.
+    pub actor: String,
+    /// "Now", from the caller's clock.
+    pub at: Timestamp,
+}
+
+/// Where the schema stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaState {
+    /// Highest migration applied, 0 when none.
+    pub applied: i64,
+    /// The oldest binary schema version the database allows.
+    pub min_binary: i64,
+}
+
+/// What `migrate` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MigrationReport {
+    pub applied: Vec<String>,
+    pub schema_version: i64,
+    pub installation_id: Uuid,
+}
+
+/// The persistence boundary. The engine and the CLI talk only to this.
+#[async_trait]
+pub trait Store: Send + Sync {
+    fn backend(&self) -> Backend;
+
+    /// Applies missing migrations and records the installation id on the first run.
+    async fn migrate(&self, now: Timestamp) -> Result<MigrationReport>;
+    /// The schema's state, without changing anything.
+    async fn schema_state(&self) -> Result<SchemaState>;
+    async fn control(&self) -> Result<Control>;
+    async fn status(&self) -> Result<StatusReport>;
+
+    async fn add_member(&self, new: &NewMember, audit: &Audit) -> Result<Member>;
+    async fn member(&self, account: &AccountNumber) -> Result<Member>;
+    async fn member_by_id(&self, id: Uuid) -> Result<Member>;
+    async fn list_members(&self) -> Result<Vec<Member>>;
+    async fn update_member(
+        &self,
+        account: &AccountNumber,
+        change: &MemberChange,
+        audit: &Audit,
+    ) -> Result<Member>;
+    /// Closes the member and cancels every live schedule and its unclaimed payments.
+    async fn close_member(&self, account: &AccountNumber, audit: &Audit) -> Result<ClosedMember>;
+
+    async fn add_card(&self, new: &NewCard, audit: &Audit) -> Result<Card>;
+    async fn card(&self, id: Uuid) -> Result<Card>;
+    async fn list_cards(&self, member_id: Uuid) -> Result<Vec<Card>>;
+    /// Refuses (Conflict) while a live schedule uses the card.
+    async fn remove_card(&self, id: Uuid, audit: &Audit) -> Result<Card>;
+
+    /// Adds bills all together or not at all; a bill already stored with the same member,
+    /// reference, amount and due date counts as unchanged, one with other values is a Conflict.
+    async fn add_bills(&self, bills: &[NewBill], audit: &Audit) -> Result<BillImport>;
+    async fn bill(&self, id: Uuid) -> Result<Bill>;
+    async fn list_bills(&self, member_id: Option<Uuid>) -> Result<Vec<Bill>>;
+    async fn void_bill(&self, id: Uuid, reason: &str, audit: &Audit) -> Result<BillChange>;
+    async fn adjust_bill(
+        &self,
+        id: Uuid,
+        amount_due: Money,
+        reason: &str,
+        audit: &Audit,
+    ) -> Result<BillChange>;
+    async fn pay_bill_external(
+        &self,
+        id: Uuid,
+        amount: Money,
+        reference: &str,
+        audit: &Audit,
+    ) -> Result<BillChange>;
+    async fn list_credits(&self, member_id: Uuid) -> Result<Vec<Credit>>;
+
+    async fn add_schedule(&self, new: &NewSchedule, audit: &Audit) -> Result<Schedule>;
+    async fn schedule(&self, id: Uuid) -> Result<Schedule>;
+    async fn list_schedules(&self, member_id: Option<Uuid>) -> Result<Vec<Schedule>>;
+    /// Applies a change made against `change.expected_version`, bumps the version and re-plans
+    /// the schedule's unclaimed payments with the new card and amount.
+    async fn update_schedule(&self, change: &ScheduleChange, audit: &Audit) -> Result<Schedule>;
+    async fn pause_schedule(&self, id: Uuid, audit: &Audit) -> Result<Schedule>;
+    async fn resume_schedule(&self, resume: &ScheduleResume, audit: &Audit) -> Result<Schedule>;
+    async fn cancel_schedule(&self, id: Uuid, audit: &Audit) -> Result<Schedule>;
+
+    async fn payment(&self, id: Uuid) -> Result<Payment>;
+    async fn list_payments(
+        &self,
+        member_id: Option<Uuid>,
+        state: Option<PaymentState>,
+    ) -> Result<Vec<Payment>>;
+    async fn events(&self, entity_id: &str) -> Result<Vec<Event>>;
+}
+
+/// Opens the store a URL names. SQLite files are created when missing; nothing is migrated.
+pub async fn open(url: &DatabaseUrl, max_connections: u32) -> Result<Arc<dyn Store>> {
+    Ok(match url.backend() {
+        Backend::Sqlite => Arc::new(sqlite::SqliteStore::open(url, max_connections).await?),
+        Backend::Postgres => Arc::new(postgres::PgStore::open(url, max_connections).await?),
+    })
+}
+
+/// Refuses a database whose schema this binary does not match (design.md: exit 78).
+pub async fn require_current_schema(store: &dyn Store) -> Result<()> {
+    let state = store.schema_state().await?;
+    if state.applied < SCHEMA_VERSION {
+        return Err(StoreError::Schema(format!(
+            "the database is at schema version {} and this autopay needs {SCHEMA_VERSION}; run `autopay migrate`",
+            state.applied
+        )));
+    }
+    if state.min_binary > SCHEMA_VERSION {
+        return Err(StoreError::Schema(format!(
+            "the database requires an autopay that knows schema version {} or later, and this one knows {SCHEMA_VERSION}; upgrade autopay",
+            state.min_binary
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! The PostgreSQL backend, for several hosts sharing one database. Row locks (`FOR UPDATE`)
+//! serialize the read-check-write steps that SQLite's single writer serializes by itself.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::config::{Backend, DatabaseUrl};
+use crate::store::{Result, StoreError};
+
+/// Autopay's data in PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: sqlx::PgPool,
+}
+
+impl PgStore {
+    const BACKEND: Backend = Backend::Postgres;
+    const BOOTSTRAP: &'static str = "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL)";
+    const MIGRATIONS: &'static [(i64, &'static str, &'static str)] = &[(
+        1,
+        "initial",
+        include_str!("../../migrations/postgres/0001_initial.sql"),
+    )];
+    /// Any fixed number shared by every autopay process: serializes concurrent `migrate` runs.
+    const MIGRATION_LOCK_KEY: i64 = 0x0061_7574_6f70_6179;
+
+    pub async fn open(url: &DatabaseUrl, max_connections: u32) -> Result<PgStore> {
+        let options = PgConnectOptions::from_str(url.expose()).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "database.url {} is not a usable PostgreSQL URL ({e}); write it like postgres://USER@HOST:5432/DB",
+                url.redacted()
+            ))
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot connect to PostgreSQL at {}: {e}; check that it is running and that database.url is right",
+                    url.redacted()
+                ))
+            })?;
+        Ok(PgStore { pool })
+    }
+
+    pub fn pool(&self) -> &sqlx::PgPool {
+        &self.pool
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        self.pool
+            .begin()
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "starting a write"))
+    }
+
+    async fn lock_for_migration(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> Result<()> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(Self::MIGRATION_LOCK_KEY)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "locking for migration"))?;
+        Ok(())
+    }
+}
+
+super::shared::shared_store_impl!(PgStore, sqlx::Postgres, " FOR UPDATE");

@@ -1,0 +1,74 @@
+//! The SQLite backend: the embedded default, one file, one writer.
+//!
+//! WAL journal, `synchronous = FULL` (a committed payment survives a power cut), foreign keys on,
+//! a busy timeout, and every writing transaction opened with `BEGIN IMMEDIATE`: a deferred
+//! transaction that reads and then writes fails with SQLITE_BUSY whatever the timeout.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+use crate::config::{Backend, DatabaseUrl};
+use crate::store::{Result, StoreError};
+
+/// Autopay's data in a SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: sqlx::SqlitePool,
+}
+
+impl SqliteStore {
+    const BACKEND: Backend = Backend::Sqlite;
+    const BOOTSTRAP: &'static str = "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)";
+    const MIGRATIONS: &'static [(i64, &'static str, &'static str)] = &[(
+        1,
+        "initial",
+        include_str!("../../migrations/sqlite/0001_initial.sql"),
+    )];
+
+    /// Opens (creating when missing) the file a `sqlite://` URL names.
+    pub async fn open(url: &DatabaseUrl, max_connections: u32) -> Result<SqliteStore> {
+        let options = SqliteConnectOptions::from_str(url.expose())
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "database.url {} is not a usable SQLite URL ({e}); write it like sqlite://autopay.db",
+                    url.redacted()
+                ))
+            })?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot open the SQLite database {}: {e}; check that its folder exists and is writable",
+                    url.redacted()
+                ))
+            })?;
+        Ok(SqliteStore { pool })
+    }
+
+    pub fn pool(&self) -> &sqlx::SqlitePool {
+        &self.pool
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "starting a write"))
+    }
+
+    /// `BEGIN IMMEDIATE` already holds the only write lock.
+    async fn lock_for_migration(_tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>) -> Result<()> {
+        Ok(())
+    }
+}
+
+super::shared::shared_store_impl!(SqliteStore, sqlx::Sqlite, "");
