@@ -1364,6 +1364,26 @@ mod tests {
     }
 
     #[test]
+    fn the_production_example_is_valid_once_its_secret_files_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "secret\n").unwrap();
+        let pw = pw.display().to_string();
+        let example = include_str!("../config/production.example.toml");
+        let s = load(
+            Some(example),
+            &[
+                ("AUTOPAY__DATABASE__PASSWORD_FILE", pw.as_str()),
+                ("AUTOPAY__EMAIL__SMTP__PASSWORD_FILE", pw.as_str()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.database.url.backend(), Backend::Postgres);
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert_eq!(s.payments.holidays.len(), 7);
+    }
+
+    #[test]
     fn an_unknown_key_is_named() {
         let err = load(Some("[payments]\ncurency = \"USD\"\n"), &[]).unwrap_err();
         assert!(err.to_string().contains("curency"), "{err}");

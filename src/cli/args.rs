@@ -130,7 +130,7 @@ pub enum BillCommand {
     Add {
         #[arg(long, value_name = "N")]
         account: String,
-        #[arg(long, value_name = "125.00")]
+        #[arg(long, value_name = "125.00", allow_negative_numbers = true)]
         amount: String,
         #[arg(long, value_name = "YYYY-MM-DD")]
         due: String,
@@ -161,7 +161,7 @@ pub enum BillCommand {
     Adjust {
         #[arg(value_name = "ID")]
         bill: String,
-        #[arg(long, value_name = "100.00")]
+        #[arg(long, value_name = "100.00", allow_negative_numbers = true)]
         amount: String,
         #[arg(long, value_name = "TEXT")]
         reason: String,
@@ -170,7 +170,7 @@ pub enum BillCommand {
     Pay {
         #[arg(value_name = "ID")]
         bill: String,
-        #[arg(long, value_name = "50.00")]
+        #[arg(long, value_name = "50.00", allow_negative_numbers = true)]
         amount: String,
         /// The outside payment's reference.
         #[arg(long, value_name = "REF")]

@@ -38,8 +38,19 @@ pub(super) fn free_text(value: &str, max: usize) -> Result<String, String> {
 }
 
 fn money(ctx: &Context, value: &str, flag: &str) -> Result<Money, CliError> {
-    Money::parse(value, ctx.settings.payments.currency)
+    parse_amount(value, ctx.settings.payments.currency)
         .map_err(|e| CliError::data(format!("{flag}: {e}")))
+}
+
+/// An amount typed by a person: a card number pasted here is refused rather than stored as a
+/// sum of money.
+fn parse_amount(value: &str, currency: crate::domain::money::Currency) -> Result<Money, String> {
+    if contains_card_number(value) {
+        return Err(
+            "this looks like a card number, not an amount; write an amount such as 125.00".into(),
+        );
+    }
+    Money::parse(value, currency).map_err(|e| e.to_string())
 }
 
 /// Reads and checks every row of a CSV file, collecting every problem by line.
@@ -94,7 +105,7 @@ async fn read_csv(ctx: &Context, store: &dyn Store, path: &Path) -> Result<Vec<N
         let reference = reference(reference_cell)
             .map_err(|e| row_problems.push(format!("reference: {e}")))
             .ok();
-        let amount = Money::parse(amount, currency)
+        let amount = parse_amount(amount, currency)
             .map_err(|e| row_problems.push(format!("amount: {e}")))
             .ok()
             .and_then(|m| {

@@ -64,6 +64,9 @@ pub enum MemberError {
     #[error("the email address contains a control character (CR, LF, NUL…); remove it")]
     EmailControlCharacter,
 
+    #[error("the email address contains what looks like a card number; enter the member's address")]
+    EmailLooksLikeCard,
+
     #[error(
         "the email address contains a non-ASCII character; we accept ASCII-only addresses, so use an ASCII form of it"
     )]
@@ -315,6 +318,9 @@ impl EmailAddress {
         }
         if !s.is_ascii() {
             return Err(MemberError::EmailNonAscii);
+        }
+        if super::card::contains_card_number(s) {
+            return Err(MemberError::EmailLooksLikeCard);
         }
         let input = s.trim_matches(' ');
         if input.is_empty() {

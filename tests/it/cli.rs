@@ -1,0 +1,813 @@
+//! The real binary, every command, on both backends; and each kind of bad input, with its exit
+//! code, its message, and nothing stored.
+
+use crate::helpers::{Bin, Kind, TestDb};
+
+const VISA: &str = "4242424242424242\n123\n";
+
+async fn ready(kind: Kind) -> (TestDb, Bin) {
+    let db = TestDb::new(kind).await;
+    let bin = Bin::new(&db);
+    bin.run(&["migrate"]).ok();
+    (db, bin)
+}
+
+/// Adds the member A-100200 with a Visa card; returns the card id.
+fn member_with_card(bin: &Bin) -> String {
+    bin.run(&[
+        "member",
+        "add",
+        "--account",
+        "A-100200",
+        "--name",
+        "Ana Díaz",
+        "--email",
+        "ana@example.org",
+        "--type",
+        "individual-family",
+        "--time-zone",
+        "America/New_York",
+    ])
+    .ok();
+    bin.run_with_stdin(
+        &["card", "add", "--account", "A-100200", "--exp", "12/2030"],
+        Some(VISA),
+    )
+    .ok()
+    .id()
+}
+
+async fn every_management_command_works(kind: Kind) {
+    let (db, bin) = ready(kind).await;
+    let again = bin.run(&["migrate", "--json"]).ok().json();
+    assert_eq!(again["applied"].as_array().unwrap().len(), 0);
+
+    // members
+    let member_id = bin
+        .run(&[
+            "member",
+            "add",
+            "--account",
+            "A-100200",
+            "--name",
+            "Ana Díaz",
+            "--email",
+            "ana@example.org",
+            "--type",
+            "individual-family",
+            "--time-zone",
+            "America/New_York",
+        ])
+        .ok()
+        .id();
+    assert!(uuid::Uuid::parse_str(&member_id).is_ok());
+    bin.run(&[
+        "member",
+        "add",
+        "--account",
+        "EG-5000",
+        "--name",
+        "Acme Corp",
+        "--email",
+        "benefits@acme.example",
+        "--type",
+        "employer-group",
+    ])
+    .ok();
+    let list = bin.run(&["member", "list", "--json"]).ok().json();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert!(
+        bin.run(&["member", "list"])
+            .ok()
+            .stdout
+            .contains("employer-group")
+    );
+    bin.run(&[
+        "member",
+        "update",
+        "A-100200",
+        "--email",
+        "ana.diaz@example.org",
+        "--reminders",
+        "off",
+    ])
+    .ok();
+    let shown = bin
+        .run(&["member", "show", "A-100200", "--json"])
+        .ok()
+        .json();
+    assert_eq!(shown["member"]["email"], "ana.diaz@example.org");
+    assert_eq!(shown["member"]["reminders"], false);
+
+    // cards: from standard input, and from a portal token
+    let card = bin
+        .run_with_stdin(
+            &[
+                "card",
+                "add",
+                "--account",
+                "A-100200",
+                "--exp",
+                "12/2030",
+                "--json",
+            ],
+            Some(VISA),
+        )
+        .ok()
+        .json();
+    assert_eq!(
+        (
+            card["brand"].as_str(),
+            card["last4"].as_str(),
+            card["exp_month"].as_i64(),
+            card["exp_year"].as_i64()
+        ),
+        (Some("visa"), Some("4242"), Some(12), Some(2030))
+    );
+    let card_id = card["id"].as_str().unwrap().to_string();
+    let token_card = bin
+        .run(&[
+            "card",
+            "add",
+            "--account",
+            "A-100200",
+            "--token",
+            "tok_mastercard",
+        ])
+        .ok()
+        .id();
+    let cards = bin
+        .run(&["card", "list", "--account", "A-100200"])
+        .ok()
+        .stdout;
+    assert!(
+        cards.contains("Visa ending 4242") && cards.contains("MasterCard ending 4444"),
+        "{cards}"
+    );
+
+    // bills
+    let bill_id = bin
+        .run(&[
+            "bill",
+            "add",
+            "--account",
+            "A-100200",
+            "--amount",
+            "125.00",
+            "--due",
+            "2026-12-15",
+            "--reference",
+            "INV-1",
+        ])
+        .ok()
+        .id();
+    let csv = db.path().join("bills.csv");
+    std::fs::write(&csv, "account,reference,amount,due_date\nA-100200,INV-2,40.00,2027-01-15\nEG-5000,GRP-1,1200.50,2027-01-01\n").unwrap();
+    let dry = bin
+        .run(&["bill", "import", csv.to_str().unwrap(), "--dry-run"])
+        .ok()
+        .stdout;
+    assert!(dry.contains("2 bill(s), total 1240.50 USD"), "{dry}");
+    assert_eq!(
+        bin.run(&["bill", "list", "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "a dry run stores nothing"
+    );
+    let imported = bin
+        .run(&["bill", "import", csv.to_str().unwrap(), "--json"])
+        .ok()
+        .json();
+    assert_eq!(
+        (imported["added"].as_i64(), imported["unchanged"].as_i64()),
+        (Some(2), Some(0))
+    );
+    let twice = bin
+        .run(&["bill", "import", csv.to_str().unwrap(), "--json"])
+        .ok()
+        .json();
+    assert_eq!(
+        (twice["added"].as_i64(), twice["unchanged"].as_i64()),
+        (Some(0), Some(2))
+    );
+    assert_eq!(
+        bin.run(&["bill", "list", "--account", "A-100200", "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let paid = bin
+        .run(&[
+            "bill",
+            "pay",
+            &bill_id,
+            "--amount",
+            "25.00",
+            "--external",
+            "PHONE-77",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(paid["bill"]["amount_paid"], "25.00");
+    let adjusted = bin
+        .run(&[
+            "bill",
+            "adjust",
+            &bill_id,
+            "--amount",
+            "20.00",
+            "--reason",
+            "plan change",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(adjusted["credit"]["amount"], "5.00");
+    let voided = bin.run(&["bill", "void", &bill_id, "--json"]).ok().json();
+    assert_eq!(voided["bill"]["status"], "void");
+
+    // schedules
+    let monthly = bin
+        .run(&[
+            "schedule",
+            "add",
+            "--account",
+            "A-100200",
+            "--card",
+            &card_id,
+            "--monthly",
+            "--day",
+            "31",
+            "--balance",
+            "--first-payment",
+            "now",
+        ])
+        .ok()
+        .id();
+    let once = bin
+        .run(&[
+            "schedule",
+            "add",
+            "--account",
+            "A-100200",
+            "--card",
+            &token_card,
+            "--once",
+            "--on",
+            "2030-06-01",
+            "--amount",
+            "50.00",
+            "--at",
+            "10:30",
+        ])
+        .ok()
+        .id();
+    let every = bin
+        .run(&[
+            "schedule",
+            "add",
+            "--account",
+            "A-100200",
+            "--card",
+            &card_id,
+            "--every",
+            "2",
+            "--unit",
+            "weeks",
+            "--amount",
+            "10.00",
+            "--count",
+            "3",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(every["kind"], "recurring");
+    let shown = bin.run(&["schedule", "show", &once, "--json"]).ok().json();
+    assert_eq!(shown["schedule"]["kind"], "one_time");
+    assert_eq!(shown["schedule"]["authorized_via"], "cli");
+    assert_eq!(shown["schedule"]["authorized_by"], "cli:tester");
+    let occ = &shown["occurrences"][0];
+    assert_eq!(occ["local"], "2030-06-01T10:30:00-04:00");
+    assert_eq!(occ["utc"], "2030-06-01T14:30:00Z");
+    assert!(
+        bin.run(&["schedule", "show", &monthly])
+            .ok()
+            .stdout
+            .contains("first payment")
+    );
+    let updated = bin
+        .run(&[
+            "schedule",
+            "update",
+            &monthly,
+            "--card",
+            &token_card,
+            "--at",
+            "08:15",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(updated["version"], 2);
+    assert_eq!(updated["card_id"].as_str(), Some(token_card.as_str()));
+    bin.run(&["schedule", "pause", &monthly]).ok();
+    assert_eq!(
+        bin.run(&["schedule", "show", &monthly, "--json"])
+            .ok()
+            .json()["schedule"]["status"],
+        "paused"
+    );
+    assert!(
+        bin.run(&["schedule", "resume", &monthly])
+            .ok()
+            .stdout
+            .contains("next payment")
+    );
+    bin.run(&["schedule", "cancel", &once]).ok();
+    let cancelled = bin.run(&["schedule", "show", &once, "--json"]).ok().json();
+    assert_eq!(cancelled["schedule"]["status"], "cancelled");
+    assert_eq!(cancelled["schedule"]["cancelled_by"], "cli:tester");
+    assert_eq!(
+        bin.run(&["schedule", "list", "--account", "A-100200", "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    let preview = bin
+        .run(&[
+            "schedule",
+            "preview",
+            "--monthly",
+            "--day",
+            "31",
+            "--start",
+            "2027-01-01",
+            "--time-zone",
+            "America/Los_Angeles",
+            "--next",
+            "3",
+            "--json",
+        ])
+        .ok()
+        .json();
+    let dates: Vec<&str> = preview
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["local"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        dates,
+        vec![
+            "2027-01-31T09:00:00-08:00",
+            "2027-02-28T09:00:00-08:00",
+            "2027-03-31T09:00:00-07:00"
+        ]
+    );
+
+    // payments (the engine makes them; none yet)
+    assert_eq!(
+        bin.run(&["payment", "list", "--json"]).ok().json(),
+        serde_json::json!([])
+    );
+    bin.run(&[
+        "payment",
+        "list",
+        "--account",
+        "A-100200",
+        "--state",
+        "failed",
+    ])
+    .ok();
+
+    // a card in use cannot be removed; a free one can
+    let in_use = bin.run(&["card", "remove", &token_card]).fails_with(65);
+    assert!(in_use.stderr.contains(&monthly), "{}", in_use.stderr);
+    bin.run(&["schedule", "cancel", every["id"].as_str().unwrap()])
+        .ok();
+    bin.run(&["card", "remove", &card_id]).ok();
+
+    // status, close
+    let status = bin.run(&["status", "--json"]).ok().json();
+    assert_eq!(status["members"]["active"], 2);
+    assert!(
+        bin.run(&["status"])
+            .ok()
+            .stdout
+            .contains("charging         running")
+    );
+    let closed = bin
+        .run(&["member", "close", "A-100200", "--json"])
+        .ok()
+        .json();
+    assert_eq!(closed["cancelled_schedules"].as_array().unwrap().len(), 1);
+    assert!(
+        bin.run(&["check-config"])
+            .ok()
+            .stdout
+            .contains("settings are valid")
+    );
+}
+
+#[tokio::test]
+async fn every_management_command_works_on_sqlite() {
+    every_management_command_works(Kind::Sqlite).await;
+}
+
+#[tokio::test]
+async fn every_management_command_works_on_postgres() {
+    every_management_command_works(Kind::Postgres).await;
+}
+
+#[tokio::test]
+async fn bad_member_input_is_refused_with_its_exit_code_and_nothing_stored() {
+    let (_db, bin) = ready(Kind::Sqlite).await;
+    let add = |account: &str, email: &str, kind: &str| {
+        bin.run(&[
+            "member",
+            "add",
+            "--account",
+            account,
+            "--name",
+            "Ana",
+            "--email",
+            email,
+            "--type",
+            kind,
+        ])
+    };
+    assert!(
+        add("A-100200", "not-an-email", "individual-family")
+            .fails_with(65)
+            .stderr
+            .contains("--email")
+    );
+    assert!(
+        add("A-100200", "a@example.org", "family")
+            .fails_with(65)
+            .stderr
+            .contains("individual-family")
+    );
+    assert!(
+        add("A!", "a@example.org", "individual-family")
+            .fails_with(65)
+            .stderr
+            .contains("--account")
+    );
+    bin.run(&["member", "add", "--account", "A-100200", "--name", "Ana"])
+        .fails_with(64);
+    bin.run(&[
+        "member",
+        "add",
+        "--account",
+        "A-100200",
+        "--name",
+        "Ana\u{7}",
+        "--email",
+        "a@example.org",
+        "--type",
+        "individual-family",
+    ])
+    .fails_with(65);
+    bin.run(&[
+        "member",
+        "add",
+        "--account",
+        "A-100200",
+        "--name",
+        "Ana",
+        "--email",
+        "a@example.org",
+        "--type",
+        "individual-family",
+        "--time-zone",
+        "Mars/Olympus",
+    ])
+    .fails_with(65);
+    assert_eq!(
+        bin.run(&["member", "list", "--json"]).ok().json(),
+        serde_json::json!([])
+    );
+    add("A-100200", "a@example.org", "individual-family").ok();
+    assert!(
+        add("A-100200", "b@example.org", "individual-family")
+            .fails_with(65)
+            .stderr
+            .contains("already exists")
+    );
+    assert!(
+        bin.run(&["member", "show", "Z-999999"])
+            .fails_with(66)
+            .stderr
+            .contains("member list")
+    );
+    bin.run(&["member", "update", "A-100200"]).fails_with(64);
+    bin.run(&["member", "update", "A-100200", "--reminders", "maybe"])
+        .fails_with(64);
+    bin.run(&["nonsense"]).fails_with(64);
+    assert_eq!(bin.run(&["--help"]).ok().code, 0);
+}
+
+#[tokio::test]
+async fn bad_cards_are_refused_and_say_what_we_accept() {
+    let (_db, bin) = ready(Kind::Sqlite).await;
+    member_with_card(&bin);
+    let add = |exp: &str, stdin: &str| {
+        bin.run_with_stdin(
+            &["card", "add", "--account", "A-100200", "--exp", exp],
+            Some(stdin),
+        )
+    };
+    assert!(
+        add("12/2030", "4242424242424241\n123\n")
+            .fails_with(65)
+            .stderr
+            .contains("check digit")
+    );
+    assert!(
+        add("12/2030", "378282246310005\n1234\n")
+            .fails_with(65)
+            .stderr
+            .contains("Visa, MasterCard and Discover")
+    );
+    assert!(add("01/2020", VISA).fails_with(65).stderr.contains("--exp"));
+    assert!(
+        add("13/2030", VISA)
+            .fails_with(65)
+            .stderr
+            .contains("MM/YYYY")
+    );
+    assert!(
+        add("12/2030", "4242424242424242\n")
+            .fails_with(64)
+            .stderr
+            .contains("security code")
+    );
+    add("12/2030", "4242424242424242\n12\n").fails_with(65);
+    bin.run_with_stdin(
+        &["card", "add", "--account", "Z-999999", "--exp", "12/2030"],
+        Some(VISA),
+    )
+    .fails_with(66);
+    bin.run(&[
+        "card",
+        "add",
+        "--account",
+        "A-100200",
+        "--token",
+        "tok_unknown",
+    ])
+    .fails_with(65);
+    bin.run(&["card", "add", "--account", "A-100200"])
+        .fails_with(64);
+    bin.run(&["card", "remove", "not-an-id"]).fails_with(64);
+    bin.run(&["card", "remove", &uuid::Uuid::now_v7().to_string()])
+        .fails_with(66);
+    assert_eq!(
+        bin.run(&["card", "list", "--account", "A-100200", "--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_bad_bill_file_reports_every_bad_line_and_imports_nothing() {
+    let (db, bin) = ready(Kind::Sqlite).await;
+    member_with_card(&bin);
+    let csv = db.path().join("bad.csv");
+    std::fs::write(
+        &csv,
+        "account,reference,amount,due_date\nA-100200,INV-1,10.00,2027-01-01\nZ-999999,INV-2,10.00,2027-01-01\nA-100200,INV-3,12.345,2027-01-01\nA-100200,INV-4,10.00,2027-02-30\nA-100200,INV-5\nA-100200,INV-1,10.00,2027-01-01\n",
+    )
+    .unwrap();
+    let run = bin
+        .run(&["bill", "import", csv.to_str().unwrap()])
+        .fails_with(65);
+    for line in ["line 3", "line 4", "line 5", "line 6", "line 7"] {
+        assert!(
+            run.stderr.contains(line),
+            "{line} missing from: {}",
+            run.stderr
+        );
+    }
+    assert!(!run.stderr.contains("line 2:"), "{}", run.stderr);
+    assert!(
+        !run.stderr.contains("Z-999999"),
+        "account numbers are masked: {}",
+        run.stderr
+    );
+    assert_eq!(
+        bin.run(&["bill", "list", "--json"]).ok().json(),
+        serde_json::json!([])
+    );
+    bin.run(&["bill", "import", "/no/such/file.csv"])
+        .fails_with(66);
+    bin.run(&[
+        "bill",
+        "add",
+        "--account",
+        "A-100200",
+        "--amount",
+        "-5.00",
+        "--due",
+        "2027-01-01",
+        "--reference",
+        "X",
+    ])
+    .fails_with(65);
+    bin.run(&[
+        "bill",
+        "add",
+        "--account",
+        "A-100200",
+        "--amount",
+        "5.00",
+        "--due",
+        "01/02/2027",
+        "--reference",
+        "X",
+    ])
+    .fails_with(65);
+    bin.run(&[
+        "bill",
+        "add",
+        "--account",
+        "A-100200",
+        "--amount",
+        "5.00",
+        "--due",
+        "2027-01-02",
+        "--reference",
+        "X",
+    ])
+    .ok();
+    bin.run(&[
+        "bill",
+        "add",
+        "--account",
+        "A-100200",
+        "--amount",
+        "5.00",
+        "--due",
+        "2027-01-02",
+        "--reference",
+        "X",
+    ])
+    .fails_with(65);
+    bin.run(&["bill", "void", &uuid::Uuid::now_v7().to_string()])
+        .fails_with(66);
+    bin.run(&[
+        "bill",
+        "adjust",
+        &uuid::Uuid::now_v7().to_string(),
+        "--amount",
+        "1.00",
+    ])
+    .fails_with(64);
+}
+
+#[tokio::test]
+async fn bad_schedules_are_refused_with_the_fix() {
+    let (_db, bin) = ready(Kind::Sqlite).await;
+    let card = member_with_card(&bin);
+    let add = |extra: &[&str]| {
+        let mut args = vec![
+            "schedule",
+            "add",
+            "--account",
+            "A-100200",
+            "--card",
+            card.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        bin.run(&args)
+    };
+    assert!(
+        add(&["--monthly", "--day", "32", "--balance"])
+            .fails_with(65)
+            .stderr
+            .contains("1 to 31")
+    );
+    add(&["--monthly", "--day", "1"]).fails_with(64);
+    add(&["--monthly", "--day", "1", "--amount", "5.00", "--balance"]).fails_with(64);
+    add(&[
+        "--monthly",
+        "--once",
+        "--on",
+        "now",
+        "--day",
+        "1",
+        "--balance",
+    ])
+    .fails_with(64);
+    assert!(
+        add(&["--monthly", "--day", "1", "--amount", "5000.01"])
+            .fails_with(65)
+            .stderr
+            .contains("max_amount")
+    );
+    add(&["--monthly", "--day", "1", "--amount", "0.00"]).fails_with(65);
+    add(&["--once", "--on", "2020-01-01", "--balance"]).fails_with(65);
+    add(&[
+        "--monthly",
+        "--day",
+        "1",
+        "--balance",
+        "--time-zone",
+        "Nowhere/City",
+    ])
+    .fails_with(65);
+    add(&["--every", "2", "--unit", "fortnights", "--balance"]).fails_with(65);
+    add(&[
+        "--every",
+        "1",
+        "--unit",
+        "weeks",
+        "--balance",
+        "--business-days",
+    ])
+    .fails_with(65);
+    add(&["--monthly", "--day", "1", "--balance", "--at", "25:00"]).fails_with(65);
+    assert_eq!(
+        bin.run(&["schedule", "list", "--json"]).ok().json(),
+        serde_json::json!([])
+    );
+    let id = add(&["--monthly", "--day", "1", "--balance"]).ok().id();
+    bin.run(&["schedule", "update", &id]).fails_with(64);
+    bin.run(&["schedule", "resume", &id]).fails_with(65);
+    bin.run(&["schedule", "show", &uuid::Uuid::now_v7().to_string()])
+        .fails_with(66);
+    bin.run(&["payment", "show", &uuid::Uuid::now_v7().to_string()])
+        .fails_with(66);
+    bin.run(&["payment", "list", "--state", "done"])
+        .fails_with(64);
+}
+
+#[tokio::test]
+async fn bad_settings_exit_78_listing_every_problem() {
+    let (db, bin) = ready(Kind::Sqlite).await;
+    let bad = Bin::new(&db)
+        .with_env("AUTOPAY__PAYMENTS__MISFIRE", "sometimes")
+        .with_env("AUTOPAY__DAEMON__LEASE", "10s")
+        .with_env("AUTOPAY__EMAIL__SMTP__PASSWORD", "hunter2-secret");
+    let run = bad.run(&["check-config"]).fails_with(78);
+    assert!(
+        run.stderr.contains("payments.misfire") && run.stderr.contains("daemon.lease"),
+        "{}",
+        run.stderr
+    );
+    let json = bad.run(&["check-config", "--json"]).fails_with(78).json();
+    assert_eq!(json["ok"], false);
+    assert_eq!(json["problems"].as_array().unwrap().len(), 2);
+    bad.run(&["member", "list"]).fails_with(78);
+    let good = Bin::new(&db).with_env("AUTOPAY__EMAIL__SMTP__PASSWORD", "hunter2-secret");
+    let shown = good.run(&["check-config", "--json"]).ok();
+    assert!(!shown.stdout.contains("hunter2"), "secrets are redacted");
+    assert_eq!(
+        shown.json()["settings"]["email"]["smtp"]["password"],
+        "[redacted]"
+    );
+    let file = db.path().join("bad.toml");
+    std::fs::write(&file, "[payments]\ncurency = \"USD\"\n").unwrap();
+    assert!(
+        bin.run(&["--config", file.to_str().unwrap(), "status"])
+            .fails_with(78)
+            .stderr
+            .contains("curency")
+    );
+    bin.run(&["--config", "/no/such.toml", "status"])
+        .fails_with(78);
+}
+
+#[tokio::test]
+async fn an_unmigrated_or_unreachable_database_says_what_to_do() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bin = Bin::new(&db);
+    assert!(
+        bin.run(&["member", "list"])
+            .fails_with(78)
+            .stderr
+            .contains("autopay migrate")
+    );
+    let down = Bin::new(&db).with_env(
+        "AUTOPAY__DATABASE__URL",
+        "postgres://postgres@127.0.0.1:1/none",
+    );
+    down.run(&["status"]).fails_with(69);
+}

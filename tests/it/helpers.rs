@@ -1,0 +1,213 @@
+//! Test harness: a fresh database per test on either backend, and the real binary.
+//!
+//! PostgreSQL comes from `TEST_DATABASE_URL` (default the local service,
+//! postgres://postgres@127.0.0.1:5432/test); each test gets a throwaway database of its own,
+//! dropped when the test ends. A missing PostgreSQL fails the test loudly: never a silent skip.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+
+use autopay::config::DatabaseUrl;
+use autopay::store::{self, Store};
+
+pub const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh, empty database that disappears with the value.
+pub struct TestDb {
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub async fn new(kind: Kind) -> TestDb {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        match kind {
+            Kind::Sqlite => {
+                let url = format!("sqlite://{}", dir.path().join("autopay.db").display());
+                TestDb { url, dir, pg: None }
+            }
+            Kind::Postgres => {
+                let admin =
+                    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG.to_string());
+                let name = format!("autopay_test_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = connect_admin(&admin).await;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .expect("CREATE DATABASE on the test PostgreSQL");
+                let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+                let url = format!("{base}/{name}");
+                TestDb {
+                    url,
+                    dir,
+                    pg: Some((admin, name)),
+                }
+            }
+        }
+    }
+
+    pub fn database_url(&self) -> DatabaseUrl {
+        DatabaseUrl::parse(&self.url, None).expect("a test database URL")
+    }
+
+    /// Opens and migrates the store.
+    pub async fn store(&self) -> Arc<dyn Store> {
+        let store = store::open(&self.database_url(), 5)
+            .await
+            .expect("open the test database");
+        store
+            .migrate(jiff::Timestamp::now())
+            .await
+            .expect("migrate the test database");
+        store
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+async fn connect_admin(admin: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    match sqlx::PgConnection::connect(admin).await {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "PostgreSQL is required for these tests and cannot be reached at {admin}: {e}. \
+             Start it (pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start) \
+             or point TEST_DATABASE_URL at one."
+        ),
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = self.pg.take() {
+            // Drop runs outside any runtime we may block; use a thread with its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(rt) = rt {
+                    rt.block_on(async {
+                        let mut conn = connect_admin(&admin).await;
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&mut conn)
+                        .await;
+                    });
+                }
+            })
+            .join();
+        }
+    }
+}
+
+/// The real `autopay` binary, run in a test's folder against its database.
+pub struct Bin {
+    pub url: String,
+    pub cwd: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+/// What one run printed.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn ok(self) -> Run {
+        assert_eq!(
+            self.code, 0,
+            "expected success\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    pub fn fails_with(self, code: i32) -> Run {
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        assert!(!self.stderr.trim().is_empty(), "a failure must say why");
+        self
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+
+    /// The id a creating command printed.
+    pub fn id(&self) -> String {
+        self.stdout.trim().to_string()
+    }
+}
+
+impl Bin {
+    pub fn new(db: &TestDb) -> Bin {
+        Bin {
+            url: db.url.clone(),
+            cwd: db.path().to_path_buf(),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn with_env(mut self, key: &str, value: &str) -> Bin {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        self.run_with_stdin(args, None)
+    }
+
+    pub fn run_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Run {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_autopay"));
+        cmd.args(args)
+            .current_dir(&self.cwd)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("USER", "tester")
+            .env("AUTOPAY__DATABASE__URL", &self.url)
+            .env("AUTOPAY__LOG__LEVEL", "info")
+            .env("AUTOPAY__PROCESSOR__SIMULATED__LATENCY", "0s")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("run autopay");
+        {
+            let mut input = child.stdin.take().expect("stdin");
+            if let Some(text) = stdin {
+                input.write_all(text.as_bytes()).expect("write stdin");
+            }
+        }
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = child.wait_with_output().expect("autopay finished");
+        Run {
+            code: status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
+    }
+}
