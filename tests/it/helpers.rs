@@ -211,3 +211,29 @@ impl Bin {
         }
     }
 }
+
+/// Adds an individual-family member in New York with this account number.
+pub fn add_member(bin: &Bin, account: &str) -> Run {
+    bin.run(&[
+        "member",
+        "add",
+        "--account",
+        account,
+        "--name",
+        "Ana Díaz",
+        "--email",
+        "ana@example.org",
+        "--type",
+        "individual-family",
+        "--time-zone",
+        "America/New_York",
+    ])
+}
+
+/// Adds a card by number (from standard input, as a person would), expiring 12/2030.
+pub fn add_card(bin: &Bin, account: &str, number: &str) -> Run {
+    bin.run_with_stdin(
+        &["card", "add", "--account", account, "--exp", "12/2030"],
+        Some(&format!("{number}\n123\n")),
+    )
+}

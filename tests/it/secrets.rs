@@ -1,39 +1,22 @@
 //! No card number or security code can be found in the database files, the logs, or any
 //! output, whatever a user types and wherever they type it.
 
-use crate::helpers::{Bin, Kind, Run, TestDb};
+use autopay::processor::simulated::TEST_CARDS;
+
+use crate::helpers::{Bin, Kind, Run, TestDb, add_card, add_member};
 
 /// The public test numbers the simulated processor knows.
-const NUMBERS: &[&str] = &[
-    "4242424242424242",
-    "5555555555554444",
-    "2223003122003222",
-    "6011111111111117",
-    "4000000000000002",
-    "4000000000009995",
-    "4000000000009987",
-    "4000000000009979",
-    "4000000000000069",
-    "4000000000007775",
-    "4000000000000119",
-    "4000000000008880",
-];
-
-fn digits_only(text: &str) -> String {
-    text.chars().filter(char::is_ascii_digit).collect()
+fn numbers() -> impl Iterator<Item = &'static str> {
+    TEST_CARDS.iter().map(|(n, _)| *n)
 }
 
 fn assert_clean(what: &str, text: &str) {
-    // Compare digit runs too, so "4242 4242 4242 4242" or JSON-escaped forms cannot slip by.
-    let squeezed = digits_only(text);
-    for n in NUMBERS {
+    // Also without separators, so "4242 4242 4242 4242" cannot slip by.
+    let squeezed: String = text.chars().filter(|c| *c != ' ' && *c != '-').collect();
+    for n in numbers() {
         assert!(
-            !text.contains(n),
+            !squeezed.contains(n),
             "{what} contains the card number {n}:\n{text}"
-        );
-        assert!(
-            !squeezed.contains(n) || !text.contains(&n[..8]),
-            "{what} contains the card number {n} with separators:\n{text}"
         );
     }
 }
@@ -50,26 +33,11 @@ async fn no_card_number_reaches_the_database_the_logs_or_any_output() {
         .with_env("AUTOPAY__LOG__FORMAT", "json");
     let mut outputs = Vec::new();
     check(&bin.run(&["migrate"]).ok(), &mut outputs);
-    check(
-        &bin.run(&[
-            "member",
-            "add",
-            "--account",
-            "A-100200",
-            "--name",
-            "Ana",
-            "--email",
-            "ana@example.org",
-            "--type",
-            "individual-family",
-        ])
-        .ok(),
-        &mut outputs,
-    );
+    check(&add_member(&bin, "A-100200"), &mut outputs);
 
     // Every test number through standard input, the way cards are meant to arrive.
     let mut cards = Vec::new();
-    for n in NUMBERS {
+    for n in numbers() {
         let run = bin
             .run_with_stdin(
                 &[
@@ -311,7 +279,7 @@ async fn no_card_number_reaches_the_database_the_logs_or_any_output() {
         let path = entry.unwrap().path();
         let bytes = std::fs::read(&path).unwrap();
         let text = String::from_utf8_lossy(&bytes);
-        for n in NUMBERS {
+        for n in numbers() {
             assert!(
                 !text.contains(n),
                 "{} contains the card number {n}",
@@ -326,25 +294,9 @@ async fn no_card_number_reaches_postgres() {
     let db = TestDb::new(Kind::Postgres).await;
     let bin = Bin::new(&db);
     bin.run(&["migrate"]).ok();
-    bin.run(&[
-        "member",
-        "add",
-        "--account",
-        "A-100200",
-        "--name",
-        "Ana",
-        "--email",
-        "ana@example.org",
-        "--type",
-        "individual-family",
-    ])
-    .ok();
-    for n in NUMBERS {
-        bin.run_with_stdin(
-            &["card", "add", "--account", "A-100200", "--exp", "12/2030"],
-            Some(&format!("{n}\n123\n")),
-        )
-        .ok();
+    add_member(&bin, "A-100200");
+    for n in numbers() {
+        add_card(&bin, "A-100200", n).ok();
     }
     // Every text column of every table, dumped as JSON.
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();

@@ -145,6 +145,17 @@ async fn insert_payment(
     id
 }
 
+/// A member with a card and a live statement-balance schedule.
+async fn member_card_schedule(store: &dyn Store) -> (Member, Card, Schedule) {
+    let m = member(store, "A-100200").await;
+    let c = card(store, &m, "tok_visa").await;
+    let s = store
+        .add_schedule(&new_schedule(&m, &c, AmountRule::Balance), &audit())
+        .await
+        .unwrap();
+    (m, c, s)
+}
+
 async fn setup(kind: Kind) -> (TestDb, Arc<dyn Store>) {
     let db = TestDb::new(kind).await;
     let store = db.store().await;
@@ -408,12 +419,7 @@ async fn adjusting_below_what_was_paid_and_voiding_turn_payments_into_credit(kin
 
 async fn pausing_cancels_unclaimed_payments_and_resuming_starts_from_now(kind: Kind) {
     let (db, store) = setup(kind).await;
-    let m = member(store.as_ref(), "A-100200").await;
-    let c = card(store.as_ref(), &m, "tok_visa").await;
-    let s = store
-        .add_schedule(&new_schedule(&m, &c, AmountRule::Balance), &audit())
-        .await
-        .unwrap();
+    let (_, _, s) = member_card_schedule(store.as_ref()).await;
     let waiting = insert_payment(&db, kind, &s, "2026-12-01", PaymentState::RetryWait).await;
     let unknown = insert_payment(&db, kind, &s, "2026-11-01", PaymentState::Unknown).await;
     let paused = store.pause_schedule(s.id, &audit()).await.unwrap();
@@ -561,12 +567,7 @@ async fn closing_a_member_cancels_every_live_schedule(kind: Kind) {
 
 async fn payments_are_listed_by_member_and_state(kind: Kind) {
     let (db, store) = setup(kind).await;
-    let m = member(store.as_ref(), "A-100200").await;
-    let c = card(store.as_ref(), &m, "tok_visa").await;
-    let s = store
-        .add_schedule(&new_schedule(&m, &c, AmountRule::Balance), &audit())
-        .await
-        .unwrap();
+    let (m, _, s) = member_card_schedule(store.as_ref()).await;
     insert_payment(&db, kind, &s, "2026-12-01", PaymentState::Succeeded).await;
     insert_payment(&db, kind, &s, "2027-01-01", PaymentState::Failed).await;
     assert_eq!(
