@@ -3,6 +3,7 @@
 //! valid, so the layers above never check again.
 
 pub mod card;
+pub mod decline;
 pub mod member;
 pub mod money;
 pub mod payment;
