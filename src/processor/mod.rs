@@ -5,6 +5,7 @@
 //! comes back, and what autopay stores, is a token plus what may be shown (brand, last four,
 //! expiry).
 
+mod ledger;
 pub mod simulated;
 
 use async_trait::async_trait;

@@ -21,11 +21,16 @@
 //! | 4000000000008880    | Visa       | timeout              |
 //! | any other valid one | its brand  | approve              |
 //!
-//! The ledger of charges lives in memory here; it honours idempotency keys (the same key gives
-//! the first result, other parameters an idempotency error) and answers lookups from what it
-//! recorded.
+//! Every charge is written to the processor's own ledger (see `ledger.rs`): in memory, a SQLite
+//! file (by default `simulated-processor.db` beside autopay's) or PostgreSQL, each charge in a
+//! transaction of its own, so an engine crash or a restore of autopay's database never rewrites
+//! the processor's history. Idempotency keys are honoured (the same key gives the first result,
+//! other parameters an idempotency error), and lookups answer from the ledger.
+//!
+//! Injected faults, decided per charge (repeatably with a seed): `timeout_before_charge` answers
+//! "unknown" without charging, `drop_after_charge` charges and then answers "unknown".
 
-use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,11 +38,13 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 use uuid::Uuid;
 
+use super::ledger::{Charge, ChargeLedger};
 use super::{
     CardDetails, ChargeOutcome, ChargeRequest, Lookup, Processor, ProcessorAttempt, ProcessorError,
     Tokenized,
 };
 use crate::clock::Clock;
+use crate::config::{Backend, DatabaseUrl, Ledger, SimulatedSettings};
 use crate::domain::card::{CardBrand, CardNumber, Expiry, Last4, SecurityCode};
 use crate::domain::spelled_enum;
 
@@ -208,26 +215,170 @@ impl SimToken {
     }
 }
 
+/// The file the ledger lives in when `processor.simulated.ledger` is empty.
+pub const LEDGER_FILE: &str = "simulated-processor.db";
+
+/// Where an empty `processor.simulated.ledger` puts the ledger: `simulated-processor.db` beside
+/// autopay's SQLite file, or in the working directory when autopay runs on PostgreSQL. None when
+/// autopay's own database is in memory: then the ledger is in memory too, and goes with it.
+fn ledger_beside(autopay_db: &DatabaseUrl) -> Option<PathBuf> {
+    match autopay_db.backend() {
+        Backend::Postgres => Some(PathBuf::from(LEDGER_FILE)),
+        Backend::Sqlite => autopay_db
+            .sqlite_path()
+            .map(|path| path.with_file_name(LEDGER_FILE)),
+    }
+}
+
+/// splitmix64: a tiny, fast, deterministic generator; plenty for deciding injected faults.
 #[derive(Debug, Clone)]
-struct LedgerEntry {
-    request: ChargeRequest,
-    attempt: ProcessorAttempt,
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_unit(&mut self) -> f64 {
+        // The top 53 bits fill an f64's mantissa exactly.
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The injected faults and the generator that decides them.
+#[derive(Debug)]
+struct Faults {
+    drop_after_charge: f64,
+    timeout_before_charge: f64,
+    rng: SplitMix64,
+}
+
+/// What happens to one charge call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// The call times out before the processor charges: nothing recorded, outcome unknown.
+    TimeoutBeforeCharge,
+    /// The processor charges (and records it), then the answer is lost: outcome unknown.
+    DropAfterCharge,
+}
+
+/// A fraction from 0.0 to 1.0 (anything else is clamped; NaN is 0).
+fn share(f: f64) -> f64 {
+    if f.is_nan() { 0.0 } else { f.clamp(0.0, 1.0) }
+}
+
+impl Faults {
+    fn new(drop_after_charge: f64, timeout_before_charge: f64, seed: Option<u64>) -> Faults {
+        let seed = seed.unwrap_or_else(|| Uuid::new_v4().as_u64_pair().0);
+        Faults {
+            drop_after_charge: share(drop_after_charge),
+            timeout_before_charge: share(timeout_before_charge),
+            rng: SplitMix64(seed),
+        }
+    }
+
+    /// Two draws for every charge, whatever the shares, so a seed replays the same sequence.
+    fn roll(&mut self) -> Fault {
+        let timeout = self.rng.next_unit();
+        let drop = self.rng.next_unit();
+        if timeout < self.timeout_before_charge {
+            Fault::TimeoutBeforeCharge
+        } else if drop < self.drop_after_charge {
+            Fault::DropAfterCharge
+        } else {
+            Fault::None
+        }
+    }
 }
 
 /// The simulated processor.
 pub struct SimulatedProcessor {
     clock: Arc<dyn Clock>,
     latency: Duration,
-    ledger: Mutex<HashMap<String, LedgerEntry>>,
+    ledger: ChargeLedger,
+    faults: Mutex<Faults>,
 }
 
 impl SimulatedProcessor {
-    pub fn new(clock: Arc<dyn Clock>, latency: Duration) -> SimulatedProcessor {
+    /// The processor `processor.simulated` describes, its ledger opened (and created when
+    /// missing) where `processor.simulated.ledger` says: `memory`, a database URL of its own, or
+    /// by default `simulated-processor.db` beside autopay's SQLite file (in the working directory
+    /// when autopay runs on PostgreSQL; in memory when autopay's own database is). `rng_seed`
+    /// makes the injected faults repeatable.
+    pub async fn open(
+        settings: &SimulatedSettings,
+        autopay_db: &DatabaseUrl,
+        clock: Arc<dyn Clock>,
+        rng_seed: Option<u64>,
+    ) -> Result<SimulatedProcessor, ProcessorError> {
+        let ledger = match &settings.ledger {
+            Ledger::Memory => ChargeLedger::memory(),
+            Ledger::Url(url) => ChargeLedger::open_url(url).await?,
+            Ledger::Beside => match ledger_beside(autopay_db) {
+                Some(path) => ChargeLedger::open_sqlite_file(&path).await?,
+                None => ChargeLedger::memory(),
+            },
+        };
+        tracing::info!(ledger = %ledger.label(), "the simulated processor's ledger is open");
+        Ok(SimulatedProcessor {
+            clock,
+            latency: settings.latency.as_std(),
+            ledger,
+            faults: Mutex::new(Faults::new(
+                settings.drop_after_charge,
+                settings.timeout_before_charge,
+                rng_seed,
+            )),
+        })
+    }
+
+    /// A processor whose ledger is in memory and forgotten at exit, without injected faults: for
+    /// unit tests and benchmarks.
+    pub fn in_memory(clock: Arc<dyn Clock>, latency: Duration) -> SimulatedProcessor {
         SimulatedProcessor {
             clock,
             latency,
-            ledger: Mutex::new(HashMap::new()),
+            ledger: ChargeLedger::memory(),
+            faults: Mutex::new(Faults::new(0.0, 0.0, None)),
         }
+    }
+
+    /// The same as [`SimulatedProcessor::in_memory`].
+    pub fn new(clock: Arc<dyn Clock>, latency: Duration) -> SimulatedProcessor {
+        SimulatedProcessor::in_memory(clock, latency)
+    }
+
+    /// Where the ledger lives (`memory`, or its URL with any password redacted).
+    pub fn ledger_location(&self) -> &str {
+        self.ledger.label()
+    }
+
+    /// Changes the injected faults from now on (fractions from 0.0 to 1.0): a test hook, so a
+    /// simulation can make the processor misbehave for a while.
+    pub fn set_faults(&self, drop_after_charge: f64, timeout_before_charge: f64) {
+        let mut faults = self.faults();
+        faults.drop_after_charge = share(drop_after_charge);
+        faults.timeout_before_charge = share(timeout_before_charge);
+    }
+
+    /// How many charges the ledger holds (every key once, approved or declined).
+    pub async fn ledger_count(&self) -> Result<u64, ProcessorError> {
+        self.ledger.count().await
+    }
+
+    /// Every charge the ledger holds for one payment, oldest first, whatever its attempt: a
+    /// simulation's "charged twice?" check.
+    pub async fn charges_for(
+        &self,
+        payment_id: Uuid,
+    ) -> Result<Vec<ProcessorAttempt>, ProcessorError> {
+        self.ledger.by_payment(payment_id).await
     }
 
     async fn delay(&self) {
@@ -243,8 +394,54 @@ impl SimulatedProcessor {
             .date()
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, LedgerEntry>> {
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The charge itself, once the call has reached the processor.
+    async fn charge_reached(&self, request: &ChargeRequest) -> ChargeOutcome {
+        match self.ledger.by_key(&request.idempotency_key).await {
+            Ok(Some(stored)) => return answer_for(&stored, request),
+            Ok(None) => {}
+            Err(e) => return unreachable_ledger(e),
+        }
+        let token = match SimToken::decode(&request.token, self.today()) {
+            Ok(t) => t,
+            Err(e) => {
+                return ChargeOutcome::Declined {
+                    code: "invalid_token".into(),
+                    message: e.to_string(),
+                };
+            }
+        };
+        if token.outcome == Outcome::Timeout {
+            return ChargeOutcome::Unknown {
+                detail: "the simulated processor timed out before charging".into(),
+            };
+        }
+        // Whole microseconds: what both SQL backends keep, so every backend answers alike.
+        let now = self.clock.now();
+        let created_at = Timestamp::from_microsecond(now.as_microsecond()).unwrap_or(now);
+        let charge = Charge {
+            request: request.clone(),
+            attempt: ProcessorAttempt {
+                reference: format!("sim_ch_{}", Uuid::now_v7().simple()),
+                payment_id: request.payment_id,
+                schedule_id: request.schedule_id,
+                occurrence: request.occurrence.clone(),
+                attempt: request.attempt,
+                amount: request.amount,
+                approved: token.outcome == Outcome::Approve,
+                decline_code: token.outcome.decline_code().map(str::to_string),
+                created_at,
+            },
+        };
+        // A concurrent call with the same key may have recorded first: answer with what is
+        // stored, as a real processor would.
+        match self.ledger.record(&charge).await {
+            Ok(stored) => answer_for(&stored, request),
+            Err(e) => unreachable_ledger(e),
+        }
     }
 }
 
@@ -284,57 +481,30 @@ impl Processor for SimulatedProcessor {
 
     async fn charge(&self, request: &ChargeRequest) -> ChargeOutcome {
         self.delay().await;
-        if let Some(entry) = self.entries().get(&request.idempotency_key) {
-            if entry.request != *request {
-                return ChargeOutcome::IdempotencyMismatch {
-                    detail: "this idempotency key was used with other parameters".into(),
-                };
-            }
-            return outcome_of(&entry.attempt);
-        }
-        let token = match SimToken::decode(&request.token, self.today()) {
-            Ok(t) => t,
-            Err(e) => {
-                return ChargeOutcome::Declined {
-                    code: "invalid_token".into(),
-                    message: e.to_string(),
-                };
-            }
-        };
-        if token.outcome == Outcome::Timeout {
+        let fault = self.faults().roll();
+        if fault == Fault::TimeoutBeforeCharge {
             return ChargeOutcome::Unknown {
-                detail: "the simulated processor timed out before charging".into(),
+                detail: "the call to the simulated processor timed out before it charged (processor.simulated.timeout_before_charge)".into(),
             };
         }
-        let reference = format!("sim_ch_{}", Uuid::now_v7().simple());
-        let attempt = ProcessorAttempt {
-            reference,
-            payment_id: request.payment_id,
-            schedule_id: request.schedule_id,
-            occurrence: request.occurrence.clone(),
-            attempt: request.attempt,
-            amount: request.amount,
-            approved: token.outcome == Outcome::Approve,
-            decline_code: token.outcome.decline_code().map(str::to_string),
-            created_at: self.clock.now(),
-        };
-        let outcome = outcome_of(&attempt);
-        self.entries().insert(
-            request.idempotency_key.clone(),
-            LedgerEntry {
-                request: request.clone(),
-                attempt,
-            },
-        );
-        outcome
+        let answer = self.charge_reached(request).await;
+        if fault == Fault::DropAfterCharge {
+            return ChargeOutcome::Unknown {
+                detail: "the simulated processor's answer was lost after it charged (processor.simulated.drop_after_charge)".into(),
+            };
+        }
+        answer
     }
 
     async fn find_attempt(&self, payment_id: Uuid, attempt: i64) -> Lookup {
         self.delay().await;
-        self.entries()
-            .values()
-            .find(|e| e.attempt.payment_id == payment_id && e.attempt.attempt == attempt)
-            .map_or(Lookup::NotFound, |e| Lookup::Found(e.attempt.clone()))
+        match self.ledger.by_attempt(payment_id, attempt).await {
+            Ok(Some(found)) => Lookup::Found(found),
+            Ok(None) => Lookup::NotFound,
+            Err(e) => Lookup::Unknown {
+                detail: e.to_string(),
+            },
+        }
     }
 
     async fn list_attempts(
@@ -342,14 +512,40 @@ impl Processor for SimulatedProcessor {
         since: Timestamp,
     ) -> Result<Vec<ProcessorAttempt>, ProcessorError> {
         self.delay().await;
-        let mut found: Vec<ProcessorAttempt> = self
-            .entries()
-            .values()
-            .filter(|e| e.attempt.created_at >= since)
-            .map(|e| e.attempt.clone())
-            .collect();
-        found.sort_by_key(|a| a.created_at);
-        Ok(found)
+        self.ledger.since(since).await
+    }
+}
+
+/// The answer for a request whose key the ledger holds: the first result when the parameters
+/// are the same, an idempotency error naming what differs when they are not.
+fn answer_for(stored: &Charge, request: &ChargeRequest) -> ChargeOutcome {
+    let (s, r) = (&stored.request, request);
+    let differs: Vec<&str> = [
+        ("token", s.token != r.token),
+        ("amount", s.amount != r.amount),
+        ("payment_id", s.payment_id != r.payment_id),
+        ("schedule_id", s.schedule_id != r.schedule_id),
+        ("occurrence", s.occurrence != r.occurrence),
+        ("attempt", s.attempt != r.attempt),
+        ("account_number", s.account_number != r.account_number),
+    ]
+    .into_iter()
+    .filter_map(|(name, differs)| differs.then_some(name))
+    .collect();
+    if !differs.is_empty() {
+        return ChargeOutcome::IdempotencyMismatch {
+            detail: format!(
+                "this idempotency key was first used with another {}",
+                differs.join(", ")
+            ),
+        };
+    }
+    outcome_of(&stored.attempt)
+}
+
+fn unreachable_ledger(e: ProcessorError) -> ChargeOutcome {
+    ChargeOutcome::Unknown {
+        detail: e.to_string(),
     }
 }
 
@@ -369,12 +565,62 @@ fn outcome_of(attempt: &ProcessorAttempt) -> ChargeOutcome {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::config::Dur;
     use crate::domain::card::luhn_valid;
     use crate::domain::money::{Currency, Money};
 
+    fn clock() -> Arc<ManualClock> {
+        Arc::new(ManualClock::new("2026-11-30T09:00:00Z".parse().unwrap()))
+    }
+
     fn processor() -> SimulatedProcessor {
-        let clock = Arc::new(ManualClock::new("2026-11-30T09:00:00Z".parse().unwrap()));
-        SimulatedProcessor::new(clock, Duration::ZERO)
+        SimulatedProcessor::in_memory(clock(), Duration::ZERO)
+    }
+
+    fn settings(
+        ledger: Ledger,
+        drop_after_charge: f64,
+        timeout_before_charge: f64,
+    ) -> SimulatedSettings {
+        SimulatedSettings {
+            latency: Dur(Duration::ZERO),
+            ledger,
+            drop_after_charge,
+            timeout_before_charge,
+        }
+    }
+
+    fn autopay_sqlite(dir: &std::path::Path) -> DatabaseUrl {
+        DatabaseUrl::parse(
+            &format!("sqlite://{}", dir.join("autopay.db").display()),
+            None,
+        )
+        .unwrap()
+    }
+
+    /// A processor whose ledger is the SQLite file `ledger.db` in `dir`.
+    async fn on_sqlite(dir: &std::path::Path, drop: f64, timeout: f64) -> SimulatedProcessor {
+        let url = format!("sqlite://{}", dir.join("ledger.db").display());
+        SimulatedProcessor::open(
+            &settings(Ledger::Url(url), drop, timeout),
+            &autopay_sqlite(dir),
+            clock(),
+            Some(1),
+        )
+        .await
+        .expect("open a SQLite ledger")
+    }
+
+    async fn on_memory(drop: f64, timeout: f64) -> SimulatedProcessor {
+        let dir = std::path::Path::new("/nowhere");
+        SimulatedProcessor::open(
+            &settings(Ledger::Memory, drop, timeout),
+            &autopay_sqlite(dir),
+            clock(),
+            Some(1),
+        )
+        .await
+        .expect("open a memory ledger")
     }
 
     async fn tokenize(p: &SimulatedProcessor, number: &str) -> Tokenized {
@@ -396,6 +642,168 @@ mod tests {
             attempt: 1,
             account_number: "A1".into(),
         }
+    }
+
+    /// A request for its own payment, so checks on one ledger never see each other's rows.
+    fn request_for(payment_id: Uuid, token: &str, key: &str) -> ChargeRequest {
+        ChargeRequest {
+            payment_id,
+            ..request(token, key)
+        }
+    }
+
+    fn reference(outcome: &ChargeOutcome) -> String {
+        match outcome {
+            ChargeOutcome::Approved { reference } => reference.clone(),
+            other => panic!("expected an approval, got {other:?}"),
+        }
+    }
+
+    /// Idempotency, lookups and listings, on whatever ledger `p` has (empty at the start).
+    async fn honours_keys_and_answers_from_its_ledger(p: &SimulatedProcessor) {
+        let visa = tokenize(p, "4242424242424242").await;
+        let payment = Uuid::now_v7();
+        let first = p.charge(&request_for(payment, &visa.token, "k1")).await;
+        let again = p.charge(&request_for(payment, &visa.token, "k1")).await;
+        assert_eq!(reference(&first), reference(&again));
+        assert_eq!(p.ledger_count().await.unwrap(), 1);
+
+        let mut other = request_for(payment, &visa.token, "k1");
+        other.amount = Money::from_minor(1, Currency::USD);
+        match p.charge(&other).await {
+            ChargeOutcome::IdempotencyMismatch { detail } => {
+                assert!(detail.contains("amount"), "{detail}")
+            }
+            o => panic!("expected an idempotency mismatch, got {o:?}"),
+        }
+        assert_eq!(
+            p.ledger_count().await.unwrap(),
+            1,
+            "a mismatch charges nothing"
+        );
+
+        let lost = tokenize(p, "4000000000009987").await;
+        let mut second = request_for(payment, &lost.token, "k2");
+        second.attempt = 2;
+        assert!(matches!(
+            p.charge(&second).await,
+            ChargeOutcome::Declined { code, .. } if code == "lost_card"
+        ));
+
+        match p.find_attempt(payment, 1).await {
+            Lookup::Found(a) => {
+                assert_eq!(a.reference, reference(&first));
+                assert!(a.approved);
+                assert_eq!(a.amount, Money::from_minor(12_500, Currency::USD));
+                assert_eq!(a.occurrence, "2026-12-01");
+                assert_eq!(
+                    a.created_at,
+                    "2026-11-30T09:00:00Z".parse::<Timestamp>().unwrap()
+                );
+            }
+            other => panic!("expected the first attempt, got {other:?}"),
+        }
+        match p.find_attempt(payment, 2).await {
+            Lookup::Found(a) => {
+                assert!(!a.approved);
+                assert_eq!(a.decline_code.as_deref(), Some("lost_card"));
+            }
+            other => panic!("expected the second attempt, got {other:?}"),
+        }
+        assert_eq!(p.find_attempt(payment, 3).await, Lookup::NotFound);
+        assert_eq!(p.find_attempt(Uuid::now_v7(), 1).await, Lookup::NotFound);
+
+        let charges = p.charges_for(payment).await.unwrap();
+        assert_eq!(
+            charges.iter().map(|a| a.attempt).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        let listed = p
+            .list_attempts("2026-11-30T09:00:00Z".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(listed, charges);
+        assert!(
+            p.list_attempts("2026-11-30T09:00:01Z".parse().unwrap())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    /// 20 charges with one key at once: one ledger row, one answer.
+    async fn one_row_for_concurrent_charges_with_one_key(p: Arc<SimulatedProcessor>) {
+        let before = p.ledger_count().await.unwrap();
+        let visa = tokenize(&p, "4242424242424242").await;
+        let payment = Uuid::now_v7();
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let p = p.clone();
+                let r = request_for(payment, &visa.token, "same-key");
+                tokio::spawn(async move { p.charge(&r).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.unwrap());
+        }
+        let first = reference(&answers[0]);
+        assert!(answers.iter().all(|a| reference(a) == first), "{answers:?}");
+        assert_eq!(p.ledger_count().await.unwrap(), before + 1);
+        assert_eq!(p.charges_for(payment).await.unwrap().len(), 1);
+    }
+
+    /// Both injected faults, switched on and off with [`SimulatedProcessor::set_faults`].
+    async fn injected_faults_do_what_they_say(p: &SimulatedProcessor) {
+        let visa = tokenize(p, "4242424242424242").await;
+        let before = p.ledger_count().await.unwrap();
+
+        p.set_faults(1.0, 0.0);
+        let dropped = Uuid::now_v7();
+        let answer = p
+            .charge(&request_for(dropped, &visa.token, "dropped"))
+            .await;
+        assert!(
+            matches!(answer, ChargeOutcome::Unknown { .. }),
+            "{answer:?}"
+        );
+        assert_eq!(
+            p.ledger_count().await.unwrap(),
+            before + 1,
+            "the charge happened"
+        );
+        let Lookup::Found(found) = p.find_attempt(dropped, 1).await else {
+            panic!("the lookup must find the dropped charge");
+        };
+        assert!(found.approved);
+
+        p.set_faults(0.0, 1.0);
+        let timed_out = Uuid::now_v7();
+        let answer = p
+            .charge(&request_for(timed_out, &visa.token, "timed-out"))
+            .await;
+        assert!(
+            matches!(answer, ChargeOutcome::Unknown { .. }),
+            "{answer:?}"
+        );
+        assert_eq!(
+            p.ledger_count().await.unwrap(),
+            before + 1,
+            "nothing charged"
+        );
+        assert_eq!(p.find_attempt(timed_out, 1).await, Lookup::NotFound);
+
+        // Faults off: the dropped key answers with the charge it made, the other charges now.
+        p.set_faults(0.0, 0.0);
+        let again = p
+            .charge(&request_for(dropped, &visa.token, "dropped"))
+            .await;
+        assert_eq!(reference(&again), found.reference);
+        let now = p
+            .charge(&request_for(timed_out, &visa.token, "timed-out"))
+            .await;
+        reference(&now);
+        assert_eq!(p.ledger_count().await.unwrap(), before + 2);
     }
 
     #[test]
@@ -460,16 +868,287 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn declines_and_timeouts_follow_the_table() {
+    async fn declines_and_timeouts_follow_the_table_and_a_timeout_records_nothing() {
         let p = processor();
         let lost = tokenize(&p, "4000000000009987").await;
         assert!(
             matches!(p.charge(&request(&lost.token, "a")).await, ChargeOutcome::Declined { code, .. } if code == "lost_card")
         );
         let slow = tokenize(&p, "4000000000008880").await;
+        let mut timeout = request(&slow.token, "b");
+        timeout.attempt = 2;
         assert!(matches!(
-            p.charge(&request(&slow.token, "b")).await,
+            p.charge(&timeout).await,
             ChargeOutcome::Unknown { .. }
         ));
+        assert_eq!(p.ledger_count().await.unwrap(), 1);
+        assert_eq!(p.find_attempt(Uuid::nil(), 2).await, Lookup::NotFound);
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_ledger_honours_keys_and_answers_from_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = on_sqlite(dir.path(), 0.0, 0.0).await;
+        assert!(dir.path().join("ledger.db").exists());
+        honours_keys_and_answers_from_its_ledger(&p).await;
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_ledger_keeps_its_history_when_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = on_sqlite(dir.path(), 0.0, 0.0).await;
+        let visa = tokenize(&p, "4242424242424242").await;
+        let payment = Uuid::now_v7();
+        let first = reference(&p.charge(&request_for(payment, &visa.token, "kept")).await);
+        drop(p);
+
+        let reopened = on_sqlite(dir.path(), 0.0, 0.0).await;
+        assert_eq!(reopened.ledger_count().await.unwrap(), 1);
+        let Lookup::Found(found) = reopened.find_attempt(payment, 1).await else {
+            panic!("the reopened ledger must remember the charge");
+        };
+        assert_eq!(found.reference, first);
+        let again = reopened
+            .charge(&request_for(payment, &visa.token, "kept"))
+            .await;
+        assert_eq!(
+            reference(&again),
+            first,
+            "the key is honoured across a restart"
+        );
+        assert_eq!(reopened.ledger_count().await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn on_a_sqlite_ledger_a_dropped_answer_still_charges_and_a_timeout_charges_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = on_sqlite(dir.path(), 1.0, 0.0).await;
+        injected_faults_do_what_they_say(&p).await;
+    }
+
+    #[tokio::test]
+    async fn settings_with_every_answer_dropped_charge_and_answer_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = on_sqlite(dir.path(), 1.0, 0.0).await;
+        let visa = tokenize(&p, "4242424242424242").await;
+        let payment = Uuid::now_v7();
+        let answer = p.charge(&request_for(payment, &visa.token, "d")).await;
+        assert!(
+            matches!(answer, ChargeOutcome::Unknown { .. }),
+            "{answer:?}"
+        );
+        assert!(matches!(p.find_attempt(payment, 1).await, Lookup::Found(_)));
+        assert_eq!(p.ledger_count().await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn settings_with_every_call_timing_out_charge_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = on_sqlite(dir.path(), 0.0, 1.0).await;
+        let visa = tokenize(&p, "4242424242424242").await;
+        let payment = Uuid::now_v7();
+        let answer = p.charge(&request_for(payment, &visa.token, "t")).await;
+        assert!(
+            matches!(answer, ChargeOutcome::Unknown { .. }),
+            "{answer:?}"
+        );
+        assert_eq!(p.find_attempt(payment, 1).await, Lookup::NotFound);
+        assert_eq!(p.ledger_count().await.unwrap(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn twenty_concurrent_charges_with_one_key_leave_one_sqlite_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Arc::new(on_sqlite(dir.path(), 0.0, 0.0).await);
+        one_row_for_concurrent_charges_with_one_key(p).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_memory_ledger_behaves_the_same() {
+        let p = on_memory(0.0, 0.0).await;
+        assert_eq!(p.ledger_location(), "memory");
+        honours_keys_and_answers_from_its_ledger(&p).await;
+        injected_faults_do_what_they_say(&p).await;
+        one_row_for_concurrent_charges_with_one_key(Arc::new(p)).await;
+    }
+
+    #[tokio::test]
+    async fn the_default_ledger_is_a_file_beside_autopays_sqlite_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = SimulatedProcessor::open(
+            &settings(Ledger::Beside, 0.0, 0.0),
+            &autopay_sqlite(dir.path()),
+            clock(),
+            None,
+        )
+        .await
+        .unwrap();
+        let file = dir.path().join(LEDGER_FILE);
+        assert!(file.exists(), "{}", file.display());
+        assert_eq!(p.ledger_location(), format!("sqlite://{}", file.display()));
+
+        let pg = DatabaseUrl::parse("postgres://u:pw@db.example/autopay", None).unwrap();
+        assert_eq!(ledger_beside(&pg), Some(PathBuf::from(LEDGER_FILE)));
+        let relative = DatabaseUrl::parse("sqlite://autopay.db", None).unwrap();
+        assert_eq!(ledger_beside(&relative), Some(PathBuf::from(LEDGER_FILE)));
+        let nested =
+            DatabaseUrl::parse("sqlite:///var/lib/autopay/autopay.db?mode=rwc", None).unwrap();
+        assert_eq!(
+            ledger_beside(&nested),
+            Some(PathBuf::from("/var/lib/autopay").join(LEDGER_FILE))
+        );
+        let in_memory = DatabaseUrl::parse("sqlite::memory:", None).unwrap();
+        assert_eq!(ledger_beside(&in_memory), None);
+    }
+
+    #[tokio::test]
+    async fn a_ledger_that_cannot_open_says_where_and_how_to_fix_it_without_the_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = format!("sqlite://{}/no/such/folder/ledger.db", dir.path().display());
+        let Err(ProcessorError::Unavailable(message)) = SimulatedProcessor::open(
+            &settings(Ledger::Url(missing.clone()), 0.0, 0.0),
+            &autopay_sqlite(dir.path()),
+            clock(),
+            None,
+        )
+        .await
+        else {
+            panic!("a ledger in a missing folder must not open");
+        };
+        assert!(message.contains(&missing), "{message}");
+        assert!(message.contains("folder exists"), "{message}");
+        assert!(message.contains("processor.simulated.ledger"), "{message}");
+
+        let Err(ProcessorError::Unavailable(message)) = SimulatedProcessor::open(
+            &settings(
+                Ledger::Url("postgres://sim:hunter2@127.0.0.1:notaport/ledger".into()),
+                0.0,
+                0.0,
+            ),
+            &autopay_sqlite(dir.path()),
+            clock(),
+            None,
+        )
+        .await
+        else {
+            panic!("a malformed PostgreSQL URL must not open");
+        };
+        assert!(!message.contains("hunter2"), "{message}");
+        assert!(
+            message.contains("postgres://sim:[redacted]@127.0.0.1"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_seed_makes_the_injected_faults_repeatable() {
+        async fn unknowns(seed: u64) -> Vec<bool> {
+            let p = SimulatedProcessor::open(
+                &settings(Ledger::Memory, 0.3, 0.3),
+                &DatabaseUrl::parse("sqlite::memory:", None).unwrap(),
+                clock(),
+                Some(seed),
+            )
+            .await
+            .unwrap();
+            let visa = tokenize(&p, "4242424242424242").await;
+            let mut out = Vec::new();
+            for i in 0..64 {
+                let r = request_for(Uuid::now_v7(), &visa.token, &format!("k{i}"));
+                out.push(matches!(p.charge(&r).await, ChargeOutcome::Unknown { .. }));
+            }
+            out
+        }
+        let a = unknowns(42).await;
+        assert_eq!(a, unknowns(42).await);
+        let hits = a.iter().filter(|u| **u).count();
+        // P(unknown) = 0.3 + 0.7 * 0.3 = 0.51; 64 draws land well inside 10..=54.
+        assert!((10..=54).contains(&hits), "{hits} of 64");
+        assert_ne!(a, unknowns(43).await);
+    }
+
+    /// A throwaway PostgreSQL database, dropped with the value (even when a test fails).
+    struct ThrowawayPg {
+        admin: String,
+        name: String,
+        url: String,
+    }
+
+    impl ThrowawayPg {
+        async fn create() -> ThrowawayPg {
+            use sqlx::Connection;
+            let admin = std::env::var("TEST_DATABASE_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+            let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is required for this test and cannot be reached at {}: {e}. \
+                     Start it (pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start) \
+                     or point TEST_DATABASE_URL at one.",
+                    crate::config::redact_url(&admin)
+                )
+            });
+            let name = format!("autopay_simledger_{}", Uuid::new_v4().simple());
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut conn)
+                .await
+                .expect("CREATE DATABASE on the test PostgreSQL");
+            let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+            let url = format!("{base}/{name}");
+            ThrowawayPg { admin, name, url }
+        }
+    }
+
+    impl Drop for ThrowawayPg {
+        fn drop(&mut self) {
+            let (admin, name) = (self.admin.clone(), self.name.clone());
+            // Drop may run inside a runtime; use a thread with a runtime of its own.
+            let _ = std::thread::spawn(move || {
+                use sqlx::Connection;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                rt.block_on(async {
+                    let mut conn = sqlx::PgConnection::connect(&admin)
+                        .await
+                        .expect("reconnect to drop the throwaway database");
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await
+                    .expect("DROP DATABASE");
+                });
+            })
+            .join();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_postgresql_ledger_behaves_the_same_and_keeps_its_history() {
+        let db = ThrowawayPg::create().await;
+        let open = || async {
+            SimulatedProcessor::open(
+                &settings(Ledger::Url(db.url.clone()), 0.0, 0.0),
+                &autopay_sqlite(std::path::Path::new("/nowhere")),
+                clock(),
+                Some(7),
+            )
+            .await
+            .expect("open a PostgreSQL ledger")
+        };
+        let p = open().await;
+        honours_keys_and_answers_from_its_ledger(&p).await;
+        injected_faults_do_what_they_say(&p).await;
+        let p = Arc::new(p);
+        one_row_for_concurrent_charges_with_one_key(p.clone()).await;
+        let count = p.ledger_count().await.unwrap();
+        assert_eq!(count, 5);
+        drop(p);
+
+        // Two more processors open the same ledger: the table is there, the history kept.
+        let (a, b) = tokio::join!(open(), open());
+        assert_eq!(a.ledger_count().await.unwrap(), count);
+        assert_eq!(b.ledger_count().await.unwrap(), count);
     }
 }
