@@ -140,6 +140,10 @@ CREATE TABLE payments (
     processor_reference TEXT,
     decline_code        TEXT,
     reason              TEXT,
+    -- Credit this attempt uses; consumed when the charge succeeds.
+    credit_applied      BIGINT NOT NULL DEFAULT 0,
+    -- When the outcome first became unknown: lookups stop after processor.lookup_window.
+    unknown_since       TIMESTAMPTZ,
     created_at          TIMESTAMPTZ NOT NULL,
     updated_at          TIMESTAMPTZ NOT NULL,
     UNIQUE (schedule_id, occurrence)
@@ -147,6 +151,26 @@ CREATE TABLE payments (
 CREATE INDEX payments_due ON payments (state, next_attempt_at);
 CREATE INDEX payments_member ON payments (member_id);
 CREATE INDEX payments_method ON payments (payment_method_id, created_at);
+
+-- One row per call to the processor: the 15-attempts-per-card rule, the circuit breaker and
+-- the audit read it.
+CREATE TABLE payment_attempts (
+    id                  UUID PRIMARY KEY,
+    payment_id          UUID NOT NULL REFERENCES payments (id),
+    attempt             BIGINT NOT NULL,
+    payment_method_id   UUID NOT NULL REFERENCES payment_methods (id),
+    idempotency_key     TEXT NOT NULL UNIQUE,
+    amount              BIGINT NOT NULL,
+    currency            TEXT NOT NULL,
+    started_at          TIMESTAMPTZ NOT NULL,
+    outcome             TEXT,
+    decline_code        TEXT,
+    processor_reference TEXT,
+    finished_at         TIMESTAMPTZ,
+    UNIQUE (payment_id, attempt)
+);
+CREATE INDEX payment_attempts_card ON payment_attempts (payment_method_id, started_at);
+CREATE INDEX payment_attempts_started ON payment_attempts (started_at);
 
 CREATE TABLE payment_allocations (
     id         UUID PRIMARY KEY,

@@ -25,6 +25,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: plan and charge due payments until stopped.
+    Run(RunArgs),
+    /// Stop or restart charging on every host (an emergency stop).
+    #[command(subcommand)]
+    Charging(ChargingCommand),
     /// Create or upgrade the database schema and record the installation id.
     Migrate,
     /// Print the effective settings (secrets redacted), or every problem in them.
@@ -46,6 +51,30 @@ pub enum Command {
     /// Payments: one per occurrence of a schedule.
     #[command(subcommand)]
     Payment(PaymentCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Do all work due now, print a summary, and exit.
+    #[arg(long)]
+    pub drain: bool,
+    /// With --drain: show what would be charged now, and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seed sample members, cards, bills and schedules into the embedded SQLite default first.
+    #[arg(long)]
+    pub demo: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ChargingCommand {
+    /// Stop all charging on every host until `charging resume`.
+    Pause {
+        #[arg(long, default_value = "paused by operator", value_name = "TEXT")]
+        reason: String,
+    },
+    /// Lift a pause (an operator's or the circuit breaker's).
+    Resume,
 }
 
 #[derive(Debug, Subcommand)]
@@ -318,5 +347,31 @@ pub enum PaymentCommand {
     Show {
         #[arg(value_name = "ID")]
         payment: String,
+    },
+    /// Charge a failed, missed or needs_review payment again, with a new idempotency key.
+    Retry {
+        #[arg(value_name = "ID")]
+        payment: String,
+        /// Retry even after a hard decline.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Settle an unknown or needs_review payment after asking the processor.
+    Resolve {
+        #[arg(value_name = "ID")]
+        payment: String,
+        /// succeeded, failed or cancelled.
+        #[arg(long = "as", value_name = "STATE")]
+        resolution: String,
+        /// The processor's reference for the charge (or the ticket that decided it).
+        #[arg(long, value_name = "R")]
+        reference: String,
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
+    /// What would be charged, per day, until a date; writes nothing.
+    Forecast {
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        until: String,
     },
 }

@@ -281,7 +281,7 @@ pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliE
             let member = store.member(&acct).await?;
             let tz = TimeZone::get(&member.time_zone).unwrap_or(TimeZone::UTC);
             let today = ctx.now().to_zoned_datetime(tz).date();
-            let processor = ctx.processor()?;
+            let processor = ctx.processor().await?;
             let (token, details) = match (exp, token) {
                 (_, Some(token)) => {
                     let token = token.trim().to_string();

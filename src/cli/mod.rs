@@ -3,7 +3,9 @@
 
 pub mod args;
 mod billing;
+mod demo;
 mod members;
+mod operate;
 pub mod output;
 mod schedules;
 
@@ -151,12 +153,18 @@ impl Context {
         Ok(store)
     }
 
-    pub fn processor(&self) -> Result<Arc<dyn Processor>, CliError> {
+    pub async fn processor(&self) -> Result<Arc<dyn Processor>, CliError> {
         match self.settings.processor.kind {
-            ProcessorKind::Simulated => Ok(Arc::new(SimulatedProcessor::new(
-                self.clock.clone(),
-                self.settings.processor.simulated.latency.as_std(),
-            ))),
+            ProcessorKind::Simulated => Ok(Arc::new(
+                SimulatedProcessor::open(
+                    &self.settings.processor.simulated,
+                    &self.settings.database.url,
+                    self.clock.clone(),
+                    None,
+                )
+                .await
+                .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?,
+            )),
             ProcessorKind::Stripe => Err(CliError::new(
                 exit::CONFIG,
                 "processor.kind = \"stripe\" is not available in this version of autopay; set processor.kind = \"simulated\"",
@@ -249,6 +257,8 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 
 async fn dispatch(ctx: &Context, command: Command) -> Result<(), CliError> {
     match command {
+        Command::Run(args) => operate::run(ctx, args).await,
+        Command::Charging(c) => operate::charging(ctx, c).await,
         Command::Migrate => migrate(ctx).await,
         Command::CheckConfig => check_config(ctx),
         Command::Status => status(ctx).await,

@@ -553,6 +553,16 @@ pub(super) async fn payment(ctx: &Context, command: PaymentCommand) -> Result<()
             say(t.render());
             Ok(())
         }
+        PaymentCommand::Retry { payment, force } => {
+            super::operate::retry(ctx, &payment, force).await
+        }
+        PaymentCommand::Resolve {
+            payment,
+            resolution,
+            reference,
+            reason,
+        } => super::operate::resolve(ctx, &payment, &resolution, &reference, &reason).await,
+        PaymentCommand::Forecast { until } => super::operate::forecast_until(ctx, &until).await,
         PaymentCommand::Show { payment } => {
             let id = parse_id(&payment, "payment")?;
             let store = ctx.store().await?;

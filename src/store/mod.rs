@@ -179,6 +179,55 @@ pub trait Store: Send + Sync {
         state: Option<PaymentState>,
     ) -> Result<Vec<Payment>>;
     async fn events(&self, entity_id: &str) -> Result<Vec<Event>>;
+    async fn allocations(&self, payment_id: Uuid) -> Result<Vec<Allocation>>;
+    async fn notifications(&self, member_id: Option<Uuid>) -> Result<Vec<Notification>>;
+
+    // The engine. Each call is one transaction; every write that finishes a payment names its
+    // lease, so a worker whose lease was taken over records nothing.
+
+    /// Active schedules whose next occurrence is due.
+    async fn due_schedules(&self, now: Timestamp, limit: u32) -> Result<Vec<Schedule>>;
+    /// Writes a schedule's due occurrences and moves its cursor; false when the schedule changed
+    /// since it was read (another planner got there first, or an operator changed it).
+    async fn apply_plan(&self, step: &PlanStep, audit: &Audit) -> Result<bool>;
+    /// Claims up to `limit` payments: due charges (unless charging is paused), and unknown
+    /// outcomes or expired leases to look up.
+    async fn claim_work(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        lease: std::time::Duration,
+        limit: u32,
+    ) -> Result<Vec<Work>>;
+    /// Extends leases this worker still holds; returns how many it still holds.
+    async fn renew_leases(&self, leases: &[Lease], until: Timestamp) -> Result<u64>;
+    /// Freezes the attempt's amount (or ends the payment: nothing owed, covered by credit, over
+    /// the limit, card gone) and records that the attempt starts.
+    async fn begin_attempt(
+        &self,
+        lease: &Lease,
+        policy: &OutcomePolicy,
+        audit: &Audit,
+    ) -> Result<AttemptStart>;
+    /// Gives a claimed payment back untouched (charging was paused before the call).
+    async fn release(&self, lease: &Lease, audit: &Audit) -> Result<bool>;
+    /// Records an attempt's outcome with its allocations, balances, outbox row and audit event.
+    async fn record_attempt(
+        &self,
+        lease: &Lease,
+        result: &AttemptResult,
+        policy: &OutcomePolicy,
+        audit: &Audit,
+    ) -> Result<Recorded>;
+    /// The earliest moment any work falls due.
+    async fn next_wakeup(&self) -> Result<Option<Timestamp>>;
+    async fn attempt_stats(&self, since: Timestamp) -> Result<AttemptStats>;
+    /// Pauses charging with a reason (`None` resumes it).
+    async fn set_charging_pause(&self, reason: Option<&str>, audit: &Audit) -> Result<Control>;
+    /// Operator: a `failed`, `missed` or `needs_review` payment goes again with a new key.
+    async fn retry_payment(&self, id: Uuid, force: bool, audit: &Audit) -> Result<Payment>;
+    /// Operator: settles an `unknown` or `needs_review` payment.
+    async fn resolve_payment(&self, resolve: &Resolve, audit: &Audit) -> Result<Payment>;
 }
 
 /// Opens the store a URL names. SQLite files are created when missing; nothing is migrated.

@@ -68,4 +68,9 @@ impl PgStore {
     }
 }
 
-super::shared::shared_store_impl!(PgStore, sqlx::Postgres, " FOR UPDATE");
+super::shared::shared_store_impl!(
+    PgStore,
+    sqlx::Postgres,
+    " FOR UPDATE",
+    " FOR UPDATE SKIP LOCKED"
+);

@@ -297,3 +297,146 @@ pub struct Event {
     pub action: String,
     pub detail: serde_json::Value,
 }
+
+/// One occurrence the planner writes.
+#[derive(Debug, Clone)]
+pub struct PlannedPayment {
+    pub occurrence: OccurrenceKey,
+    pub due_at: Timestamp,
+    /// Recorded as `missed` (never charged): older than `payments.max_lateness`, or coalesced.
+    pub missed: Option<String>,
+}
+
+/// What the planner does to one due schedule, made against the cursor it read.
+#[derive(Debug, Clone)]
+pub struct PlanStep {
+    pub schedule_id: Uuid,
+    pub expected_version: i64,
+    pub expected_next: OccurrenceKey,
+    pub payments: Vec<PlannedPayment>,
+    pub next_run_at: Option<Timestamp>,
+    pub next_occurrence: Option<OccurrenceKey>,
+}
+
+/// A claim on one payment: every write that finishes it names the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub payment_id: Uuid,
+    pub token: Uuid,
+}
+
+/// What a claimed payment needs: a charge, or a lookup of an attempt whose outcome is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkKind {
+    Charge,
+    Lookup,
+}
+
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub lease: Lease,
+    pub kind: WorkKind,
+    pub payment: Payment,
+}
+
+/// The first step of an attempt, taken in one transaction after the claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptStart {
+    /// Call the processor with exactly this.
+    Charge {
+        amount: Money,
+        attempt: i64,
+        idempotency_key: String,
+        card_token: String,
+        account_number: String,
+        occurrence: String,
+        schedule_id: Uuid,
+    },
+    /// Nothing to call: the payment ended here (skipped, failed over the limit, cancelled).
+    Settled(PaymentState),
+    /// Another worker holds the payment now; do nothing.
+    LeaseLost,
+}
+
+/// What the processor said, classified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptResult {
+    Approved {
+        reference: String,
+    },
+    Declined {
+        code: String,
+        action: crate::domain::decline::DeclineAction,
+        member_reason: String,
+        reference: Option<String>,
+    },
+    /// Money may or may not have moved: look it up after the settle delay.
+    Unknown {
+        detail: String,
+    },
+    /// A lookup found no such charge: the next attempt goes with a new key.
+    NotCharged,
+    /// The same key came back with other parameters: an operator decides.
+    NeedsReview {
+        detail: String,
+    },
+}
+
+/// How outcomes move a payment on.
+#[derive(Debug, Clone)]
+pub struct OutcomePolicy {
+    pub retry: crate::domain::decline::RetryPolicy,
+    pub suspend_after: u32,
+    pub settle_delay: std::time::Duration,
+    pub lookup_window: std::time::Duration,
+    pub max_amount_individual_family: Money,
+    pub max_amount_employer_group: Money,
+}
+
+/// What recording did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    Moved(PaymentState),
+    LeaseLost,
+}
+
+/// Attempts and their outcomes over a window, for the circuit breaker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct AttemptStats {
+    pub attempts: i64,
+    pub declines: i64,
+    pub errors: i64,
+}
+
+/// An operator's decision on an `unknown` or `needs_review` payment.
+#[derive(Debug, Clone)]
+pub struct Resolve {
+    pub payment_id: Uuid,
+    pub resolution: crate::domain::payment::Resolution,
+    pub reference: String,
+    pub reason: String,
+}
+
+/// What a succeeded payment paid: a bill, or a credit it used.
+#[derive(Debug, Clone, Serialize)]
+pub struct Allocation {
+    pub payment_id: Uuid,
+    pub bill_id: Option<Uuid>,
+    pub credit_id: Option<Uuid>,
+    #[serde(serialize_with = "money_str")]
+    pub amount: Money,
+}
+
+/// An outbox row.
+#[derive(Debug, Clone, Serialize)]
+pub struct Notification {
+    pub id: Uuid,
+    pub kind: String,
+    pub dedupe_key: String,
+    pub member_id: Option<Uuid>,
+    pub recipient: String,
+    pub payload: serde_json::Value,
+    pub state: String,
+    pub attempts: i64,
+    pub created_at: Timestamp,
+}

@@ -7,7 +7,7 @@
 //! whole database).
 
 macro_rules! shared_store_impl {
-    ($store:ident, $db:ty, $for_update:literal) => {
+    ($store:ident, $db:ty, $for_update:literal, $skip_locked:literal) => {
         use std::collections::BTreeMap;
 
         use async_trait::async_trait;
@@ -382,6 +382,314 @@ macro_rules! shared_store_impl {
 
         fn pause_from(at: Option<Timestamp>, by: Option<String>, reason: Option<String>) -> Option<Pause> {
             at.map(|since| Pause { since, by, reason: reason.unwrap_or_default() })
+        }
+
+        const NOTIFICATION_COLS: &str = "id, kind, dedupe_key, member_id, recipient, payload, state, attempts, created_at";
+
+        fn notification_from(row: &DbRow) -> Result<Notification> {
+            const T: &str = "notifications";
+            Ok(Notification {
+                id: id(row, T, "id")?,
+                kind: get(row, T, "kind")?,
+                dedupe_key: get(row, T, "dedupe_key")?,
+                member_id: get::<Option<DbId>>(row, T, "member_id")?.map(|i| i.0),
+                recipient: get(row, T, "recipient")?,
+                payload: get::<sqlx::types::Json<serde_json::Value>>(row, T, "payload")?.0,
+                state: get(row, T, "state")?,
+                attempts: get(row, T, "attempts")?,
+                created_at: time(row, T, "created_at")?,
+            })
+        }
+
+        /// Writes an outbox row in the caller's transaction; a second row with the same dedupe
+        /// key is a no-op (the member hears once).
+        async fn notify(
+            tx: &mut Tx,
+            kind: &str,
+            dedupe_key: &str,
+            member: &Member,
+            payload: serde_json::Value,
+            at: Timestamp,
+        ) -> Result<()> {
+            sqlx::query("INSERT INTO notifications (id, kind, dedupe_key, member_id, recipient, payload, state, attempts, next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $7) ON CONFLICT (dedupe_key) DO NOTHING")
+                .bind(DbId(new_id()))
+                .bind(kind)
+                .bind(dedupe_key)
+                .bind(DbId(member.id))
+                .bind(member.email.as_str())
+                .bind(sqlx::types::Json(payload))
+                .bind(DbTime(at))
+                .execute(&mut **tx)
+                .await
+                .map_err(db_err("writing a notification"))?;
+            Ok(())
+        }
+
+        async fn member_by_id_in(tx: &mut Tx, member_id: Uuid) -> Result<Member> {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE id = $1{}", $for_update)))
+                .bind(DbId(member_id))
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(db_err("reading a member"))?;
+            member_from(&row)
+        }
+
+        /// The payment if this lease still holds it in one of `states`.
+        async fn leased_payment(tx: &mut Tx, lease: &Lease, states: &'static str) -> Result<Option<Payment>> {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {PAYMENT_COLS}, credit_applied, unknown_since FROM payments WHERE id = $1 AND lease_token = $2 AND state IN ({states}){}", $for_update
+            )))
+            .bind(DbId(lease.payment_id))
+            .bind(lease.token.to_string())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db_err("reading a claimed payment"))?;
+            row.as_ref().map(payment_from).transpose()
+        }
+
+        async fn payment_extra(tx: &mut Tx, payment_id: Uuid) -> Result<(i64, Option<Timestamp>)> {
+            let row = sqlx::query("SELECT credit_applied, unknown_since FROM payments WHERE id = $1")
+                .bind(DbId(payment_id))
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(db_err("reading a payment"))?;
+            Ok((get(&row, "payments", "credit_applied")?, opt_time(&row, "payments", "unknown_since")?))
+        }
+
+        fn idempotency_key(installation: Uuid, payment: &Payment, attempt: i64) -> String {
+            format!("autopay:{installation}:{}:{}:{attempt}", payment.schedule_id, payment.occurrence)
+        }
+
+        async fn sum(tx: &mut Tx, sql: &'static str, member_id: Uuid, except: Uuid) -> Result<i64> {
+            let v: Option<i64> = sqlx::query_scalar(sql)
+                .bind(DbId(member_id))
+                .bind(DbId(except))
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(db_err("summing balances"))?;
+            Ok(v.unwrap_or(0))
+        }
+
+        /// Ends a payment without calling the processor.
+        async fn settle_without_charge(tx: &mut Tx, payment: &Payment, state: PaymentState, reason: &str, audit: &Audit) -> Result<()> {
+            sqlx::query("UPDATE payments SET state = $1, reason = $2, amount = NULL, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = $3 WHERE id = $4")
+                .bind(state.as_str())
+                .bind(reason)
+                .bind(DbTime(audit.at))
+                .bind(DbId(payment.id))
+                .execute(&mut **tx)
+                .await
+                .map_err(db_err("settling a payment"))?;
+            event(tx, audit, "payment", payment.id, state.as_str(), serde_json::json!({ "reason": reason, "attempt": payment.attempt })).await
+        }
+
+        /// Uses up to `amount` of the member's credits, oldest first, recording each use as an
+        /// allocation of this payment.
+        async fn consume_credits(tx: &mut Tx, payment: &Payment, amount: i64, at: Timestamp) -> Result<()> {
+            if amount <= 0 {
+                return Ok(());
+            }
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT id, remaining FROM credits WHERE member_id = $1 AND remaining > 0 ORDER BY created_at, id{}", $for_update
+            )))
+            .bind(DbId(payment.member_id))
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_err("reading credits"))?;
+            let mut left = amount;
+            for row in rows {
+                if left == 0 {
+                    break;
+                }
+                let credit_id = id(&row, "credits", "id")?;
+                let remaining: i64 = get(&row, "credits", "remaining")?;
+                let used = remaining.min(left);
+                left -= used;
+                sqlx::query("UPDATE credits SET remaining = remaining - $1, updated_at = $2 WHERE id = $3")
+                    .bind(used)
+                    .bind(DbTime(at))
+                    .bind(DbId(credit_id))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db_err("using a credit"))?;
+                sqlx::query("INSERT INTO payment_allocations (id, payment_id, bill_id, credit_id, amount, currency, created_at) VALUES ($1, $2, NULL, $3, $4, $5, $6)")
+                    .bind(DbId(new_id()))
+                    .bind(DbId(payment.id))
+                    .bind(DbId(credit_id))
+                    .bind(used)
+                    .bind(payment.currency.code())
+                    .bind(DbTime(at))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db_err("recording a credit's use"))?;
+            }
+            Ok(())
+        }
+
+        /// Pays open bills oldest first with `value`; returns what each bill got and what was
+        /// left over. Never refuses: an overpayment is returned for the caller to credit.
+        async fn pay_bills(tx: &mut Tx, payment: &Payment, value: i64, at: Timestamp) -> Result<(Vec<serde_json::Value>, i64)> {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {BILL_COLS} FROM bills WHERE member_id = $1 AND status = 'open' ORDER BY due_date, created_at, id{}", $for_update
+            )))
+            .bind(DbId(payment.member_id))
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_err("reading open bills"))?;
+            let mut left = value;
+            let mut paid = Vec::new();
+            for row in rows {
+                if left <= 0 {
+                    break;
+                }
+                let bill = bill_from(&row)?;
+                let owed = bill.outstanding().minor();
+                if owed <= 0 {
+                    continue;
+                }
+                let applied = owed.min(left);
+                left -= applied;
+                let new_paid = bill.amount_paid.minor() + applied;
+                let status = if new_paid >= bill.amount_due.minor() { BillStatus::Paid } else { BillStatus::Open };
+                update_bill_amounts(tx, &bill, bill.amount_due.minor(), new_paid, status, at).await?;
+                sqlx::query("INSERT INTO payment_allocations (id, payment_id, bill_id, credit_id, amount, currency, created_at) VALUES ($1, $2, $3, NULL, $4, $5, $6)")
+                    .bind(DbId(new_id()))
+                    .bind(DbId(payment.id))
+                    .bind(DbId(bill.id))
+                    .bind(applied)
+                    .bind(payment.currency.code())
+                    .bind(DbTime(at))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db_err("recording an allocation"))?;
+                paid.push(serde_json::json!({
+                    "bill_id": bill.id, "reference": bill.reference,
+                    "amount": Money::from_minor(applied, payment.currency).amount_string(),
+                }));
+            }
+            Ok((paid, left))
+        }
+
+        /// A charge that happened: the payment succeeds, its value pays bills oldest first
+        /// (credits it used included), anything beyond what was owed becomes a credit, and the
+        /// member gets a receipt. Nothing here can refuse: the money has moved.
+        async fn settle_success(tx: &mut Tx, payment: &Payment, credit_applied: i64, reference: &str, audit: &Audit) -> Result<()> {
+            let amount = payment.amount.map_or(0, |m| m.minor());
+            sqlx::query("UPDATE payments SET state = 'succeeded', processor_reference = $1, decline_code = NULL, reason = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $2 WHERE id = $3")
+                .bind(reference)
+                .bind(DbTime(audit.at))
+                .bind(DbId(payment.id))
+                .execute(&mut **tx)
+                .await
+                .map_err(db_err("recording a success"))?;
+            consume_credits(tx, payment, credit_applied, audit.at).await?;
+            let (bills, left) = pay_bills(tx, payment, amount + credit_applied, audit.at).await?;
+            if left > 0 {
+                insert_credit(tx, payment.member_id, Money::from_minor(left, payment.currency), "overpayment", payment.id, "paid beyond what was owed", audit).await?;
+            }
+            sqlx::query("UPDATE schedules SET consecutive_failures = 0 WHERE id = $1")
+                .bind(DbId(payment.schedule_id))
+                .execute(&mut **tx)
+                .await
+                .map_err(db_err("resetting failures"))?;
+            let member = member_by_id_in(tx, payment.member_id).await?;
+            let card = card_in(tx, payment.card_id).await?;
+            let schedule = schedule_in(tx, payment.schedule_id).await?;
+            notify(tx, "receipt", &format!("receipt:{}", payment.id), &member, serde_json::json!({
+                "payment_id": payment.id, "schedule_id": payment.schedule_id, "member_name": member.name.as_str(),
+                "account_type": member.account_type.as_str(),
+                "amount": Money::from_minor(amount, payment.currency).amount_string(), "currency": payment.currency.code(),
+                "credit_used": Money::from_minor(credit_applied, payment.currency).amount_string(),
+                "charged_at": audit.at, "card": card.label(), "confirmation": reference, "bills": bills,
+                "next_payment_at": schedule.next_run_at, "time_zone": schedule.time_zone,
+            }), audit.at).await?;
+            event(tx, audit, "payment", payment.id, "succeeded", serde_json::json!({
+                "attempt": payment.attempt, "reference": reference, "amount": Money::from_minor(amount, payment.currency).amount_string(),
+            })).await
+        }
+
+        /// A payment that failed counts against its schedule; enough in a row suspend it.
+        async fn count_failure(tx: &mut Tx, payment: &Payment, suspend_after: u32, member: &Member, audit: &Audit) -> Result<()> {
+            let failures: i64 = sqlx::query_scalar("UPDATE schedules SET consecutive_failures = consecutive_failures + 1 WHERE id = $1 RETURNING consecutive_failures")
+                .bind(DbId(payment.schedule_id))
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(db_err("counting failures"))?;
+            if crate::domain::decline::suspends(u32::try_from(failures).unwrap_or(u32::MAX), suspend_after) {
+                suspend_schedule(tx, payment.schedule_id, &format!("{failures} payments failed in a row"), member, audit).await?;
+            }
+            Ok(())
+        }
+
+        async fn suspend_schedule(tx: &mut Tx, schedule_id: Uuid, reason: &str, member: &Member, audit: &Audit) -> Result<()> {
+            let version: Option<i64> = sqlx::query_scalar("UPDATE schedules SET status = 'suspended', status_reason = $1, next_run_at = NULL, next_occurrence = NULL, version = version + 1, updated_at = $2 WHERE id = $3 AND status IN ('active', 'paused') RETURNING version")
+                .bind(reason)
+                .bind(DbTime(audit.at))
+                .bind(DbId(schedule_id))
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(db_err("suspending a schedule"))?;
+            let Some(version) = version else { return Ok(()) };
+            let cancelled = cancel_unclaimed(tx, schedule_id, "schedule suspended", audit.at).await?;
+            event(tx, audit, "schedule", schedule_id, "suspended", serde_json::json!({ "reason": reason, "cancelled_payments": cancelled })).await?;
+            notify(tx, "schedule_suspended", &format!("suspended:{schedule_id}:{version}"), member, serde_json::json!({
+                "schedule_id": schedule_id, "member_name": member.name.as_str(), "account_type": member.account_type.as_str(), "reason": reason,
+            }), audit.at).await
+        }
+
+        /// A card that must not be tried again: disabled, every schedule using it suspended,
+        /// the member told.
+        async fn disable_card(tx: &mut Tx, card_id: Uuid, reason: &str, member: &Member, audit: &Audit) -> Result<()> {
+            let changed = sqlx::query("UPDATE payment_methods SET status = 'disabled', status_reason = $1, updated_at = $2 WHERE id = $3 AND status = 'active'")
+                .bind(reason)
+                .bind(DbTime(audit.at))
+                .bind(DbId(card_id))
+                .execute(&mut **tx)
+                .await
+                .map_err(db_err("disabling a card"))?
+                .rows_affected();
+            if changed == 0 {
+                return Ok(());
+            }
+            let card = card_in(tx, card_id).await?;
+            event(tx, audit, "card", card_id, "disabled", serde_json::json!({ "reason": reason })).await?;
+            let schedules: Vec<DbId> = sqlx::query_scalar("SELECT id FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused') ORDER BY id")
+                .bind(DbId(card_id))
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(db_err("reading the card's schedules"))?;
+            for s in &schedules {
+                suspend_schedule(tx, s.0, "the card can no longer be charged", member, audit).await?;
+            }
+            notify(tx, "card_disabled", &format!("card_disabled:{card_id}"), member, serde_json::json!({
+                "card_id": card_id, "card": card.label(), "member_name": member.name.as_str(),
+                "account_type": member.account_type.as_str(), "reason": reason,
+                "suspended_schedules": schedules.iter().map(|s| s.0).collect::<Vec<_>>(),
+            }), audit.at).await
+        }
+
+        async fn finish_attempt_row(tx: &mut Tx, payment: &Payment, outcome: &str, code: Option<&str>, reference: Option<&str>, at: Timestamp) -> Result<()> {
+            sqlx::query("UPDATE payment_attempts SET outcome = $1, decline_code = $2, processor_reference = $3, finished_at = $4 WHERE payment_id = $5 AND attempt = $6")
+                .bind(outcome)
+                .bind(code)
+                .bind(reference)
+                .bind(DbTime(at))
+                .bind(DbId(payment.id))
+                .bind(payment.attempt)
+                .execute(&mut **tx)
+                .await
+                .map_err(db_err("recording the attempt"))?;
+            Ok(())
+        }
+
+        fn decline_payload(payment: &Payment, member: &Member, card: &Card, code: &str, reason: &str, next_try: Option<Timestamp>, time_zone: &str) -> serde_json::Value {
+            serde_json::json!({
+                "payment_id": payment.id, "schedule_id": payment.schedule_id, "member_name": member.name.as_str(),
+                "account_type": member.account_type.as_str(),
+                "amount": payment.amount.map(|m| m.amount_string()), "currency": payment.currency.code(),
+                "card": card.label(), "decline_code": code, "reason": reason, "attempt": payment.attempt,
+                "next_try_at": next_try, "time_zone": time_zone,
+            })
         }
 
         #[async_trait]
@@ -1177,6 +1485,557 @@ macro_rules! shared_store_impl {
                         })
                     })
                     .collect()
+            }
+            async fn allocations(&self, payment_id: Uuid) -> Result<Vec<Allocation>> {
+                let rows = sqlx::query("SELECT payment_id, bill_id, credit_id, amount, currency FROM payment_allocations WHERE payment_id = $1 ORDER BY created_at, id")
+                    .bind(DbId(payment_id))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err("reading allocations"))?;
+                rows.iter()
+                    .map(|row| {
+                        const T: &str = "payment_allocations";
+                        Ok(Allocation {
+                            payment_id: id(row, T, "payment_id")?,
+                            bill_id: get::<Option<DbId>>(row, T, "bill_id")?.map(|i| i.0),
+                            credit_id: get::<Option<DbId>>(row, T, "credit_id")?.map(|i| i.0),
+                            amount: Money::from_minor(get(row, T, "amount")?, currency(row, T)?),
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn notifications(&self, member_id: Option<Uuid>) -> Result<Vec<Notification>> {
+                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {NOTIFICATION_COLS} FROM notifications WHERE ($1 IS NULL OR member_id = $1) ORDER BY created_at, id")))
+                    .bind(member_id.map(DbId))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err("listing notifications"))?
+                    .iter()
+                    .map(notification_from)
+                    .collect()
+            }
+
+            async fn due_schedules(&self, now: Timestamp, limit: u32) -> Result<Vec<Schedule>> {
+                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE status = 'active' AND next_run_at <= $1 ORDER BY next_run_at, id LIMIT $2")))
+                    .bind(DbTime(now))
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err("reading due schedules"))?
+                    .iter()
+                    .map(schedule_from)
+                    .collect()
+            }
+
+            async fn apply_plan(&self, step: &PlanStep, audit: &Audit) -> Result<bool> {
+                let mut tx = self.begin_write().await?;
+                let current = schedule_in(&mut tx, step.schedule_id).await?;
+                if current.status != ScheduleStatus::Active
+                    || current.version != step.expected_version
+                    || current.next_occurrence.as_ref() != Some(&step.expected_next)
+                {
+                    return Ok(false);
+                }
+                let mut planned = Vec::new();
+                for p in &step.payments {
+                    let state = if p.missed.is_some() { "missed" } else { "scheduled" };
+                    let inserted = sqlx::query("INSERT INTO payments (id, schedule_id, member_id, occurrence, due_at, currency, state, attempt, payment_method_id, schedule_version, reason, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9, $10, $11, $11) ON CONFLICT (schedule_id, occurrence) DO NOTHING")
+                        .bind(DbId(new_id()))
+                        .bind(DbId(current.id))
+                        .bind(DbId(current.member_id))
+                        .bind(p.occurrence.to_string())
+                        .bind(DbTime(p.due_at))
+                        .bind(current.currency.code())
+                        .bind(state)
+                        .bind(DbId(current.card_id))
+                        .bind(current.version)
+                        .bind(p.missed.as_deref())
+                        .bind(DbTime(audit.at))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err("planning a payment"))?
+                        .rows_affected();
+                    if inserted > 0 {
+                        planned.push(serde_json::json!({ "occurrence": p.occurrence.to_string(), "state": state }));
+                    }
+                }
+                let status = if step.next_run_at.is_some() { "active" } else { "completed" };
+                sqlx::query("UPDATE schedules SET next_run_at = $1, next_occurrence = $2, status = $3, updated_at = $4 WHERE id = $5")
+                    .bind(step.next_run_at.map(DbTime))
+                    .bind(step.next_occurrence.as_ref().map(|k| k.to_string()))
+                    .bind(status)
+                    .bind(DbTime(audit.at))
+                    .bind(DbId(current.id))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err("moving a schedule's cursor"))?;
+                event(&mut tx, audit, "schedule", current.id, "planned", serde_json::json!({
+                    "payments": planned, "next_run_at": step.next_run_at, "status": status,
+                })).await?;
+                commit(tx).await?;
+                Ok(true)
+            }
+
+            async fn claim_work(&self, owner: &str, now: Timestamp, lease: std::time::Duration, limit: u32) -> Result<Vec<Work>> {
+                let until = now
+                    .checked_add(jiff::SignedDuration::try_from(lease).map_err(|e| StoreError::Internal(e.to_string()))?)
+                    .map_err(|e| StoreError::Internal(e.to_string()))?;
+                let mut tx = self.begin_write().await?;
+                let candidates: Vec<(DbId, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT id, state FROM payments WHERE \
+                     (state IN ('scheduled', 'retry_wait') AND COALESCE(next_attempt_at, due_at) <= $1 \
+                        AND NOT EXISTS (SELECT 1 FROM control WHERE charging_paused_at IS NOT NULL)) \
+                     OR (state = 'unknown' AND (next_attempt_at IS NULL OR next_attempt_at <= $1) AND (lease_expires_at IS NULL OR lease_expires_at < $1)) \
+                     OR (state = 'processing' AND lease_expires_at < $1) \
+                     ORDER BY COALESCE(next_attempt_at, due_at), id LIMIT $2{}", $skip_locked
+                )))
+                .bind(DbTime(now))
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err("finding due payments"))?;
+                let mut work = Vec::new();
+                for (payment_id, state) in candidates {
+                    let token = Uuid::new_v4();
+                    let (new_state, kind) = match state.as_str() {
+                        "scheduled" | "retry_wait" => ("processing", WorkKind::Charge),
+                        // A lease that expired mid-call: the outcome is unknown until looked up.
+                        "processing" => ("unknown", WorkKind::Lookup),
+                        _ => ("unknown", WorkKind::Lookup),
+                    };
+                    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "UPDATE payments SET state = $1, lease_owner = $2, lease_token = $3, lease_expires_at = $4, \
+                         unknown_since = CASE WHEN $1 = 'unknown' THEN COALESCE(unknown_since, $5) ELSE unknown_since END, updated_at = $5 \
+                         WHERE id = $6 RETURNING {PAYMENT_COLS}"
+                    )))
+                    .bind(new_state)
+                    .bind(owner)
+                    .bind(token.to_string())
+                    .bind(DbTime(until))
+                    .bind(DbTime(now))
+                    .bind(payment_id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_err("claiming a payment"))?;
+                    let payment = payment_from(&row)?;
+                    if state == "processing" {
+                        event(&mut tx, &Audit { actor: owner.to_string(), at: now }, "payment", payment.id, "lease_expired", serde_json::json!({ "attempt": payment.attempt })).await?;
+                    }
+                    work.push(Work { lease: Lease { payment_id: payment.id, token }, kind, payment });
+                }
+                commit(tx).await?;
+                Ok(work)
+            }
+
+            async fn renew_leases(&self, leases: &[Lease], until: Timestamp) -> Result<u64> {
+                let mut held = 0;
+                for lease in leases {
+                    held += sqlx::query("UPDATE payments SET lease_expires_at = $1 WHERE id = $2 AND lease_token = $3 AND state IN ('processing', 'unknown')")
+                        .bind(DbTime(until))
+                        .bind(DbId(lease.payment_id))
+                        .bind(lease.token.to_string())
+                        .execute(&self.pool)
+                        .await
+                        .map_err(db_err("renewing a lease"))?
+                        .rows_affected();
+                }
+                Ok(held)
+            }
+
+            async fn begin_attempt(&self, lease: &Lease, policy: &OutcomePolicy, audit: &Audit) -> Result<AttemptStart> {
+                let mut tx = self.begin_write().await?;
+                let Some(payment) = leased_payment(&mut tx, lease, "'processing'").await? else {
+                    return Ok(AttemptStart::LeaseLost);
+                };
+                // The member's row serializes amount decisions for one member across workers.
+                let member = member_by_id_in(&mut tx, payment.member_id).await?;
+                let schedule = schedule_in(&mut tx, payment.schedule_id).await?;
+                let card = card_in(&mut tx, payment.card_id).await?;
+                if card.status != CardStatus::Active || member.status != MemberStatus::Active
+                    || matches!(schedule.status, ScheduleStatus::Cancelled | ScheduleStatus::Paused | ScheduleStatus::Suspended)
+                {
+                    let reason = if card.status != CardStatus::Active {
+                        format!("card {}", card.status)
+                    } else if member.status != MemberStatus::Active {
+                        "member closed".to_string()
+                    } else {
+                        format!("schedule {}", schedule.status)
+                    };
+                    settle_without_charge(&mut tx, &payment, PaymentState::Cancelled, &reason, audit).await?;
+                    commit(tx).await?;
+                    return Ok(AttemptStart::Settled(PaymentState::Cancelled));
+                }
+                let gross = match schedule.amount {
+                    AmountRule::Fixed { amount } => amount.minor(),
+                    AmountRule::Balance => {
+                        let owed = sum(&mut tx, "SELECT CAST(SUM(amount_due - amount_paid) AS BIGINT) FROM bills WHERE member_id = $1 AND status = 'open' AND $2 = $2", payment.member_id, payment.id).await?;
+                        let in_flight = sum(&mut tx, "SELECT CAST(SUM(amount + credit_applied) AS BIGINT) FROM payments WHERE member_id = $1 AND id <> $2 AND state IN ('processing', 'unknown') AND amount IS NOT NULL", payment.member_id, payment.id).await?;
+                        (owed - in_flight).max(0)
+                    }
+                };
+                if gross == 0 {
+                    settle_without_charge(&mut tx, &payment, PaymentState::Skipped, "nothing owed", audit).await?;
+                    commit(tx).await?;
+                    return Ok(AttemptStart::Settled(PaymentState::Skipped));
+                }
+                let credits = sum(&mut tx, "SELECT CAST(SUM(remaining) AS BIGINT) FROM credits WHERE member_id = $1 AND $2 = $2", payment.member_id, payment.id).await?;
+                let reserved = sum(&mut tx, "SELECT CAST(SUM(credit_applied) AS BIGINT) FROM payments WHERE member_id = $1 AND id <> $2 AND state IN ('processing', 'unknown')", payment.member_id, payment.id).await?;
+                let credit_used = (credits - reserved).max(0).min(gross);
+                let charge = gross - credit_used;
+                if charge == 0 {
+                    // Covered by credit: the credit pays the bills, nothing is charged.
+                    settle_without_charge(&mut tx, &payment, PaymentState::Skipped, "covered by credit", audit).await?;
+                    consume_credits(&mut tx, &payment, credit_used, audit.at).await?;
+                    let (_, left) = pay_bills(&mut tx, &payment, credit_used, audit.at).await?;
+                    if left > 0 {
+                        insert_credit(&mut tx, payment.member_id, Money::from_minor(left, payment.currency), "overpayment", payment.id, "credit beyond what was owed", audit).await?;
+                    }
+                    commit(tx).await?;
+                    return Ok(AttemptStart::Settled(PaymentState::Skipped));
+                }
+                let max = match member.account_type {
+                    AccountType::IndividualFamily => policy.max_amount_individual_family,
+                    AccountType::EmployerGroup => policy.max_amount_employer_group,
+                };
+                if charge > max.minor() {
+                    let amount = Money::from_minor(charge, payment.currency);
+                    sqlx::query("UPDATE payments SET amount = $1 WHERE id = $2")
+                        .bind(charge)
+                        .bind(DbId(payment.id))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err("recording an amount"))?;
+                    settle_without_charge(&mut tx, &payment, PaymentState::Failed, "over_limit", audit).await?;
+                    sqlx::query("UPDATE payments SET amount = $1, decline_code = 'over_limit' WHERE id = $2")
+                        .bind(charge)
+                        .bind(DbId(payment.id))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err("recording an amount"))?;
+                    notify(&mut tx, "failed", &format!("failed:{}", payment.id), &member, serde_json::json!({
+                        "payment_id": payment.id, "schedule_id": payment.schedule_id, "member_name": member.name.as_str(),
+                        "account_type": member.account_type.as_str(), "amount": amount.amount_string(), "currency": amount.currency().code(),
+                        "card": card.label(), "decline_code": "over_limit",
+                        "reason": format!("the amount due, {}, is more than automatic payments may charge at once ({})", amount.display_with_code(), max.display_with_code()),
+                        "next_try_at": serde_json::Value::Null, "time_zone": schedule.time_zone,
+                    }), audit.at).await?;
+                    commit(tx).await?;
+                    return Ok(AttemptStart::Settled(PaymentState::Failed));
+                }
+                let installation: DbId = sqlx::query_scalar("SELECT installation_id FROM control WHERE id = 1")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_err("reading the installation id"))?;
+                let key = idempotency_key(installation.0, &payment, payment.attempt);
+                sqlx::query("UPDATE payments SET amount = $1, credit_applied = $2, updated_at = $3 WHERE id = $4")
+                    .bind(charge)
+                    .bind(credit_used)
+                    .bind(DbTime(audit.at))
+                    .bind(DbId(payment.id))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err("freezing the amount"))?;
+                sqlx::query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (idempotency_key) DO NOTHING")
+                    .bind(DbId(new_id()))
+                    .bind(DbId(payment.id))
+                    .bind(payment.attempt)
+                    .bind(DbId(card.id))
+                    .bind(&key)
+                    .bind(charge)
+                    .bind(payment.currency.code())
+                    .bind(DbTime(audit.at))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err("recording the attempt"))?;
+                event(&mut tx, audit, "payment", payment.id, "attempt_started", serde_json::json!({
+                    "attempt": payment.attempt, "amount": Money::from_minor(charge, payment.currency).amount_string(),
+                    "credit_used": Money::from_minor(credit_used, payment.currency).amount_string(), "card_id": card.id,
+                })).await?;
+                commit(tx).await?;
+                Ok(AttemptStart::Charge {
+                    amount: Money::from_minor(charge, payment.currency),
+                    attempt: payment.attempt,
+                    idempotency_key: key,
+                    card_token: card.processor_token,
+                    account_number: member.account_number.as_str().to_string(),
+                    occurrence: payment.occurrence.clone(),
+                    schedule_id: payment.schedule_id,
+                })
+            }
+
+            async fn release(&self, lease: &Lease, audit: &Audit) -> Result<bool> {
+                let mut tx = self.begin_write().await?;
+                let Some(payment) = leased_payment(&mut tx, lease, "'processing'").await? else {
+                    return Ok(false);
+                };
+                sqlx::query("DELETE FROM payment_attempts WHERE payment_id = $1 AND attempt = $2 AND outcome IS NULL")
+                    .bind(DbId(payment.id))
+                    .bind(payment.attempt)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err("withdrawing an attempt"))?;
+                sqlx::query("UPDATE payments SET state = 'scheduled', amount = NULL, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $1 WHERE id = $2")
+                    .bind(DbTime(audit.at))
+                    .bind(DbId(payment.id))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err("releasing a payment"))?;
+                event(&mut tx, audit, "payment", payment.id, "released", serde_json::json!({ "reason": "charging paused" })).await?;
+                commit(tx).await?;
+                Ok(true)
+            }
+
+            async fn record_attempt(&self, lease: &Lease, result: &AttemptResult, policy: &OutcomePolicy, audit: &Audit) -> Result<Recorded> {
+                let mut tx = self.begin_write().await?;
+                let Some(payment) = leased_payment(&mut tx, lease, "'processing', 'unknown'").await? else {
+                    return Ok(Recorded::LeaseLost);
+                };
+                let (credit_applied, unknown_since) = payment_extra(&mut tx, payment.id).await?;
+                let member = member_by_id_in(&mut tx, payment.member_id).await?;
+                let state = match result {
+                    AttemptResult::Approved { reference } => {
+                        finish_attempt_row(&mut tx, &payment, "approved", None, Some(reference), audit.at).await?;
+                        settle_success(&mut tx, &payment, credit_applied, reference, audit).await?;
+                        PaymentState::Succeeded
+                    }
+                    AttemptResult::Declined { code, action, member_reason, reference } => {
+                        use crate::domain::decline::DeclineAction;
+                        finish_attempt_row(&mut tx, &payment, "declined", Some(code), reference.as_deref(), audit.at).await?;
+                        let card = card_in(&mut tx, payment.card_id).await?;
+                        let schedule = schedule_in(&mut tx, payment.schedule_id).await?;
+                        let retry_at = if *action == DeclineAction::RetryLater {
+                            let window_start = audit.at
+                                .checked_sub(jiff::SignedDuration::try_from(policy.retry.window).map_err(|e| StoreError::Internal(e.to_string()))?)
+                                .map_err(|e| StoreError::Internal(e.to_string()))?;
+                            let on_card: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM payment_attempts WHERE payment_method_id = $1 AND started_at >= $2")
+                                .bind(DbId(card.id))
+                                .bind(DbTime(window_start))
+                                .fetch_one(&mut *tx)
+                                .await
+                                .map_err(db_err("counting the card's attempts"))?;
+                            policy.retry.next_attempt_at(
+                                u32::try_from(payment.attempt).unwrap_or(u32::MAX),
+                                u32::try_from(on_card).unwrap_or(u32::MAX),
+                                audit.at,
+                            )
+                        } else {
+                            None
+                        };
+                        let payload = decline_payload(&payment, &member, &card, code, member_reason, retry_at, &schedule.time_zone);
+                        match retry_at {
+                            Some(at) => {
+                                sqlx::query("UPDATE payments SET state = 'retry_wait', attempt = attempt + 1, next_attempt_at = $1, amount = NULL, credit_applied = 0, decline_code = $2, reason = $3, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, unknown_since = NULL, updated_at = $4 WHERE id = $5")
+                                    .bind(DbTime(at))
+                                    .bind(code)
+                                    .bind(member_reason)
+                                    .bind(DbTime(audit.at))
+                                    .bind(DbId(payment.id))
+                                    .execute(&mut *tx)
+                                    .await
+                                    .map_err(db_err("recording a soft decline"))?;
+                                notify(&mut tx, "declined", &format!("declined:{}:{}", payment.id, payment.attempt), &member, payload, audit.at).await?;
+                                PaymentState::RetryWait
+                            }
+                            None => {
+                                sqlx::query("UPDATE payments SET state = 'failed', decline_code = $1, reason = $2, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $3 WHERE id = $4")
+                                    .bind(code)
+                                    .bind(member_reason)
+                                    .bind(DbTime(audit.at))
+                                    .bind(DbId(payment.id))
+                                    .execute(&mut *tx)
+                                    .await
+                                    .map_err(db_err("recording a decline"))?;
+                                notify(&mut tx, "failed", &format!("failed:{}", payment.id), &member, payload, audit.at).await?;
+                                if *action == DeclineAction::DisableCard {
+                                    disable_card(&mut tx, card.id, member_reason, &member, audit).await?;
+                                } else {
+                                    count_failure(&mut tx, &payment, policy.suspend_after, &member, audit).await?;
+                                }
+                                PaymentState::Failed
+                            }
+                        }
+                    }
+                    AttemptResult::Unknown { detail } => {
+                        let since = unknown_since.unwrap_or(audit.at);
+                        let window = jiff::SignedDuration::try_from(policy.lookup_window).map_err(|e| StoreError::Internal(e.to_string()))?;
+                        let expired = audit.at.duration_since(since) > window;
+                        let next = audit.at
+                            .checked_add(jiff::SignedDuration::try_from(policy.settle_delay).map_err(|e| StoreError::Internal(e.to_string()))?)
+                            .map_err(|e| StoreError::Internal(e.to_string()))?;
+                        let state = if expired { PaymentState::NeedsReview } else { PaymentState::Unknown };
+                        finish_attempt_row(&mut tx, &payment, "unknown", None, None, audit.at).await?;
+                        sqlx::query("UPDATE payments SET state = $1, reason = $2, unknown_since = $3, next_attempt_at = $4, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $5 WHERE id = $6")
+                            .bind(state.as_str())
+                            .bind(if expired { format!("outcome still unknown after processor.lookup_window: {detail}") } else { detail.clone() })
+                            .bind(DbTime(since))
+                            .bind(if expired { None } else { Some(DbTime(next)) })
+                            .bind(DbTime(audit.at))
+                            .bind(DbId(payment.id))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err("recording an unknown outcome"))?;
+                        state
+                    }
+                    AttemptResult::NotCharged => {
+                        finish_attempt_row(&mut tx, &payment, "not_charged", None, None, audit.at).await?;
+                        sqlx::query("UPDATE payments SET state = 'scheduled', attempt = attempt + 1, next_attempt_at = $1, amount = NULL, credit_applied = 0, reason = 'the processor has no record of the last attempt', unknown_since = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $1 WHERE id = $2")
+                            .bind(DbTime(audit.at))
+                            .bind(DbId(payment.id))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err("recording a missing charge"))?;
+                        PaymentState::Scheduled
+                    }
+                    AttemptResult::NeedsReview { detail } => {
+                        finish_attempt_row(&mut tx, &payment, "needs_review", None, None, audit.at).await?;
+                        sqlx::query("UPDATE payments SET state = 'needs_review', reason = $1, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = $2 WHERE id = $3")
+                            .bind(detail)
+                            .bind(DbTime(audit.at))
+                            .bind(DbId(payment.id))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err("recording a payment for review"))?;
+                        PaymentState::NeedsReview
+                    }
+                };
+                if !matches!(result, AttemptResult::Approved { .. }) {
+                    event(&mut tx, audit, "payment", payment.id, state.as_str(), serde_json::json!({
+                        "attempt": payment.attempt, "result": format!("{result:?}"),
+                    })).await?;
+                }
+                commit(tx).await?;
+                Ok(Recorded::Moved(state))
+            }
+
+            async fn next_wakeup(&self) -> Result<Option<Timestamp>> {
+                let mut earliest: Option<Timestamp> = None;
+                for sql in [
+                    "SELECT MIN(next_run_at) FROM schedules WHERE status = 'active'",
+                    "SELECT MIN(COALESCE(next_attempt_at, due_at)) FROM payments WHERE state IN ('scheduled', 'retry_wait', 'unknown')",
+                    "SELECT MIN(lease_expires_at) FROM payments WHERE state = 'processing'",
+                ] {
+                    let t: Option<DbTime> = sqlx::query_scalar(sql).fetch_one(&self.pool).await.map_err(db_err("finding the next due work"))?;
+                    if let Some(t) = t {
+                        earliest = Some(earliest.map_or(t.0, |e| e.min(t.0)));
+                    }
+                }
+                Ok(earliest)
+            }
+
+            async fn attempt_stats(&self, since: Timestamp) -> Result<AttemptStats> {
+                let row = sqlx::query("SELECT COUNT(*) AS attempts, CAST(COALESCE(SUM(CASE WHEN outcome = 'declined' THEN 1 ELSE 0 END), 0) AS BIGINT) AS declines, CAST(COALESCE(SUM(CASE WHEN outcome IN ('unknown', 'needs_review') THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors FROM payment_attempts WHERE started_at >= $1")
+                    .bind(DbTime(since))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_err("reading attempt statistics"))?;
+                const T: &str = "payment_attempts";
+                Ok(AttemptStats { attempts: get(&row, T, "attempts")?, declines: get(&row, T, "declines")?, errors: get(&row, T, "errors")? })
+            }
+
+            async fn set_charging_pause(&self, reason: Option<&str>, audit: &Audit) -> Result<Control> {
+                let mut tx = self.begin_write().await?;
+                let done = match reason {
+                    Some(reason) => sqlx::query("UPDATE control SET charging_paused_at = COALESCE(charging_paused_at, $1), charging_paused_by = $2, charging_paused_reason = $3 WHERE id = 1")
+                        .bind(DbTime(audit.at))
+                        .bind(&audit.actor)
+                        .bind(reason)
+                        .execute(&mut *tx)
+                        .await,
+                    None => sqlx::query("UPDATE control SET charging_paused_at = NULL, charging_paused_by = NULL, charging_paused_reason = NULL WHERE id = 1")
+                        .execute(&mut *tx)
+                        .await,
+                }
+                .map_err(db_err("changing the charging pause"))?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::Schema("the database has no installation id; run `autopay migrate`".into()));
+                }
+                let installation: DbId = sqlx::query_scalar("SELECT installation_id FROM control WHERE id = 1").fetch_one(&mut *tx).await.map_err(db_err("reading control"))?;
+                event(&mut tx, audit, "control", installation.0, if reason.is_some() { "charging_paused" } else { "charging_resumed" }, serde_json::json!({ "reason": reason })).await?;
+                commit(tx).await?;
+                self.control().await
+            }
+
+            async fn retry_payment(&self, payment_id: Uuid, force: bool, audit: &Audit) -> Result<Payment> {
+                let mut tx = self.begin_write().await?;
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = $1{}", $for_update)))
+                    .bind(DbId(payment_id))
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err("reading a payment"))?
+                    .ok_or_else(|| StoreError::NotFound(format!("no payment has id {payment_id}; list payments with `autopay payment list`")))?;
+                let payment = payment_from(&row)?;
+                if !matches!(payment.state, PaymentState::Failed | PaymentState::Missed | PaymentState::NeedsReview) {
+                    return Err(StoreError::Conflict(format!("payment {payment_id} is {}; only failed, missed or needs_review payments can be retried", payment.state)));
+                }
+                let hard = payment.state == PaymentState::Failed && payment.decline_code.as_deref().is_some_and(|c| c != "over_limit");
+                if hard && !force {
+                    return Err(StoreError::Conflict(format!(
+                        "payment {payment_id} failed with a hard decline ({}); retrying the same card rarely helps. Add --force to retry anyway, or move the schedule to another card",
+                        payment.decline_code.as_deref().unwrap_or("")
+                    )));
+                }
+                let card = card_in(&mut tx, payment.card_id).await?;
+                if card.status != CardStatus::Active {
+                    return Err(StoreError::Conflict(format!("card {} is {}; give the schedule another card with `autopay schedule update {} --card NEW_CARD`", card.id, card.status, payment.schedule_id)));
+                }
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE payments SET state = 'scheduled', attempt = attempt + 1, next_attempt_at = $1, amount = NULL, credit_applied = 0, reason = 'retried by operator', unknown_since = NULL, updated_at = $1 WHERE id = $2 RETURNING {PAYMENT_COLS}"
+                )))
+                .bind(DbTime(audit.at))
+                .bind(DbId(payment_id))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err("retrying a payment"))?;
+                event(&mut tx, audit, "payment", payment_id, "retried", serde_json::json!({ "from": payment.state.as_str(), "force": force })).await?;
+                commit(tx).await?;
+                payment_from(&row)
+            }
+
+            async fn resolve_payment(&self, resolve: &Resolve, audit: &Audit) -> Result<Payment> {
+                use crate::domain::payment::Resolution;
+                let mut tx = self.begin_write().await?;
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = $1{}", $for_update)))
+                    .bind(DbId(resolve.payment_id))
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err("reading a payment"))?
+                    .ok_or_else(|| StoreError::NotFound(format!("no payment has id {}; list payments with `autopay payment list`", resolve.payment_id)))?;
+                let payment = payment_from(&row)?;
+                if !matches!(payment.state, PaymentState::Unknown | PaymentState::NeedsReview) {
+                    return Err(StoreError::Conflict(format!("payment {} is {}; only unknown or needs_review payments are resolved by hand", payment.id, payment.state)));
+                }
+                let (credit_applied, _) = payment_extra(&mut tx, payment.id).await?;
+                match resolve.resolution {
+                    Resolution::Succeeded => {
+                        if payment.amount.is_none() {
+                            return Err(StoreError::Conflict(format!("payment {} has no amount recorded for its attempt; resolve it as failed or cancelled and retry it", payment.id)));
+                        }
+                        settle_success(&mut tx, &payment, credit_applied, &resolve.reference, audit).await?;
+                    }
+                    Resolution::Failed | Resolution::Cancelled => {
+                        let state = if resolve.resolution == Resolution::Failed { PaymentState::Failed } else { PaymentState::Cancelled };
+                        sqlx::query("UPDATE payments SET state = $1, reason = $2, processor_reference = $3, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $4 WHERE id = $5")
+                            .bind(state.as_str())
+                            .bind(&resolve.reason)
+                            .bind(&resolve.reference)
+                            .bind(DbTime(audit.at))
+                            .bind(DbId(payment.id))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err("resolving a payment"))?;
+                    }
+                }
+                event(&mut tx, audit, "payment", payment.id, "resolved", serde_json::json!({
+                    "as": format!("{:?}", resolve.resolution).to_lowercase(), "reference": resolve.reference, "reason": resolve.reason,
+                })).await?;
+                commit(tx).await?;
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = $1")))
+                    .bind(DbId(payment.id))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_err("reading a payment"))?;
+                payment_from(&row)
             }
         }
     };

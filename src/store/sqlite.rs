@@ -71,4 +71,4 @@ impl SqliteStore {
     }
 }
 
-super::shared::shared_store_impl!(SqliteStore, sqlx::Sqlite, "");
+super::shared::shared_store_impl!(SqliteStore, sqlx::Sqlite, "", "");

@@ -1,6 +1,8 @@
 //! Integration tests: one binary, one module per feature (zero-to-production's layout).
 
 mod cli;
+mod engine;
 mod helpers;
 mod secrets;
+mod simulation;
 mod store_conformance;

@@ -1,0 +1,444 @@
+//! `autopay run`, `charging pause|resume`, and the operator's payment commands (`retry`,
+//! `resolve`, `forecast`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use super::args::{ChargingCommand, RunArgs};
+use super::output::{self, Table, say};
+use super::{CliError, Context, exit, parse_id};
+use crate::domain::money::Money;
+use crate::domain::payment::{AmountRule, PaymentState, Resolution};
+use crate::domain::schedule::parse_date;
+use crate::domain::status::ScheduleStatus;
+use crate::engine::{Engine, EngineConfig, EngineError, PassReport, Shutdown, outcome_policy};
+use crate::processor::Lookup;
+use crate::store::{self, Resolve, Store, StoreError};
+
+impl From<EngineError> for CliError {
+    fn from(e: EngineError) -> CliError {
+        match e {
+            EngineError::Store(s) => s.into(),
+            EngineError::InjectedCrash => CliError::internal(e.to_string()),
+        }
+    }
+}
+
+/// Opens the database for `run`: a default SQLite file that did not exist is created and
+/// migrated; anything else must already be migrated (`autopay migrate`).
+async fn store_for_run(ctx: &Context) -> Result<Arc<dyn Store>, CliError> {
+    let url = &ctx.settings.database.url;
+    let fresh = url.sqlite_path().is_some_and(|p| !p.exists());
+    let store = store::open(url, ctx.settings.database.max_connections).await?;
+    if fresh {
+        let report = store.migrate(ctx.now()).await?;
+        tracing::info!(
+            schema_version = report.schema_version,
+            "created and migrated a new SQLite database"
+        );
+    }
+    store::require_current_schema(store.as_ref()).await?;
+    if let Some(since) = store.control().await?.reconcile_required_since {
+        return Err(CliError::new(
+            exit::CONFIG,
+            format!(
+                "this database is a restored copy made at {since}; run `autopay reconcile --since {}` before `autopay run`",
+                since.strftime("%Y-%m-%d")
+            ),
+        ));
+    }
+    Ok(store)
+}
+
+async fn engine(ctx: &Context, store: Arc<dyn Store>) -> Result<Engine, CliError> {
+    let processor = ctx.processor().await?;
+    Ok(Engine::new(
+        store,
+        processor,
+        ctx.clock.clone(),
+        EngineConfig::from_settings(&ctx.settings),
+        outcome_policy(&ctx.settings),
+    ))
+}
+
+fn print_pass(ctx: &Context, what: &str, pass: &PassReport) -> Result<(), CliError> {
+    if ctx.json {
+        return output::json(pass);
+    }
+    let c = &pass.charge;
+    say(format!(
+        "{what}: planned {} payment(s) ({} missed); charged {} ok, {} declined (will retry), {} failed, {} skipped, {} cancelled, {} unknown (looked up later), {} for review",
+        pass.plan.planned,
+        pass.plan.missed,
+        c.succeeded,
+        c.declined,
+        c.failed,
+        c.skipped,
+        c.cancelled,
+        c.unknown,
+        c.needs_review
+    ));
+    Ok(())
+}
+
+pub(super) async fn run(ctx: &Context, args: RunArgs) -> Result<(), CliError> {
+    if args.dry_run && !args.drain {
+        return Err(CliError::usage(
+            "--dry-run goes with --drain: `autopay run --drain --dry-run`",
+        ));
+    }
+    if args.demo && ctx.settings.database.url.sqlite_path().is_none() {
+        return Err(CliError::usage(
+            "--demo seeds sample data into the embedded SQLite default; unset database.url (or point it at a sqlite:// file)",
+        ));
+    }
+    let store = store_for_run(ctx).await?;
+    if args.demo {
+        super::demo::seed(ctx, store.as_ref()).await?;
+    }
+    if args.dry_run {
+        let until = ctx.now();
+        let forecast = forecast(ctx, store.as_ref(), until).await?;
+        return print_forecast(ctx, &forecast, "due now (dry run: nothing written)");
+    }
+    let engine = engine(ctx, store).await?;
+    tracing::info!(worker_id = engine.worker_id(), backend = ?ctx.settings.database.url.backend(), "autopay starting");
+    if args.drain {
+        let pass = engine.drain().await?;
+        return print_pass(ctx, "drained", &pass);
+    }
+    let shutdown = Shutdown::new();
+    let wake = Arc::new(Notify::new());
+    spawn_signal_handler(shutdown.clone());
+    say(format!(
+        "autopay is running (worker {}); press Ctrl-C to stop",
+        engine.worker_id()
+    ));
+    let grace = ctx.settings.daemon.shutdown_grace.as_std();
+    let running = engine.run(shutdown.clone(), wake);
+    tokio::pin!(running);
+    let total = tokio::select! {
+        done = &mut running => done?,
+        () = async { shutdown.wait().await; tokio::time::sleep(grace).await } => {
+            tracing::error!("charges still in flight after daemon.shutdown_grace; exiting, their leases will be settled by lookup");
+            return Err(CliError::new(exit::SOFTWARE, "stopped with charges in flight after daemon.shutdown_grace"));
+        }
+    };
+    print_pass(ctx, "stopped", &total)
+}
+
+/// SIGTERM and SIGINT stop claiming; in-flight charges finish within the grace period.
+fn spawn_signal_handler(shutdown: Shutdown) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let term = signal(SignalKind::terminate());
+            let int = signal(SignalKind::interrupt());
+            if let (Ok(mut term), Ok(mut int)) = (term, int) {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("stop requested; finishing charges in flight");
+        shutdown.trigger();
+    });
+}
+
+pub(super) async fn charging(ctx: &Context, command: ChargingCommand) -> Result<(), CliError> {
+    let store = ctx.store().await?;
+    let control = match command {
+        ChargingCommand::Pause { reason } => {
+            let reason = super::billing::free_text(&reason, 200)
+                .map_err(|e| CliError::data(format!("--reason: {e}")))?;
+            let control = store
+                .set_charging_pause(Some(&reason), &ctx.audit())
+                .await?;
+            tracing::warn!("charging paused by operator");
+            control
+        }
+        ChargingCommand::Resume => {
+            let control = store.set_charging_pause(None, &ctx.audit()).await?;
+            tracing::info!("charging resumed by operator");
+            control
+        }
+    };
+    if ctx.json {
+        return output::json(&control);
+    }
+    match &control.charging_paused {
+        Some(p) => say(format!(
+            "charging is PAUSED on every host since {}: {}",
+            p.since, p.reason
+        )),
+        None => say("charging is running"),
+    }
+    Ok(())
+}
+
+pub(super) async fn retry(ctx: &Context, payment: &str, force: bool) -> Result<(), CliError> {
+    let id = parse_id(payment, "payment")?;
+    let store = ctx.store().await?;
+    let p = store.retry_payment(id, force, &ctx.audit()).await?;
+    tracing::info!(payment_id = %id, attempt = p.attempt, "payment retried by operator");
+    if ctx.json {
+        return output::json(&p);
+    }
+    say(format!(
+        "payment {id} is scheduled again (attempt {}, a new idempotency key); `autopay run` charges it",
+        p.attempt
+    ));
+    Ok(())
+}
+
+pub(super) async fn resolve(
+    ctx: &Context,
+    payment: &str,
+    resolution: &str,
+    reference: &str,
+    reason: &str,
+) -> Result<(), CliError> {
+    let id = parse_id(payment, "payment")?;
+    let resolution = match resolution {
+        "succeeded" => Resolution::Succeeded,
+        "failed" => Resolution::Failed,
+        "cancelled" => Resolution::Cancelled,
+        other => {
+            return Err(CliError::usage(format!(
+                "--as: '{other}' is not succeeded, failed or cancelled"
+            )));
+        }
+    };
+    let reference = super::billing::free_text(reference, 100)
+        .map_err(|e| CliError::data(format!("--reference: {e}")))?;
+    let reason = super::billing::free_text(reason, 200)
+        .map_err(|e| CliError::data(format!("--reason: {e}")))?;
+    let store = ctx.store().await?;
+    let current = store.payment(id).await?;
+    if !matches!(
+        current.state,
+        PaymentState::Unknown | PaymentState::NeedsReview
+    ) {
+        return Err(CliError::data(format!(
+            "payment {id} is {}; only unknown or needs_review payments are resolved by hand",
+            current.state
+        )));
+    }
+    // Ask the processor first: its answer wins over a guess.
+    let processor = ctx.processor().await?;
+    match processor.find_attempt(id, current.attempt).await {
+        Lookup::Found(found) if found.approved && resolution != Resolution::Succeeded => {
+            return Err(CliError::data(format!(
+                "the processor holds an approved charge {} for this attempt; resolve it --as succeeded --reference {}",
+                found.reference, found.reference
+            )));
+        }
+        Lookup::Found(found) if !found.approved && resolution == Resolution::Succeeded => {
+            return Err(CliError::data(format!(
+                "the processor recorded this attempt as declined ({}); resolve it --as failed",
+                found.decline_code.unwrap_or_default()
+            )));
+        }
+        Lookup::NotFound if resolution == Resolution::Succeeded => {
+            return Err(CliError::data(
+                "the processor has no record of this attempt; resolve it --as failed or --as cancelled, then `autopay payment retry` it if it is still owed",
+            ));
+        }
+        Lookup::Unknown { detail } => {
+            tracing::warn!(payment_id = %id, detail = %detail, "the processor could not answer; resolving on the operator's word");
+        }
+        _ => {}
+    }
+    let p = store
+        .resolve_payment(
+            &Resolve {
+                payment_id: id,
+                resolution,
+                reference,
+                reason,
+            },
+            &ctx.audit(),
+        )
+        .await?;
+    if ctx.json {
+        return output::json(&p);
+    }
+    say(format!("payment {id} resolved as {}", p.state));
+    Ok(())
+}
+
+/// What would be charged, per day.
+#[derive(Debug, Serialize)]
+pub struct Forecast {
+    pub until: Timestamp,
+    pub days: Vec<ForecastDay>,
+    pub count: u64,
+    #[serde(serialize_with = "crate::store::money_str")]
+    pub total: Money,
+    /// Statement-balance payments are estimated at today's balance.
+    pub balance_estimates: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ForecastDay {
+    pub date: String,
+    pub count: u64,
+    #[serde(serialize_with = "crate::store::money_str")]
+    pub total: Money,
+}
+
+/// Reads schedules and waiting payments, and writes nothing.
+async fn forecast(
+    ctx: &Context,
+    store: &dyn Store,
+    until: Timestamp,
+) -> Result<Forecast, CliError> {
+    let currency = ctx.settings.payments.currency;
+    let mut days: BTreeMap<String, (u64, i64)> = BTreeMap::new();
+    let mut balances: BTreeMap<uuid::Uuid, i64> = BTreeMap::new();
+    let mut estimates = 0;
+    let mut add = |at: Timestamp, minor: i64| {
+        let day = at.strftime("%Y-%m-%d").to_string();
+        let entry = days.entry(day).or_default();
+        entry.0 += 1;
+        entry.1 += minor;
+    };
+    for p in store.list_payments(None, None).await? {
+        if !p.state.is_unclaimed() {
+            continue;
+        }
+        let at = p.next_attempt_at.unwrap_or(p.due_at);
+        if at > until {
+            continue;
+        }
+        let schedule = store.schedule(p.schedule_id).await?;
+        let minor = match schedule.amount {
+            AmountRule::Fixed { amount } => amount.minor(),
+            AmountRule::Balance => {
+                estimates += 1;
+                balance(store, &mut balances, p.member_id).await?
+            }
+        };
+        add(at, minor);
+    }
+    for s in store.list_schedules(None).await? {
+        if s.status != ScheduleStatus::Active {
+            continue;
+        }
+        let Some(key) = s.next_occurrence else {
+            continue;
+        };
+        for o in s
+            .recurrence
+            .occurrences()
+            .skip_while(|o| o.key < key)
+            .take_while(|o| o.due_at <= until)
+        {
+            let minor = match s.amount {
+                AmountRule::Fixed { amount } => amount.minor(),
+                AmountRule::Balance => {
+                    estimates += 1;
+                    // The first charge takes today's balance; later ones only what is billed by then.
+                    balance(store, &mut balances, s.member_id).await?
+                }
+            };
+            add(o.due_at, minor);
+        }
+    }
+    let count = days.values().map(|d| d.0).sum();
+    let total = Money::from_minor(days.values().map(|d| d.1).sum(), currency);
+    Ok(Forecast {
+        until,
+        days: days
+            .into_iter()
+            .map(|(date, (count, minor))| ForecastDay {
+                date,
+                count,
+                total: Money::from_minor(minor, currency),
+            })
+            .collect(),
+        count,
+        total,
+        balance_estimates: estimates,
+    })
+}
+
+async fn open_balance(store: &dyn Store, member_id: uuid::Uuid) -> Result<i64, StoreError> {
+    let owed: i64 = store
+        .list_bills(Some(member_id))
+        .await?
+        .iter()
+        .filter(|b| b.status == crate::domain::status::BillStatus::Open)
+        .map(|b| b.outstanding().minor())
+        .sum();
+    let credit: i64 = store
+        .list_credits(member_id)
+        .await?
+        .iter()
+        .map(|c| c.remaining.minor())
+        .sum();
+    Ok((owed - credit).max(0))
+}
+
+async fn balance(
+    store: &dyn Store,
+    cache: &mut BTreeMap<uuid::Uuid, i64>,
+    member_id: uuid::Uuid,
+) -> Result<i64, StoreError> {
+    if let std::collections::btree_map::Entry::Vacant(slot) = cache.entry(member_id) {
+        slot.insert(open_balance(store, member_id).await?);
+    }
+    Ok(cache.get_mut(&member_id).map(std::mem::take).unwrap_or(0))
+}
+
+fn print_forecast(ctx: &Context, f: &Forecast, title: &str) -> Result<(), CliError> {
+    if ctx.json {
+        return output::json(f);
+    }
+    let mut t = Table::new(vec!["DATE (UTC)", "PAYMENTS", "TOTAL"]);
+    for d in &f.days {
+        t.row(vec![
+            d.date.clone(),
+            d.count.to_string(),
+            d.total.display_with_code(),
+        ]);
+    }
+    say(format!(
+        "{title}: {} payment(s), {} in all",
+        f.count,
+        f.total.display_with_code()
+    ));
+    say(t.render());
+    if f.balance_estimates > 0 {
+        say(format!(
+            "{} statement-balance payment(s) estimated at today's open balance",
+            f.balance_estimates
+        ));
+    }
+    Ok(())
+}
+
+pub(super) async fn forecast_until(ctx: &Context, until: &str) -> Result<(), CliError> {
+    let date = parse_date(until).map_err(|e| CliError::data(format!("--until: {e}")))?;
+    let until = date
+        .at(23, 59, 59, 0)
+        .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+        .map_err(|e| CliError::data(format!("--until: {e}")))?
+        .timestamp();
+    if until < ctx.now() {
+        return Err(CliError::data(
+            "--until is in the past; give a date from today on",
+        ));
+    }
+    let store = ctx.store().await?;
+    let f = forecast(ctx, store.as_ref(), until).await?;
+    print_forecast(ctx, &f, &format!("forecast until {date}"))
+}

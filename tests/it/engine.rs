@@ -1,0 +1,750 @@
+//! The charge engine against real databases: a due payment is charged once, declines and
+//! unknown outcomes move through the state machine, a worker that lost its lease records
+//! nothing, and three engines racing on one PostgreSQL charge each payment once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use autopay::clock::{Clock, ManualClock};
+use autopay::config::Settings;
+use autopay::domain::card::{CardNumber, Expiry, SecurityCode};
+use autopay::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
+use autopay::domain::money::{Currency, Money};
+use autopay::domain::payment::{AmountRule, PaymentState};
+use autopay::domain::schedule::{End, FirstPayment, Recurrence, RecurrenceSpec, Rule};
+use autopay::domain::status::{
+    AuthorizedVia, BillStatus, CardStatus, ScheduleKind, ScheduleStatus,
+};
+use autopay::engine::{Engine, EngineConfig, outcome_policy};
+use autopay::processor::Processor;
+use autopay::processor::simulated::SimulatedProcessor;
+use autopay::store::{
+    AttemptResult, Audit, Card, Member, NewBill, NewCard, NewMember, NewSchedule, Recorded,
+    Schedule, Store,
+};
+use jiff::SignedDuration;
+
+use crate::helpers::{Kind, TestDb};
+
+pub fn settings(env: &[(&str, &str)]) -> Settings {
+    Settings::load(
+        None,
+        env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+    .expect("test settings")
+}
+
+/// A store, a manual clock, the simulated processor, and an engine over them.
+pub struct World {
+    /// Kept so the database outlives the test.
+    pub _db: TestDb,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<ManualClock>,
+    pub processor: Arc<SimulatedProcessor>,
+    pub settings: Settings,
+}
+
+impl World {
+    pub async fn new(kind: Kind) -> World {
+        World::with_settings(kind, &[]).await
+    }
+
+    pub async fn with_settings(kind: Kind, env: &[(&str, &str)]) -> World {
+        let db = TestDb::new(kind).await;
+        let store = db.store().await;
+        let clock = Arc::new(ManualClock::new("2026-12-01T15:00:00Z".parse().unwrap()));
+        let processor = Arc::new(SimulatedProcessor::in_memory(clock.clone(), Duration::ZERO));
+        World {
+            _db: db,
+            store,
+            clock,
+            processor,
+            settings: settings(env),
+        }
+    }
+
+    pub fn engine(&self) -> Engine {
+        Engine::new(
+            self.store.clone(),
+            self.processor.clone(),
+            self.clock.clone(),
+            EngineConfig::from_settings(&self.settings),
+            outcome_policy(&self.settings),
+        )
+    }
+
+    pub fn audit(&self) -> Audit {
+        Audit {
+            actor: "cli:tester".into(),
+            at: self.clock.now(),
+        }
+    }
+
+    pub fn advance(&self, by: SignedDuration) {
+        self.clock.advance(by);
+    }
+
+    pub async fn member(&self, account: &str, account_type: AccountType) -> Member {
+        self.store
+            .add_member(
+                &NewMember {
+                    account_number: AccountNumber::parse(account).unwrap(),
+                    account_type,
+                    name: MemberName::parse("Test Member").unwrap(),
+                    email: EmailAddress::parse("member@example.org").unwrap(),
+                    time_zone: "America/New_York".into(),
+                },
+                &self.audit(),
+            )
+            .await
+            .unwrap()
+    }
+
+    /// A card from a public test number, tokenized by the simulated processor.
+    pub async fn card(&self, member: &Member, number: &str) -> Card {
+        let n = CardNumber::parse(number).unwrap();
+        let code = SecurityCode::parse("123", n.brand()).unwrap();
+        let t = self
+            .processor
+            .tokenize(&n, &code, Expiry::new(12, 2030).unwrap())
+            .await
+            .unwrap();
+        self.store
+            .add_card(
+                &NewCard {
+                    member_id: member.id,
+                    processor: "simulated".into(),
+                    processor_token: t.token,
+                    brand: t.details.brand,
+                    last4: t.details.last4,
+                    expiry: t.details.expiry,
+                },
+                &self.audit(),
+            )
+            .await
+            .unwrap()
+    }
+
+    pub async fn bill(&self, member: &Member, reference: &str, amount: &str, due: &str) {
+        self.store
+            .add_bills(
+                &[NewBill {
+                    member_id: member.id,
+                    reference: reference.into(),
+                    amount_due: usd(amount),
+                    due_date: due.parse().unwrap(),
+                    origin: reference.into(),
+                }],
+                &self.audit(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// A monthly schedule on the 1st whose first payment is due now.
+    pub async fn schedule_now(&self, member: &Member, card: &Card, amount: AmountRule) -> Schedule {
+        let now = self.clock.now();
+        let recurrence = Recurrence::new(RecurrenceSpec {
+            rule: Rule::Monthly { day: 1 },
+            at: jiff::civil::time(9, 0, 0, 0),
+            time_zone: "America/New_York".into(),
+            start: jiff::civil::date(2026, 12, 2),
+            first_payment: Some(FirstPayment::Now(now)),
+            end: End::Never,
+            business_days: false,
+            holidays: vec![],
+        })
+        .unwrap();
+        let first = recurrence.occurrences().next().unwrap();
+        self.store
+            .add_schedule(
+                &NewSchedule {
+                    member_id: member.id,
+                    card_id: card.id,
+                    kind: ScheduleKind::Recurring,
+                    recurrence,
+                    amount,
+                    currency: Currency::USD,
+                    next_run_at: Some(first.due_at),
+                    next_occurrence: Some(first.key),
+                    authorized_via: AuthorizedVia::Cli,
+                    terms_version: "t1".into(),
+                },
+                &self.audit(),
+            )
+            .await
+            .unwrap()
+    }
+
+    pub async fn payments(&self, member: &Member) -> Vec<autopay::store::Payment> {
+        self.store
+            .list_payments(Some(member.id), None)
+            .await
+            .unwrap()
+    }
+}
+
+pub fn usd(s: &str) -> Money {
+    Money::parse(s, Currency::USD).unwrap()
+}
+
+async fn a_due_payment_is_charged_once_pays_its_bills_and_leaves_a_receipt(kind: Kind) {
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    let card = w.card(&m, "4242424242424242").await;
+    w.bill(&m, "INV-1", "40.00", "2026-11-20").await;
+    w.bill(&m, "INV-2", "85.00", "2026-12-10").await;
+    w.schedule_now(&m, &card, AmountRule::Balance).await;
+
+    let report = w.engine().drain().await.unwrap();
+    assert_eq!(report.charge.succeeded, 1, "{report:?}");
+
+    let payments = w.payments(&m).await;
+    assert_eq!(payments.len(), 1);
+    let p = &payments[0];
+    assert_eq!(p.state, PaymentState::Succeeded);
+    assert_eq!(p.amount, Some(usd("125.00")));
+    assert!(
+        p.processor_reference
+            .as_deref()
+            .unwrap()
+            .starts_with("sim_ch_")
+    );
+    let bills = w.store.list_bills(Some(m.id)).await.unwrap();
+    assert!(
+        bills.iter().all(|b| b.status == BillStatus::Paid),
+        "{bills:?}"
+    );
+    let allocations = w.store.allocations(p.id).await.unwrap();
+    let allocated: i64 = allocations.iter().map(|a| a.amount.minor()).sum();
+    assert_eq!((allocations.len(), allocated), (2, 12_500));
+    let outbox = w.store.notifications(Some(m.id)).await.unwrap();
+    assert_eq!(outbox.len(), 1);
+    assert_eq!(outbox[0].kind, "receipt");
+    assert_eq!(outbox[0].dedupe_key, format!("receipt:{}", p.id));
+    assert_eq!(outbox[0].payload["amount"], "125.00");
+    assert_eq!(outbox[0].payload["card"], "Visa ending 4242");
+    assert_eq!(
+        outbox[0].payload["confirmation"].as_str(),
+        p.processor_reference.as_deref()
+    );
+
+    // A second drain changes nothing and charges nothing.
+    let again = w.engine().drain().await.unwrap();
+    assert_eq!(again.charge.claimed, 0);
+    assert_eq!(w.processor.ledger_count().await.unwrap(), 1);
+    assert_eq!(w.store.notifications(None).await.unwrap().len(), 1);
+}
+
+async fn a_soft_decline_waits_retries_with_a_new_key_and_tells_the_member_each_time(kind: Kind) {
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    let card = w.card(&m, "4000000000009995").await;
+    w.schedule_now(
+        &m,
+        &card,
+        AmountRule::Fixed {
+            amount: usd("30.00"),
+        },
+    )
+    .await;
+
+    w.engine().drain().await.unwrap();
+    let p = w.payments(&m).await.remove(0);
+    assert_eq!(p.state, PaymentState::RetryWait);
+    assert_eq!(p.attempt, 2);
+    assert_eq!(p.decline_code.as_deref(), Some("insufficient_funds"));
+    let first_retry = p.next_attempt_at.unwrap();
+    assert_eq!(
+        first_retry,
+        w.clock
+            .now()
+            .checked_add(SignedDuration::from_hours(24))
+            .unwrap()
+    );
+
+    // Nothing happens before the retry is due; then it is tried again.
+    w.engine().drain().await.unwrap();
+    assert_eq!(w.processor.ledger_count().await.unwrap(), 1);
+    w.clock.set(first_retry);
+    w.engine().drain().await.unwrap();
+    assert_eq!(w.processor.ledger_count().await.unwrap(), 2);
+    let p = w.payments(&m).await.remove(0);
+    assert_eq!((p.state, p.attempt), (PaymentState::RetryWait, 3));
+    let kinds: Vec<String> = w
+        .store
+        .notifications(Some(m.id))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.dedupe_key)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            format!("declined:{}:1", p.id),
+            format!("declined:{}:2", p.id)
+        ]
+    );
+
+    // After the last retry the payment fails and the member hears it.
+    for _ in 0..3 {
+        let p = w.payments(&m).await.remove(0);
+        if let Some(at) = p.next_attempt_at {
+            w.clock.set(at);
+        }
+        w.engine().drain().await.unwrap();
+    }
+    let p = w.payments(&m).await.remove(0);
+    assert_eq!(p.state, PaymentState::Failed);
+    assert_eq!(
+        w.processor.ledger_count().await.unwrap(),
+        4,
+        "one charge per attempt: the first and three retries"
+    );
+    assert!(
+        w.store
+            .notifications(Some(m.id))
+            .await
+            .unwrap()
+            .iter()
+            .any(|n| n.kind == "failed")
+    );
+}
+
+async fn a_lost_card_is_disabled_its_schedules_suspended_and_the_member_told(kind: Kind) {
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    let card = w.card(&m, "4000000000009987").await;
+    let s = w
+        .schedule_now(
+            &m,
+            &card,
+            AmountRule::Fixed {
+                amount: usd("30.00"),
+            },
+        )
+        .await;
+    w.engine().drain().await.unwrap();
+    assert_eq!(w.payments(&m).await[0].state, PaymentState::Failed);
+    assert_eq!(
+        w.store.card(card.id).await.unwrap().status,
+        CardStatus::Disabled
+    );
+    assert_eq!(
+        w.store.schedule(s.id).await.unwrap().status,
+        ScheduleStatus::Suspended
+    );
+    let kinds: Vec<String> = w
+        .store
+        .notifications(Some(m.id))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.kind)
+        .collect();
+    assert!(
+        kinds.contains(&"failed".to_string())
+            && kinds.contains(&"card_disabled".to_string())
+            && kinds.contains(&"schedule_suspended".to_string()),
+        "{kinds:?}"
+    );
+    // Nothing more is charged.
+    w.advance(SignedDuration::from_hours(24 * 40));
+    w.engine().drain().await.unwrap();
+    assert_eq!(w.processor.ledger_count().await.unwrap(), 1);
+}
+
+async fn an_answer_lost_after_charging_is_looked_up_never_charged_again(kind: Kind) {
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    let card = w.card(&m, "4242424242424242").await;
+    w.schedule_now(
+        &m,
+        &card,
+        AmountRule::Fixed {
+            amount: usd("30.00"),
+        },
+    )
+    .await;
+    w.processor.set_faults(1.0, 0.0);
+    w.engine().drain().await.unwrap();
+    let p = w.payments(&m).await.remove(0);
+    assert_eq!(p.state, PaymentState::Unknown);
+    assert_eq!(w.processor.ledger_count().await.unwrap(), 1);
+    // Before the settle delay nothing is asked; after it, the lookup finds the charge.
+    w.processor.set_faults(0.0, 0.0);
+    w.engine().drain().await.unwrap();
+    assert_eq!(w.payments(&m).await[0].state, PaymentState::Unknown);
+    w.advance(SignedDuration::from_secs(61));
+    w.engine().drain().await.unwrap();
+    let p = w.payments(&m).await.remove(0);
+    assert_eq!(p.state, PaymentState::Succeeded);
+    assert_eq!(
+        w.processor.ledger_count().await.unwrap(),
+        1,
+        "never charged twice"
+    );
+}
+
+async fn a_timeout_before_charging_is_looked_up_and_charged_with_a_new_key(kind: Kind) {
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    let card = w.card(&m, "4242424242424242").await;
+    w.schedule_now(
+        &m,
+        &card,
+        AmountRule::Fixed {
+            amount: usd("30.00"),
+        },
+    )
+    .await;
+    w.processor.set_faults(0.0, 1.0);
+    w.engine().drain().await.unwrap();
+    assert_eq!(w.payments(&m).await[0].state, PaymentState::Unknown);
+    w.processor.set_faults(0.0, 0.0);
+    w.advance(SignedDuration::from_secs(61));
+    w.engine().drain().await.unwrap();
+    let p = w.payments(&m).await.remove(0);
+    assert_eq!((p.state, p.attempt), (PaymentState::Succeeded, 2));
+    let charges = w.processor.charges_for(p.id).await.unwrap();
+    assert_eq!(charges.len(), 1);
+    assert_eq!(charges[0].attempt, 2);
+}
+
+async fn an_unknown_outcome_past_the_lookup_window_needs_review(kind: Kind) {
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    let card = w.card(&m, "4242424242424242").await;
+    w.schedule_now(
+        &m,
+        &card,
+        AmountRule::Fixed {
+            amount: usd("30.00"),
+        },
+    )
+    .await;
+    let engine = w.engine();
+    engine.plan_due().await.unwrap();
+    let work = w
+        .store
+        .claim_work("w1", w.clock.now(), Duration::from_secs(300), 10)
+        .await
+        .unwrap();
+    let lease = work[0].lease;
+    let policy = outcome_policy(&w.settings);
+    let unknown = AttemptResult::Unknown {
+        detail: "the processor is down".into(),
+    };
+    w.store
+        .begin_attempt(&lease, &policy, &w.audit())
+        .await
+        .unwrap();
+    assert_eq!(
+        w.store
+            .record_attempt(&lease, &unknown, &policy, &w.audit())
+            .await
+            .unwrap(),
+        Recorded::Moved(PaymentState::Unknown)
+    );
+    // Lookups keep answering "unknown" (no such attempt is not an answer the simulated
+    // processor gives here, so record the lookups by hand) until the window passes.
+    w.advance(SignedDuration::from_hours(24 * 4));
+    let work = w
+        .store
+        .claim_work("w1", w.clock.now(), Duration::from_secs(300), 10)
+        .await
+        .unwrap();
+    assert_eq!(work.len(), 1);
+    let moved = w
+        .store
+        .record_attempt(&work[0].lease, &unknown, &policy, &w.audit())
+        .await
+        .unwrap();
+    assert_eq!(moved, Recorded::Moved(PaymentState::NeedsReview));
+    drop(engine);
+}
+
+async fn a_worker_whose_lease_was_taken_over_records_nothing(kind: Kind) {
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    let card = w.card(&m, "4242424242424242").await;
+    w.schedule_now(
+        &m,
+        &card,
+        AmountRule::Fixed {
+            amount: usd("30.00"),
+        },
+    )
+    .await;
+    w.engine().plan_due().await.unwrap();
+    let policy = outcome_policy(&w.settings);
+    let slow = w
+        .store
+        .claim_work("slow-worker", w.clock.now(), Duration::from_secs(300), 10)
+        .await
+        .unwrap();
+    let slow_lease = slow[0].lease;
+    w.store
+        .begin_attempt(&slow_lease, &policy, &w.audit())
+        .await
+        .unwrap();
+    // The slow worker's lease expires; another worker takes the payment over to look it up.
+    w.advance(SignedDuration::from_secs(301));
+    let taken = w
+        .store
+        .claim_work("other-worker", w.clock.now(), Duration::from_secs(300), 10)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_ne!(taken[0].lease.token, slow_lease.token);
+    let late = AttemptResult::Approved {
+        reference: "ch_late".into(),
+    };
+    assert_eq!(
+        w.store
+            .record_attempt(&slow_lease, &late, &policy, &w.audit())
+            .await
+            .unwrap(),
+        Recorded::LeaseLost
+    );
+    assert!(
+        !w.store
+            .renew_leases(&[slow_lease], w.clock.now())
+            .await
+            .unwrap()
+            > 0
+    );
+    assert!(!w.store.release(&slow_lease, &w.audit()).await.unwrap());
+    let p = w.payments(&m).await.remove(0);
+    assert_eq!(p.state, PaymentState::Unknown);
+    assert_eq!(
+        p.processor_reference, None,
+        "the late answer was not recorded"
+    );
+    assert!(w.store.notifications(None).await.unwrap().is_empty());
+}
+
+async fn charging_paused_claims_nothing_until_resumed(kind: Kind) {
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    let card = w.card(&m, "4242424242424242").await;
+    w.schedule_now(
+        &m,
+        &card,
+        AmountRule::Fixed {
+            amount: usd("30.00"),
+        },
+    )
+    .await;
+    w.store
+        .set_charging_pause(Some("incident 42"), &w.audit())
+        .await
+        .unwrap();
+    let report = w.engine().drain().await.unwrap();
+    assert_eq!((report.plan.planned, report.charge.claimed), (1, 0));
+    let status = w.store.status().await.unwrap();
+    assert_eq!(
+        status.control.charging_paused.unwrap().reason,
+        "incident 42"
+    );
+    w.store.set_charging_pause(None, &w.audit()).await.unwrap();
+    assert_eq!(w.engine().drain().await.unwrap().charge.succeeded, 1);
+}
+
+async fn nothing_owed_is_skipped_and_credit_covers_what_it_can(kind: Kind) {
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    let card = w.card(&m, "4242424242424242").await;
+    w.schedule_now(&m, &card, AmountRule::Balance).await;
+    w.engine().drain().await.unwrap();
+    let p = w.payments(&m).await.remove(0);
+    assert_eq!(
+        (p.state, p.reason.as_deref()),
+        (PaymentState::Skipped, Some("nothing owed"))
+    );
+    assert_eq!(w.processor.ledger_count().await.unwrap(), 0);
+
+    // A 30.00 credit from an overpayment reduces the next balance charge of 100.00 to 70.00.
+    w.bill(&m, "INV-1", "10.00", "2026-12-01").await;
+    let bill = w.store.list_bills(Some(m.id)).await.unwrap().remove(0);
+    w.store
+        .pay_bill_external(bill.id, usd("40.00"), "PHONE", &w.audit())
+        .await
+        .unwrap();
+    w.bill(&m, "INV-2", "100.00", "2026-12-20").await;
+    let next = w
+        .store
+        .list_schedules(Some(m.id))
+        .await
+        .unwrap()
+        .remove(0)
+        .next_run_at
+        .unwrap();
+    w.clock.set(next);
+    w.engine().drain().await.unwrap();
+    let p = w
+        .payments(&m)
+        .await
+        .into_iter()
+        .find(|p| p.state == PaymentState::Succeeded)
+        .unwrap();
+    assert_eq!(p.amount, Some(usd("70.00")));
+    let credits = w.store.list_credits(m.id).await.unwrap();
+    assert_eq!(credits.iter().map(|c| c.remaining.minor()).sum::<i64>(), 0);
+    assert!(
+        w.store
+            .list_bills(Some(m.id))
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| b.status == BillStatus::Paid)
+    );
+}
+
+async fn a_balance_over_the_account_types_limit_fails_and_the_member_is_told(kind: Kind) {
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    let card = w.card(&m, "4242424242424242").await;
+    w.bill(&m, "INV-1", "6000.00", "2026-12-01").await;
+    w.schedule_now(&m, &card, AmountRule::Balance).await;
+    w.engine().drain().await.unwrap();
+    let p = w.payments(&m).await.remove(0);
+    assert_eq!(
+        (p.state, p.decline_code.as_deref()),
+        (PaymentState::Failed, Some("over_limit"))
+    );
+    assert_eq!(w.processor.ledger_count().await.unwrap(), 0);
+    let n = w.store.notifications(Some(m.id)).await.unwrap();
+    assert_eq!(n[0].payload["decline_code"], "over_limit");
+}
+
+async fn an_operator_retry_and_resolve_follow_the_state_machine(kind: Kind) {
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    let lost = w.card(&m, "4000000000000002").await;
+    w.schedule_now(
+        &m,
+        &lost,
+        AmountRule::Fixed {
+            amount: usd("30.00"),
+        },
+    )
+    .await;
+    let engine = w.engine();
+    engine.drain().await.unwrap();
+    let p = w.payments(&m).await.remove(0);
+    // A retry of a payment that is waiting for its retry is refused.
+    assert!(
+        w.store
+            .retry_payment(p.id, false, &w.audit())
+            .await
+            .is_err()
+    );
+    assert!(
+        w.store
+            .resolve_payment(
+                &autopay::store::Resolve {
+                    payment_id: p.id,
+                    resolution: autopay::domain::payment::Resolution::Succeeded,
+                    reference: "x".into(),
+                    reason: "y".into(),
+                },
+                &w.audit()
+            )
+            .await
+            .is_err()
+    );
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(crate::helpers::Kind::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name(crate::helpers::Kind::Postgres).await })*
+        }
+    };
+}
+
+on_both!(
+    a_due_payment_is_charged_once_pays_its_bills_and_leaves_a_receipt,
+    a_soft_decline_waits_retries_with_a_new_key_and_tells_the_member_each_time,
+    a_lost_card_is_disabled_its_schedules_suspended_and_the_member_told,
+    an_answer_lost_after_charging_is_looked_up_never_charged_again,
+    a_timeout_before_charging_is_looked_up_and_charged_with_a_new_key,
+    an_unknown_outcome_past_the_lookup_window_needs_review,
+    a_worker_whose_lease_was_taken_over_records_nothing,
+    charging_paused_claims_nothing_until_resumed,
+    nothing_owed_is_skipped_and_credit_covers_what_it_can,
+    a_balance_over_the_account_types_limit_fails_and_the_member_is_told,
+    an_operator_retry_and_resolve_follow_the_state_machine,
+);
+
+/// Three engines on one PostgreSQL race over many due payments: each is charged once.
+#[tokio::test]
+async fn three_engines_racing_on_postgres_charge_each_payment_once() {
+    let count: usize = std::env::var("AUTOPAY_RACE_PAYMENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let w = World::new(Kind::Postgres).await;
+    let per_member = 100;
+    let mut members = Vec::new();
+    for i in 0..count.div_ceil(per_member) {
+        let m = w
+            .member(&format!("R-{i:06}"), AccountType::EmployerGroup)
+            .await;
+        let c = w.card(&m, "4242424242424242").await;
+        // Owed more than the payments bring, so no payment turns into credit.
+        w.bill(&m, "RACE", "1000.00", "2026-12-01").await;
+        members.push((m, c));
+    }
+    for i in 0..count {
+        let (m, c) = &members[i / per_member];
+        w.schedule_now(
+            m,
+            c,
+            AmountRule::Fixed {
+                amount: usd("1.00"),
+            },
+        )
+        .await;
+    }
+    let engines: Vec<Arc<Engine>> = (0..3)
+        .map(|i| Arc::new(w.engine().with_worker_id(format!("racer-{i}"))))
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for e in &engines {
+        let e = e.clone();
+        tasks.spawn(async move { e.drain().await.unwrap() });
+    }
+    let mut succeeded = 0;
+    while let Some(r) = tasks.join_next().await {
+        succeeded += r.unwrap().charge.succeeded;
+    }
+    let states = w.store.status().await.unwrap().payments;
+    assert_eq!(
+        states.get("succeeded").copied(),
+        Some(count as i64),
+        "{states:?}"
+    );
+    assert_eq!(succeeded as usize, count);
+    assert_eq!(
+        w.processor.ledger_count().await.unwrap() as usize,
+        count,
+        "one ledger row per payment"
+    );
+    let payments = w.store.list_payments(None, None).await.unwrap();
+    assert_eq!(payments.len(), count);
+    for p in &payments {
+        assert_eq!(p.state, PaymentState::Succeeded);
+        assert_eq!(
+            w.processor.charges_for(p.id).await.unwrap().len(),
+            1,
+            "payment {} charged more than once",
+            p.id
+        );
+    }
+}
