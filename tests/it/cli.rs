@@ -776,3 +776,238 @@ async fn an_unmigrated_or_unreachable_database_says_what_to_do() {
     );
     down.run(&["status"]).fails_with(69);
 }
+
+async fn run_drain_charges_once_and_a_second_drain_changes_nothing(kind: Kind) {
+    let (_db, bin) = ready(kind).await;
+    let card = member_with_card(&bin);
+    bin.run(&[
+        "bill",
+        "add",
+        "--account",
+        "A-100200",
+        "--amount",
+        "125.00",
+        "--due",
+        "2026-12-15",
+        "--reference",
+        "INV-1",
+    ])
+    .ok();
+    bin.run(&[
+        "schedule",
+        "add",
+        "--account",
+        "A-100200",
+        "--card",
+        &card,
+        "--monthly",
+        "--day",
+        "1",
+        "--balance",
+        "--first-payment",
+        "now",
+    ])
+    .ok();
+    let dry = bin
+        .run(&["run", "--drain", "--dry-run", "--json"])
+        .ok()
+        .json();
+    assert_eq!(
+        (dry["count"].as_i64(), dry["total"].as_str()),
+        (Some(1), Some("125.00"))
+    );
+    assert_eq!(
+        bin.run(&["payment", "list", "--json"]).ok().json(),
+        serde_json::json!([]),
+        "a dry run writes nothing"
+    );
+    let first = bin.run(&["run", "--drain", "--json"]).ok().json();
+    assert_eq!(first["charge"]["succeeded"], 1);
+    let again = bin.run(&["run", "--drain", "--json"]).ok().json();
+    assert_eq!(again["charge"]["claimed"], 0);
+    let paid = bin
+        .run(&["payment", "list", "--state", "succeeded", "--json"])
+        .ok()
+        .json();
+    assert_eq!(paid.as_array().unwrap().len(), 1);
+    assert_eq!(paid[0]["amount"], "125.00");
+    let shown = bin
+        .run(&["payment", "show", paid[0]["id"].as_str().unwrap()])
+        .ok()
+        .stdout;
+    assert!(
+        shown.contains("succeeded") && shown.contains("attempt_started"),
+        "{shown}"
+    );
+    assert_eq!(
+        bin.run(&["bill", "list", "--json"]).ok().json()[0]["status"],
+        "paid"
+    );
+    // About three months ahead: three or four 1sts, each at the (now paid) balance.
+    let until = jiff::ZonedDateTime::now()
+        .date()
+        .checked_add(jiff::Span::new().days(100))
+        .unwrap()
+        .to_string();
+    let forecast = bin
+        .run(&["payment", "forecast", "--until", &until, "--json"])
+        .ok()
+        .json();
+    assert!(
+        (3..=4).contains(&forecast["count"].as_i64().unwrap()),
+        "{forecast}"
+    );
+    assert_eq!(forecast["total"], "0.00", "{forecast}");
+}
+
+#[tokio::test]
+async fn run_drain_charges_once_and_a_second_drain_changes_nothing_on_sqlite() {
+    run_drain_charges_once_and_a_second_drain_changes_nothing(Kind::Sqlite).await;
+}
+
+#[tokio::test]
+async fn run_drain_charges_once_and_a_second_drain_changes_nothing_on_postgres() {
+    run_drain_charges_once_and_a_second_drain_changes_nothing(Kind::Postgres).await;
+}
+
+#[tokio::test]
+async fn the_demo_seeds_a_fresh_default_database_and_charges_at_once() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bin = Bin::new(&db);
+    let run = bin.run(&["run", "--demo", "--drain"]).ok();
+    assert!(
+        run.stdout.contains("seeded 6 demo members"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("charged 3 ok, 1 declined (will retry), 1 failed"),
+        "{}",
+        run.stdout
+    );
+    let again = bin.run(&["run", "--demo", "--drain"]).ok();
+    assert!(
+        again.stdout.contains("demo data already present"),
+        "{}",
+        again.stdout
+    );
+    assert!(
+        db.path().join("simulated-processor.db").exists(),
+        "the processor's ledger lives beside autopay's database"
+    );
+}
+
+#[tokio::test]
+async fn the_emergency_stop_holds_every_charge_until_resumed() {
+    let (_db, bin) = ready(Kind::Sqlite).await;
+    let card = member_with_card(&bin);
+    bin.run(&[
+        "schedule",
+        "add",
+        "--account",
+        "A-100200",
+        "--card",
+        &card,
+        "--once",
+        "--on",
+        "now",
+        "--amount",
+        "20.00",
+    ])
+    .ok();
+    assert!(
+        bin.run(&["charging", "pause", "--reason", "processor incident"])
+            .ok()
+            .stdout
+            .contains("PAUSED")
+    );
+    assert!(
+        bin.run(&["status"])
+            .ok()
+            .stdout
+            .contains("processor incident")
+    );
+    assert_eq!(
+        bin.run(&["run", "--drain", "--json"]).ok().json()["charge"]["claimed"],
+        0
+    );
+    bin.run(&["charging", "resume"]).ok();
+    assert_eq!(
+        bin.run(&["run", "--drain", "--json"]).ok().json()["charge"]["succeeded"],
+        1
+    );
+}
+
+#[tokio::test]
+async fn operator_payment_commands_refuse_what_the_state_machine_forbids() {
+    let (_db, bin) = ready(Kind::Sqlite).await;
+    add_member(&bin, "A-100200").ok();
+    let lost = add_card(&bin, "A-100200", "4000000000009987").ok().id();
+    bin.run(&[
+        "schedule",
+        "add",
+        "--account",
+        "A-100200",
+        "--card",
+        &lost,
+        "--once",
+        "--on",
+        "now",
+        "--amount",
+        "20.00",
+    ])
+    .ok();
+    bin.run(&["run", "--drain"]).ok();
+    let failed = bin
+        .run(&["payment", "list", "--state", "failed", "--json"])
+        .ok()
+        .json();
+    let id = failed[0]["id"].as_str().unwrap().to_string();
+    assert!(
+        bin.run(&["payment", "retry", &id])
+            .fails_with(65)
+            .stderr
+            .contains("--force")
+    );
+    assert!(
+        bin.run(&["payment", "retry", &id, "--force"])
+            .fails_with(65)
+            .stderr
+            .contains("disabled")
+    );
+    bin.run(&[
+        "payment",
+        "resolve",
+        &id,
+        "--as",
+        "succeeded",
+        "--reference",
+        "x",
+        "--reason",
+        "y",
+    ])
+    .fails_with(65);
+    bin.run(&[
+        "payment",
+        "resolve",
+        &id,
+        "--as",
+        "maybe",
+        "--reference",
+        "x",
+        "--reason",
+        "y",
+    ])
+    .fails_with(64);
+    bin.run(&["payment", "retry", &uuid::Uuid::now_v7().to_string()])
+        .fails_with(66);
+    bin.run(&["payment", "forecast", "--until", "2020-01-01"])
+        .fails_with(65);
+    bin.run(&["run", "--dry-run"]).fails_with(64);
+    let pg = Bin::new(&_db).with_env(
+        "AUTOPAY__DATABASE__URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+    );
+    pg.run(&["run", "--demo"]).fails_with(64);
+}

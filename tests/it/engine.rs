@@ -657,6 +657,256 @@ async fn an_operator_retry_and_resolve_follow_the_state_machine(kind: Kind) {
     );
 }
 
+async fn every_row_of_the_decline_tables_moves_the_payment_as_documented(kind: Kind) {
+    use autopay::domain::decline::{ADVICE_CODES, DECLINE_CODES, DeclineAction, classify};
+    let w = World::new(kind).await;
+    let policy = outcome_policy(&w.settings);
+    let engine = w.engine();
+    let rows = DECLINE_CODES
+        .iter()
+        .map(|r| (r, classify(r.code, None)))
+        .chain(
+            // An advice code rides on a soft decline and decides on its own.
+            ADVICE_CODES
+                .iter()
+                .map(|r| (r, classify("generic_decline", Some(r.code)))),
+        );
+    for (i, (row, decline)) in rows.enumerate() {
+        assert_eq!(decline.action, row.action, "{}", row.code);
+        let m = w
+            .member(&format!("T-{i:06}"), AccountType::IndividualFamily)
+            .await;
+        let card = w.card(&m, "4242424242424242").await;
+        let s = w
+            .schedule_now(
+                &m,
+                &card,
+                AmountRule::Fixed {
+                    amount: usd("10.00"),
+                },
+            )
+            .await;
+        engine.plan_due().await.unwrap();
+        let work = w
+            .store
+            .claim_work("w", w.clock.now(), Duration::from_secs(300), 1)
+            .await
+            .unwrap();
+        assert_eq!(work.len(), 1, "{}", row.code);
+        let lease = work[0].lease;
+        w.store
+            .begin_attempt(&lease, &policy, &w.audit())
+            .await
+            .unwrap();
+        let result = AttemptResult::Declined {
+            code: decline.code.clone(),
+            action: decline.action,
+            member_reason: decline.member_reason.to_string(),
+            reference: None,
+        };
+        let moved = w
+            .store
+            .record_attempt(&lease, &result, &policy, &w.audit())
+            .await
+            .unwrap();
+        let card_status = w.store.card(card.id).await.unwrap().status;
+        let schedule_status = w.store.schedule(s.id).await.unwrap().status;
+        let expected = match row.action {
+            DeclineAction::RetryLater => (
+                PaymentState::RetryWait,
+                CardStatus::Active,
+                ScheduleStatus::Active,
+            ),
+            DeclineAction::FailPayment => (
+                PaymentState::Failed,
+                CardStatus::Active,
+                ScheduleStatus::Active,
+            ),
+            DeclineAction::DisableCard => (
+                PaymentState::Failed,
+                CardStatus::Disabled,
+                ScheduleStatus::Suspended,
+            ),
+        };
+        assert_eq!(
+            (moved, card_status, schedule_status),
+            (Recorded::Moved(expected.0), expected.1, expected.2),
+            "row {}",
+            row.code
+        );
+        let notice = w.store.notifications(Some(m.id)).await.unwrap();
+        assert!(
+            notice
+                .iter()
+                .any(|n| n.payload["reason"] == decline.member_reason),
+            "row {}: the member is told why",
+            row.code
+        );
+    }
+}
+
+async fn suspend_after_failures_in_a_row_suspends_the_schedule(kind: Kind) {
+    let w = World::with_settings(kind, &[("AUTOPAY__PAYMENTS__SUSPEND_AFTER", "2")]).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    let card = w.card(&m, "4000000000000002").await;
+    let s = w
+        .schedule_now(
+            &m,
+            &card,
+            AmountRule::Fixed {
+                amount: usd("10.00"),
+            },
+        )
+        .await;
+    // Each payment fails after its retries; two such payments in a row suspend the schedule.
+    for _ in 0..40 {
+        w.engine().drain().await.unwrap();
+        let schedule = w.store.schedule(s.id).await.unwrap();
+        if schedule.status == ScheduleStatus::Suspended {
+            let failed = w
+                .payments(&m)
+                .await
+                .into_iter()
+                .filter(|p| p.state == PaymentState::Failed)
+                .count();
+            assert_eq!(failed, 2);
+            assert!(
+                w.store
+                    .notifications(Some(m.id))
+                    .await
+                    .unwrap()
+                    .iter()
+                    .any(|n| n.kind == "schedule_suspended")
+            );
+            return;
+        }
+        w.advance(SignedDuration::from_hours(24 * 3));
+    }
+    panic!("the schedule was never suspended");
+}
+
+async fn downtime_coalesces_missed_occurrences_into_one_charge(kind: Kind) {
+    let w = World::with_settings(kind, &[("AUTOPAY__PAYMENTS__MAX_LATENESS", "90d")]).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    w.bill(&m, "INV-1", "500.00", "2026-12-01").await;
+    let card = w.card(&m, "4242424242424242").await;
+    w.schedule_now(
+        &m,
+        &card,
+        AmountRule::Fixed {
+            amount: usd("10.00"),
+        },
+    )
+    .await;
+    w.engine().drain().await.unwrap();
+    // Down over three 1sts (Jan, Feb, Mar): each is recorded once, only the last charged.
+    w.advance(SignedDuration::from_hours(24 * 100));
+    let report = w.engine().drain().await.unwrap();
+    assert_eq!(
+        (report.plan.planned, report.plan.missed),
+        (1, 2),
+        "{report:?}"
+    );
+    let states: Vec<PaymentState> = w.payments(&m).await.into_iter().map(|p| p.state).collect();
+    assert_eq!(
+        states
+            .iter()
+            .filter(|s| **s == PaymentState::Missed)
+            .count(),
+        2
+    );
+    assert_eq!(w.processor.ledger_count().await.unwrap(), 2);
+    // Planning again changes nothing.
+    let again = w.engine().drain().await.unwrap();
+    assert_eq!((again.plan.planned, again.plan.missed), (0, 0));
+}
+
+async fn an_operator_resolves_an_unknown_payment_and_retries_a_missed_one(kind: Kind) {
+    use autopay::domain::payment::Resolution;
+    use autopay::store::Resolve;
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    w.bill(&m, "INV-1", "10.00", "2026-12-01").await;
+    let card = w.card(&m, "4242424242424242").await;
+    w.schedule_now(
+        &m,
+        &card,
+        AmountRule::Fixed {
+            amount: usd("10.00"),
+        },
+    )
+    .await;
+    w.processor.set_faults(0.0, 1.0);
+    w.engine().drain().await.unwrap();
+    let p = w.payments(&m).await.remove(0);
+    assert_eq!(p.state, PaymentState::Unknown);
+    let resolved = w
+        .store
+        .resolve_payment(
+            &Resolve {
+                payment_id: p.id,
+                resolution: Resolution::Succeeded,
+                reference: "ch_dashboard_1".into(),
+                reason: "seen in the dashboard".into(),
+            },
+            &w.audit(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (resolved.state, resolved.processor_reference.as_deref()),
+        (PaymentState::Succeeded, Some("ch_dashboard_1"))
+    );
+    assert_eq!(
+        w.store.list_bills(Some(m.id)).await.unwrap()[0].status,
+        BillStatus::Paid
+    );
+    assert!(
+        w.store
+            .notifications(Some(m.id))
+            .await
+            .unwrap()
+            .iter()
+            .any(|n| n.kind == "receipt")
+    );
+    // A succeeded payment is not resolved again, nor retried.
+    assert!(w.store.retry_payment(p.id, true, &w.audit()).await.is_err());
+
+    // A missed occurrence can be retried by hand: it goes as the next attempt.
+    w.processor.set_faults(0.0, 0.0);
+    let m2 = w.member("B-100300", AccountType::IndividualFamily).await;
+    let card2 = w.card(&m2, "4242424242424242").await;
+    let s2 = w
+        .schedule_now(
+            &m2,
+            &card2,
+            AmountRule::Fixed {
+                amount: usd("10.00"),
+            },
+        )
+        .await;
+    w.advance(SignedDuration::from_hours(24 * 10));
+    w.engine().drain().await.unwrap();
+    let missed = w
+        .payments(&m2)
+        .await
+        .into_iter()
+        .find(|p| p.state == PaymentState::Missed)
+        .expect("a missed payment");
+    let again = w
+        .store
+        .retry_payment(missed.id, false, &w.audit())
+        .await
+        .unwrap();
+    assert_eq!((again.state, again.attempt), (PaymentState::Scheduled, 2));
+    w.engine().drain().await.unwrap();
+    assert_eq!(
+        w.store.payment(missed.id).await.unwrap().state,
+        PaymentState::Succeeded
+    );
+    drop(s2);
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -680,6 +930,10 @@ on_both!(
     nothing_owed_is_skipped_and_credit_covers_what_it_can,
     a_balance_over_the_account_types_limit_fails_and_the_member_is_told,
     an_operator_retry_and_resolve_follow_the_state_machine,
+    every_row_of_the_decline_tables_moves_the_payment_as_documented,
+    suspend_after_failures_in_a_row_suspends_the_schedule,
+    downtime_coalesces_missed_occurrences_into_one_charge,
+    an_operator_resolves_an_unknown_payment_and_retries_a_missed_one,
 );
 
 /// Three engines on one PostgreSQL race over many due payments: each is charged once.

@@ -6,7 +6,7 @@
 //!
 //! Scale: `AUTOPAY_SIM_MEMBERS` (default 6) and `AUTOPAY_SIM_DAYS` (default 730), with a step
 //! of 12 hours; `AUTOPAY_SIM_SEED` picks the run. The long run is
-//! `AUTOPAY_SIM_MEMBERS=60 AUTOPAY_SIM_DAYS=730 cargo nextest run simulation --run-ignored all`
+//! `AUTOPAY_SIM_MEMBERS=60 AUTOPAY_SIM_DAYS=730 cargo nextest run simulation`
 //! (see docs/testing.md).
 
 use std::collections::{BTreeMap, HashMap};
