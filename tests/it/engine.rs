@@ -907,6 +907,32 @@ async fn an_operator_resolves_an_unknown_payment_and_retries_a_missed_one(kind: 
     drop(s2);
 }
 
+async fn the_circuit_breaker_pauses_charging_when_declines_spike(kind: Kind) {
+    let w = World::with_settings(
+        kind,
+        &[("AUTOPAY__PAYMENTS__BREAKER_MIN_ATTEMPTS", "4"), ("AUTOPAY__PAYMENTS__BREAKER_DECLINE_SHARE", "0.5")],
+    )
+    .await;
+    for i in 0..4 {
+        let m = w.member(&format!("K-{i:06}"), AccountType::IndividualFamily).await;
+        let card = w.card(&m, "4000000000000002").await;
+        w.schedule_now(&m, &card, AmountRule::Fixed { amount: usd("10.00") }).await;
+    }
+    // Below the minimum number of attempts, declines alone do not trip it.
+    let m = w.member("K-999999", AccountType::IndividualFamily).await;
+    let good = w.card(&m, "4242424242424242").await;
+    w.engine().drain().await.unwrap();
+    let paused = w.store.control().await.unwrap().charging_paused.expect("the breaker paused charging");
+    assert!(paused.reason.starts_with("circuit breaker"), "{}", paused.reason);
+    assert_eq!(paused.by.as_deref(), Some("breaker"));
+    // Nothing is charged until an operator resumes.
+    w.schedule_now(&m, &good, AmountRule::Fixed { amount: usd("10.00") }).await;
+    assert_eq!(w.engine().drain().await.unwrap().charge.succeeded, 0);
+    w.store.set_charging_pause(None, &w.audit()).await.unwrap();
+    w.advance(SignedDuration::from_hours(1));
+    assert_eq!(w.engine().drain().await.unwrap().charge.succeeded, 1);
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -934,6 +960,7 @@ on_both!(
     suspend_after_failures_in_a_row_suspends_the_schedule,
     downtime_coalesces_missed_occurrences_into_one_charge,
     an_operator_resolves_an_unknown_payment_and_retries_a_missed_one,
+    the_circuit_breaker_pauses_charging_when_declines_spike,
 );
 
 /// Three engines on one PostgreSQL race over many due payments: each is charged once.
