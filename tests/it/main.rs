@@ -5,4 +5,5 @@ mod engine;
 mod helpers;
 mod secrets;
 mod simulation;
+mod smtp_peer;
 mod store_conformance;
