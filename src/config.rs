@@ -418,6 +418,7 @@ pub struct SmtpSettings {
     #[serde(serialize_with = "ser_secret")]
     pub password: Option<SecretString>,
     pub timeout: Dur,
+    pub ca_file: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -574,6 +575,7 @@ pub mod raw {
         password: String,
         password_file: String,
         timeout: String,
+        ca_file: String,
     });
     section!(Email {
         transport: String,
@@ -1213,6 +1215,7 @@ impl Settings {
                     username: sm.username.clone(),
                     password: smtp_password,
                     timeout: smtp_timeout,
+                    ca_file: sm.ca_file.trim().to_string(),
                 },
             },
             org: OrgSettings {

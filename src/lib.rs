@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod notify;
 pub mod processor;
 pub mod store;
 pub mod telemetry;

@@ -16,6 +16,9 @@ use crate::domain::payment::{AmountRule, PaymentState, Resolution};
 use crate::domain::schedule::parse_date;
 use crate::domain::status::ScheduleStatus;
 use crate::engine::{Engine, EngineConfig, EngineError, PassReport, Shutdown, outcome_policy};
+use crate::notify::dispatcher::{DeliveryReport, Dispatcher};
+use crate::notify::templates::Templates;
+use crate::notify::{mailer, reminders};
 use crate::processor::Lookup;
 use crate::store::{self, Resolve, Store, StoreError};
 
@@ -65,9 +68,68 @@ async fn engine(ctx: &Context, store: Arc<dyn Store>) -> Result<Engine, CliError
     ))
 }
 
-fn print_pass(ctx: &Context, what: &str, pass: &PassReport) -> Result<(), CliError> {
+/// The outbox side of a run: the dispatcher over the configured transport and templates.
+fn dispatcher(
+    ctx: &Context,
+    store: Arc<dyn Store>,
+    worker_id: &str,
+) -> Result<Dispatcher, CliError> {
+    let dir = (!ctx.settings.email.templates.is_empty())
+        .then(|| std::path::PathBuf::from(&ctx.settings.email.templates));
+    let templates = Templates::load(dir.as_deref())
+        .map_err(|e| CliError::new(exit::CONFIG, format!("email.templates: {e}")))?;
+    let mailer = mailer::from_settings(&ctx.settings.email)
+        .map_err(|e| CliError::new(exit::CONFIG, e.to_string()))?;
+    Dispatcher::new(
+        &ctx.settings,
+        store,
+        Arc::from(mailer),
+        Arc::new(templates),
+        ctx.clock.clone(),
+        worker_id.to_string(),
+    )
+    .map_err(|e| CliError::new(exit::CONFIG, e.to_string()))
+}
+
+/// Reminder and card-expiry scans, then one delivery pass (or all, when draining).
+async fn mail_pass(
+    ctx: &Context,
+    store: &dyn Store,
+    dispatcher: &Dispatcher,
+    drain: bool,
+) -> Result<(u64, DeliveryReport), CliError> {
+    let now = ctx.now();
+    let written = reminders::scan_upcoming(store, &ctx.settings, now).await?
+        + reminders::scan_card_expiry(store, &ctx.settings, now).await?;
+    let report = if drain {
+        dispatcher.drain().await?
+    } else {
+        dispatcher.deliver_due().await?
+    };
+    Ok((written, report))
+}
+
+#[derive(Serialize)]
+struct RunSummary<'a> {
+    #[serde(flatten)]
+    pass: &'a PassReport,
+    reminders: u64,
+    mail: &'a DeliveryReport,
+}
+
+fn print_pass(
+    ctx: &Context,
+    what: &str,
+    pass: &PassReport,
+    reminders: u64,
+    mail: &DeliveryReport,
+) -> Result<(), CliError> {
     if ctx.json {
-        return output::json(pass);
+        return output::json(&RunSummary {
+            pass,
+            reminders,
+            mail,
+        });
     }
     let c = &pass.charge;
     say(format!(
@@ -81,6 +143,23 @@ fn print_pass(ctx: &Context, what: &str, pass: &PassReport) -> Result<(), CliErr
         c.cancelled,
         c.unknown,
         c.needs_review
+    ));
+    let folder = if ctx.settings.email.transport == crate::config::EmailTransport::File {
+        format!(" (.eml files in {})", ctx.settings.email.folder.display())
+    } else {
+        String::new()
+    };
+    say(format!(
+        "mail: {} sent{folder}, {} waiting to retry, {} failed; {} reminder(s) written{}",
+        mail.sent,
+        mail.retrying,
+        mail.failed,
+        reminders,
+        if mail.paused {
+            "; MAIL PAUSED: see `autopay status`"
+        } else {
+            ""
+        }
     ));
     Ok(())
 }
@@ -105,11 +184,13 @@ pub(super) async fn run(ctx: &Context, args: RunArgs) -> Result<(), CliError> {
         let forecast = forecast(ctx, store.as_ref(), until).await?;
         return print_forecast(ctx, &forecast, "due now (dry run: nothing written)");
     }
-    let engine = engine(ctx, store).await?;
+    let engine = engine(ctx, store.clone()).await?;
+    let dispatcher = dispatcher(ctx, store.clone(), engine.worker_id())?;
     tracing::info!(worker_id = engine.worker_id(), backend = ?ctx.settings.database.url.backend(), "autopay starting");
     if args.drain {
         let pass = engine.drain().await?;
-        return print_pass(ctx, "drained", &pass);
+        let (reminders, mail) = mail_pass(ctx, store.as_ref(), &dispatcher, true).await?;
+        return print_pass(ctx, "drained", &pass, reminders, &mail);
     }
     let shutdown = Shutdown::new();
     let wake = Arc::new(Notify::new());
@@ -120,15 +201,64 @@ pub(super) async fn run(ctx: &Context, args: RunArgs) -> Result<(), CliError> {
     ));
     let grace = ctx.settings.daemon.shutdown_grace.as_std();
     let running = engine.run(shutdown.clone(), wake);
-    tokio::pin!(running);
-    let total = tokio::select! {
-        done = &mut running => done?,
+    let mailing = mail_loop(ctx, store.as_ref(), &dispatcher, shutdown.clone());
+    let both = async { tokio::join!(running, mailing) };
+    tokio::pin!(both);
+    let (total, mail) = tokio::select! {
+        (done, mail) = &mut both => (done?, mail?),
         () = async { shutdown.wait().await; tokio::time::sleep(grace).await } => {
             tracing::error!("charges still in flight after daemon.shutdown_grace; exiting, their leases will be settled by lookup");
             return Err(CliError::new(exit::SOFTWARE, "stopped with charges in flight after daemon.shutdown_grace"));
         }
     };
-    print_pass(ctx, "stopped", &total)
+    print_pass(ctx, "stopped", &total, mail.0, &mail.1)
+}
+
+/// Delivers the outbox while the daemon runs: a pass every second while there is mail, the
+/// reminder scans once a minute.
+async fn mail_loop(
+    ctx: &Context,
+    store: &dyn Store,
+    dispatcher: &Dispatcher,
+    shutdown: Shutdown,
+) -> Result<(u64, DeliveryReport), CliError> {
+    let mut total = DeliveryReport::default();
+    let mut reminders = 0;
+    let mut last_scan: Option<Timestamp> = None;
+    while !shutdown.is_triggered() {
+        let now = ctx.now();
+        if last_scan.is_none_or(|t| now.duration_since(t) >= jiff::SignedDuration::from_mins(1)) {
+            match async {
+                Ok::<u64, StoreError>(
+                    reminders::scan_upcoming(store, &ctx.settings, now).await?
+                        + reminders::scan_card_expiry(store, &ctx.settings, now).await?,
+                )
+            }
+            .await
+            {
+                Ok(n) => reminders += n,
+                Err(e) => tracing::error!(error.message = %e, "reminder scan failed; trying again"),
+            }
+            last_scan = Some(now);
+        }
+        let idle = match dispatcher.deliver_due().await {
+            Ok(pass) => {
+                total.add(&pass);
+                pass.claimed == 0
+            }
+            Err(e) => {
+                tracing::error!(error.message = %e, "mail pass failed; trying again");
+                true
+            }
+        };
+        if idle {
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                () = shutdown.wait() => {}
+            }
+        }
+    }
+    Ok((reminders, total))
 }
 
 /// SIGTERM and SIGINT stop claiming; in-flight charges finish within the grace period.

@@ -228,6 +228,36 @@ pub trait Store: Send + Sync {
     async fn retry_payment(&self, id: Uuid, force: bool, audit: &Audit) -> Result<Payment>;
     /// Operator: settles an `unknown` or `needs_review` payment.
     async fn resolve_payment(&self, resolve: &Resolve, audit: &Audit) -> Result<Payment>;
+
+    // The outbox.
+
+    /// Writes an outbox row unless one with its dedupe key exists; true when written.
+    async fn enqueue(&self, notification: &NewNotification, at: Timestamp) -> Result<bool>;
+    /// Expires stale rows, then claims up to `limit` due ones as leases.
+    async fn claim_notifications(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        lease: std::time::Duration,
+        limit: u32,
+    ) -> Result<Vec<Outgoing>>;
+    /// Records a delivery attempt; false when the lease was lost (nothing recorded).
+    async fn finish_notification(
+        &self,
+        lease: &NotificationLease,
+        outcome: &DeliveryOutcome,
+        now: Timestamp,
+    ) -> Result<bool>;
+    /// Records (or, with `None`, clears) "mail paused" after a session-level refusal.
+    async fn set_mail_pause(&self, reason: Option<&str>, now: Timestamp) -> Result<()>;
+    /// Active schedules due in (`after`, `until`] whose member wants reminders.
+    async fn schedules_due_between(
+        &self,
+        after: Timestamp,
+        until: Timestamp,
+    ) -> Result<Vec<Schedule>>;
+    /// Active cards expiring by `by` that a live schedule uses, with their member.
+    async fn cards_expiring(&self, by: jiff::civil::Date) -> Result<Vec<(Card, Member)>>;
 }
 
 /// Opens the store a URL names. SQLite files are created when missing; nothing is migrated.

@@ -440,3 +440,44 @@ pub struct Notification {
     pub attempts: i64,
     pub created_at: Timestamp,
 }
+
+/// An outbox row to write outside an engine transaction (reminders, card-expiry notices).
+#[derive(Debug, Clone)]
+pub struct NewNotification {
+    pub kind: String,
+    pub dedupe_key: String,
+    pub member_id: Uuid,
+    pub payload: serde_json::Value,
+    /// When the message stops being worth sending (reminders: their moment).
+    pub expires_at: Option<Timestamp>,
+}
+
+/// A claim on one outbox row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotificationLease {
+    pub id: Uuid,
+    pub token: Uuid,
+}
+
+/// A claimed outbox row, ready to render and send.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub lease: NotificationLease,
+    pub notification: Notification,
+}
+
+/// What a delivery attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    Sent,
+    /// Try again at this moment (a 4xx reply, a connection failure, a session refusal).
+    Retry {
+        error: String,
+        at: Timestamp,
+    },
+    /// Never deliverable; `bounce` flags the member's address.
+    Failed {
+        error: String,
+        bounce: bool,
+    },
+}

@@ -682,6 +682,29 @@ macro_rules! shared_store_impl {
             Ok(())
         }
 
+        fn amount_words(amount: &AmountRule) -> String {
+            match amount {
+                AmountRule::Fixed { amount } => amount.display_with_code(),
+                AmountRule::Balance => "your statement balance".to_string(),
+            }
+        }
+
+        /// Tells the member about a change to their automatic payments, in the change's own
+        /// transaction.
+        async fn confirm_schedule(tx: &mut Tx, kind: &str, dedupe_key: String, schedule: &Schedule, extra: serde_json::Value, at: Timestamp) -> Result<()> {
+            let member = member_by_id_in(tx, schedule.member_id).await?;
+            let card = card_in(tx, schedule.card_id).await?;
+            let mut payload = serde_json::json!({
+                "schedule_id": schedule.id, "member_name": member.name.as_str(), "account_type": member.account_type.as_str(),
+                "rule": schedule.recurrence.describe(), "amount": amount_words(&schedule.amount), "card": card.label(),
+                "time_zone": schedule.time_zone, "at": at, "next_payment_at": schedule.next_run_at,
+            });
+            if let (Some(p), serde_json::Value::Object(e)) = (payload.as_object_mut(), extra) {
+                p.extend(e);
+            }
+            notify(tx, kind, &dedupe_key, &member, payload, at).await
+        }
+
         fn decline_payload(payment: &Payment, member: &Member, card: &Card, code: &str, reason: &str, next_try: Option<Timestamp>, time_zone: &str) -> serde_json::Value {
             serde_json::json!({
                 "payment_id": payment.id, "schedule_id": payment.schedule_id, "member_name": member.name.as_str(),
@@ -1265,6 +1288,9 @@ macro_rules! shared_store_impl {
                     }
                 })?;
                 let schedule = schedule_from(&row)?;
+                confirm_schedule(&mut tx, "setup", format!("setup:{}", schedule.id), &schedule, serde_json::json!({
+                    "first_payment_at": schedule.next_run_at, "authorized_at": schedule.authorized_at,
+                }), audit.at).await?;
                 event(&mut tx, audit, "schedule", schedule.id, "authorized", serde_json::json!({
                     "member_id": new.member_id, "card_id": new.card_id, "rule": new.recurrence.describe(),
                     "amount": new.amount, "via": new.authorized_via.as_str(), "terms_version": new.terms_version,
@@ -1362,6 +1388,9 @@ macro_rules! shared_store_impl {
                     .await
                     .map_err(db_err("re-planning payments"))?
                     .rows_affected();
+                confirm_schedule(&mut tx, "changed", format!("changed:{}:{}", updated.id, updated.version), &updated, serde_json::json!({
+                    "version": updated.version, "changes": change.summary,
+                }), audit.at).await?;
                 event(&mut tx, audit, "schedule", change.id, "changed", serde_json::json!({
                     "version": updated.version, "changes": change.summary, "replanned_payments": replanned,
                     "resumed": status != current.status,
@@ -1385,9 +1414,11 @@ macro_rules! shared_store_impl {
                 .await
                 .map_err(db_err("pausing a schedule"))?;
                 let cancelled = cancel_unclaimed(&mut tx, schedule_id, "schedule paused", audit.at).await?;
+                let paused = schedule_from(&row)?;
+                confirm_schedule(&mut tx, "paused", format!("paused:{}:{}", paused.id, paused.version), &paused, serde_json::json!({}), audit.at).await?;
                 event(&mut tx, audit, "schedule", schedule_id, "paused", serde_json::json!({ "cancelled_payments": cancelled })).await?;
                 commit(tx).await?;
-                schedule_from(&row)
+                Ok(paused)
             }
 
             async fn resume_schedule(&self, resume: &ScheduleResume, audit: &Audit) -> Result<Schedule> {
@@ -1434,9 +1465,11 @@ macro_rules! shared_store_impl {
                 .await
                 .map_err(db_err("cancelling a schedule"))?;
                 let cancelled = cancel_unclaimed(&mut tx, schedule_id, "schedule cancelled", audit.at).await?;
+                let ended = schedule_from(&row)?;
+                confirm_schedule(&mut tx, "cancelled", format!("cancelled:{}", ended.id), &ended, serde_json::json!({}), audit.at).await?;
                 event(&mut tx, audit, "schedule", schedule_id, "cancelled", serde_json::json!({ "cancelled_payments": cancelled })).await?;
                 commit(tx).await?;
-                schedule_from(&row)
+                Ok(ended)
             }
 
             async fn payment(&self, payment_id: Uuid) -> Result<Payment> {
@@ -2036,6 +2069,168 @@ macro_rules! shared_store_impl {
                     .await
                     .map_err(db_err("reading a payment"))?;
                 payment_from(&row)
+            }
+            async fn enqueue(&self, n: &NewNotification, at: Timestamp) -> Result<bool> {
+                let mut tx = self.begin_write().await?;
+                let member = member_by_id_in(&mut tx, n.member_id).await?;
+                let done = sqlx::query("INSERT INTO notifications (id, kind, dedupe_key, member_id, recipient, payload, state, attempts, next_attempt_at, expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $8, $7) ON CONFLICT (dedupe_key) DO NOTHING")
+                    .bind(DbId(new_id()))
+                    .bind(&n.kind)
+                    .bind(&n.dedupe_key)
+                    .bind(DbId(member.id))
+                    .bind(member.email.as_str())
+                    .bind(sqlx::types::Json(&n.payload))
+                    .bind(DbTime(at))
+                    .bind(n.expires_at.map(DbTime))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err("writing a notification"))?
+                    .rows_affected();
+                commit(tx).await?;
+                Ok(done > 0)
+            }
+
+            async fn claim_notifications(&self, owner: &str, now: Timestamp, lease: std::time::Duration, limit: u32) -> Result<Vec<Outgoing>> {
+                let until = now
+                    .checked_add(jiff::SignedDuration::try_from(lease).map_err(|e| StoreError::Internal(e.to_string()))?)
+                    .map_err(|e| StoreError::Internal(e.to_string()))?;
+                let mut tx = self.begin_write().await?;
+                // A reminder whose moment has passed is not worth sending.
+                sqlx::query("UPDATE notifications SET state = 'expired', last_error = 'its moment passed before it could be sent' WHERE state IN ('pending', 'sending') AND expires_at IS NOT NULL AND expires_at <= $1 AND (lease_expires_at IS NULL OR lease_expires_at < $1)")
+                    .bind(DbTime(now))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err("expiring notifications"))?;
+                let ids: Vec<DbId> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT id FROM notifications WHERE (state = 'pending' AND next_attempt_at <= $1) OR (state = 'sending' AND lease_expires_at < $1) ORDER BY next_attempt_at, id LIMIT $2{}", $skip_locked
+                )))
+                .bind(DbTime(now))
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err("finding due notifications"))?;
+                let mut out = Vec::new();
+                for nid in ids {
+                    let token = Uuid::new_v4();
+                    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "UPDATE notifications SET state = 'sending', lease_owner = $1, lease_token = $2, lease_expires_at = $3, attempts = attempts + 1 WHERE id = $4 RETURNING {NOTIFICATION_COLS}"
+                    )))
+                    .bind(owner)
+                    .bind(token.to_string())
+                    .bind(DbTime(until))
+                    .bind(nid)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_err("claiming a notification"))?;
+                    let notification = notification_from(&row)?;
+                    out.push(Outgoing { lease: NotificationLease { id: notification.id, token }, notification });
+                }
+                commit(tx).await?;
+                Ok(out)
+            }
+
+            async fn finish_notification(&self, lease: &NotificationLease, outcome: &DeliveryOutcome, now: Timestamp) -> Result<bool> {
+                let mut tx = self.begin_write().await?;
+                let member: Option<Option<DbId>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT member_id FROM notifications WHERE id = $1 AND lease_token = $2 AND state = 'sending'{}", $for_update
+                )))
+                .bind(DbId(lease.id))
+                .bind(lease.token.to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err("reading a claimed notification"))?;
+                let Some(member_id) = member else {
+                    return Ok(false);
+                };
+                match outcome {
+                    DeliveryOutcome::Sent => {
+                        sqlx::query("UPDATE notifications SET state = 'sent', sent_at = $1, last_error = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $2")
+                            .bind(DbTime(now))
+                            .bind(DbId(lease.id))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err("marking a notification sent"))?;
+                    }
+                    DeliveryOutcome::Retry { error, at } => {
+                        sqlx::query("UPDATE notifications SET state = 'pending', next_attempt_at = $1, last_error = $2, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $3")
+                            .bind(DbTime(*at))
+                            .bind(error)
+                            .bind(DbId(lease.id))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err("scheduling a notification again"))?;
+                    }
+                    DeliveryOutcome::Failed { error, bounce } => {
+                        sqlx::query("UPDATE notifications SET state = 'failed', last_error = $1, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $2")
+                            .bind(error)
+                            .bind(DbId(lease.id))
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err("marking a notification failed"))?;
+                        if let (true, Some(member_id)) = (*bounce, member_id) {
+                            sqlx::query("UPDATE members SET email_bouncing = TRUE, updated_at = $1 WHERE id = $2")
+                                .bind(DbTime(now))
+                                .bind(member_id)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(db_err("flagging a bouncing address"))?;
+                            event(&mut tx, &Audit { actor: "dispatcher".into(), at: now }, "member", member_id.0, "email_bouncing", serde_json::json!({ "notification_id": lease.id })).await?;
+                        }
+                    }
+                }
+                commit(tx).await?;
+                Ok(true)
+            }
+
+            async fn set_mail_pause(&self, reason: Option<&str>, now: Timestamp) -> Result<()> {
+                match reason {
+                    Some(reason) => sqlx::query("UPDATE control SET mail_paused_at = COALESCE(mail_paused_at, $1), mail_paused_reason = $2 WHERE id = 1")
+                        .bind(DbTime(now))
+                        .bind(reason)
+                        .execute(&self.pool)
+                        .await,
+                    None => sqlx::query("UPDATE control SET mail_paused_at = NULL, mail_paused_reason = NULL WHERE id = 1 AND mail_paused_at IS NOT NULL")
+                        .execute(&self.pool)
+                        .await,
+                }
+                .map_err(db_err("recording the mail pause"))?;
+                Ok(())
+            }
+
+            async fn schedules_due_between(&self, after: Timestamp, until: Timestamp) -> Result<Vec<Schedule>> {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM schedules s JOIN members m ON m.id = s.member_id WHERE s.status = 'active' AND m.reminders = TRUE AND m.status = 'active' AND s.next_run_at > $1 AND s.next_run_at <= $2 ORDER BY s.next_run_at, s.id",
+                    SCHEDULE_COLS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
+                )))
+                .bind(DbTime(after))
+                .bind(DbTime(until))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err("finding schedules to remind"))?
+                .iter()
+                .map(schedule_from)
+                .collect()
+            }
+
+            async fn cards_expiring(&self, by: jiff::civil::Date) -> Result<Vec<(Card, Member)>> {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM payment_methods p WHERE p.status = 'active' AND (p.exp_year * 100 + p.exp_month) <= $1 \
+                     AND EXISTS (SELECT 1 FROM schedules s WHERE s.payment_method_id = p.id AND s.status = 'active') ORDER BY p.id",
+                    CARD_COLS.split(", ").map(|c| format!("p.{c}")).collect::<Vec<_>>().join(", ")
+                )))
+                .bind(i64::from(by.year()) * 100 + i64::from(by.month()))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err("finding expiring cards"))?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let card = card_from(&row)?;
+                    let member = self.member_by_id(card.member_id).await?;
+                    if member.reminders && member.status == MemberStatus::Active {
+                        out.push((card, member));
+                    }
+                }
+                Ok(out)
             }
         }
     };

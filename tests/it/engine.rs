@@ -218,7 +218,14 @@ async fn a_due_payment_is_charged_once_pays_its_bills_and_leaves_a_receipt(kind:
     let allocations = w.store.allocations(p.id).await.unwrap();
     let allocated: i64 = allocations.iter().map(|a| a.amount.minor()).sum();
     assert_eq!((allocations.len(), allocated), (2, 12_500));
-    let outbox = w.store.notifications(Some(m.id)).await.unwrap();
+    let outbox: Vec<_> = w
+        .store
+        .notifications(Some(m.id))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.kind != "setup")
+        .collect();
     assert_eq!(outbox.len(), 1);
     assert_eq!(outbox[0].kind, "receipt");
     assert_eq!(outbox[0].dedupe_key, format!("receipt:{}", p.id));
@@ -233,7 +240,11 @@ async fn a_due_payment_is_charged_once_pays_its_bills_and_leaves_a_receipt(kind:
     let again = w.engine().drain().await.unwrap();
     assert_eq!(again.charge.claimed, 0);
     assert_eq!(w.processor.ledger_count().await.unwrap(), 1);
-    assert_eq!(w.store.notifications(None).await.unwrap().len(), 1);
+    assert_eq!(
+        w.store.notifications(None).await.unwrap().len(),
+        2,
+        "setup and receipt, nothing more"
+    );
 }
 
 async fn a_soft_decline_waits_retries_with_a_new_key_and_tells_the_member_each_time(kind: Kind) {
@@ -277,6 +288,7 @@ async fn a_soft_decline_waits_retries_with_a_new_key_and_tells_the_member_each_t
         .await
         .unwrap()
         .into_iter()
+        .filter(|n| n.kind == "declined")
         .map(|n| n.dedupe_key)
         .collect();
     assert_eq!(
@@ -522,7 +534,15 @@ async fn a_worker_whose_lease_was_taken_over_records_nothing(kind: Kind) {
         p.processor_reference, None,
         "the late answer was not recorded"
     );
-    assert!(w.store.notifications(None).await.unwrap().is_empty());
+    assert!(
+        w.store
+            .notifications(None)
+            .await
+            .unwrap()
+            .iter()
+            .all(|n| n.kind == "setup"),
+        "no receipt for an unrecorded answer"
+    );
 }
 
 async fn charging_paused_claims_nothing_until_resumed(kind: Kind) {
@@ -616,7 +636,11 @@ async fn a_balance_over_the_account_types_limit_fails_and_the_member_is_told(kin
     );
     assert_eq!(w.processor.ledger_count().await.unwrap(), 0);
     let n = w.store.notifications(Some(m.id)).await.unwrap();
-    assert_eq!(n[0].payload["decline_code"], "over_limit");
+    let failed = n
+        .iter()
+        .find(|n| n.kind == "failed")
+        .expect("a failure notice");
+    assert_eq!(failed.payload["decline_code"], "over_limit");
 }
 
 async fn an_operator_retry_and_resolve_follow_the_state_machine(kind: Kind) {
@@ -910,23 +934,52 @@ async fn an_operator_resolves_an_unknown_payment_and_retries_a_missed_one(kind: 
 async fn the_circuit_breaker_pauses_charging_when_declines_spike(kind: Kind) {
     let w = World::with_settings(
         kind,
-        &[("AUTOPAY__PAYMENTS__BREAKER_MIN_ATTEMPTS", "4"), ("AUTOPAY__PAYMENTS__BREAKER_DECLINE_SHARE", "0.5")],
+        &[
+            ("AUTOPAY__PAYMENTS__BREAKER_MIN_ATTEMPTS", "4"),
+            ("AUTOPAY__PAYMENTS__BREAKER_DECLINE_SHARE", "0.5"),
+        ],
     )
     .await;
     for i in 0..4 {
-        let m = w.member(&format!("K-{i:06}"), AccountType::IndividualFamily).await;
+        let m = w
+            .member(&format!("K-{i:06}"), AccountType::IndividualFamily)
+            .await;
         let card = w.card(&m, "4000000000000002").await;
-        w.schedule_now(&m, &card, AmountRule::Fixed { amount: usd("10.00") }).await;
+        w.schedule_now(
+            &m,
+            &card,
+            AmountRule::Fixed {
+                amount: usd("10.00"),
+            },
+        )
+        .await;
     }
     // Below the minimum number of attempts, declines alone do not trip it.
     let m = w.member("K-999999", AccountType::IndividualFamily).await;
     let good = w.card(&m, "4242424242424242").await;
     w.engine().drain().await.unwrap();
-    let paused = w.store.control().await.unwrap().charging_paused.expect("the breaker paused charging");
-    assert!(paused.reason.starts_with("circuit breaker"), "{}", paused.reason);
+    let paused = w
+        .store
+        .control()
+        .await
+        .unwrap()
+        .charging_paused
+        .expect("the breaker paused charging");
+    assert!(
+        paused.reason.starts_with("circuit breaker"),
+        "{}",
+        paused.reason
+    );
     assert_eq!(paused.by.as_deref(), Some("breaker"));
     // Nothing is charged until an operator resumes.
-    w.schedule_now(&m, &good, AmountRule::Fixed { amount: usd("10.00") }).await;
+    w.schedule_now(
+        &m,
+        &good,
+        AmountRule::Fixed {
+            amount: usd("10.00"),
+        },
+    )
+    .await;
     assert_eq!(w.engine().drain().await.unwrap().charge.succeeded, 0);
     w.store.set_charging_pause(None, &w.audit()).await.unwrap();
     w.advance(SignedDuration::from_hours(1));

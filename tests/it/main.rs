@@ -3,6 +3,7 @@
 mod cli;
 mod engine;
 mod helpers;
+mod notify;
 mod secrets;
 mod simulation;
 mod smtp_peer;

@@ -1,0 +1,270 @@
+//! The dispatcher: claims pending notifications as leases (like payments), renders each from
+//! its payload, sends it, and records what happened.
+//!
+//! Delivery is at least once with one Message-ID per notification, `<{id}@{From domain}>`: a
+//! crash between sending and marking sends the same message again, and a mail client shows it
+//! once. A 4xx reply or a connection failure retries on `email.retry_delays`; a 550/551/553
+//! fails that notification and flags the address as bouncing; a session-level refusal
+//! (authentication, relay denied, TLS) fails nothing: it records "mail paused" with its reason
+//! and retries later.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jiff::{SignedDuration, Timestamp};
+use lettre::Message;
+use lettre::message::{Mailbox, MultiPart};
+use serde::Serialize;
+
+use super::mailer::{Mail, Mailer, SendError};
+use super::templates::{Branding, Templates};
+use crate::clock::Clock;
+use crate::config::Settings;
+use crate::engine::RateLimiter;
+use crate::store::{DeliveryOutcome, Outgoing, Store, StoreError};
+
+/// What one delivery pass did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeliveryReport {
+    pub claimed: u64,
+    pub sent: u64,
+    pub retrying: u64,
+    pub failed: u64,
+    /// Whether a session-level refusal paused mail during the pass.
+    pub paused: bool,
+}
+
+impl DeliveryReport {
+    pub fn add(&mut self, o: &DeliveryReport) {
+        self.claimed += o.claimed;
+        self.sent += o.sent;
+        self.retrying += o.retrying;
+        self.failed += o.failed;
+        self.paused |= o.paused;
+    }
+}
+
+/// Why the dispatcher could not be set up (exit 78).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DispatcherError(pub String);
+
+pub struct Dispatcher {
+    store: Arc<dyn Store>,
+    mailer: Arc<dyn Mailer>,
+    templates: Arc<Templates>,
+    branding: Branding,
+    clock: Arc<dyn Clock>,
+    worker_id: String,
+    from: Mailbox,
+    reply_to: Option<Mailbox>,
+    domain: String,
+    retry_delays: Vec<Duration>,
+    lease: Duration,
+    batch: u32,
+    limiter: RateLimiter,
+}
+
+impl Dispatcher {
+    pub fn new(
+        settings: &Settings,
+        store: Arc<dyn Store>,
+        mailer: Arc<dyn Mailer>,
+        templates: Arc<Templates>,
+        clock: Arc<dyn Clock>,
+        worker_id: String,
+    ) -> Result<Dispatcher, DispatcherError> {
+        let from: Mailbox = settings.email.from.parse().map_err(|e| {
+            DispatcherError(format!(
+                "email.from {:?} is not a mailbox ({e}); write it like \"Member Billing <billing@example.org>\"",
+                settings.email.from
+            ))
+        })?;
+        let reply_to = if settings.email.reply_to.is_empty() {
+            None
+        } else {
+            Some(settings.email.reply_to.parse::<Mailbox>().map_err(|e| {
+                DispatcherError(format!(
+                    "email.reply_to {:?} is not a mailbox ({e})",
+                    settings.email.reply_to
+                ))
+            })?)
+        };
+        let domain = from.email.domain().to_string();
+        let mut retry_delays: Vec<Duration> = settings
+            .email
+            .retry_delays
+            .iter()
+            .map(|d| d.as_std())
+            .collect();
+        if retry_delays.is_empty() {
+            retry_delays.push(Duration::from_secs(300));
+        }
+        Ok(Dispatcher {
+            store,
+            mailer,
+            templates,
+            branding: Branding::from_settings(settings),
+            clock,
+            worker_id,
+            from,
+            reply_to,
+            domain,
+            retry_delays,
+            lease: settings.daemon.lease.as_std(),
+            batch: settings.daemon.batch_size,
+            limiter: RateLimiter::new(settings.email.max_per_second),
+        })
+    }
+
+    /// The delay before attempt `attempts + 1`: the configured ones in turn, then the last one
+    /// for ever (receipts and notices never expire).
+    fn retry_at(&self, attempts: i64) -> Timestamp {
+        let i = usize::try_from(attempts.max(1) - 1)
+            .unwrap_or(usize::MAX)
+            .min(self.retry_delays.len() - 1);
+        let delay =
+            SignedDuration::try_from(self.retry_delays[i]).unwrap_or(SignedDuration::from_hours(1));
+        let now = self.clock.now();
+        now.checked_add(delay).unwrap_or(now)
+    }
+
+    fn build(&self, item: &Outgoing) -> Result<Mail, String> {
+        let n = &item.notification;
+        let rendered = self
+            .templates
+            .render(&n.kind, &n.payload, &self.branding)
+            .map_err(|e| format!("cannot render: {e}"))?;
+        let to: Mailbox = n
+            .recipient
+            .parse()
+            .map_err(|e| format!("the recipient's address is not valid ({e})"))?;
+        let now = self.clock.now();
+        let date =
+            UNIX_EPOCH + Duration::from_micros(u64::try_from(now.as_microsecond()).unwrap_or(0));
+        let mut builder = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(rendered.subject)
+            .message_id(Some(format!("<{}@{}>", n.id, self.domain)))
+            .date(date.max(SystemTime::UNIX_EPOCH));
+        if let Some(reply_to) = &self.reply_to {
+            builder = builder.reply_to(reply_to.clone());
+        }
+        let message = builder
+            .multipart(MultiPart::alternative_plain_html(
+                rendered.text,
+                rendered.html,
+            ))
+            .map_err(|e| format!("cannot build the message: {e}"))?;
+        Ok(Mail {
+            notification_id: n.id,
+            kind: n.kind.clone(),
+            message,
+        })
+    }
+
+    /// Claims one batch and delivers it.
+    pub async fn deliver_due(&self) -> Result<DeliveryReport, StoreError> {
+        let mut report = DeliveryReport::default();
+        let now = self.clock.now();
+        let claimed = self
+            .store
+            .claim_notifications(&self.worker_id, now, self.lease, self.batch)
+            .await?;
+        report.claimed = claimed.len() as u64;
+        let mut session_refused: Option<String> = None;
+        for item in &claimed {
+            let id = item.notification.id;
+            // After a session-level refusal the rest of the batch waits too: the next send would
+            // be refused the same way.
+            if let Some(reason) = &session_refused {
+                let outcome = DeliveryOutcome::Retry {
+                    error: reason.clone(),
+                    at: self.retry_at(item.notification.attempts),
+                };
+                self.store
+                    .finish_notification(&item.lease, &outcome, self.clock.now())
+                    .await?;
+                report.retrying += 1;
+                continue;
+            }
+            let outcome = match self.build(item) {
+                Err(error) => {
+                    tracing::error!(notification_id = %id, kind = %item.notification.kind, error = %error, "notification cannot be sent");
+                    DeliveryOutcome::Failed {
+                        error,
+                        bounce: false,
+                    }
+                }
+                Ok(mail) => {
+                    self.limiter.acquire().await;
+                    match self.mailer.send(&mail).await {
+                        Ok(()) => DeliveryOutcome::Sent,
+                        Err(SendError::Transient(e)) => {
+                            tracing::warn!(notification_id = %id, error = %e, "temporary mail failure; will retry");
+                            DeliveryOutcome::Retry {
+                                error: e,
+                                at: self.retry_at(item.notification.attempts),
+                            }
+                        }
+                        Err(SendError::Recipient(e)) => {
+                            tracing::warn!(notification_id = %id, error = %e, "recipient refused; the address is flagged as bouncing");
+                            DeliveryOutcome::Failed {
+                                error: e,
+                                bounce: true,
+                            }
+                        }
+                        Err(SendError::Rejected(e)) => {
+                            tracing::error!(notification_id = %id, error = %e, "message refused by the mail server");
+                            DeliveryOutcome::Failed {
+                                error: e,
+                                bounce: false,
+                            }
+                        }
+                        Err(SendError::Session(e)) => {
+                            tracing::error!(error = %e, "mail paused: the mail server refused the session; fix the email settings, nothing is lost");
+                            self.store
+                                .set_mail_pause(Some(&e), self.clock.now())
+                                .await?;
+                            report.paused = true;
+                            session_refused = Some(e.clone());
+                            DeliveryOutcome::Retry {
+                                error: e,
+                                at: self.retry_at(item.notification.attempts),
+                            }
+                        }
+                    }
+                }
+            };
+            match &outcome {
+                DeliveryOutcome::Sent => report.sent += 1,
+                DeliveryOutcome::Retry { .. } => report.retrying += 1,
+                DeliveryOutcome::Failed { .. } => report.failed += 1,
+            }
+            if !self
+                .store
+                .finish_notification(&item.lease, &outcome, self.clock.now())
+                .await?
+            {
+                tracing::warn!(notification_id = %id, "notification lease taken over; its new holder records it");
+            }
+        }
+        if report.sent > 0 && session_refused.is_none() {
+            self.store.set_mail_pause(None, self.clock.now()).await?;
+        }
+        Ok(report)
+    }
+
+    /// Delivers until a pass claims nothing (what waits for a retry stays pending).
+    pub async fn drain(&self) -> Result<DeliveryReport, StoreError> {
+        let mut total = DeliveryReport::default();
+        loop {
+            let pass = self.deliver_due().await?;
+            total.add(&pass);
+            if pass.claimed == 0 || pass.paused {
+                return Ok(total);
+            }
+        }
+    }
+}
