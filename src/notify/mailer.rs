@@ -177,6 +177,11 @@ pub fn classify(e: &lettre::transport::smtp::Error) -> SendError {
     let text = e.to_string();
     let code = e.status().map(|c| c.to_string());
     let lower = text.to_lowercase();
+    if let Some(tls) = tls_failure(e) {
+        return SendError::Session(format!(
+            "the mail server's certificate was refused ({tls}); check email.smtp.host (it must match the certificate) and email.smtp.ca_file"
+        ));
+    }
     if e.is_tls() {
         return SendError::Session(format!(
             "TLS with the mail server failed: {text}; check email.smtp.tls, email.smtp.port and the server's certificate"
@@ -202,6 +207,26 @@ pub fn classify(e: &lettre::transport::smtp::Error) -> SendError {
         };
     }
     SendError::Transient(text)
+}
+
+/// A certificate or handshake failure, which lettre reports as a connection error with the
+/// rustls error inside: found by walking the error's sources.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = current {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        if let Some(tls) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls.to_string());
+        }
+        current = err.source();
+    }
+    None
 }
 
 #[async_trait]

@@ -948,6 +948,8 @@ macro_rules! shared_store_impl {
                         .await
                         .map_err(db_err("cancelling a schedule"))?;
                     cancelled_payments += cancel_unclaimed(&mut tx, schedule_id.0, "member closed", audit.at).await?;
+                    let ended = schedule_in(&mut tx, schedule_id.0).await?;
+                    confirm_schedule(&mut tx, "cancelled", format!("cancelled:{}", ended.id), &ended, serde_json::json!({}), audit.at).await?;
                     event(&mut tx, audit, "schedule", schedule_id.0, "cancelled", serde_json::json!({ "reason": "member closed" })).await?;
                 }
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE members SET status = 'closed', updated_at = $1 WHERE id = $2 RETURNING {MEMBER_COLS}")))

@@ -393,6 +393,85 @@ async fn a_wrong_password_pauses_mail_and_loses_nothing() {
 }
 
 #[tokio::test]
+async fn relay_denied_and_an_untrusted_certificate_pause_mail_without_failing_anything() {
+    let peer = peer();
+    let w = world_for(&peer, PASSWORD).await;
+    let m = member_at(
+        &w,
+        "A-100200",
+        "relaydenied@example.org",
+        "Ana",
+        AccountType::IndividualFamily,
+    )
+    .await;
+    enqueue(
+        &w,
+        &m,
+        "receipt",
+        "receipt:relay",
+        Templates::sample_payload("receipt"),
+    )
+    .await;
+    let report = dispatcher(&w).drain().await.unwrap();
+    assert_eq!(
+        (report.paused, report.failed, report.retrying),
+        (true, 0, 1),
+        "{report:?}"
+    );
+    assert!(
+        w.store
+            .control()
+            .await
+            .unwrap()
+            .mail_paused
+            .unwrap()
+            .reason
+            .contains("relay")
+    );
+
+    // Without the test CA the server's certificate is not trusted: a session refusal too.
+    let untrusted = World::with_settings(
+        Kind::Sqlite,
+        &[
+            ("AUTOPAY__EMAIL__TRANSPORT", "smtp"),
+            ("AUTOPAY__EMAIL__SMTP__HOST", "127.0.0.1"),
+            ("AUTOPAY__EMAIL__SMTP__PORT", &peer.port.to_string()),
+            ("AUTOPAY__EMAIL__SMTP__USERNAME", USER),
+            ("AUTOPAY__EMAIL__SMTP__PASSWORD", PASSWORD),
+        ],
+    )
+    .await;
+    let m = member_at(
+        &untrusted,
+        "A-100200",
+        "ana@example.org",
+        "Ana",
+        AccountType::IndividualFamily,
+    )
+    .await;
+    enqueue(
+        &untrusted,
+        &m,
+        "receipt",
+        "receipt:tls",
+        Templates::sample_payload("receipt"),
+    )
+    .await;
+    let report = dispatcher(&untrusted).drain().await.unwrap();
+    assert_eq!((report.paused, report.failed), (true, 0), "{report:?}");
+    let reason = untrusted
+        .store
+        .control()
+        .await
+        .unwrap()
+        .mail_paused
+        .unwrap()
+        .reason;
+    assert!(reason.contains("certificate"), "{reason}");
+    assert!(peer.received().is_empty());
+}
+
+#[tokio::test]
 async fn the_server_down_for_a_while_loses_nothing() {
     let mut peer = peer();
     let w = world_for(&peer, PASSWORD).await;
