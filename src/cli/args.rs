@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -51,6 +51,54 @@ pub enum Command {
     /// Payments: one per occurrence of a schedule.
     #[command(subcommand)]
     Payment(PaymentCommand),
+    /// Measure charges per second on throwaway databases (never the configured one).
+    ///
+    /// For each backend, autopay bench creates a database of its own: a SQLite file in a fresh
+    /// folder under the system's temporary directory, and a PostgreSQL database named
+    /// autopay_bench_<uuid> created through --postgres-url. It loads N schedules whose first
+    /// payment is due now, charges them all with the zero-latency simulated processor (ledger in
+    /// memory), checks that every payment succeeded, and deletes the file or drops the database
+    /// afterwards, also when the run fails or is interrupted with Ctrl-C.
+    ///
+    /// It never opens database.url from the settings and never writes into an existing
+    /// database. It uses the settings' engine values (daemon.batch_size, daemon.lease,
+    /// database.max_connections, ...) except that processor.max_requests_per_second is raised to
+    /// 100000 so the rate limit does not cap the figures. It logs warnings and errors only, so
+    /// that per-payment log lines neither flood the terminal nor count in the figures. Peak
+    /// memory is the process-wide high-water mark (VmHWM) read after each backend.
+    Bench(BenchArgs),
+}
+
+/// The databases `autopay bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchBackend {
+    Sqlite,
+    Postgres,
+    Both,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Schedules to load and charge on each backend.
+    #[arg(long, value_name = "N", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub payments: u32,
+    /// Which databases to measure.
+    #[arg(long, value_enum, default_value_t = BenchBackend::Both)]
+    pub backend: BenchBackend,
+    /// PostgreSQL admin connection, used only to CREATE the throwaway database and DROP it
+    /// afterwards; its user needs CREATEDB.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "TEST_DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    pub postgres_url: String,
+    /// Payments charged at once (default daemon.concurrency; claims are also capped by
+    /// daemon.batch_size).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub concurrency: Option<u32>,
 }
 
 #[derive(Debug, Args)]

@@ -2,6 +2,7 @@
 //! maps every error to a sysexits code with a message that says what to do.
 
 pub mod args;
+mod bench;
 mod billing;
 mod demo;
 mod members;
@@ -229,7 +230,13 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             return ExitCode::from(err.code);
         }
     };
-    crate::telemetry::init(&settings.log.level, settings.log.format);
+    // The benchmark logs warnings and errors only: two info lines per payment would flood the
+    // terminal and weigh in the figures.
+    let level = match cli.command {
+        Command::Bench(_) => "warn",
+        _ => settings.log.level.as_str(),
+    };
+    crate::telemetry::init(level, settings.log.format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -267,6 +274,7 @@ async fn dispatch(ctx: &Context, command: Command) -> Result<(), CliError> {
         Command::Bill(c) => billing::bill(ctx, c).await,
         Command::Schedule(c) => schedules::schedule(ctx, c).await,
         Command::Payment(c) => schedules::payment(ctx, c).await,
+        Command::Bench(args) => bench::bench(ctx, args).await,
     }
 }
 

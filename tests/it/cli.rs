@@ -1011,3 +1011,84 @@ async fn operator_payment_commands_refuse_what_the_state_machine_forbids() {
     );
     pg.run(&["run", "--demo"]).fails_with(64);
 }
+
+/// The names of the benchmark's throwaway databases on the test PostgreSQL.
+async fn bench_databases(admin: &str) -> Vec<String> {
+    let mut conn = crate::helpers::connect_admin(admin).await;
+    sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE 'autopay_bench_%'")
+        .fetch_all(&mut conn)
+        .await
+        .expect("list databases")
+}
+
+#[tokio::test]
+async fn bench_charges_on_throwaway_databases_and_leaves_none_behind() {
+    // The configured database is a SQLite file in the test's folder; bench must never create it.
+    let db = TestDb::new(Kind::Sqlite).await;
+    let configured = db.path().join("autopay.db");
+    let admin = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| crate::helpers::DEFAULT_PG.to_string());
+    let before = bench_databases(&admin).await;
+
+    let run = Bin::new(&db)
+        .run(&[
+            "bench",
+            "--payments",
+            "200",
+            "--backend",
+            "both",
+            "--postgres-url",
+            &admin,
+            "--json",
+        ])
+        .ok();
+    let results = run.json();
+    let results = results.as_array().expect("an array of results");
+    let backends: Vec<&str> = results
+        .iter()
+        .map(|r| r["backend"].as_str().unwrap())
+        .collect();
+    assert_eq!(backends, ["sqlite", "postgres"], "{}", run.stdout);
+    for r in results {
+        assert_eq!(r["payments"], 200, "{r}");
+        assert!(r["charges_per_second"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["charge_seconds"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["load_seconds"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["peak_rss_mib"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(
+        run.stderr.contains("loading 200 schedules into sqlite"),
+        "{}",
+        run.stderr
+    );
+
+    // Nothing left behind: no new throwaway database, no configured file, no processor ledger.
+    let after = bench_databases(&admin).await;
+    let left: Vec<&String> = after.iter().filter(|d| !before.contains(d)).collect();
+    assert!(left.is_empty(), "bench left databases behind: {left:?}");
+    assert!(
+        !configured.exists(),
+        "bench created the configured database"
+    );
+    assert!(!db.path().join("simulated-processor.db").exists());
+}
+
+#[tokio::test]
+async fn bench_without_postgres_exits_69_naming_the_url_and_the_fix() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let run = Bin::new(&db)
+        .run(&[
+            "bench",
+            "--payments",
+            "10",
+            "--backend",
+            "postgres",
+            "--postgres-url",
+            "postgres://bench:s3cret-pw@127.0.0.1:1/none",
+        ])
+        .fails_with(69);
+    assert!(run.stderr.contains("127.0.0.1:1"), "{}", run.stderr);
+    assert!(run.stderr.contains("--backend sqlite"), "{}", run.stderr);
+    assert!(!run.stderr.contains("s3cret-pw"), "{}", run.stderr);
+    assert!(!db.path().join("autopay.db").exists());
+}

@@ -76,7 +76,7 @@ impl TestDb {
     }
 }
 
-async fn connect_admin(admin: &str) -> sqlx::PgConnection {
+pub async fn connect_admin(admin: &str) -> sqlx::PgConnection {
     use sqlx::Connection;
     match sqlx::PgConnection::connect(admin).await {
         Ok(c) => c,

@@ -1,0 +1,563 @@
+//! `autopay bench`: charges per second on throwaway databases.
+//!
+//! Each backend gets a database of its own, made for the run and removed after it: a SQLite file
+//! in a fresh folder under the system's temporary directory, and a PostgreSQL database
+//! `autopay_bench_<uuid>` created through an admin connection. The configured `database.url` is
+//! never opened. The load (migrate, members, cards, bills, schedules due now) is timed apart
+//! from the charge phase, which is one engine's `drain()` against the zero-latency simulated
+//! processor with its ledger in memory, the same work `autopay run --drain` does.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::args::{BenchArgs, BenchBackend};
+use super::output::{self, Table, say};
+use super::{CliError, Context, exit, operator};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Backend, DatabaseUrl, redact_url};
+use crate::domain::card::{CardNumber, Expiry, SecurityCode};
+use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
+use crate::domain::money::Money;
+use crate::domain::payment::AmountRule;
+use crate::domain::schedule::{End, FirstPayment, Recurrence, RecurrenceSpec, Rule};
+use crate::domain::status::{AuthorizedVia, ScheduleKind};
+use crate::engine::{Engine, EngineConfig, outcome_policy};
+use crate::processor::Processor;
+use crate::processor::simulated::SimulatedProcessor;
+use crate::store::{self, Audit, NewBill, NewCard, NewMember, NewSchedule, Store};
+
+/// Schedules per member: members are employer groups, whose limits a 1.00 charge never reaches.
+const SCHEDULES_PER_MEMBER: u32 = 100;
+/// Each schedule charges this much, in minor units (1.00).
+const CHARGE_MINOR: i64 = 100;
+/// Each member's one bill: more than its schedules ever charge (at most 100 × 1.00), so no
+/// charge turns into a credit and every charge pays the same open bill.
+const BILL_MINOR: i64 = 1_000_000;
+/// Raised from `processor.max_requests_per_second` so the rate limiter does not cap the figures.
+const UNCAPPED_REQUESTS_PER_SECOND: u32 = 100_000;
+/// The shell's code for a run stopped with Ctrl-C (128 + SIGINT).
+const INTERRUPTED: u8 = 130;
+
+/// One backend's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub backend: Backend,
+    pub payments: u32,
+    pub concurrency: u32,
+    /// Migrate and load members, cards, bills and schedules: not counted in the rate.
+    pub load_seconds: f64,
+    /// One engine's `drain()`: plan every schedule and charge every payment.
+    pub charge_seconds: f64,
+    pub charges_per_second: f64,
+    /// The process-wide high-water mark of resident memory (VmHWM) after this backend, in MiB;
+    /// null where /proc/self/status is not available.
+    pub peak_rss_mib: Option<f64>,
+}
+
+pub(super) async fn bench(ctx: &Context, args: BenchArgs) -> Result<(), CliError> {
+    let concurrency = args.concurrency.unwrap_or(ctx.settings.daemon.concurrency);
+    let backends: &[Backend] = match args.backend {
+        BenchBackend::Sqlite => &[Backend::Sqlite],
+        BenchBackend::Postgres => &[Backend::Postgres],
+        BenchBackend::Both => &[Backend::Sqlite, Backend::Postgres],
+    };
+    let admin = if backends.contains(&Backend::Postgres) {
+        let admin = PgAdmin::new(&args.postgres_url)?;
+        // Fail before spending minutes on SQLite when PostgreSQL is not there.
+        admin.connect().await?;
+        Some(admin)
+    } else {
+        None
+    };
+    warn_about_caps(ctx, concurrency);
+    let mut results = Vec::new();
+    for backend in backends {
+        let result = match (backend, &admin) {
+            (Backend::Sqlite, _) => on_sqlite(ctx, args.payments, concurrency).await?,
+            (Backend::Postgres, Some(admin)) => {
+                on_postgres(ctx, admin, args.payments, concurrency).await?
+            }
+            (Backend::Postgres, None) => unreachable!("the admin connection is checked above"),
+        };
+        results.push(result);
+    }
+    print(ctx, &results)
+}
+
+/// Says when the settings, rather than --concurrency, will bound how many charges run at once.
+fn warn_about_caps(ctx: &Context, concurrency: u32) {
+    let batch = ctx.settings.daemon.batch_size;
+    if concurrency > batch {
+        progress(format!(
+            "note: a claim takes at most daemon.batch_size = {batch} payments, fewer than --concurrency {concurrency}"
+        ));
+    }
+    let pool = ctx.settings.database.max_connections;
+    if concurrency >= pool {
+        progress(format!(
+            "note: database.max_connections = {pool} connections serve --concurrency {concurrency} charges; raise it to measure more"
+        ));
+    }
+}
+
+/// Progress for the person waiting: standard error, so standard output stays the result.
+fn progress(line: impl AsRef<str>) {
+    eprintln!("{}", line.as_ref());
+}
+
+/// Runs `work`, stopping early on Ctrl-C so the caller still removes its database.
+async fn interruptible<T>(work: impl Future<Output = Result<T, CliError>>) -> Result<T, CliError> {
+    tokio::select! {
+        done = work => done,
+        _ = tokio::signal::ctrl_c() => Err(CliError::new(
+            INTERRUPTED,
+            "interrupted with Ctrl-C; the throwaway database is removed all the same",
+        )),
+    }
+}
+
+async fn on_sqlite(ctx: &Context, n: u32, concurrency: u32) -> Result<BenchResult, CliError> {
+    let dir = std::env::temp_dir().join(format!("autopay-bench-{}", Uuid::new_v4().simple()));
+    // create_dir, not create_dir_all: the folder must be new, never one that holds something.
+    std::fs::create_dir(&dir).map_err(|e| {
+        CliError::new(
+            exit::UNAVAILABLE,
+            format!(
+                "cannot create the benchmark folder {}: {e}; set TMPDIR to a writable folder",
+                dir.display()
+            ),
+        )
+    })?;
+    let file = dir.join("autopay.db");
+    let outcome = async {
+        let url = DatabaseUrl::parse(&format!("sqlite://{}", file.display()), None)
+            .map_err(|e| CliError::internal(format!("the benchmark's SQLite URL: {e}")))?;
+        progress(format!(
+            "loading {n} schedules into sqlite ({})...",
+            file.display()
+        ));
+        interruptible(measure(ctx, &url, n, concurrency)).await
+    }
+    .await;
+    remove_folder(&dir);
+    outcome
+}
+
+/// Deletes the benchmark's own folder (the database file and its WAL files).
+fn remove_folder(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        progress(format!(
+            "warning: could not delete the benchmark folder {}: {e}; delete it by hand",
+            dir.display()
+        ));
+    }
+}
+
+async fn on_postgres(
+    ctx: &Context,
+    admin: &PgAdmin,
+    n: u32,
+    concurrency: u32,
+) -> Result<BenchResult, CliError> {
+    let name = format!("autopay_bench_{}", Uuid::new_v4().simple());
+    admin.create(&name).await?;
+    let outcome = async {
+        let url = DatabaseUrl::parse(&with_database(&admin.url, &name), None)
+            .map_err(|e| CliError::internal(format!("the benchmark's PostgreSQL URL: {e}")))?;
+        progress(format!(
+            "loading {n} schedules into postgres (database {name})..."
+        ));
+        interruptible(measure(ctx, &url, n, concurrency)).await
+    }
+    .await;
+    admin.drop_database(&name).await;
+    outcome
+}
+
+/// Loads, charges, checks and measures one fresh database. The store and the engine are
+/// dropped on return, before the caller removes the database.
+async fn measure(
+    ctx: &Context,
+    url: &DatabaseUrl,
+    n: u32,
+    concurrency: u32,
+) -> Result<BenchResult, CliError> {
+    let backend = url.backend();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let processor = Arc::new(SimulatedProcessor::in_memory(clock.clone(), Duration::ZERO));
+    let store = store::open(url, ctx.settings.database.max_connections).await?;
+
+    let started = Instant::now();
+    store.migrate(clock.now()).await?;
+    load(ctx, store.as_ref(), processor.as_ref(), clock.as_ref(), n).await?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    progress(format!(
+        "loaded in {load_seconds:.1}s; charging {n} payments with concurrency {concurrency}..."
+    ));
+
+    let mut config = EngineConfig::from_settings(&ctx.settings);
+    config.max_requests_per_second = UNCAPPED_REQUESTS_PER_SECOND;
+    config.concurrency = concurrency;
+    let engine = Engine::new(
+        store.clone(),
+        processor.clone(),
+        clock.clone(),
+        config,
+        outcome_policy(&ctx.settings),
+    );
+    let started = Instant::now();
+    let report = engine.drain().await?;
+    let charge_seconds = started.elapsed().as_secs_f64();
+
+    verify(store.as_ref(), processor.as_ref(), backend, n, &report).await?;
+    let charges_per_second = f64::from(n) / charge_seconds;
+    progress(format!(
+        "charged {n} payments on {} in {charge_seconds:.2}s: {charges_per_second:.0} charges/s",
+        backend_name(backend)
+    ));
+    Ok(BenchResult {
+        backend,
+        payments: n,
+        concurrency,
+        load_seconds: round(load_seconds, 3),
+        charge_seconds: round(charge_seconds, 3),
+        charges_per_second: round(charges_per_second, 1),
+        peak_rss_mib: peak_rss_kib().map(|kib| round(kib as f64 / 1024.0, 1)),
+    })
+}
+
+fn round(x: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (x * scale).round() / scale
+}
+
+fn backend_name(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    }
+}
+
+fn invalid(e: impl std::fmt::Display) -> CliError {
+    CliError::internal(format!("the benchmark's sample data is invalid: {e}"))
+}
+
+/// N/100 employer-group members, each with one card and one large bill, and N fixed 1.00
+/// schedules due now, spread over the members in turn (neighbouring payments belong to
+/// different members, as they would in a real run).
+async fn load(
+    ctx: &Context,
+    store: &dyn Store,
+    processor: &dyn Processor,
+    clock: &dyn Clock,
+    n: u32,
+) -> Result<(), CliError> {
+    let audit = Audit {
+        actor: operator(),
+        at: clock.now(),
+    };
+    let now = audit.at;
+    let currency = ctx.settings.payments.currency;
+    let today = now.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
+    let members = n.div_ceil(SCHEDULES_PER_MEMBER).max(1);
+    let number = CardNumber::parse("4242424242424242").map_err(invalid)?;
+    let code = SecurityCode::parse("123", number.brand()).map_err(invalid)?;
+    let expiry =
+        Expiry::new(12, u16::try_from(today.year() + 3).map_err(invalid)?).map_err(invalid)?;
+
+    let mut cards = Vec::with_capacity(members as usize);
+    for m in 0..members {
+        let member = store
+            .add_member(
+                &NewMember {
+                    account_number: AccountNumber::parse(&format!("BENCH-{m:06}"))
+                        .map_err(invalid)?,
+                    account_type: AccountType::EmployerGroup,
+                    name: MemberName::parse("Benchmark Group").map_err(invalid)?,
+                    email: EmailAddress::parse(&format!("bench-{m}@example.org"))
+                        .map_err(invalid)?,
+                    time_zone: "UTC".into(),
+                },
+                &audit,
+            )
+            .await?;
+        let token = processor
+            .tokenize(&number, &code, expiry)
+            .await
+            .map_err(|e| CliError::internal(format!("the simulated processor: {e}")))?;
+        let card = store
+            .add_card(
+                &NewCard {
+                    member_id: member.id,
+                    processor: processor.name().to_string(),
+                    processor_token: token.token,
+                    brand: token.details.brand,
+                    last4: token.details.last4,
+                    expiry: token.details.expiry,
+                },
+                &audit,
+            )
+            .await?;
+        store
+            .add_bills(
+                &[NewBill {
+                    member_id: member.id,
+                    reference: format!("BENCH-{m:06}-1"),
+                    amount_due: Money::from_minor(BILL_MINOR, currency),
+                    due_date: today,
+                    origin: "autopay bench".into(),
+                }],
+                &audit,
+            )
+            .await?;
+        cards.push((member.id, card.id));
+    }
+
+    // A monthly schedule whose first payment is due now; the rule's own dates start tomorrow,
+    // so only the first payment falls due during the run.
+    let recurrence = Recurrence::new(RecurrenceSpec {
+        rule: Rule::Monthly { day: 1 },
+        at: jiff::civil::time(9, 0, 0, 0),
+        time_zone: "UTC".into(),
+        start: today.tomorrow().map_err(invalid)?,
+        first_payment: Some(FirstPayment::Now(now)),
+        end: End::Never,
+        business_days: false,
+        holidays: vec![],
+    })
+    .map_err(invalid)?;
+    let first = recurrence
+        .occurrences()
+        .next()
+        .ok_or_else(|| invalid("the schedule has no first payment"))?;
+    let step = (n / 10).max(1000);
+    for i in 0..n {
+        let (member_id, card_id) = cards[(i % members) as usize];
+        store
+            .add_schedule(
+                &NewSchedule {
+                    member_id,
+                    card_id,
+                    kind: ScheduleKind::Recurring,
+                    recurrence: recurrence.clone(),
+                    amount: AmountRule::Fixed {
+                        amount: Money::from_minor(CHARGE_MINOR, currency),
+                    },
+                    currency,
+                    next_run_at: Some(first.due_at),
+                    next_occurrence: Some(first.key),
+                    authorized_via: AuthorizedVia::Cli,
+                    terms_version: "bench".into(),
+                },
+                &audit,
+            )
+            .await?;
+        if (i + 1) % step == 0 && i + 1 < n {
+            progress(format!("  {}/{n} schedules loaded", i + 1));
+        }
+    }
+    Ok(())
+}
+
+/// Every schedule gave one payment, every payment succeeded, and the processor charged each
+/// once: anything else is a bug, and the figures would mean nothing.
+async fn verify(
+    store: &dyn Store,
+    processor: &SimulatedProcessor,
+    backend: Backend,
+    n: u32,
+    report: &crate::engine::PassReport,
+) -> Result<(), CliError> {
+    let status = store.status().await?;
+    let succeeded = status.payments.get("succeeded").copied().unwrap_or(0);
+    let total: i64 = status.payments.values().sum();
+    let charged = processor
+        .ledger_count()
+        .await
+        .map_err(|e| CliError::internal(format!("the simulated processor's ledger: {e}")))?;
+    if succeeded != i64::from(n) || total != i64::from(n) || charged != u64::from(n) {
+        let counts = status
+            .payments
+            .iter()
+            .map(|(state, count)| format!("{state} {count}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(CliError::internal(format!(
+            "the benchmark on {} expected {n} succeeded payments and {n} processor charges, and found payments [{counts}] and {charged} charges (drain report: {report:?}); the figures are void, this is a bug to report",
+            backend_name(backend),
+        )));
+    }
+    Ok(())
+}
+
+/// The process's peak resident memory (VmHWM), in KiB.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_vm_hwm(&status)
+}
+
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse().ok())
+}
+
+fn print(ctx: &Context, results: &[BenchResult]) -> Result<(), CliError> {
+    if ctx.json {
+        return output::json(results);
+    }
+    let mut t = Table::new(vec![
+        "BACKEND",
+        "PAYMENTS",
+        "CONCURRENCY",
+        "LOAD S",
+        "CHARGE S",
+        "CHARGES/S",
+        "PEAK RSS MIB",
+    ]);
+    for r in results {
+        t.row(vec![
+            backend_name(r.backend).to_string(),
+            r.payments.to_string(),
+            r.concurrency.to_string(),
+            format!("{:.2}", r.load_seconds),
+            format!("{:.2}", r.charge_seconds),
+            format!("{:.0}", r.charges_per_second),
+            r.peak_rss_mib
+                .map_or_else(|| "n/a".to_string(), |m| format!("{m:.1}")),
+        ]);
+    }
+    say(t.render());
+    say("peak RSS is the whole process's high-water mark after each backend's run");
+    Ok(())
+}
+
+/// The PostgreSQL admin connection: it creates and drops the throwaway database, nothing else.
+struct PgAdmin {
+    url: String,
+}
+
+impl PgAdmin {
+    fn new(url: &str) -> Result<PgAdmin, CliError> {
+        match DatabaseUrl::parse(url, None) {
+            Ok(parsed) if parsed.backend() == Backend::Postgres => Ok(PgAdmin {
+                url: url.trim().to_string(),
+            }),
+            _ => Err(CliError::usage(format!(
+                "--postgres-url {} is not a PostgreSQL URL; write it like postgres://USER@HOST:5432/DB",
+                redact_url(url)
+            ))),
+        }
+    }
+
+    async fn connect(&self) -> Result<sqlx::PgConnection, CliError> {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&self.url).await.map_err(|e| {
+            CliError::new(
+                exit::UNAVAILABLE,
+                format!(
+                    "cannot reach PostgreSQL at {} to create the benchmark's database: {}; start PostgreSQL, point --postgres-url (or TEST_DATABASE_URL) at a server whose user may CREATE DATABASE, or run `autopay bench --backend sqlite`",
+                    redact_url(&self.url),
+                    redact_url(&e.to_string())
+                ),
+            )
+        })
+    }
+
+    async fn create(&self, name: &str) -> Result<(), CliError> {
+        let mut conn = self.connect().await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| {
+                CliError::new(
+                    exit::UNAVAILABLE,
+                    format!(
+                        "cannot create the benchmark's database {name} on {}: {e}; the --postgres-url user needs the CREATEDB privilege",
+                        redact_url(&self.url)
+                    ),
+                )
+            })?;
+        Ok(())
+    }
+
+    /// Drops the database, ending any connection still open to it; says so when it cannot.
+    async fn drop_database(&self, name: &str) {
+        let dropped = async {
+            let mut conn = self.connect().await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
+            Ok::<(), CliError>(())
+        }
+        .await;
+        if let Err(e) = dropped {
+            progress(format!(
+                "warning: could not drop the benchmark's database {name}: {}; drop it by hand (DROP DATABASE {name} WITH (FORCE))",
+                e.message
+            ));
+        }
+    }
+}
+
+/// The URL with its database name replaced: same user, password, host and parameters.
+fn with_database(url: &str, name: &str) -> String {
+    let authority = url.find("://").map_or(0, |i| i + 3);
+    let path_end = url[authority..]
+        .find('?')
+        .map_or(url.len(), |i| authority + i);
+    match url[authority..path_end].find('/') {
+        Some(slash) => format!("{}/{name}{}", &url[..authority + slash], &url[path_end..]),
+        None => format!("{}/{name}{}", &url[..path_end], &url[path_end..]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_throwaway_database_replaces_only_the_database_name() {
+        let name = "autopay_bench_x";
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/test", name),
+            "postgres://postgres@127.0.0.1:5432/autopay_bench_x"
+        );
+        assert_eq!(
+            with_database("postgres://u:p%2Fw@db:5432/test?sslmode=require", name),
+            "postgres://u:p%2Fw@db:5432/autopay_bench_x?sslmode=require"
+        );
+        assert_eq!(
+            with_database("postgres://u@db", name),
+            "postgres://u@db/autopay_bench_x"
+        );
+        assert_eq!(
+            with_database("postgresql://u@db/?sslmode=disable", name),
+            "postgresql://u@db/autopay_bench_x?sslmode=disable"
+        );
+    }
+
+    #[test]
+    fn peak_memory_is_read_from_vm_hwm() {
+        let status =
+            "Name:\tautopay\nVmPeak:\t  200000 kB\nVmHWM:\t   51234 kB\nVmRSS:\t   40000 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(51_234));
+        assert_eq!(parse_vm_hwm("Name:\tautopay\n"), None);
+    }
+
+    #[test]
+    fn the_admin_url_must_be_postgres() {
+        assert!(PgAdmin::new("postgres://postgres@127.0.0.1:5432/test").is_ok());
+        let err = PgAdmin::new("sqlite://x.db").err().map(|e| e.code);
+        assert_eq!(err, Some(exit::USAGE));
+    }
+}
