@@ -87,30 +87,41 @@ impl From<ConfigError> for CliError {
     }
 }
 
-/// Replaces anything shaped like a card number (12 to 19 digits, spaces or dashes between)
-/// with a placeholder: clap echoes unexpected arguments, and a card number typed in the wrong
-/// place must not reach the terminal's scrollback or a log.
+/// Replaces anything that could be a card number (12 to 19 digits passing the Luhn check,
+/// spaces or dashes allowed between them, standing on its own rather than inside a longer word
+/// such as a UUID) with a placeholder: clap echoes unexpected arguments, and a card number typed
+/// in the wrong place must not reach the terminal's scrollback or a log.
 pub fn redact_card_numbers(text: &str) -> String {
     let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
     while i < chars.len() {
-        if chars[i].is_ascii_digit() {
-            let mut j = i;
-            let mut digits = 0;
-            let mut end = i;
-            while j < chars.len()
-                && (chars[j].is_ascii_digit() || chars[j] == ' ' || chars[j] == '-')
-            {
+        let standalone = i == 0 || !chars[i - 1].is_alphanumeric();
+        if chars[i].is_ascii_digit() && standalone {
+            // The longest run of digits with single spaces or dashes between them.
+            let mut end = i + 1;
+            let mut j = i + 1;
+            while j < chars.len() {
                 if chars[j].is_ascii_digit() {
-                    digits += 1;
                     end = j + 1;
-                } else if j + 1 < chars.len() && !chars[j + 1].is_ascii_digit() {
+                    j += 1;
+                } else if (chars[j] == ' ' || chars[j] == '-')
+                    && chars.get(j + 1).is_some_and(char::is_ascii_digit)
+                {
+                    j += 1;
+                } else {
                     break;
                 }
-                j += 1;
             }
-            if digits >= 12 {
+            let digits: String = chars[i..end]
+                .iter()
+                .filter(|c| c.is_ascii_digit())
+                .collect();
+            let ends_alone = chars.get(end).is_none_or(|c| !c.is_alphanumeric());
+            if ends_alone
+                && (12..=19).contains(&digits.len())
+                && crate::domain::card::luhn_valid(&digits)
+            {
                 out.push_str("[card number removed]");
             } else {
                 out.extend(&chars[i..end]);
