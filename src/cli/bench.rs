@@ -28,7 +28,7 @@ use crate::domain::status::{AuthorizedVia, ScheduleKind};
 use crate::engine::{Engine, EngineConfig, outcome_policy};
 use crate::processor::Processor;
 use crate::processor::simulated::SimulatedProcessor;
-use crate::store::{self, Audit, NewBill, NewCard, NewMember, NewSchedule, Store};
+use crate::store::{self, Audit, NewBill, NewMember, NewSchedule, Store};
 
 /// Schedules per member: members are employer groups, whose limits a 1.00 charge never reaches.
 const SCHEDULES_PER_MEMBER: u32 = 100;
@@ -291,14 +291,7 @@ async fn load(
             .map_err(|e| CliError::internal(format!("the simulated processor: {e}")))?;
         let card = store
             .add_card(
-                &NewCard {
-                    member_id: member.id,
-                    processor: processor.name().to_string(),
-                    processor_token: token.token,
-                    brand: token.details.brand,
-                    last4: token.details.last4,
-                    expiry: token.details.expiry,
-                },
+                &super::members::new_card(member.id, processor.name(), token.token, token.details),
                 &audit,
             )
             .await?;

@@ -12,7 +12,7 @@ use crate::domain::money::{ChargeAmount, Money};
 use crate::domain::payment::AmountRule;
 use crate::domain::schedule::{End, FirstPayment, Recurrence, RecurrenceSpec, Rule, Unit};
 use crate::domain::status::{AuthorizedVia, ScheduleKind};
-use crate::store::{NewBill, NewCard, NewMember, NewSchedule, Store, StoreError};
+use crate::store::{NewBill, NewMember, NewSchedule, Store, StoreError};
 
 /// One sample member and what they owe and how they pay.
 struct Sample {
@@ -144,14 +144,7 @@ pub(super) async fn seed(ctx: &Context, store: &dyn Store) -> Result<(), CliErro
             .map_err(|e| CliError::new(super::exit::UNAVAILABLE, e.to_string()))?;
         let card = store
             .add_card(
-                &NewCard {
-                    member_id: member.id,
-                    processor: processor.name().to_string(),
-                    processor_token: token.token,
-                    brand: token.details.brand,
-                    last4: token.details.last4,
-                    expiry: token.details.expiry,
-                },
+                &super::members::new_card(member.id, processor.name(), token.token, token.details),
                 &audit,
             )
             .await?;

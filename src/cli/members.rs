@@ -9,7 +9,25 @@ use super::output::{self, Table, say};
 use super::{CliError, Context, parse_id};
 use crate::domain::card::{CardNumber, Expiry, SecurityCode};
 use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
+use crate::processor::CardDetails;
 use crate::store::{Card, MemberChange, NewCard, NewMember};
+
+/// The card row for a token the processor issued.
+pub(super) fn new_card(
+    member_id: uuid::Uuid,
+    processor: &str,
+    token: String,
+    details: CardDetails,
+) -> NewCard {
+    NewCard {
+        member_id,
+        processor: processor.to_string(),
+        processor_token: token,
+        brand: details.brand,
+        last4: details.last4,
+        expiry: details.expiry,
+    }
+}
 
 pub(super) fn account(value: &str) -> Result<AccountNumber, CliError> {
     AccountNumber::parse(value).map_err(|e| CliError::data(format!("--account: {e}")))
@@ -324,14 +342,7 @@ pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliE
                 .accepted_brands
                 .check(details.brand)
                 .map_err(|e| CliError::data(e.to_string()))?;
-            let new = NewCard {
-                member_id: member.id,
-                processor: processor.name().to_string(),
-                processor_token: token,
-                brand: details.brand,
-                last4: details.last4,
-                expiry: details.expiry,
-            };
+            let new = new_card(member.id, processor.name(), token, details);
             let card = store.add_card(&new, &ctx.audit()).await?;
             tracing::info!(member_id = %member.id, card_id = %card.id, "card added");
             if ctx.json {

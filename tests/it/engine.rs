@@ -986,18 +986,7 @@ async fn the_circuit_breaker_pauses_charging_when_declines_spike(kind: Kind) {
     assert_eq!(w.engine().drain().await.unwrap().charge.succeeded, 1);
 }
 
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test] async fn $name() { super::$name(crate::helpers::Kind::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test] async fn $name() { super::$name(crate::helpers::Kind::Postgres).await })*
-        }
-    };
-}
-
-on_both!(
+crate::helpers::on_both!(
     a_due_payment_is_charged_once_pays_its_bills_and_leaves_a_receipt,
     a_soft_decline_waits_retries_with_a_new_key_and_tells_the_member_each_time,
     a_lost_card_is_disabled_its_schedules_suspended_and_the_member_told,

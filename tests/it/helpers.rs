@@ -237,3 +237,17 @@ pub fn add_card(bin: &Bin, account: &str, number: &str) -> Run {
         Some(&format!("{number}\n123\n")),
     )
 }
+
+/// Runs each story (an `async fn(Kind)`) as two tests, `sqlite::NAME` and `postgres::NAME`: one
+/// suite, unchanged, on both backends.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(crate::helpers::Kind::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name(crate::helpers::Kind::Postgres).await })*
+        }
+    };
+}
+pub(crate) use on_both;

@@ -696,18 +696,7 @@ async fn reminders_go_once_before_the_charge_and_only_to_members_who_want_them(k
     );
 }
 
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test] async fn $name() { super::$name(crate::helpers::Kind::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test] async fn $name() { super::$name(crate::helpers::Kind::Postgres).await })*
-        }
-    };
-}
-
-on_both!(
+crate::helpers::on_both!(
     changes_members_hear_about_write_their_outbox_rows,
     reminders_go_once_before_the_charge_and_only_to_members_who_want_them,
 );

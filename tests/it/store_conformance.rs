@@ -586,18 +586,7 @@ async fn payments_are_listed_by_member_and_state(kind: Kind) {
     assert!(store.payment(uuid::Uuid::now_v7()).await.is_err());
 }
 
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test] async fn $name() { super::$name(crate::helpers::Kind::Sqlite).await })*
-        }
-        mod postgres {
-            $(#[tokio::test] async fn $name() { super::$name(crate::helpers::Kind::Postgres).await })*
-        }
-    };
-}
-
-conformance!(
+crate::helpers::on_both!(
     migrating_twice_changes_nothing_and_keeps_one_installation_id,
     an_unmigrated_database_is_refused_with_a_hint_to_migrate,
     a_member_is_added_found_listed_and_never_duplicated,
