@@ -83,6 +83,35 @@ impl StoreError {
     }
 }
 
+/// A writing transaction, holding (on SQLite) this process's turn at the single writer.
+///
+/// SQLite lets one transaction write at a time, and a writer that finds the lock taken sleeps
+/// in steps before trying again; with several workers in one process those sleeps, not the
+/// work, set the pace. Taking turns in process first means each waiting writer starts the
+/// moment the previous one commits, and none waits out the busy timeout.
+pub struct WriteTx<DB: sqlx::Database> {
+    tx: sqlx::Transaction<'static, DB>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<DB: sqlx::Database> WriteTx<DB> {
+    pub(crate) fn new(
+        tx: sqlx::Transaction<'static, DB>,
+        turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    ) -> WriteTx<DB> {
+        WriteTx { tx, _turn: turn }
+    }
+
+    /// The connection to run statements on.
+    pub(crate) fn conn(&mut self) -> &mut DB::Connection {
+        &mut self.tx
+    }
+
+    pub(crate) async fn commit(self) -> std::result::Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
 /// Who made a change and when: written into the audit event of every change.
 #[derive(Debug, Clone)]
 pub struct Audit {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::config::{Backend, DatabaseUrl};
-use crate::store::{Result, StoreError};
+use crate::store::{Result, StoreError, WriteTx};
 
 /// Autopay's data in PostgreSQL.
 #[derive(Debug, Clone)]
@@ -51,17 +51,20 @@ impl PgStore {
         &self.pool
     }
 
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
-        self.pool
+    /// Row locks and `SKIP LOCKED` let PostgreSQL writers run side by side: no turn to take.
+    async fn begin_write(&self) -> Result<WriteTx<sqlx::Postgres>> {
+        let tx = self
+            .pool
             .begin()
             .await
-            .map_err(|e| StoreError::from_sqlx(e, "starting a write"))
+            .map_err(|e| StoreError::from_sqlx(e, "starting a write"))?;
+        Ok(WriteTx::new(tx, None))
     }
 
-    async fn lock_for_migration(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>) -> Result<()> {
+    async fn lock_for_migration(tx: &mut WriteTx<sqlx::Postgres>) -> Result<()> {
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(Self::MIGRATION_LOCK_KEY)
-            .execute(&mut **tx)
+            .execute(tx.conn())
             .await
             .map_err(|e| StoreError::from_sqlx(e, "locking for migration"))?;
         Ok(())

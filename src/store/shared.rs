@@ -25,7 +25,7 @@ macro_rules! shared_store_impl {
         use crate::store::*;
 
         type DbRow = <$db as sqlx::Database>::Row;
-        type Tx = sqlx::Transaction<'static, $db>;
+        type Tx = crate::store::WriteTx<$db>;
 
         const MEMBER_COLS: &str = "id, account_number, account_type, name, email, time_zone, reminders, email_bouncing, processor_customer_id, status, created_at, updated_at";
         const CARD_COLS: &str = "id, member_id, processor, processor_token, brand, last4, exp_month, exp_year, status, status_reason, created_at";
@@ -230,7 +230,7 @@ macro_rules! shared_store_impl {
                 .bind(entity_id.to_string())
                 .bind(action)
                 .bind(sqlx::types::Json(detail))
-                .execute(&mut **tx)
+                .execute(tx.conn())
                 .await
                 .map_err(db_err("recording the audit event"))?;
             Ok(())
@@ -243,7 +243,7 @@ macro_rules! shared_store_impl {
         async fn member_in(tx: &mut Tx, account: &AccountNumber) -> Result<Member> {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE account_number = $1{}", $for_update)))
                 .bind(account.as_str())
-                .fetch_optional(&mut **tx)
+                .fetch_optional(tx.conn())
                 .await
                 .map_err(db_err("reading a member"))?;
             match row {
@@ -262,7 +262,7 @@ macro_rules! shared_store_impl {
         async fn card_in(tx: &mut Tx, card_id: Uuid) -> Result<Card> {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {CARD_COLS} FROM payment_methods WHERE id = $1{}", $for_update)))
                 .bind(DbId(card_id))
-                .fetch_optional(&mut **tx)
+                .fetch_optional(tx.conn())
                 .await
                 .map_err(db_err("reading a card"))?;
             match row {
@@ -280,7 +280,7 @@ macro_rules! shared_store_impl {
         async fn bill_in(tx: &mut Tx, bill_id: Uuid) -> Result<Bill> {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {BILL_COLS} FROM bills WHERE id = $1{}", $for_update)))
                 .bind(DbId(bill_id))
-                .fetch_optional(&mut **tx)
+                .fetch_optional(tx.conn())
                 .await
                 .map_err(db_err("reading a bill"))?;
             match row {
@@ -294,7 +294,7 @@ macro_rules! shared_store_impl {
         async fn schedule_in(tx: &mut Tx, schedule_id: Uuid) -> Result<Schedule> {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE id = $1{}", $for_update)))
                 .bind(DbId(schedule_id))
-                .fetch_optional(&mut **tx)
+                .fetch_optional(tx.conn())
                 .await
                 .map_err(db_err("reading a schedule"))?;
             match row {
@@ -316,7 +316,7 @@ macro_rules! shared_store_impl {
                 .bind(reason)
                 .bind(DbTime(at))
                 .bind(DbId(schedule_id))
-                .execute(&mut **tx)
+                .execute(tx.conn())
                 .await
                 .map_err(db_err("cancelling unclaimed payments"))?;
             Ok(done.rows_affected())
@@ -342,7 +342,7 @@ macro_rules! shared_store_impl {
             .bind(source_id.to_string())
             .bind(reason)
             .bind(DbTime(audit.at))
-            .fetch_one(&mut **tx)
+            .fetch_one(tx.conn())
             .await
             .map_err(db_err("recording a credit"))?;
             let credit = credit_from(&row)?;
@@ -361,7 +361,7 @@ macro_rules! shared_store_impl {
             .bind(status.as_str())
             .bind(DbTime(at))
             .bind(DbId(bill.id))
-            .fetch_one(&mut **tx)
+            .fetch_one(tx.conn())
             .await
             .map_err(db_err("updating a bill"))?;
             bill_from(&row)
@@ -419,7 +419,7 @@ macro_rules! shared_store_impl {
                 .bind(member.email.as_str())
                 .bind(sqlx::types::Json(payload))
                 .bind(DbTime(at))
-                .execute(&mut **tx)
+                .execute(tx.conn())
                 .await
                 .map_err(db_err("writing a notification"))?;
             Ok(())
@@ -428,7 +428,7 @@ macro_rules! shared_store_impl {
         async fn member_by_id_in(tx: &mut Tx, member_id: Uuid) -> Result<Member> {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE id = $1{}", $for_update)))
                 .bind(DbId(member_id))
-                .fetch_one(&mut **tx)
+                .fetch_one(tx.conn())
                 .await
                 .map_err(db_err("reading a member"))?;
             member_from(&row)
@@ -441,7 +441,7 @@ macro_rules! shared_store_impl {
             )))
             .bind(DbId(lease.payment_id))
             .bind(lease.token.to_string())
-            .fetch_optional(&mut **tx)
+            .fetch_optional(tx.conn())
             .await
             .map_err(db_err("reading a claimed payment"))?;
             row.as_ref().map(payment_from).transpose()
@@ -450,7 +450,7 @@ macro_rules! shared_store_impl {
         async fn payment_extra(tx: &mut Tx, payment_id: Uuid) -> Result<(i64, Option<Timestamp>)> {
             let row = sqlx::query("SELECT credit_applied, unknown_since FROM payments WHERE id = $1")
                 .bind(DbId(payment_id))
-                .fetch_one(&mut **tx)
+                .fetch_one(tx.conn())
                 .await
                 .map_err(db_err("reading a payment"))?;
             Ok((get(&row, "payments", "credit_applied")?, opt_time(&row, "payments", "unknown_since")?))
@@ -464,7 +464,7 @@ macro_rules! shared_store_impl {
             let v: Option<i64> = sqlx::query_scalar(sql)
                 .bind(DbId(member_id))
                 .bind(DbId(except))
-                .fetch_one(&mut **tx)
+                .fetch_one(tx.conn())
                 .await
                 .map_err(db_err("summing balances"))?;
             Ok(v.unwrap_or(0))
@@ -477,7 +477,7 @@ macro_rules! shared_store_impl {
                 .bind(reason)
                 .bind(DbTime(audit.at))
                 .bind(DbId(payment.id))
-                .execute(&mut **tx)
+                .execute(tx.conn())
                 .await
                 .map_err(db_err("settling a payment"))?;
             event(tx, audit, "payment", payment.id, state.as_str(), serde_json::json!({ "reason": reason, "attempt": payment.attempt })).await
@@ -493,7 +493,7 @@ macro_rules! shared_store_impl {
                 "SELECT id, remaining FROM credits WHERE member_id = $1 AND remaining > 0 ORDER BY created_at, id{}", $for_update
             )))
             .bind(DbId(payment.member_id))
-            .fetch_all(&mut **tx)
+            .fetch_all(tx.conn())
             .await
             .map_err(db_err("reading credits"))?;
             let mut left = amount;
@@ -509,7 +509,7 @@ macro_rules! shared_store_impl {
                     .bind(used)
                     .bind(DbTime(at))
                     .bind(DbId(credit_id))
-                    .execute(&mut **tx)
+                    .execute(tx.conn())
                     .await
                     .map_err(db_err("using a credit"))?;
                 sqlx::query("INSERT INTO payment_allocations (id, payment_id, bill_id, credit_id, amount, currency, created_at) VALUES ($1, $2, NULL, $3, $4, $5, $6)")
@@ -519,7 +519,7 @@ macro_rules! shared_store_impl {
                     .bind(used)
                     .bind(payment.currency.code())
                     .bind(DbTime(at))
-                    .execute(&mut **tx)
+                    .execute(tx.conn())
                     .await
                     .map_err(db_err("recording a credit's use"))?;
             }
@@ -533,7 +533,7 @@ macro_rules! shared_store_impl {
                 "SELECT {BILL_COLS} FROM bills WHERE member_id = $1 AND status = 'open' ORDER BY due_date, created_at, id{}", $for_update
             )))
             .bind(DbId(payment.member_id))
-            .fetch_all(&mut **tx)
+            .fetch_all(tx.conn())
             .await
             .map_err(db_err("reading open bills"))?;
             let mut left = value;
@@ -559,7 +559,7 @@ macro_rules! shared_store_impl {
                     .bind(applied)
                     .bind(payment.currency.code())
                     .bind(DbTime(at))
-                    .execute(&mut **tx)
+                    .execute(tx.conn())
                     .await
                     .map_err(db_err("recording an allocation"))?;
                 paid.push(serde_json::json!({
@@ -579,7 +579,7 @@ macro_rules! shared_store_impl {
                 .bind(reference)
                 .bind(DbTime(audit.at))
                 .bind(DbId(payment.id))
-                .execute(&mut **tx)
+                .execute(tx.conn())
                 .await
                 .map_err(db_err("recording a success"))?;
             consume_credits(tx, payment, credit_applied, audit.at).await?;
@@ -589,7 +589,7 @@ macro_rules! shared_store_impl {
             }
             sqlx::query("UPDATE schedules SET consecutive_failures = 0 WHERE id = $1")
                 .bind(DbId(payment.schedule_id))
-                .execute(&mut **tx)
+                .execute(tx.conn())
                 .await
                 .map_err(db_err("resetting failures"))?;
             let member = member_by_id_in(tx, payment.member_id).await?;
@@ -612,7 +612,7 @@ macro_rules! shared_store_impl {
         async fn count_failure(tx: &mut Tx, payment: &Payment, suspend_after: u32, member: &Member, audit: &Audit) -> Result<()> {
             let failures: i64 = sqlx::query_scalar("UPDATE schedules SET consecutive_failures = consecutive_failures + 1 WHERE id = $1 RETURNING consecutive_failures")
                 .bind(DbId(payment.schedule_id))
-                .fetch_one(&mut **tx)
+                .fetch_one(tx.conn())
                 .await
                 .map_err(db_err("counting failures"))?;
             if crate::domain::decline::suspends(u32::try_from(failures).unwrap_or(u32::MAX), suspend_after) {
@@ -626,7 +626,7 @@ macro_rules! shared_store_impl {
                 .bind(reason)
                 .bind(DbTime(audit.at))
                 .bind(DbId(schedule_id))
-                .fetch_optional(&mut **tx)
+                .fetch_optional(tx.conn())
                 .await
                 .map_err(db_err("suspending a schedule"))?;
             let Some(version) = version else { return Ok(()) };
@@ -644,7 +644,7 @@ macro_rules! shared_store_impl {
                 .bind(reason)
                 .bind(DbTime(audit.at))
                 .bind(DbId(card_id))
-                .execute(&mut **tx)
+                .execute(tx.conn())
                 .await
                 .map_err(db_err("disabling a card"))?
                 .rows_affected();
@@ -655,7 +655,7 @@ macro_rules! shared_store_impl {
             event(tx, audit, "card", card_id, "disabled", serde_json::json!({ "reason": reason })).await?;
             let schedules: Vec<DbId> = sqlx::query_scalar("SELECT id FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused') ORDER BY id")
                 .bind(DbId(card_id))
-                .fetch_all(&mut **tx)
+                .fetch_all(tx.conn())
                 .await
                 .map_err(db_err("reading the card's schedules"))?;
             for s in &schedules {
@@ -676,7 +676,7 @@ macro_rules! shared_store_impl {
                 .bind(DbTime(at))
                 .bind(DbId(payment.id))
                 .bind(payment.attempt)
-                .execute(&mut **tx)
+                .execute(tx.conn())
                 .await
                 .map_err(db_err("recording the attempt"))?;
             Ok(())
@@ -724,9 +724,9 @@ macro_rules! shared_store_impl {
             async fn migrate(&self, now: Timestamp) -> Result<MigrationReport> {
                 let mut tx = self.begin_write().await?;
                 Self::lock_for_migration(&mut tx).await?;
-                sqlx::raw_sql(Self::BOOTSTRAP).execute(&mut *tx).await.map_err(db_err("creating the migrations table"))?;
+                sqlx::raw_sql(Self::BOOTSTRAP).execute(tx.conn()).await.map_err(db_err("creating the migrations table"))?;
                 let done: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
-                    .fetch_all(&mut *tx)
+                    .fetch_all(tx.conn())
                     .await
                     .map_err(db_err("reading applied migrations"))?;
                 let mut applied = Vec::new();
@@ -734,20 +734,20 @@ macro_rules! shared_store_impl {
                     if done.contains(version) {
                         continue;
                     }
-                    sqlx::raw_sql(*sql).execute(&mut *tx).await.map_err(|e| {
+                    sqlx::raw_sql(*sql).execute(tx.conn()).await.map_err(|e| {
                         StoreError::Schema(format!("migration {version} ({name}) failed: {e}; nothing was changed"))
                     })?;
                     sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
                         .bind(*version)
                         .bind(*name)
                         .bind(DbTime(now))
-                        .execute(&mut *tx)
+                        .execute(tx.conn())
                         .await
                         .map_err(db_err("recording a migration"))?;
                     applied.push(format!("{version:04}_{name}"));
                 }
                 let existing: Option<DbId> = sqlx::query_scalar("SELECT installation_id FROM control WHERE id = 1")
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(tx.conn())
                     .await
                     .map_err(db_err("reading the installation id"))?;
                 let installation_id = match existing {
@@ -758,7 +758,7 @@ macro_rules! shared_store_impl {
                             .bind(DbId(id))
                             .bind(MIN_BINARY_SCHEMA)
                             .bind(DbTime(now))
-                            .execute(&mut *tx)
+                            .execute(tx.conn())
                             .await
                             .map_err(db_err("recording the installation id"))?;
                         id
@@ -840,7 +840,7 @@ macro_rules! shared_store_impl {
                 .bind(new.email.as_str())
                 .bind(&new.time_zone)
                 .bind(DbTime(audit.at))
-                .fetch_one(&mut *tx)
+                .fetch_one(tx.conn())
                 .await
                 .map_err(|e| {
                     if is_unique_violation(&e) {
@@ -913,7 +913,7 @@ macro_rules! shared_store_impl {
                 .bind(if change.email.is_some() { false } else { member.email_bouncing })
                 .bind(DbTime(audit.at))
                 .bind(DbId(member.id))
-                .fetch_one(&mut *tx)
+                .fetch_one(tx.conn())
                 .await
                 .map_err(db_err("updating a member"))?;
                 let updated = member_from(&row)?;
@@ -935,7 +935,7 @@ macro_rules! shared_store_impl {
                 }
                 let live: Vec<DbId> = sqlx::query_scalar("SELECT id FROM schedules WHERE member_id = $1 AND status IN ('active', 'paused', 'suspended') ORDER BY id")
                     .bind(DbId(member.id))
-                    .fetch_all(&mut *tx)
+                    .fetch_all(tx.conn())
                     .await
                     .map_err(db_err("reading the member's schedules"))?;
                 let mut cancelled_payments = 0;
@@ -944,7 +944,7 @@ macro_rules! shared_store_impl {
                         .bind(DbTime(audit.at))
                         .bind(&audit.actor)
                         .bind(*schedule_id)
-                        .execute(&mut *tx)
+                        .execute(tx.conn())
                         .await
                         .map_err(db_err("cancelling a schedule"))?;
                     cancelled_payments += cancel_unclaimed(&mut tx, schedule_id.0, "member closed", audit.at).await?;
@@ -955,7 +955,7 @@ macro_rules! shared_store_impl {
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE members SET status = 'closed', updated_at = $1 WHERE id = $2 RETURNING {MEMBER_COLS}")))
                     .bind(DbTime(audit.at))
                     .bind(DbId(member.id))
-                    .fetch_one(&mut *tx)
+                    .fetch_one(tx.conn())
                     .await
                     .map_err(db_err("closing a member"))?;
                 let closed = member_from(&row)?;
@@ -971,7 +971,7 @@ macro_rules! shared_store_impl {
                 let mut tx = self.begin_write().await?;
                 let status: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT status FROM members WHERE id = $1{}", $for_update)))
                     .bind(DbId(new.member_id))
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(tx.conn())
                     .await
                     .map_err(db_err("reading a member"))?;
                 match status.as_deref() {
@@ -991,7 +991,7 @@ macro_rules! shared_store_impl {
                 .bind(i64::from(new.expiry.month()))
                 .bind(i64::from(new.expiry.year()))
                 .bind(DbTime(audit.at))
-                .fetch_one(&mut *tx)
+                .fetch_one(tx.conn())
                 .await
                 .map_err(|e| {
                     if is_unique_violation(&e) {
@@ -1039,7 +1039,7 @@ macro_rules! shared_store_impl {
                 }
                 let user: Option<(DbId, String)> = sqlx::query_as("SELECT id, status FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused', 'suspended') ORDER BY id LIMIT 1")
                     .bind(DbId(card_id))
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(tx.conn())
                     .await
                     .map_err(db_err("checking the card's schedules"))?;
                 if let Some((schedule_id, status)) = user {
@@ -1051,7 +1051,7 @@ macro_rules! shared_store_impl {
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE payment_methods SET status = 'removed', status_reason = 'removed by operator', updated_at = $1 WHERE id = $2 RETURNING {CARD_COLS}")))
                     .bind(DbTime(audit.at))
                     .bind(DbId(card_id))
-                    .fetch_one(&mut *tx)
+                    .fetch_one(tx.conn())
                     .await
                     .map_err(db_err("removing a card"))?;
                 let removed = card_from(&row)?;
@@ -1075,7 +1075,7 @@ macro_rules! shared_store_impl {
                     .bind(bill.amount_due.currency().code())
                     .bind(DbDate(bill.due_date))
                     .bind(DbTime(audit.at))
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(tx.conn())
                     .await
                     .map_err(db_err("adding a bill"))?;
                     match row {
@@ -1092,7 +1092,7 @@ macro_rules! shared_store_impl {
                             let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {BILL_COLS} FROM bills WHERE member_id = $1 AND reference = $2")))
                                 .bind(DbId(bill.member_id))
                                 .bind(&bill.reference)
-                                .fetch_one(&mut *tx)
+                                .fetch_one(tx.conn())
                                 .await
                                 .map_err(db_err("reading a bill"))?;
                             let existing = bill_from(&row)?;
@@ -1197,7 +1197,7 @@ macro_rules! shared_store_impl {
                     .bind(reference)
                     .bind(&audit.actor)
                     .bind(DbTime(audit.at))
-                    .execute(&mut *tx)
+                    .execute(tx.conn())
                     .await
                     .map_err(|e| {
                         if is_unique_violation(&e) {
@@ -1250,7 +1250,7 @@ macro_rules! shared_store_impl {
                 }
                 let member_status: String = sqlx::query_scalar("SELECT status FROM members WHERE id = $1")
                     .bind(DbId(new.member_id))
-                    .fetch_one(&mut *tx)
+                    .fetch_one(tx.conn())
                     .await
                     .map_err(db_err("reading a member"))?;
                 if member_status != "active" {
@@ -1278,7 +1278,7 @@ macro_rules! shared_store_impl {
                 .bind(new.authorized_via.as_str())
                 .bind(&audit.actor)
                 .bind(&new.terms_version)
-                .fetch_one(&mut *tx)
+                .fetch_one(tx.conn())
                 .await
                 .map_err(|e| {
                     if is_unique_violation(&e) {
@@ -1369,7 +1369,7 @@ macro_rules! shared_store_impl {
                 .bind(status.as_str())
                 .bind(DbTime(audit.at))
                 .bind(DbId(change.id))
-                .fetch_one(&mut *tx)
+                .fetch_one(tx.conn())
                 .await
                 .map_err(|e| {
                     if is_unique_violation(&e) {
@@ -1386,7 +1386,7 @@ macro_rules! shared_store_impl {
                     .bind(updated.version)
                     .bind(DbTime(audit.at))
                     .bind(DbId(change.id))
-                    .execute(&mut *tx)
+                    .execute(tx.conn())
                     .await
                     .map_err(db_err("re-planning payments"))?
                     .rows_affected();
@@ -1412,7 +1412,7 @@ macro_rules! shared_store_impl {
                 )))
                 .bind(DbTime(audit.at))
                 .bind(DbId(schedule_id))
-                .fetch_one(&mut *tx)
+                .fetch_one(tx.conn())
                 .await
                 .map_err(db_err("pausing a schedule"))?;
                 let cancelled = cancel_unclaimed(&mut tx, schedule_id, "schedule paused", audit.at).await?;
@@ -1441,7 +1441,7 @@ macro_rules! shared_store_impl {
                 .bind(resume.next_occurrence.as_ref().map(|k| k.to_string()))
                 .bind(DbTime(audit.at))
                 .bind(DbId(resume.id))
-                .fetch_one(&mut *tx)
+                .fetch_one(tx.conn())
                 .await
                 .map_err(db_err("resuming a schedule"))?;
                 event(&mut tx, audit, "schedule", resume.id, "resumed", serde_json::json!({
@@ -1463,7 +1463,7 @@ macro_rules! shared_store_impl {
                 .bind(DbTime(audit.at))
                 .bind(&audit.actor)
                 .bind(DbId(schedule_id))
-                .fetch_one(&mut *tx)
+                .fetch_one(tx.conn())
                 .await
                 .map_err(db_err("cancelling a schedule"))?;
                 let cancelled = cancel_unclaimed(&mut tx, schedule_id, "schedule cancelled", audit.at).await?;
@@ -1587,7 +1587,7 @@ macro_rules! shared_store_impl {
                         .bind(current.version)
                         .bind(p.missed.as_deref())
                         .bind(DbTime(audit.at))
-                        .execute(&mut *tx)
+                        .execute(tx.conn())
                         .await
                         .map_err(db_err("planning a payment"))?
                         .rows_affected();
@@ -1602,7 +1602,7 @@ macro_rules! shared_store_impl {
                     .bind(status)
                     .bind(DbTime(audit.at))
                     .bind(DbId(current.id))
-                    .execute(&mut *tx)
+                    .execute(tx.conn())
                     .await
                     .map_err(db_err("moving a schedule's cursor"))?;
                 event(&mut tx, audit, "schedule", current.id, "planned", serde_json::json!({
@@ -1627,7 +1627,7 @@ macro_rules! shared_store_impl {
                 )))
                 .bind(DbTime(now))
                 .bind(i64::from(limit))
-                .fetch_all(&mut *tx)
+                .fetch_all(tx.conn())
                 .await
                 .map_err(db_err("finding due payments"))?;
                 let mut work = Vec::new();
@@ -1650,7 +1650,7 @@ macro_rules! shared_store_impl {
                     .bind(DbTime(until))
                     .bind(DbTime(now))
                     .bind(payment_id)
-                    .fetch_one(&mut *tx)
+                    .fetch_one(tx.conn())
                     .await
                     .map_err(db_err("claiming a payment"))?;
                     let payment = payment_from(&row)?;
@@ -1738,14 +1738,14 @@ macro_rules! shared_store_impl {
                     sqlx::query("UPDATE payments SET amount = $1 WHERE id = $2")
                         .bind(charge)
                         .bind(DbId(payment.id))
-                        .execute(&mut *tx)
+                        .execute(tx.conn())
                         .await
                         .map_err(db_err("recording an amount"))?;
                     settle_without_charge(&mut tx, &payment, PaymentState::Failed, "over_limit", audit).await?;
                     sqlx::query("UPDATE payments SET amount = $1, decline_code = 'over_limit' WHERE id = $2")
                         .bind(charge)
                         .bind(DbId(payment.id))
-                        .execute(&mut *tx)
+                        .execute(tx.conn())
                         .await
                         .map_err(db_err("recording an amount"))?;
                     notify(&mut tx, "failed", &format!("failed:{}", payment.id), &member, serde_json::json!({
@@ -1759,7 +1759,7 @@ macro_rules! shared_store_impl {
                     return Ok(AttemptStart::Settled(PaymentState::Failed));
                 }
                 let installation: DbId = sqlx::query_scalar("SELECT installation_id FROM control WHERE id = 1")
-                    .fetch_one(&mut *tx)
+                    .fetch_one(tx.conn())
                     .await
                     .map_err(db_err("reading the installation id"))?;
                 let key = idempotency_key(installation.0, &payment, payment.attempt);
@@ -1768,7 +1768,7 @@ macro_rules! shared_store_impl {
                     .bind(credit_used)
                     .bind(DbTime(audit.at))
                     .bind(DbId(payment.id))
-                    .execute(&mut *tx)
+                    .execute(tx.conn())
                     .await
                     .map_err(db_err("freezing the amount"))?;
                 sqlx::query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (idempotency_key) DO NOTHING")
@@ -1780,7 +1780,7 @@ macro_rules! shared_store_impl {
                     .bind(charge)
                     .bind(payment.currency.code())
                     .bind(DbTime(audit.at))
-                    .execute(&mut *tx)
+                    .execute(tx.conn())
                     .await
                     .map_err(db_err("recording the attempt"))?;
                 event(&mut tx, audit, "payment", payment.id, "attempt_started", serde_json::json!({
@@ -1807,13 +1807,13 @@ macro_rules! shared_store_impl {
                 sqlx::query("DELETE FROM payment_attempts WHERE payment_id = $1 AND attempt = $2 AND outcome IS NULL")
                     .bind(DbId(payment.id))
                     .bind(payment.attempt)
-                    .execute(&mut *tx)
+                    .execute(tx.conn())
                     .await
                     .map_err(db_err("withdrawing an attempt"))?;
                 sqlx::query("UPDATE payments SET state = 'scheduled', amount = NULL, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $1 WHERE id = $2")
                     .bind(DbTime(audit.at))
                     .bind(DbId(payment.id))
-                    .execute(&mut *tx)
+                    .execute(tx.conn())
                     .await
                     .map_err(db_err("releasing a payment"))?;
                 event(&mut tx, audit, "payment", payment.id, "released", serde_json::json!({ "reason": "charging paused" })).await?;
@@ -1846,7 +1846,7 @@ macro_rules! shared_store_impl {
                             let on_card: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM payment_attempts WHERE payment_method_id = $1 AND started_at >= $2")
                                 .bind(DbId(card.id))
                                 .bind(DbTime(window_start))
-                                .fetch_one(&mut *tx)
+                                .fetch_one(tx.conn())
                                 .await
                                 .map_err(db_err("counting the card's attempts"))?;
                             policy.retry.next_attempt_at(
@@ -1866,7 +1866,7 @@ macro_rules! shared_store_impl {
                                     .bind(member_reason)
                                     .bind(DbTime(audit.at))
                                     .bind(DbId(payment.id))
-                                    .execute(&mut *tx)
+                                    .execute(tx.conn())
                                     .await
                                     .map_err(db_err("recording a soft decline"))?;
                                 notify(&mut tx, "declined", &format!("declined:{}:{}", payment.id, payment.attempt), &member, payload, audit.at).await?;
@@ -1878,7 +1878,7 @@ macro_rules! shared_store_impl {
                                     .bind(member_reason)
                                     .bind(DbTime(audit.at))
                                     .bind(DbId(payment.id))
-                                    .execute(&mut *tx)
+                                    .execute(tx.conn())
                                     .await
                                     .map_err(db_err("recording a decline"))?;
                                 notify(&mut tx, "failed", &format!("failed:{}", payment.id), &member, payload, audit.at).await?;
@@ -1907,7 +1907,7 @@ macro_rules! shared_store_impl {
                             .bind(if expired { None } else { Some(DbTime(next)) })
                             .bind(DbTime(audit.at))
                             .bind(DbId(payment.id))
-                            .execute(&mut *tx)
+                            .execute(tx.conn())
                             .await
                             .map_err(db_err("recording an unknown outcome"))?;
                         state
@@ -1917,7 +1917,7 @@ macro_rules! shared_store_impl {
                         sqlx::query("UPDATE payments SET state = 'scheduled', attempt = attempt + 1, next_attempt_at = $1, amount = NULL, credit_applied = 0, reason = 'the processor has no record of the last attempt', unknown_since = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $1 WHERE id = $2")
                             .bind(DbTime(audit.at))
                             .bind(DbId(payment.id))
-                            .execute(&mut *tx)
+                            .execute(tx.conn())
                             .await
                             .map_err(db_err("recording a missing charge"))?;
                         PaymentState::Scheduled
@@ -1928,7 +1928,7 @@ macro_rules! shared_store_impl {
                             .bind(detail)
                             .bind(DbTime(audit.at))
                             .bind(DbId(payment.id))
-                            .execute(&mut *tx)
+                            .execute(tx.conn())
                             .await
                             .map_err(db_err("recording a payment for review"))?;
                         PaymentState::NeedsReview
@@ -1975,17 +1975,17 @@ macro_rules! shared_store_impl {
                         .bind(DbTime(audit.at))
                         .bind(&audit.actor)
                         .bind(reason)
-                        .execute(&mut *tx)
+                        .execute(tx.conn())
                         .await,
                     None => sqlx::query("UPDATE control SET charging_paused_at = NULL, charging_paused_by = NULL, charging_paused_reason = NULL WHERE id = 1")
-                        .execute(&mut *tx)
+                        .execute(tx.conn())
                         .await,
                 }
                 .map_err(db_err("changing the charging pause"))?;
                 if done.rows_affected() == 0 {
                     return Err(StoreError::Schema("the database has no installation id; run `autopay migrate`".into()));
                 }
-                let installation: DbId = sqlx::query_scalar("SELECT installation_id FROM control WHERE id = 1").fetch_one(&mut *tx).await.map_err(db_err("reading control"))?;
+                let installation: DbId = sqlx::query_scalar("SELECT installation_id FROM control WHERE id = 1").fetch_one(tx.conn()).await.map_err(db_err("reading control"))?;
                 event(&mut tx, audit, "control", installation.0, if reason.is_some() { "charging_paused" } else { "charging_resumed" }, serde_json::json!({ "reason": reason })).await?;
                 commit(tx).await?;
                 self.control().await
@@ -1995,7 +1995,7 @@ macro_rules! shared_store_impl {
                 let mut tx = self.begin_write().await?;
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = $1{}", $for_update)))
                     .bind(DbId(payment_id))
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(tx.conn())
                     .await
                     .map_err(db_err("reading a payment"))?
                     .ok_or_else(|| StoreError::NotFound(format!("no payment has id {payment_id}; list payments with `autopay payment list`")))?;
@@ -2019,7 +2019,7 @@ macro_rules! shared_store_impl {
                 )))
                 .bind(DbTime(audit.at))
                 .bind(DbId(payment_id))
-                .fetch_one(&mut *tx)
+                .fetch_one(tx.conn())
                 .await
                 .map_err(db_err("retrying a payment"))?;
                 event(&mut tx, audit, "payment", payment_id, "retried", serde_json::json!({ "from": payment.state.as_str(), "force": force })).await?;
@@ -2032,7 +2032,7 @@ macro_rules! shared_store_impl {
                 let mut tx = self.begin_write().await?;
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = $1{}", $for_update)))
                     .bind(DbId(resolve.payment_id))
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(tx.conn())
                     .await
                     .map_err(db_err("reading a payment"))?
                     .ok_or_else(|| StoreError::NotFound(format!("no payment has id {}; list payments with `autopay payment list`", resolve.payment_id)))?;
@@ -2056,7 +2056,7 @@ macro_rules! shared_store_impl {
                             .bind(&resolve.reference)
                             .bind(DbTime(audit.at))
                             .bind(DbId(payment.id))
-                            .execute(&mut *tx)
+                            .execute(tx.conn())
                             .await
                             .map_err(db_err("resolving a payment"))?;
                     }
@@ -2084,7 +2084,7 @@ macro_rules! shared_store_impl {
                     .bind(sqlx::types::Json(&n.payload))
                     .bind(DbTime(at))
                     .bind(n.expires_at.map(DbTime))
-                    .execute(&mut *tx)
+                    .execute(tx.conn())
                     .await
                     .map_err(db_err("writing a notification"))?
                     .rows_affected();
@@ -2100,7 +2100,7 @@ macro_rules! shared_store_impl {
                 // A reminder whose moment has passed is not worth sending.
                 sqlx::query("UPDATE notifications SET state = 'expired', last_error = 'its moment passed before it could be sent' WHERE state IN ('pending', 'sending') AND expires_at IS NOT NULL AND expires_at <= $1 AND (lease_expires_at IS NULL OR lease_expires_at < $1)")
                     .bind(DbTime(now))
-                    .execute(&mut *tx)
+                    .execute(tx.conn())
                     .await
                     .map_err(db_err("expiring notifications"))?;
                 let ids: Vec<DbId> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -2108,7 +2108,7 @@ macro_rules! shared_store_impl {
                 )))
                 .bind(DbTime(now))
                 .bind(i64::from(limit))
-                .fetch_all(&mut *tx)
+                .fetch_all(tx.conn())
                 .await
                 .map_err(db_err("finding due notifications"))?;
                 let mut out = Vec::new();
@@ -2121,7 +2121,7 @@ macro_rules! shared_store_impl {
                     .bind(token.to_string())
                     .bind(DbTime(until))
                     .bind(nid)
-                    .fetch_one(&mut *tx)
+                    .fetch_one(tx.conn())
                     .await
                     .map_err(db_err("claiming a notification"))?;
                     let notification = notification_from(&row)?;
@@ -2138,7 +2138,7 @@ macro_rules! shared_store_impl {
                 )))
                 .bind(DbId(lease.id))
                 .bind(lease.token.to_string())
-                .fetch_optional(&mut *tx)
+                .fetch_optional(tx.conn())
                 .await
                 .map_err(db_err("reading a claimed notification"))?;
                 let Some(member_id) = member else {
@@ -2149,7 +2149,7 @@ macro_rules! shared_store_impl {
                         sqlx::query("UPDATE notifications SET state = 'sent', sent_at = $1, last_error = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $2")
                             .bind(DbTime(now))
                             .bind(DbId(lease.id))
-                            .execute(&mut *tx)
+                            .execute(tx.conn())
                             .await
                             .map_err(db_err("marking a notification sent"))?;
                     }
@@ -2158,7 +2158,7 @@ macro_rules! shared_store_impl {
                             .bind(DbTime(*at))
                             .bind(error)
                             .bind(DbId(lease.id))
-                            .execute(&mut *tx)
+                            .execute(tx.conn())
                             .await
                             .map_err(db_err("scheduling a notification again"))?;
                     }
@@ -2166,14 +2166,14 @@ macro_rules! shared_store_impl {
                         sqlx::query("UPDATE notifications SET state = 'failed', last_error = $1, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $2")
                             .bind(error)
                             .bind(DbId(lease.id))
-                            .execute(&mut *tx)
+                            .execute(tx.conn())
                             .await
                             .map_err(db_err("marking a notification failed"))?;
                         if let (true, Some(member_id)) = (*bounce, member_id) {
                             sqlx::query("UPDATE members SET email_bouncing = TRUE, updated_at = $1 WHERE id = $2")
                                 .bind(DbTime(now))
                                 .bind(member_id)
-                                .execute(&mut *tx)
+                                .execute(tx.conn())
                                 .await
                                 .map_err(db_err("flagging a bouncing address"))?;
                             event(&mut tx, &Audit { actor: "dispatcher".into(), at: now }, "member", member_id.0, "email_bouncing", serde_json::json!({ "notification_id": lease.id })).await?;

@@ -10,12 +10,16 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use crate::config::{Backend, DatabaseUrl};
-use crate::store::{Result, StoreError};
+use std::sync::Arc;
+
+use crate::store::{Result, StoreError, WriteTx};
 
 /// Autopay's data in a SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: sqlx::SqlitePool,
+    /// This process's writers take turns here before `BEGIN IMMEDIATE` (see [`WriteTx`]).
+    write_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -51,22 +55,28 @@ impl SqliteStore {
                     url.redacted()
                 ))
             })?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            write_turn: Arc::new(tokio::sync::Mutex::new(())),
+        })
     }
 
     pub fn pool(&self) -> &sqlx::SqlitePool {
         &self.pool
     }
 
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        self.pool
+    async fn begin_write(&self) -> Result<WriteTx<sqlx::Sqlite>> {
+        let turn = self.write_turn.clone().lock_owned().await;
+        let tx = self
+            .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .map_err(|e| StoreError::from_sqlx(e, "starting a write"))
+            .map_err(|e| StoreError::from_sqlx(e, "starting a write"))?;
+        Ok(WriteTx::new(tx, Some(turn)))
     }
 
     /// `BEGIN IMMEDIATE` already holds the only write lock.
-    async fn lock_for_migration(_tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>) -> Result<()> {
+    async fn lock_for_migration(_tx: &mut WriteTx<sqlx::Sqlite>) -> Result<()> {
         Ok(())
     }
 }
