@@ -174,7 +174,7 @@ impl SmtpMailer {
 /// Sorts an SMTP error by what the dispatcher must do. Messages keep the server's words but
 /// never a password.
 pub fn classify(e: &lettre::transport::smtp::Error) -> SendError {
-    let text = e.to_string();
+    let text = scrub_addresses(&e.to_string());
     let code = e.status().map(|c| c.to_string());
     let lower = text.to_lowercase();
     if let Some(tls) = tls_failure(e) {
@@ -209,6 +209,32 @@ pub fn classify(e: &lettre::transport::smtp::Error) -> SendError {
     SendError::Transient(text)
 }
 
+/// Replaces email addresses in a server's reply ("550 5.1.1 <ana@example.org>: unknown") with
+/// `<address>`: replies end up in logs and in `status`, which carry no member data.
+pub fn scrub_addresses(text: &str) -> String {
+    text.split_inclusive(|c: char| {
+        c.is_whitespace() || matches!(c, '<' | '>' | ',' | ';' | '(' | ')' | '"' | '\'')
+    })
+    .map(|piece| {
+        let (word, tail) = match piece.char_indices().last() {
+            Some((i, c))
+                if c.is_whitespace()
+                    || matches!(c, '<' | '>' | ',' | ';' | '(' | ')' | '"' | '\'') =>
+            {
+                piece.split_at(i)
+            }
+            _ => (piece, ""),
+        };
+        match word.split_once('@') {
+            Some((local, domain)) if !local.is_empty() && domain.contains('.') => {
+                format!("address{tail}")
+            }
+            _ => piece.to_string(),
+        }
+    })
+    .collect()
+}
+
 /// A certificate or handshake failure, which lettre reports as a connection error with the
 /// rustls error inside: found by walking the error's sources.
 fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
@@ -241,5 +267,26 @@ impl Mailer for SmtpMailer {
             .await
             .map(|_| ())
             .map_err(|e| classify(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_in_server_replies_are_scrubbed() {
+        assert_eq!(
+            scrub_addresses("550 5.1.1 <ana.diaz@example.org>: mailbox unavailable"),
+            "550 5.1.1 <address>: mailbox unavailable"
+        );
+        assert_eq!(
+            scrub_addresses("451 4.3.0 try again later"),
+            "451 4.3.0 try again later"
+        );
+        assert_eq!(
+            scrub_addresses("rcpt x@y.org refused"),
+            "rcpt address refused"
+        );
     }
 }
