@@ -1454,7 +1454,15 @@ macro_rules! shared_store_impl {
             async fn cancel_schedule(&self, schedule_id: Uuid, audit: &Audit) -> Result<Schedule> {
                 let mut tx = self.begin_write().await?;
                 let current = schedule_in(&mut tx, schedule_id).await?;
-                if !current.status.is_live() {
+                // A completed schedule may still have a payment waiting for a retry: cancelling
+                // stops that too.
+                let waiting: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM payments WHERE schedule_id = $1 AND state IN ('scheduled', 'retry_wait')")
+                    .bind(DbId(schedule_id))
+                    .fetch_one(tx.conn())
+                    .await
+                    .map_err(db_err("counting waiting payments"))?;
+                let cancellable = current.status.is_live() || (current.status == ScheduleStatus::Completed && waiting > 0);
+                if !cancellable {
                     return Err(StoreError::Conflict(format!("schedule {schedule_id} is already {}", current.status)));
                 }
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!(

@@ -986,6 +986,66 @@ async fn the_circuit_breaker_pauses_charging_when_declines_spike(kind: Kind) {
     assert_eq!(w.engine().drain().await.unwrap().charge.succeeded, 1);
 }
 
+async fn cancelling_a_completed_one_time_schedule_stops_its_retries(kind: Kind) {
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::IndividualFamily).await;
+    let card = w.card(&m, "4000000000009995").await;
+    let now = w.clock.now();
+    let recurrence = Recurrence::new(RecurrenceSpec {
+        rule: Rule::Once {
+            on: now
+                .to_zoned_datetime(jiff::tz::TimeZone::get("America/New_York").unwrap())
+                .date(),
+        },
+        at: jiff::civil::time(0, 0, 0, 0),
+        time_zone: "America/New_York".into(),
+        start: jiff::civil::date(2026, 12, 1),
+        first_payment: None,
+        end: End::Never,
+        business_days: false,
+        holidays: vec![],
+    })
+    .unwrap();
+    let first = recurrence.occurrences().next().unwrap();
+    let s = w
+        .store
+        .add_schedule(
+            &NewSchedule {
+                member_id: m.id,
+                card_id: card.id,
+                kind: ScheduleKind::OneTime,
+                recurrence,
+                amount: AmountRule::Fixed {
+                    amount: usd("40.00"),
+                },
+                currency: Currency::USD,
+                next_run_at: Some(first.due_at),
+                next_occurrence: Some(first.key),
+                authorized_via: AuthorizedVia::Cli,
+                terms_version: "t1".into(),
+            },
+            &w.audit(),
+        )
+        .await
+        .unwrap();
+    w.engine().drain().await.unwrap();
+    assert_eq!(
+        w.store.schedule(s.id).await.unwrap().status,
+        ScheduleStatus::Completed
+    );
+    assert_eq!(w.payments(&m).await[0].state, PaymentState::RetryWait);
+    let cancelled = w.store.cancel_schedule(s.id, &w.audit()).await.unwrap();
+    assert_eq!(cancelled.status, ScheduleStatus::Cancelled);
+    assert_eq!(w.payments(&m).await[0].state, PaymentState::Cancelled);
+    w.advance(SignedDuration::from_hours(24 * 10));
+    w.engine().drain().await.unwrap();
+    assert_eq!(
+        w.processor.ledger_count().await.unwrap(),
+        1,
+        "no retry after the cancel"
+    );
+}
+
 crate::helpers::on_both!(
     a_due_payment_is_charged_once_pays_its_bills_and_leaves_a_receipt,
     a_soft_decline_waits_retries_with_a_new_key_and_tells_the_member_each_time,
@@ -1003,6 +1063,7 @@ crate::helpers::on_both!(
     downtime_coalesces_missed_occurrences_into_one_charge,
     an_operator_resolves_an_unknown_payment_and_retries_a_missed_one,
     the_circuit_breaker_pauses_charging_when_declines_spike,
+    cancelling_a_completed_one_time_schedule_stops_its_retries,
 );
 
 /// Three engines on one PostgreSQL race over many due payments: each is charged once.
