@@ -727,13 +727,7 @@ impl Checker {
     }
 
     /// A secret given inline or in a file (the file wins, for systemd credentials).
-    fn secret(
-        &mut self,
-        key: &str,
-        inline: &str,
-        file_key: &str,
-        file: &str,
-    ) -> Option<SecretString> {
+    fn secret(&mut self, inline: &str, file_key: &str, file: &str) -> Option<SecretString> {
         if !file.trim().is_empty() {
             match std::fs::read_to_string(file.trim()) {
                 Ok(content) => {
@@ -757,7 +751,6 @@ impl Checker {
         } else if inline.is_empty() {
             None
         } else {
-            let _ = key;
             Some(SecretString::from(inline.to_string()))
         }
     }
@@ -806,12 +799,7 @@ impl Settings {
         };
 
         // database
-        let db_password = c.secret(
-            "database.password",
-            "",
-            "database.password_file",
-            &r.database.password_file,
-        );
+        let db_password = c.secret("", "database.password_file", &r.database.password_file);
         let url = match DatabaseUrl::parse(&r.database.url, db_password.as_ref()) {
             Ok(u) => Some(u),
             Err(e) => {
@@ -963,7 +951,6 @@ impl Settings {
         );
         let st = &pr.stripe;
         let secret_key = c.secret(
-            "processor.stripe.secret_key",
             &st.secret_key,
             "processor.stripe.secret_key_file",
             &st.secret_key_file,
@@ -1066,12 +1053,7 @@ impl Settings {
                 format!("required or wrapper: mail to {host} would cross the network unencrypted (none is allowed only for a loopback host)"),
             );
         }
-        let smtp_password = c.secret(
-            "email.smtp.password",
-            &sm.password,
-            "email.smtp.password_file",
-            &sm.password_file,
-        );
+        let smtp_password = c.secret(&sm.password, "email.smtp.password_file", &sm.password_file);
         let smtp_timeout = c.dur("email.smtp.timeout", &sm.timeout);
 
         // org

@@ -92,44 +92,20 @@ impl From<ConfigError> for CliError {
 /// such as a UUID) with a placeholder: clap echoes unexpected arguments, and a card number typed
 /// in the wrong place must not reach the terminal's scrollback or a log.
 pub fn redact_card_numbers(text: &str) -> String {
-    let chars: Vec<char> = text.chars().collect();
+    let spans = crate::domain::card::card_number_spans(text, true);
+    if spans.is_empty() {
+        return text.to_string();
+    }
     let mut out = String::with_capacity(text.len());
-    let mut i = 0;
-    while i < chars.len() {
-        let standalone = i == 0 || !chars[i - 1].is_alphanumeric();
-        if chars[i].is_ascii_digit() && standalone {
-            // The longest run of digits with single spaces or dashes between them.
-            let mut end = i + 1;
-            let mut j = i + 1;
-            while j < chars.len() {
-                if chars[j].is_ascii_digit() {
-                    end = j + 1;
-                    j += 1;
-                } else if (chars[j] == ' ' || chars[j] == '-')
-                    && chars.get(j + 1).is_some_and(char::is_ascii_digit)
-                {
-                    j += 1;
-                } else {
-                    break;
-                }
-            }
-            let digits: String = chars[i..end]
-                .iter()
-                .filter(|c| c.is_ascii_digit())
-                .collect();
-            let ends_alone = chars.get(end).is_none_or(|c| !c.is_alphanumeric());
-            if ends_alone
-                && (12..=19).contains(&digits.len())
-                && crate::domain::card::luhn_valid(&digits)
-            {
-                out.push_str("[card number removed]");
-            } else {
-                out.extend(&chars[i..end]);
-            }
-            i = end;
-        } else {
-            out.push(chars[i]);
-            i += 1;
+    let mut next = 0;
+    for (i, c) in text.chars().enumerate() {
+        match spans.get(next) {
+            Some(span) if span.start == i => out.push_str("[card number removed]"),
+            Some(span) if span.contains(&i) => {}
+            _ => out.push(c),
+        }
+        if spans.get(next).is_some_and(|span| i + 1 == span.end) {
+            next += 1;
         }
     }
     out

@@ -99,8 +99,7 @@ async fn mail_pass(
     drain: bool,
 ) -> Result<(u64, DeliveryReport), CliError> {
     let now = ctx.now();
-    let written = reminders::scan_upcoming(store, &ctx.settings, now).await?
-        + reminders::scan_card_expiry(store, &ctx.settings, now).await?;
+    let written = reminders::scan(store, &ctx.settings, now).await?;
     let report = if drain {
         dispatcher.drain().await?
     } else {
@@ -228,14 +227,7 @@ async fn mail_loop(
     while !shutdown.is_triggered() {
         let now = ctx.now();
         if last_scan.is_none_or(|t| now.duration_since(t) >= jiff::SignedDuration::from_mins(1)) {
-            match async {
-                Ok::<u64, StoreError>(
-                    reminders::scan_upcoming(store, &ctx.settings, now).await?
-                        + reminders::scan_card_expiry(store, &ctx.settings, now).await?,
-                )
-            }
-            .await
-            {
+            match reminders::scan(store, &ctx.settings, now).await {
                 Ok(n) => reminders += n,
                 Err(e) => tracing::error!(error.message = %e, "reminder scan failed; trying again"),
             }
@@ -441,6 +433,9 @@ async fn forecast(
         entry.0 += 1;
         entry.1 += minor;
     };
+    let schedules = store.list_schedules(None).await?;
+    let amount_rules: std::collections::HashMap<uuid::Uuid, AmountRule> =
+        schedules.iter().map(|s| (s.id, s.amount)).collect();
     for p in store.list_payments(None, None).await? {
         if !p.state.is_unclaimed() {
             continue;
@@ -449,8 +444,10 @@ async fn forecast(
         if at > until {
             continue;
         }
-        let schedule = store.schedule(p.schedule_id).await?;
-        let minor = match schedule.amount {
+        let Some(rule) = amount_rules.get(&p.schedule_id) else {
+            continue;
+        };
+        let minor = match rule {
             AmountRule::Fixed { amount } => amount.minor(),
             AmountRule::Balance => {
                 estimates += 1;
@@ -459,7 +456,7 @@ async fn forecast(
         };
         add(at, minor);
     }
-    for s in store.list_schedules(None).await? {
+    for s in &schedules {
         if s.status != ScheduleStatus::Active {
             continue;
         }

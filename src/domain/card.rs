@@ -571,26 +571,49 @@ impl<'de> Deserialize<'de> for Expiry {
 /// reasons) refuse such text, so a number pasted into the wrong field is never
 /// kept.
 pub fn contains_card_number(text: &str) -> bool {
-    let mut digits = String::new();
-    let flush = |digits: &mut String| {
-        let found = (12..=19).contains(&digits.len()) && luhn_valid(digits);
-        digits.clear();
-        found
-    };
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-        } else if (c == ' ' || c == '-')
-            && !digits.is_empty()
-            && chars.peek().is_some_and(char::is_ascii_digit)
-        {
+    !card_number_spans(text, false).is_empty()
+}
+
+/// Where `text` holds what could be a card number, as ranges of character positions: runs of
+/// 12 to 19 digits (single spaces or dashes between them allowed) that pass the Luhn check.
+/// With `standalone_only`, a run must not touch a letter or digit on either side, so the
+/// digit groups inside a UUID or a reference are left alone.
+pub fn card_number_spans(text: &str, standalone_only: bool) -> Vec<std::ops::Range<usize>> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut spans = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let starts = chars[i].is_ascii_digit()
+            && (!standalone_only || i == 0 || !chars[i - 1].is_alphanumeric());
+        if !starts {
+            i += 1;
             continue;
-        } else if flush(&mut digits) {
-            return true;
         }
+        let mut end = i + 1;
+        let mut j = i + 1;
+        while j < chars.len() {
+            if chars[j].is_ascii_digit() {
+                end = j + 1;
+                j += 1;
+            } else if (chars[j] == ' ' || chars[j] == '-')
+                && chars.get(j + 1).is_some_and(char::is_ascii_digit)
+            {
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        let digits: String = chars[i..end]
+            .iter()
+            .filter(|c| c.is_ascii_digit())
+            .collect();
+        let ends_alone = !standalone_only || chars.get(end).is_none_or(|c| !c.is_alphanumeric());
+        if ends_alone && (12..=19).contains(&digits.len()) && luhn_valid(&digits) {
+            spans.push(i..end);
+        }
+        i = end;
     }
-    flush(&mut digits)
+    spans
 }
 
 /// Whether `digits` (ASCII digits only, at least one) passes the Luhn

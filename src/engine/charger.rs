@@ -80,10 +80,11 @@ impl Engine {
             .claim_work(&self.worker_id, self.clock.now(), self.config.lease, limit)
             .await?;
         report.claimed = work.len() as u64;
+        report.looked_up = work.iter().filter(|w| w.kind == WorkKind::Lookup).count() as u64;
         if work.is_empty() {
             return Ok(report);
         }
-        let this = Arc::new(self.shallow());
+        let this = Arc::new(self.clone());
         let mut tasks = JoinSet::new();
         for item in work {
             let engine = this.clone();
@@ -109,20 +110,6 @@ impl Engine {
         match first_error {
             Some(e) => Err(e),
             None => Ok(report),
-        }
-    }
-
-    /// A copy sharing everything, for spawned tasks.
-    fn shallow(&self) -> Engine {
-        Engine {
-            store: self.store.clone(),
-            processor: self.processor.clone(),
-            clock: self.clock.clone(),
-            config: self.config.clone(),
-            policy: self.policy.clone(),
-            worker_id: self.worker_id.clone(),
-            limiter: self.limiter.clone(),
-            crash_hook: self.crash_hook.clone(),
         }
     }
 

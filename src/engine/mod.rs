@@ -90,7 +90,9 @@ pub fn outcome_policy(s: &Settings) -> OutcomePolicy {
 /// A hook deciding, after each processor answer, whether to "crash" before recording it.
 pub type CrashHook = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// One worker: plans and charges against one store and one processor.
+/// One worker: plans and charges against one store and one processor. Cloning shares
+/// everything (the spawned charge tasks hold clones).
+#[derive(Clone)]
 pub struct Engine {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) processor: Arc<dyn Processor>,

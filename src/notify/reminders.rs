@@ -95,3 +95,12 @@ pub async fn scan_card_expiry(
     }
     Ok(written)
 }
+
+/// Both scans; returns how many reminders were new.
+pub async fn scan(
+    store: &dyn Store,
+    settings: &Settings,
+    now: Timestamp,
+) -> Result<u64, StoreError> {
+    Ok(scan_upcoming(store, settings, now).await? + scan_card_expiry(store, settings, now).await?)
+}

@@ -434,8 +434,23 @@ macro_rules! shared_store_impl {
             member_from(&row)
         }
 
+        /// A payment with the engine's bookkeeping that `Payment` does not show.
+        struct Held {
+            payment: Payment,
+            credit_applied: i64,
+            unknown_since: Option<Timestamp>,
+        }
+
+        fn held_from(row: &DbRow) -> Result<Held> {
+            Ok(Held {
+                payment: payment_from(row)?,
+                credit_applied: get(row, "payments", "credit_applied")?,
+                unknown_since: opt_time(row, "payments", "unknown_since")?,
+            })
+        }
+
         /// The payment if this lease still holds it in one of `states`.
-        async fn leased_payment(tx: &mut Tx, lease: &Lease, states: &'static str) -> Result<Option<Payment>> {
+        async fn leased_payment(tx: &mut Tx, lease: &Lease, states: &'static str) -> Result<Option<Held>> {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT {PAYMENT_COLS}, credit_applied, unknown_since FROM payments WHERE id = $1 AND lease_token = $2 AND state IN ({states}){}", $for_update
             )))
@@ -444,37 +459,42 @@ macro_rules! shared_store_impl {
             .fetch_optional(tx.conn())
             .await
             .map_err(db_err("reading a claimed payment"))?;
-            row.as_ref().map(payment_from).transpose()
-        }
-
-        async fn payment_extra(tx: &mut Tx, payment_id: Uuid) -> Result<(i64, Option<Timestamp>)> {
-            let row = sqlx::query("SELECT credit_applied, unknown_since FROM payments WHERE id = $1")
-                .bind(DbId(payment_id))
-                .fetch_one(tx.conn())
-                .await
-                .map_err(db_err("reading a payment"))?;
-            Ok((get(&row, "payments", "credit_applied")?, opt_time(&row, "payments", "unknown_since")?))
+            row.as_ref().map(held_from).transpose()
         }
 
         fn idempotency_key(installation: Uuid, payment: &Payment, attempt: i64) -> String {
             format!("autopay:{installation}:{}:{}:{attempt}", payment.schedule_id, payment.occurrence)
         }
 
-        async fn sum(tx: &mut Tx, sql: &'static str, member_id: Uuid, except: Uuid) -> Result<i64> {
-            let v: Option<i64> = sqlx::query_scalar(sql)
-                .bind(DbId(member_id))
-                .bind(DbId(except))
+        /// One summed amount; `ids` bind to `$1`, `$2`, ... in order.
+        async fn sum(tx: &mut Tx, sql: &'static str, ids: &[Uuid]) -> Result<i64> {
+            let mut query = sqlx::query_scalar(sql);
+            for id in ids {
+                query = query.bind(DbId(*id));
+            }
+            let v: Option<i64> = query
                 .fetch_one(tx.conn())
                 .await
                 .map_err(db_err("summing balances"))?;
             Ok(v.unwrap_or(0))
         }
 
-        /// Ends a payment without calling the processor.
-        async fn settle_without_charge(tx: &mut Tx, payment: &Payment, state: PaymentState, reason: &str, audit: &Audit) -> Result<()> {
-            sqlx::query("UPDATE payments SET state = $1, reason = $2, amount = NULL, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = $3 WHERE id = $4")
+        /// Ends a payment without calling the processor, recording the amount it would have
+        /// been (if any) and a decline code (if any; otherwise the last one stays).
+        async fn settle_without_charge(
+            tx: &mut Tx,
+            payment: &Payment,
+            state: PaymentState,
+            reason: &str,
+            amount: Option<i64>,
+            decline_code: Option<&str>,
+            audit: &Audit,
+        ) -> Result<()> {
+            sqlx::query("UPDATE payments SET state = $1, reason = $2, amount = $3, decline_code = COALESCE($4, decline_code), credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = $5 WHERE id = $6")
                 .bind(state.as_str())
                 .bind(reason)
+                .bind(amount)
+                .bind(decline_code)
                 .bind(DbTime(audit.at))
                 .bind(DbId(payment.id))
                 .execute(tx.conn())
@@ -1111,10 +1131,9 @@ macro_rules! shared_store_impl {
             }
 
             async fn bill(&self, bill_id: Uuid) -> Result<Bill> {
-                let mut conn = self.pool.acquire().await.map_err(db_err("reading a bill"))?;
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {BILL_COLS} FROM bills WHERE id = $1")))
                     .bind(DbId(bill_id))
-                    .fetch_optional(&mut *conn)
+                    .fetch_optional(&self.pool)
                     .await
                     .map_err(db_err("reading a bill"))?;
                 match row {
@@ -1643,8 +1662,8 @@ macro_rules! shared_store_impl {
                     let token = Uuid::new_v4();
                     let (new_state, kind) = match state.as_str() {
                         "scheduled" | "retry_wait" => ("processing", WorkKind::Charge),
-                        // A lease that expired mid-call: the outcome is unknown until looked up.
-                        "processing" => ("unknown", WorkKind::Lookup),
+                        // An unknown outcome, or a lease that expired mid-call (whose outcome is
+                        // unknown too): look it up.
                         _ => ("unknown", WorkKind::Lookup),
                     };
                     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -1688,7 +1707,7 @@ macro_rules! shared_store_impl {
 
             async fn begin_attempt(&self, lease: &Lease, policy: &OutcomePolicy, audit: &Audit) -> Result<AttemptStart> {
                 let mut tx = self.begin_write().await?;
-                let Some(payment) = leased_payment(&mut tx, lease, "'processing'").await? else {
+                let Some(Held { payment, .. }) = leased_payment(&mut tx, lease, "'processing'").await? else {
                     return Ok(AttemptStart::LeaseLost);
                 };
                 // The member's row serializes amount decisions for one member across workers.
@@ -1705,30 +1724,30 @@ macro_rules! shared_store_impl {
                     } else {
                         format!("schedule {}", schedule.status)
                     };
-                    settle_without_charge(&mut tx, &payment, PaymentState::Cancelled, &reason, audit).await?;
+                    settle_without_charge(&mut tx, &payment, PaymentState::Cancelled, &reason, None, None, audit).await?;
                     commit(tx).await?;
                     return Ok(AttemptStart::Settled(PaymentState::Cancelled));
                 }
                 let gross = match schedule.amount {
                     AmountRule::Fixed { amount } => amount.minor(),
                     AmountRule::Balance => {
-                        let owed = sum(&mut tx, "SELECT CAST(SUM(amount_due - amount_paid) AS BIGINT) FROM bills WHERE member_id = $1 AND status = 'open' AND $2 = $2", payment.member_id, payment.id).await?;
-                        let in_flight = sum(&mut tx, "SELECT CAST(SUM(amount + credit_applied) AS BIGINT) FROM payments WHERE member_id = $1 AND id <> $2 AND state IN ('processing', 'unknown') AND amount IS NOT NULL", payment.member_id, payment.id).await?;
+                        let owed = sum(&mut tx, "SELECT CAST(SUM(amount_due - amount_paid) AS BIGINT) FROM bills WHERE member_id = $1 AND status = 'open'", &[payment.member_id]).await?;
+                        let in_flight = sum(&mut tx, "SELECT CAST(SUM(amount + credit_applied) AS BIGINT) FROM payments WHERE member_id = $1 AND id <> $2 AND state IN ('processing', 'unknown') AND amount IS NOT NULL", &[payment.member_id, payment.id]).await?;
                         (owed - in_flight).max(0)
                     }
                 };
                 if gross == 0 {
-                    settle_without_charge(&mut tx, &payment, PaymentState::Skipped, "nothing owed", audit).await?;
+                    settle_without_charge(&mut tx, &payment, PaymentState::Skipped, "nothing owed", None, None, audit).await?;
                     commit(tx).await?;
                     return Ok(AttemptStart::Settled(PaymentState::Skipped));
                 }
-                let credits = sum(&mut tx, "SELECT CAST(SUM(remaining) AS BIGINT) FROM credits WHERE member_id = $1 AND $2 = $2", payment.member_id, payment.id).await?;
-                let reserved = sum(&mut tx, "SELECT CAST(SUM(credit_applied) AS BIGINT) FROM payments WHERE member_id = $1 AND id <> $2 AND state IN ('processing', 'unknown')", payment.member_id, payment.id).await?;
+                let credits = sum(&mut tx, "SELECT CAST(SUM(remaining) AS BIGINT) FROM credits WHERE member_id = $1", &[payment.member_id]).await?;
+                let reserved = sum(&mut tx, "SELECT CAST(SUM(credit_applied) AS BIGINT) FROM payments WHERE member_id = $1 AND id <> $2 AND state IN ('processing', 'unknown')", &[payment.member_id, payment.id]).await?;
                 let credit_used = (credits - reserved).max(0).min(gross);
                 let charge = gross - credit_used;
                 if charge == 0 {
                     // Covered by credit: the credit pays the bills, nothing is charged.
-                    settle_without_charge(&mut tx, &payment, PaymentState::Skipped, "covered by credit", audit).await?;
+                    settle_without_charge(&mut tx, &payment, PaymentState::Skipped, "covered by credit", None, None, audit).await?;
                     consume_credits(&mut tx, &payment, credit_used, audit.at).await?;
                     let (_, left) = pay_bills(&mut tx, &payment, credit_used, audit.at).await?;
                     if left > 0 {
@@ -1743,19 +1762,7 @@ macro_rules! shared_store_impl {
                 };
                 if charge > max.minor() {
                     let amount = Money::from_minor(charge, payment.currency);
-                    sqlx::query("UPDATE payments SET amount = $1 WHERE id = $2")
-                        .bind(charge)
-                        .bind(DbId(payment.id))
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("recording an amount"))?;
-                    settle_without_charge(&mut tx, &payment, PaymentState::Failed, "over_limit", audit).await?;
-                    sqlx::query("UPDATE payments SET amount = $1, decline_code = 'over_limit' WHERE id = $2")
-                        .bind(charge)
-                        .bind(DbId(payment.id))
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("recording an amount"))?;
+                    settle_without_charge(&mut tx, &payment, PaymentState::Failed, "over_limit", Some(charge), Some("over_limit"), audit).await?;
                     notify(&mut tx, "failed", &format!("failed:{}", payment.id), &member, serde_json::json!({
                         "payment_id": payment.id, "schedule_id": payment.schedule_id, "member_name": member.name.as_str(),
                         "account_type": member.account_type.as_str(), "amount": amount.amount_string(), "currency": amount.currency().code(),
@@ -1809,7 +1816,7 @@ macro_rules! shared_store_impl {
 
             async fn release(&self, lease: &Lease, audit: &Audit) -> Result<bool> {
                 let mut tx = self.begin_write().await?;
-                let Some(payment) = leased_payment(&mut tx, lease, "'processing'").await? else {
+                let Some(Held { payment, .. }) = leased_payment(&mut tx, lease, "'processing'").await? else {
                     return Ok(false);
                 };
                 sqlx::query("DELETE FROM payment_attempts WHERE payment_id = $1 AND attempt = $2 AND outcome IS NULL")
@@ -1831,10 +1838,9 @@ macro_rules! shared_store_impl {
 
             async fn record_attempt(&self, lease: &Lease, result: &AttemptResult, policy: &OutcomePolicy, audit: &Audit) -> Result<Recorded> {
                 let mut tx = self.begin_write().await?;
-                let Some(payment) = leased_payment(&mut tx, lease, "'processing', 'unknown'").await? else {
+                let Some(Held { payment, credit_applied, unknown_since }) = leased_payment(&mut tx, lease, "'processing', 'unknown'").await? else {
                     return Ok(Recorded::LeaseLost);
                 };
-                let (credit_applied, unknown_since) = payment_extra(&mut tx, payment.id).await?;
                 let member = member_by_id_in(&mut tx, payment.member_id).await?;
                 let state = match result {
                     AttemptResult::Approved { reference } => {
@@ -2038,17 +2044,16 @@ macro_rules! shared_store_impl {
             async fn resolve_payment(&self, resolve: &Resolve, audit: &Audit) -> Result<Payment> {
                 use crate::domain::payment::Resolution;
                 let mut tx = self.begin_write().await?;
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = $1{}", $for_update)))
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS}, credit_applied, unknown_since FROM payments WHERE id = $1{}", $for_update)))
                     .bind(DbId(resolve.payment_id))
                     .fetch_optional(tx.conn())
                     .await
                     .map_err(db_err("reading a payment"))?
                     .ok_or_else(|| StoreError::NotFound(format!("no payment has id {}; list payments with `autopay payment list`", resolve.payment_id)))?;
-                let payment = payment_from(&row)?;
+                let Held { payment, credit_applied, .. } = held_from(&row)?;
                 if !matches!(payment.state, PaymentState::Unknown | PaymentState::NeedsReview) {
                     return Err(StoreError::Conflict(format!("payment {} is {}; only unknown or needs_review payments are resolved by hand", payment.id, payment.state)));
                 }
-                let (credit_applied, _) = payment_extra(&mut tx, payment.id).await?;
                 match resolve.resolution {
                     Resolution::Succeeded => {
                         if payment.amount.is_none() {

@@ -176,6 +176,23 @@ impl World {
             .unwrap()
     }
 
+    /// The member A-100200 with a card from this test number and a monthly schedule of a fixed
+    /// amount whose first payment is due now.
+    pub async fn paying(&self, number: &str, amount: &str) -> (Member, Card, Schedule) {
+        let m = self.member("A-100200", AccountType::IndividualFamily).await;
+        let card = self.card(&m, number).await;
+        let s = self
+            .schedule_now(
+                &m,
+                &card,
+                AmountRule::Fixed {
+                    amount: usd(amount),
+                },
+            )
+            .await;
+        (m, card, s)
+    }
+
     pub async fn payments(&self, member: &Member) -> Vec<autopay::store::Payment> {
         self.store
             .list_payments(Some(member.id), None)
@@ -249,16 +266,7 @@ async fn a_due_payment_is_charged_once_pays_its_bills_and_leaves_a_receipt(kind:
 
 async fn a_soft_decline_waits_retries_with_a_new_key_and_tells_the_member_each_time(kind: Kind) {
     let w = World::new(kind).await;
-    let m = w.member("A-100200", AccountType::IndividualFamily).await;
-    let card = w.card(&m, "4000000000009995").await;
-    w.schedule_now(
-        &m,
-        &card,
-        AmountRule::Fixed {
-            amount: usd("30.00"),
-        },
-    )
-    .await;
+    let (m, _, _) = w.paying("4000000000009995", "30.00").await;
 
     w.engine().drain().await.unwrap();
     let p = w.payments(&m).await.remove(0);
@@ -369,16 +377,7 @@ async fn a_lost_card_is_disabled_its_schedules_suspended_and_the_member_told(kin
 
 async fn an_answer_lost_after_charging_is_looked_up_never_charged_again(kind: Kind) {
     let w = World::new(kind).await;
-    let m = w.member("A-100200", AccountType::IndividualFamily).await;
-    let card = w.card(&m, "4242424242424242").await;
-    w.schedule_now(
-        &m,
-        &card,
-        AmountRule::Fixed {
-            amount: usd("30.00"),
-        },
-    )
-    .await;
+    let (m, _, _) = w.paying("4242424242424242", "30.00").await;
     w.processor.set_faults(1.0, 0.0);
     w.engine().drain().await.unwrap();
     let p = w.payments(&m).await.remove(0);
@@ -401,16 +400,7 @@ async fn an_answer_lost_after_charging_is_looked_up_never_charged_again(kind: Ki
 
 async fn a_timeout_before_charging_is_looked_up_and_charged_with_a_new_key(kind: Kind) {
     let w = World::new(kind).await;
-    let m = w.member("A-100200", AccountType::IndividualFamily).await;
-    let card = w.card(&m, "4242424242424242").await;
-    w.schedule_now(
-        &m,
-        &card,
-        AmountRule::Fixed {
-            amount: usd("30.00"),
-        },
-    )
-    .await;
+    let (m, _, _) = w.paying("4242424242424242", "30.00").await;
     w.processor.set_faults(0.0, 1.0);
     w.engine().drain().await.unwrap();
     assert_eq!(w.payments(&m).await[0].state, PaymentState::Unknown);
@@ -426,16 +416,7 @@ async fn a_timeout_before_charging_is_looked_up_and_charged_with_a_new_key(kind:
 
 async fn an_unknown_outcome_past_the_lookup_window_needs_review(kind: Kind) {
     let w = World::new(kind).await;
-    let m = w.member("A-100200", AccountType::IndividualFamily).await;
-    let card = w.card(&m, "4242424242424242").await;
-    w.schedule_now(
-        &m,
-        &card,
-        AmountRule::Fixed {
-            amount: usd("30.00"),
-        },
-    )
-    .await;
+    w.paying("4242424242424242", "30.00").await;
     let engine = w.engine();
     engine.plan_due().await.unwrap();
     let work = w
@@ -479,16 +460,7 @@ async fn an_unknown_outcome_past_the_lookup_window_needs_review(kind: Kind) {
 
 async fn a_worker_whose_lease_was_taken_over_records_nothing(kind: Kind) {
     let w = World::new(kind).await;
-    let m = w.member("A-100200", AccountType::IndividualFamily).await;
-    let card = w.card(&m, "4242424242424242").await;
-    w.schedule_now(
-        &m,
-        &card,
-        AmountRule::Fixed {
-            amount: usd("30.00"),
-        },
-    )
-    .await;
+    let (m, _, _) = w.paying("4242424242424242", "30.00").await;
     w.engine().plan_due().await.unwrap();
     let policy = outcome_policy(&w.settings);
     let slow = w
@@ -547,16 +519,7 @@ async fn a_worker_whose_lease_was_taken_over_records_nothing(kind: Kind) {
 
 async fn charging_paused_claims_nothing_until_resumed(kind: Kind) {
     let w = World::new(kind).await;
-    let m = w.member("A-100200", AccountType::IndividualFamily).await;
-    let card = w.card(&m, "4242424242424242").await;
-    w.schedule_now(
-        &m,
-        &card,
-        AmountRule::Fixed {
-            amount: usd("30.00"),
-        },
-    )
-    .await;
+    w.paying("4242424242424242", "30.00").await;
     w.store
         .set_charging_pause(Some("incident 42"), &w.audit())
         .await
