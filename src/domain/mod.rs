@@ -2,10 +2,13 @@
 //! zones), and payments (states and transitions). Every type here parses: a value that exists is
 //! valid, so the layers above never check again.
 
+pub mod attempt;
 pub mod card;
+pub mod charge;
 pub mod decline;
 pub mod member;
 pub mod money;
+pub mod notice;
 pub mod payment;
 pub mod schedule;
 pub mod status;

@@ -11,6 +11,12 @@
 //! `exponent` digits are accepted. Anything else is an error that says how to
 //! write the amount, because guessing what "1,000" or "1.000" means is how
 //! members get charged a thousand times too much.
+//!
+//! Two caps keep every amount far from the integer's limits, so that sums of them can be checked
+//! and never wrap: an amount autopay stores (a bill, a balance, a credit) is at most 99,999,999
+//! whole units and its minor units ([`Currency::max_stored`], 99,999,999.99 for USD), and one
+//! charge is at most eight digits of minor units ([`MAX_CHARGE_MINOR`], 999,999.99 for USD),
+//! the most a card processor takes.
 
 use std::fmt;
 
@@ -91,7 +97,19 @@ pub enum MoneyError {
         "the charge amount {amount} is over {max}, the account type's maximum (payments.max_amount_*); charge at most {max} or raise that setting"
     )]
     OverLimit { amount: String, max: String },
+
+    #[error(
+        "the charge amount {amount} is over {max}, the most one card charge can be (eight digits); charge at most {max}"
+    )]
+    AboveChargeCap { amount: String, max: String },
 }
+
+/// The most one charge can be, in minor units of any currency: eight digits, what card
+/// processors accept (999,999.99 USD).
+pub const MAX_CHARGE_MINOR: i64 = 99_999_999;
+
+/// Whole units an amount autopay stores may reach (exclusive): 100,000,000.
+const STORED_WHOLE_UNITS: i64 = 100_000_000;
 
 /// An ISO 4217 currency from the built-in table, with its minor-unit
 /// exponent.
@@ -158,6 +176,19 @@ impl Currency {
 
     fn scale(&self) -> u64 {
         10u64.pow(self.exponent)
+    }
+
+    /// The largest amount autopay stores in this currency, in either direction: 99,999,999 whole
+    /// units and its minor units (99,999,999.99 USD, 99,999,999 JPY).
+    pub fn max_stored(self) -> Money {
+        // 10^8 * 10^3 at most: far inside i64.
+        let minor = STORED_WHOLE_UNITS * self.scale() as i64 - 1;
+        Money::from_minor(minor, self)
+    }
+
+    /// The most one charge can be in this currency ([`MAX_CHARGE_MINOR`]).
+    pub fn max_charge(self) -> Money {
+        Money::from_minor(MAX_CHARGE_MINOR, self)
     }
 }
 
@@ -311,11 +342,12 @@ impl Money {
             });
         }
 
+        let max = currency.max_stored();
         let too_large = || MoneyError::TooLarge {
             subject: subject.clone(),
             currency,
-            min: Money::from_minor(i64::MIN, currency).to_string(),
-            max: Money::from_minor(i64::MAX, currency).to_string(),
+            min: Money::from_minor(-max.minor, currency).to_string(),
+            max: max.to_string(),
         };
         let whole_value = digits_value(whole).ok_or_else(too_large)?;
         let padded_fraction = digits_value(fraction)
@@ -325,14 +357,11 @@ impl Money {
             .checked_mul(currency.scale())
             .and_then(|w| w.checked_add(padded_fraction))
             .ok_or_else(too_large)?;
-        // The magnitude is unsigned so that i64::MIN, whose magnitude has no
-        // positive i64, still parses back from its own Display.
-        let minor = if negative {
-            0i64.checked_sub_unsigned(magnitude)
-        } else {
-            i64::try_from(magnitude).ok()
-        }
-        .ok_or_else(too_large)?;
+        let magnitude = i64::try_from(magnitude)
+            .ok()
+            .filter(|m| *m <= max.minor)
+            .ok_or_else(too_large)?;
+        let minor = if negative { -magnitude } else { magnitude };
         Ok(Money { minor, currency })
     }
 
@@ -361,6 +390,33 @@ impl Money {
             .checked_add(other.minor)
             .map(|minor| Money { minor, ..self })
             .ok_or_else(|| self.overflow("adding", other))
+    }
+
+    /// Adds up amounts of one currency, checking every step.
+    pub fn checked_sum(
+        currency: Currency,
+        amounts: impl IntoIterator<Item = Money>,
+    ) -> Result<Money, MoneyError> {
+        amounts
+            .into_iter()
+            .try_fold(Money::zero(currency), Money::checked_add)
+    }
+
+    /// The smaller of two amounts of one currency.
+    pub fn min(self, other: Money) -> Money {
+        if other.minor < self.minor {
+            other
+        } else {
+            self
+        }
+    }
+
+    /// Zero when this amount is below zero.
+    pub fn at_least_zero(self) -> Money {
+        Money {
+            minor: self.minor.max(0),
+            ..self
+        }
     }
 
     /// Subtracts `other` from `self`; the same rules as [`Money::checked_add`].
@@ -444,16 +500,22 @@ impl ChargeAmount {
         Ok(charge)
     }
 
-    /// Checks positivity only; the caller must apply the cap later.
+    /// Checks positivity and the eight-digit cap of one charge only; the caller must apply the
+    /// account type's limit later.
     pub fn new_unbounded(money: Money) -> Result<ChargeAmount, MoneyError> {
-        if money.is_positive() {
-            Ok(ChargeAmount(money))
-        } else {
-            Err(MoneyError::NotPositive {
+        if !money.is_positive() {
+            return Err(MoneyError::NotPositive {
                 zero: Money::zero(money.currency).to_string(),
                 example: example_amount(money.currency),
-            })
+            });
         }
+        if money.minor > MAX_CHARGE_MINOR {
+            return Err(MoneyError::AboveChargeCap {
+                amount: money.display_with_code(),
+                max: money.currency.max_charge().display_with_code(),
+            });
+        }
+        Ok(ChargeAmount(money))
     }
 
     /// [`Money::parse`] followed by [`ChargeAmount::new`].
@@ -650,17 +712,56 @@ mod tests {
     }
 
     #[test]
-    fn amounts_beyond_i64_are_rejected_not_wrapped() {
+    fn amounts_beyond_the_stored_cap_are_rejected_not_wrapped() {
+        for too_large in [
+            "100000000.00",
+            "-100000000",
+            "50000000000000000.00",
+            "92233720368547758.08",
+            "99999999999999999999999",
+        ] {
+            let err = usd(too_large).unwrap_err();
+            assert!(matches!(err, MoneyError::TooLarge { .. }), "{too_large}");
+            assert!(
+                err.to_string()
+                    .contains("between -99999999.99 and 99999999.99"),
+                "{err}"
+            );
+        }
+        assert_eq!(usd("99999999.99").unwrap().minor(), 9_999_999_999);
+        assert_eq!(usd("-99999999.99").unwrap().minor(), -9_999_999_999);
+        assert_eq!(
+            Money::parse("99999999", Currency::JPY).unwrap().minor(),
+            99_999_999
+        );
+        assert!(Money::parse("100000000", Currency::JPY).is_err());
+    }
+
+    #[test]
+    fn one_charge_is_at_most_eight_digits_of_minor_units() {
+        let cap = Currency::USD.max_charge();
+        assert_eq!(cap.to_string(), "999999.99");
+        assert!(ChargeAmount::new_unbounded(cap).is_ok());
+        let err = ChargeAmount::new_unbounded(usd("1000000.00").unwrap()).unwrap_err();
+        assert!(matches!(err, MoneyError::AboveChargeCap { .. }));
+        assert!(err.to_string().contains("999999.99 USD"), "{err}");
+        let huge = Money::from_minor(i64::MAX, Currency::USD);
+        assert!(ChargeAmount::new(huge, huge).is_err());
+    }
+
+    #[test]
+    fn sums_are_checked_at_every_step() {
+        let big = Money::from_minor(i64::MAX - 1, Currency::USD);
+        let one = Money::from_minor(1, Currency::USD);
+        assert_eq!(
+            Money::checked_sum(Currency::USD, [big, one]),
+            Ok(Money::from_minor(i64::MAX, Currency::USD))
+        );
         assert!(matches!(
-            usd("92233720368547758.08"),
-            Err(MoneyError::TooLarge { .. })
+            Money::checked_sum(Currency::USD, [big, one, one]),
+            Err(MoneyError::Overflow { .. })
         ));
-        assert!(matches!(
-            usd("99999999999999999999999"),
-            Err(MoneyError::TooLarge { .. })
-        ));
-        assert_eq!(usd("-92233720368547758.08").unwrap().minor(), i64::MIN);
-        assert_eq!(usd("92233720368547758.07").unwrap().minor(), i64::MAX);
+        assert!(Money::checked_sum(Currency::USD, [Money::zero(Currency::CAD)]).is_err());
     }
 
     #[test]
@@ -806,7 +907,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn parsing_the_display_of_any_amount_gives_it_back(minor in any::<i64>(), c in any_currency()) {
+        fn parsing_the_display_of_any_storable_amount_gives_it_back(minor in any::<i64>(), c in any_currency()) {
+            let minor = minor % (c.max_stored().minor() + 1);
             let m = Money::from_minor(minor, c);
             prop_assert_eq!(Money::parse(&m.to_string(), c), Ok(m));
             prop_assert_eq!(Money::parse(&m.amount_string(), c), Ok(m));
@@ -814,7 +916,7 @@ mod tests {
 
         #[test]
         fn money_survives_a_json_round_trip(minor in any::<i64>(), c in any_currency()) {
-            let m = Money::from_minor(minor, c);
+            let m = Money::from_minor(minor % (c.max_stored().minor() + 1), c);
             let json = serde_json::to_string(&m).unwrap();
             prop_assert_eq!(serde_json::from_str::<Money>(&json).unwrap(), m);
         }
@@ -848,7 +950,7 @@ mod tests {
                 Money::from_minor(minor, Currency::USD),
                 Money::from_minor(max, Currency::USD),
             );
-            prop_assert_eq!(result.is_ok(), minor > 0 && minor <= max);
+            prop_assert_eq!(result.is_ok(), minor > 0 && minor <= max && minor <= MAX_CHARGE_MINOR);
         }
     }
 }
