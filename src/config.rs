@@ -404,6 +404,8 @@ pub struct ProcessorSettings {
     pub timeout: Dur,
     pub settle_delay: Dur,
     pub lookup_window: Dur,
+    pub key_retention: Dur,
+    pub max_unknown_cycles: u32,
     pub max_requests_per_second: u32,
     pub simulated: SimulatedSettings,
     pub stripe: StripeSettings,
@@ -563,6 +565,8 @@ pub mod raw {
         timeout: String,
         settle_delay: String,
         lookup_window: String,
+        key_retention: String,
+        max_unknown_cycles: String,
         max_requests_per_second: String,
         simulated: Simulated,
         stripe: Stripe,
@@ -918,6 +922,13 @@ impl Settings {
         let timeout = c.dur("processor.timeout", &pr.timeout);
         let settle_delay = c.dur("processor.settle_delay", &pr.settle_delay);
         let lookup_window = c.dur("processor.lookup_window", &pr.lookup_window);
+        let key_retention = c.dur("processor.key_retention", &pr.key_retention);
+        let max_unknown_cycles = c.int(
+            "processor.max_unknown_cycles",
+            &pr.max_unknown_cycles,
+            1,
+            100,
+        );
         let max_rps = c.int(
             "processor.max_requests_per_second",
             &pr.max_requests_per_second,
@@ -1122,6 +1133,21 @@ impl Settings {
                 format!("at least processor.timeout ({timeout}), so that charges in flight finish before exit"),
             );
         }
+        let keys = crate::domain::attempt::KeyPolicy {
+            key_retention: key_retention.0,
+            timeout: timeout.0,
+            lease: lease.0,
+            settle_delay: settle_delay.0,
+            lookup_window: lookup_window.0,
+            max_unknown_cycles,
+        };
+        if let Err(why) = keys.check() {
+            c.problem(
+                "processor.lookup_window",
+                &lookup_window.to_string(),
+                format!("{why} (processor.key_retention is {key_retention})"),
+            );
+        }
         if settle_delay <= timeout {
             c.problem(
                 "processor.settle_delay",
@@ -1165,6 +1191,8 @@ impl Settings {
                 timeout,
                 settle_delay,
                 lookup_window,
+                key_retention,
+                max_unknown_cycles,
                 max_requests_per_second: max_rps,
                 simulated: SimulatedSettings {
                     latency,

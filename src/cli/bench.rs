@@ -30,8 +30,10 @@ use crate::processor::Processor;
 use crate::processor::simulated::SimulatedProcessor;
 use crate::store::{self, Audit, NewBill, NewMember, NewSchedule, Store};
 
-/// Schedules per member: members are employer groups, whose limits a 1.00 charge never reaches.
-const SCHEDULES_PER_MEMBER: u32 = 100;
+/// Schedules per member, each member paying with one card: employer groups, whose limits a 1.00
+/// charge never reaches, and few enough that a card never has the 15 unsettled requests the card
+/// networks allow in flight at once.
+const SCHEDULES_PER_MEMBER: u32 = 10;
 /// Each schedule charges this much, in minor units (1.00).
 const CHARGE_MINOR: i64 = 100;
 /// Each member's one bill: more than its schedules ever charge (at most 100 × 1.00), so no
@@ -291,7 +293,7 @@ async fn load(
             .map_err(|e| CliError::internal(format!("the simulated processor: {e}")))?;
         let card = store
             .add_card(
-                &super::members::new_card(member.id, processor.name(), token.token, token.details),
+                &super::members::new_card(member.id, processor.name(), token),
                 &audit,
             )
             .await?;

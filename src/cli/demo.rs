@@ -144,7 +144,7 @@ pub(super) async fn seed(ctx: &Context, store: &dyn Store) -> Result<(), CliErro
             .map_err(|e| CliError::new(super::exit::UNAVAILABLE, e.to_string()))?;
         let card = store
             .add_card(
-                &super::members::new_card(member.id, processor.name(), token.token, token.details),
+                &super::members::new_card(member.id, processor.name(), token),
                 &audit,
             )
             .await?;

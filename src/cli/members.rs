@@ -9,23 +9,19 @@ use super::output::{self, Table, say};
 use super::{CliError, Context, parse_id};
 use crate::domain::card::{CardNumber, Expiry, SecurityCode};
 use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
-use crate::processor::CardDetails;
+use crate::processor::Tokenized;
 use crate::store::{Card, MemberChange, NewCard, NewMember};
 
 /// The card row for a token the processor issued.
-pub(super) fn new_card(
-    member_id: uuid::Uuid,
-    processor: &str,
-    token: String,
-    details: CardDetails,
-) -> NewCard {
+pub(super) fn new_card(member_id: uuid::Uuid, processor: &str, card: Tokenized) -> NewCard {
     NewCard {
         member_id,
         processor: processor.to_string(),
-        processor_token: token,
-        brand: details.brand,
-        last4: details.last4,
-        expiry: details.expiry,
+        processor_token: card.token,
+        brand: card.details.brand,
+        last4: card.details.last4,
+        expiry: card.details.expiry,
+        fingerprint: card.fingerprint,
     }
 }
 
@@ -300,7 +296,7 @@ pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliE
             let tz = TimeZone::get(&member.time_zone).unwrap_or(TimeZone::UTC);
             let today = ctx.now().to_zoned_datetime(tz).date();
             let processor = ctx.processor().await?;
-            let (token, details) = match (exp, token) {
+            let tokenized = match (exp, token) {
                 (_, Some(token)) => {
                     let token = token.trim().to_string();
                     let details = processor
@@ -311,7 +307,11 @@ pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliE
                         .expiry
                         .check_not_expired(today)
                         .map_err(|e| CliError::data(format!("--token: {e}")))?;
-                    (token, details)
+                    Tokenized {
+                        token,
+                        details,
+                        fingerprint: None,
+                    }
                 }
                 (Some(exp), None) => {
                     let expiry =
@@ -322,14 +322,12 @@ pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliE
                         .accepted_brands
                         .check(number.brand())
                         .map_err(|e| CliError::data(e.to_string()))?;
-                    let tokenized =
-                        processor
-                            .tokenize(&number, &code, expiry)
-                            .await
-                            .map_err(|e| {
-                                CliError::data(format!("the processor refused the card: {e}"))
-                            })?;
-                    (tokenized.token, tokenized.details)
+                    processor
+                        .tokenize(&number, &code, expiry)
+                        .await
+                        .map_err(|e| {
+                            CliError::data(format!("the processor refused the card: {e}"))
+                        })?
                 }
                 (None, None) => {
                     return Err(CliError::usage(
@@ -340,9 +338,9 @@ pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliE
             ctx.settings
                 .payments
                 .accepted_brands
-                .check(details.brand)
+                .check(tokenized.details.brand)
                 .map_err(|e| CliError::data(e.to_string()))?;
-            let new = new_card(member.id, processor.name(), token, details);
+            let new = new_card(member.id, processor.name(), tokenized);
             let card = store.add_card(&new, &ctx.audit()).await?;
             tracing::info!(member_id = %member.id, card_id = %card.id, "card added");
             if ctx.json {

@@ -12,10 +12,12 @@ use super::args::{ChargingCommand, RunArgs};
 use super::output::{self, Table, say};
 use super::{CliError, Context, exit, parse_id};
 use crate::domain::money::Money;
-use crate::domain::payment::{AmountRule, PaymentState, Resolution};
+use crate::domain::payment::{AmountRule, Resolution};
 use crate::domain::schedule::parse_date;
 use crate::domain::status::ScheduleStatus;
-use crate::engine::{Engine, EngineConfig, EngineError, PassReport, Shutdown, outcome_policy};
+use crate::engine::{
+    Engine, EngineConfig, EngineError, PassReport, RetryOutcome, Shutdown, outcome_policy,
+};
 use crate::notify::dispatcher::{DeliveryReport, Dispatcher};
 use crate::notify::templates::Templates;
 use crate::notify::{mailer, reminders};
@@ -309,15 +311,42 @@ pub(super) async fn charging(ctx: &Context, command: ChargingCommand) -> Result<
 pub(super) async fn retry(ctx: &Context, payment: &str, force: bool) -> Result<(), CliError> {
     let id = parse_id(payment, "payment")?;
     let store = ctx.store().await?;
-    let p = store.retry_payment(id, force, &ctx.audit()).await?;
-    tracing::info!(payment_id = %id, attempt = p.attempt, "payment retried by operator");
+    let engine = engine(ctx, store.clone()).await?;
+    let (payment, said) = match engine.operator_retry(id, force, &ctx.audit()).await? {
+        RetryOutcome::Scheduled(p) => {
+            tracing::info!(payment_id = %id, attempt = p.attempt, "payment retried by operator");
+            let said = format!(
+                "payment {id} is scheduled again (attempt {}, a new idempotency key); `autopay run` charges it",
+                p.attempt
+            );
+            (*p, said)
+        }
+        RetryOutcome::Settled(state) => {
+            tracing::info!(payment_id = %id, state = %state, "an operator's retry settled the payment");
+            let said = format!(
+                "payment {id} was settled by the processor's answer to the same request: it is {state}"
+            );
+            (store.payment(id).await?, said)
+        }
+        RetryOutcome::NotYet { until, why } => {
+            let after = until.map_or(String::new(), |t| format!("; try again after {t}"));
+            return Err(CliError::data(format!(
+                "payment {id} cannot be retried yet: {why}{after}. Nothing was changed; `autopay payment resolve` settles it by hand once you have checked the processor"
+            )));
+        }
+        RetryOutcome::NoAnswer { detail } => {
+            return Err(CliError::new(
+                exit::UNAVAILABLE,
+                format!(
+                    "the processor could not answer about payment {id} ({detail}); its state is unchanged, try again later"
+                ),
+            ));
+        }
+    };
     if ctx.json {
-        return output::json(&p);
+        return output::json(&payment);
     }
-    say(format!(
-        "payment {id} is scheduled again (attempt {}, a new idempotency key); `autopay run` charges it",
-        p.attempt
-    ));
+    say(said);
     Ok(())
 }
 
@@ -344,45 +373,55 @@ pub(super) async fn resolve(
     let reason = super::billing::free_text(reason, 200)
         .map_err(|e| CliError::data(format!("--reason: {e}")))?;
     let store = ctx.store().await?;
-    let current = store.payment(id).await?;
-    if !matches!(
-        current.state,
-        PaymentState::Unknown | PaymentState::NeedsReview
-    ) {
-        return Err(CliError::data(format!(
-            "payment {id} is {}; only unknown or needs_review payments are resolved by hand",
-            current.state
-        )));
-    }
-    // Ask the processor first: its answer wins over a guess.
+    // Take the payment first, so that what the processor says below is about the attempt that
+    // is resolved: no worker can settle or resend it meanwhile.
+    let taken = store
+        .take_for_operator(id, ctx.settings.daemon.lease.as_std(), &ctx.audit())
+        .await?;
     let processor = ctx.processor().await?;
-    match processor.find_attempt(id, current.attempt).await {
+    let lookup = match &taken.sent {
+        Some(sent) => tokio::time::timeout(
+            ctx.settings.processor.timeout.as_std(),
+            processor.find_attempt(&sent.reference),
+        )
+        .await
+        .unwrap_or_else(|_| Lookup::Unknown {
+            detail: "no answer within processor.timeout".into(),
+        }),
+        // Nothing was sent for this attempt: there is nothing the processor could hold.
+        None => Lookup::NotFound,
+    };
+    // The processor's answer wins over a guess.
+    let refused = match lookup {
         Lookup::Found(found) if found.approved && resolution != Resolution::Succeeded => {
-            return Err(CliError::data(format!(
+            Some(CliError::data(format!(
                 "the processor holds an approved charge {} for this attempt; resolve it --as succeeded --reference {}",
                 found.reference, found.reference
-            )));
+            )))
         }
         Lookup::Found(found) if !found.approved && resolution == Resolution::Succeeded => {
-            return Err(CliError::data(format!(
+            Some(CliError::data(format!(
                 "the processor recorded this attempt as declined ({}); resolve it --as failed",
                 found.decline_code.unwrap_or_default()
-            )));
+            )))
         }
-        Lookup::NotFound if resolution == Resolution::Succeeded => {
-            return Err(CliError::data(
-                "the processor has no record of this attempt; resolve it --as failed or --as cancelled, then `autopay payment retry` it if it is still owed",
-            ));
-        }
+        Lookup::NotFound if resolution == Resolution::Succeeded => Some(CliError::data(
+            "the processor has no record of this attempt; resolve it --as failed or --as cancelled, then `autopay payment retry` it if it is still owed",
+        )),
         Lookup::Unknown { detail } => {
             tracing::warn!(payment_id = %id, detail = %detail, "the processor could not answer; resolving on the operator's word");
+            None
         }
-        _ => {}
+        _ => None,
+    };
+    if let Some(refused) = refused {
+        store.give_back(&taken.lease).await?;
+        return Err(refused);
     }
     let p = store
         .resolve_payment(
             &Resolve {
-                payment_id: id,
+                lease: taken.lease,
                 resolution,
                 reference,
                 reason,
@@ -390,10 +429,14 @@ pub(super) async fn resolve(
             &ctx.audit(),
         )
         .await?;
+    tracing::info!(payment_id = %id, attempt = taken.payment.attempt, state = %p.state, "payment resolved by operator");
     if ctx.json {
         return output::json(&p);
     }
-    say(format!("payment {id} resolved as {}", p.state));
+    say(format!(
+        "payment {id} (attempt {}) resolved as {}",
+        taken.payment.attempt, p.state
+    ));
     Ok(())
 }
 

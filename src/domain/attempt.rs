@@ -28,13 +28,59 @@
 //! daemon.lease` finds nothing ([`operator_retry`]).
 //!
 //! Every request that can reach the card network counts toward the card's limits before it is
-//! written ([`check_card_limits`]): at most 15 in 30 days, and at most 10 declined in 24 hours.
+//! written, until it comes back approved ([`check_card_limits`]): at most 15 in 30 days, and at
+//! most 10 declined in 24 hours. Approvals stop counting: the networks limit retrying a card
+//! that declines, not paying with one that works (an Employer Group may pay many schedules with
+//! one card).
 
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
+use super::money::Money;
 use super::spelled_enum;
+
+/// One charge request, exactly as it is written to the processor. It is stored before the
+/// first send, and every resend of the attempt is this same value.
+///
+/// It carries the processor's token and what a processor may hold: the metadata names internal
+/// ids and the last four characters of the billing account number, never a name, an email or a
+/// full account number, and never a card number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargeRequest {
+    /// `autopay:{installation}:{schedule}:{occurrence}:{attempt}`: the same key always means the
+    /// same charge.
+    pub idempotency_key: String,
+    pub token: String,
+    pub amount: Money,
+    pub payment_id: Uuid,
+    pub schedule_id: Uuid,
+    pub occurrence: String,
+    pub attempt: i64,
+    pub account_last4: String,
+}
+
+/// What a lookup needs to find one attempt at the processor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRef {
+    pub payment_id: Uuid,
+    pub attempt: i64,
+    pub idempotency_key: String,
+    pub first_sent_at: Timestamp,
+}
+
+/// The idempotency key of one attempt: stable if an occurrence is planned again after a
+/// restore, new for every attempt, and distinct between installations sharing a processor.
+pub fn idempotency_key(
+    installation: Uuid,
+    schedule_id: Uuid,
+    occurrence: &str,
+    attempt: i64,
+) -> String {
+    format!("autopay:{installation}:{schedule_id}:{occurrence}:{attempt}")
+}
 
 /// The margin the resend window keeps before the processor may forget a key.
 pub const RESEND_MARGIN: Duration = Duration::from_secs(3600);

@@ -204,9 +204,14 @@ impl AccountNumber {
     /// "****" and the last four letters or digits (hyphens skipped), e.g.
     /// "****7890": the only form of the number that may go into logs.
     pub fn masked(&self) -> String {
+        format!("****{}", self.last4())
+    }
+
+    /// The last four letters or digits (hyphens skipped): all of the number a processor may
+    /// hold.
+    pub fn last4(&self) -> String {
         let tail: Vec<char> = self.0.chars().rev().filter(|c| *c != '-').take(4).collect();
-        let tail: String = tail.into_iter().rev().collect();
-        format!("****{tail}")
+        tail.into_iter().rev().collect()
     }
 }
 

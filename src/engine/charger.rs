@@ -1,20 +1,23 @@
-//! The charger: claims due payments as fenced leases, only as many as it has slots, and for
-//! each one freezes the amount, re-checks the charging pause, calls the processor outside any
-//! transaction, and records the outcome in one transaction that names the lease.
+//! The charger: claims due payments as fenced leases, only as many as it has slots, and drives
+//! each one's attempt: the store freezes the amount, re-checks the charging pause and stores
+//! the exact request in one transaction; the request is written outside any transaction; the
+//! answer is recorded in one transaction that names the lease.
 //!
-//! An unknown outcome is never answered by charging again: the payment waits
-//! `processor.settle_delay`, then the charger asks the processor what happened.
+//! An unknown outcome is never answered with a new key. The payment waits
+//! `processor.settle_delay`, then a worker claims it to settle: it asks the processor, and a
+//! "not found" inside the key window sends the same stored request again (domain::attempt).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use jiff::SignedDuration;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
 use super::{Engine, EngineError};
-use crate::domain::decline::classify;
-use crate::processor::{ChargeOutcome, ChargeRequest, Lookup};
-use crate::store::{AttemptResult, AttemptStart, Lease, Recorded, Work, WorkKind};
+use crate::domain::attempt::Answer;
+use crate::processor::{AttemptRef, ChargeOutcome, ChargeRequest, Lookup};
+use crate::store::{ClaimRules, Lease, Next, Settler, Work, WorkKind};
 
 /// What one claim round did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -70,17 +73,31 @@ enum Done {
     Released,
 }
 
+/// The first wait after a busy answer, doubled after each one, at most [`MAX_BUSY_WAIT`].
+const FIRST_BUSY_WAIT: Duration = Duration::from_millis(250);
+const MAX_BUSY_WAIT: Duration = Duration::from_secs(2);
+
 impl Engine {
+    /// The claim rules from the settings.
+    fn claim_rules(&self, limit: u32) -> ClaimRules {
+        ClaimRules {
+            lease: self.config.lease,
+            limit,
+            max_lateness: self.config.max_lateness,
+            misfire: self.config.misfire,
+        }
+    }
+
     /// Claims one batch (at most `daemon.concurrency` payments) and works them concurrently.
     pub async fn charge_due(self: &Engine) -> Result<ChargeReport, EngineError> {
         let mut report = ChargeReport::default();
         let limit = self.config.concurrency.min(self.config.batch_size);
         let work = self
             .store
-            .claim_work(&self.worker_id, self.clock.now(), self.config.lease, limit)
+            .claim_work(&self.worker_id, self.clock.now(), &self.claim_rules(limit))
             .await?;
         report.claimed = work.len() as u64;
-        report.looked_up = work.iter().filter(|w| w.kind == WorkKind::Lookup).count() as u64;
+        report.looked_up = work.iter().filter(|w| w.kind == WorkKind::Settle).count() as u64;
         if work.is_empty() {
             return Ok(report);
         }
@@ -140,133 +157,146 @@ impl Engine {
 
     #[tracing::instrument(name = "payment", skip_all, fields(payment_id = %work.payment.id, schedule_id = %work.payment.schedule_id, attempt = work.payment.attempt, kind = ?work.kind))]
     async fn work(&self, work: Work) -> Result<Done, EngineError> {
-        match work.kind {
-            WorkKind::Charge => self.charge(work.lease).await,
-            WorkKind::Lookup => {
-                self.look_up(work.lease, work.payment.id, work.payment.attempt)
-                    .await
+        let lease = work.lease;
+        let next = match work.kind {
+            WorkKind::Charge => {
+                self.store
+                    .begin_attempt(&lease, &self.policy, &self.audit())
+                    .await?
             }
+            WorkKind::Settle => match self.store.sent_attempt(&lease).await? {
+                // The claim expired before any request was written: start the attempt.
+                None => {
+                    self.store
+                        .begin_attempt(&lease, &self.policy, &self.audit())
+                        .await?
+                }
+                Some(sent) => {
+                    let lookup = self.look_up(&sent.reference).await;
+                    tracing::info!(lookup = ?lookup, "looked up an attempt whose outcome was unknown");
+                    self.store
+                        .record_lookup(
+                            &lease,
+                            &lookup.answer(),
+                            Settler::Daemon,
+                            &self.policy,
+                            &self.audit(),
+                        )
+                        .await?
+                }
+            },
+        };
+        match self.drive(lease, next).await? {
+            Next::Moved(state) => {
+                if state == crate::domain::payment::PaymentState::NeedsReview {
+                    tracing::error!(payment_id = %lease.payment_id, "a payment needs an operator's review; see `autopay payment show` and docs/engine.md");
+                } else {
+                    tracing::info!(state = %state, "recorded");
+                }
+                Ok(Done::Moved(state))
+            }
+            Next::Released => {
+                tracing::info!("charging is paused; payment released");
+                Ok(Done::Released)
+            }
+            Next::LeaseLost => {
+                tracing::warn!(
+                    "lease taken over before the outcome was recorded; the new holder settles it"
+                );
+                Ok(Done::LeaseLost)
+            }
+            other => Err(EngineError::Store(crate::store::StoreError::Internal(
+                format!("a worker's attempt ended in {other:?}"),
+            ))),
         }
     }
 
-    async fn charge(&self, lease: Lease) -> Result<Done, EngineError> {
-        let start = self
-            .store
-            .begin_attempt(&lease, &self.policy, &self.audit())
-            .await?;
-        let (amount, attempt, key, token, account, occurrence, schedule_id) = match start {
-            AttemptStart::LeaseLost => return Ok(Done::LeaseLost),
-            AttemptStart::Settled(state) => {
-                tracing::info!(state = %state, "settled without a charge");
-                return Ok(Done::Moved(state));
-            }
-            AttemptStart::Charge {
-                amount,
-                attempt,
-                idempotency_key,
-                card_token,
-                account_number,
-                occurrence,
-                schedule_id,
-            } => (
-                amount,
-                attempt,
-                idempotency_key,
-                card_token,
-                account_number,
-                occurrence,
-                schedule_id,
-            ),
-        };
-        // The emergency stop is checked just before every call, on every host.
-        if self.store.control().await?.charging_paused.is_some() {
-            self.store.release(&lease, &self.audit()).await?;
-            tracing::info!("charging is paused; payment released");
-            return Ok(Done::Released);
-        }
-        let request = ChargeRequest {
-            idempotency_key: key,
-            token,
-            amount,
-            payment_id: lease.payment_id,
-            schedule_id,
-            occurrence,
-            attempt,
-            account_number: account,
-        };
-        // Waits for the rate limit count against the call's timeout.
+    /// Asks the processor about one attempt, within `processor.timeout` (the rate limit
+    /// included).
+    pub(crate) async fn look_up(&self, attempt: &AttemptRef) -> Lookup {
         let call = async {
             self.limiter.acquire().await;
-            self.processor.charge(&request).await
+            self.processor.find_attempt(attempt).await
         };
-        let outcome = match tokio::time::timeout(self.config.processor_timeout, call).await {
+        tokio::time::timeout(self.config.processor_timeout, call)
+            .await
+            .unwrap_or_else(|_| Lookup::Unknown {
+                detail: format!(
+                    "the lookup got no answer within processor.timeout ({:?})",
+                    self.config.processor_timeout
+                ),
+            })
+    }
+
+    /// Writes one request within `budget` (the rate limit included).
+    async fn send(&self, request: &ChargeRequest, budget: Duration) -> ChargeOutcome {
+        let call = async {
+            self.limiter.acquire().await;
+            self.processor.charge(request).await
+        };
+        match tokio::time::timeout(budget, call).await {
             Ok(outcome) => outcome,
             Err(_) => ChargeOutcome::Unknown {
                 detail: format!(
                     "no answer within processor.timeout ({:?})",
                     self.config.processor_timeout
                 ),
+                replayed: false,
             },
-        };
-        if self.crash_hook.as_ref().is_some_and(|crash| crash()) {
-            return Err(EngineError::InjectedCrash);
         }
-        let result = match outcome {
-            ChargeOutcome::Approved { reference } => AttemptResult::Approved { reference },
-            ChargeOutcome::Declined { code, .. } => declined(&code, None),
-            ChargeOutcome::Unknown { detail } => AttemptResult::Unknown { detail },
-            ChargeOutcome::IdempotencyMismatch { detail } => AttemptResult::NeedsReview {
-                detail: format!("the processor refused the idempotency key: {detail}"),
-            },
-        };
-        self.record(lease, &result).await
     }
 
-    async fn look_up(
-        &self,
-        lease: Lease,
-        payment_id: uuid::Uuid,
-        attempt: i64,
-    ) -> Result<Done, EngineError> {
-        let lookup = tokio::time::timeout(
-            self.config.processor_timeout,
-            self.processor.find_attempt(payment_id, attempt),
-        )
-        .await
-        .unwrap_or_else(|_| Lookup::Unknown {
-            detail: "the lookup timed out".into(),
-        });
-        let result = match lookup {
-            Lookup::Found(found) if found.approved => AttemptResult::Approved {
-                reference: found.reference,
-            },
-            Lookup::Found(found) => declined(
-                found.decline_code.as_deref().unwrap_or("generic_decline"),
-                Some(found.reference),
-            ),
-            Lookup::NotFound => AttemptResult::NotCharged,
-            Lookup::Unknown { detail } => AttemptResult::Unknown { detail },
-        };
-        tracing::info!(result = ?result, "looked up an unknown outcome");
-        self.record(lease, &result).await
-    }
-
-    async fn record(&self, lease: Lease, result: &AttemptResult) -> Result<Done, EngineError> {
-        match self
-            .store
-            .record_attempt(&lease, result, &self.policy, &self.audit())
-            .await?
-        {
-            Recorded::Moved(state) => {
-                tracing::info!(state = %state, "recorded");
-                Ok(Done::Moved(state))
-            }
-            Recorded::LeaseLost => {
-                tracing::warn!(
-                    "lease taken over before the outcome was recorded; the new holder settles it"
-                );
-                Ok(Done::LeaseLost)
-            }
+    /// Carries an attempt on from `next` until it rests: sends what the store stored, records
+    /// each answer, waits and resends while the processor is busy (within `processor.timeout`
+    /// from the first busy answer).
+    pub(crate) async fn drive(&self, lease: Lease, mut next: Next) -> Result<Next, EngineError> {
+        let mut busy: Option<(Instant, Duration)> = None;
+        loop {
+            next = match next {
+                Next::Send { request, call } => {
+                    let budget = busy.map_or(self.config.processor_timeout, |(deadline, _)| {
+                        deadline.saturating_duration_since(Instant::now())
+                    });
+                    let outcome = self.send(&request, budget).await;
+                    if self.crash_hook.as_ref().is_some_and(|crash| crash()) {
+                        return Err(EngineError::InjectedCrash);
+                    }
+                    let answer = outcome.answer();
+                    if matches!(answer, Answer::Busy { .. }) && busy.is_none() {
+                        busy = Some((
+                            Instant::now() + self.config.processor_timeout,
+                            FIRST_BUSY_WAIT,
+                        ));
+                    }
+                    self.store
+                        .record_charge(&lease, Some(call), &answer, &self.policy, &self.audit())
+                        .await?
+                }
+                Next::WaitAndResend => {
+                    let (deadline, wait) = busy.unwrap_or((
+                        Instant::now() + self.config.processor_timeout,
+                        FIRST_BUSY_WAIT,
+                    ));
+                    if Instant::now() + wait >= deadline {
+                        let answer = Answer::Unknown {
+                            detail:
+                                "the processor stayed busy for processor.timeout; settled by lookup"
+                                    .into(),
+                            replayed: false,
+                        };
+                        self.store
+                            .record_charge(&lease, None, &answer, &self.policy, &self.audit())
+                            .await?
+                    } else {
+                        tokio::time::sleep(wait).await;
+                        busy = Some((deadline, (wait * 2).min(MAX_BUSY_WAIT)));
+                        self.store
+                            .begin_resend(&lease, Settler::Daemon, &self.policy, &self.audit())
+                            .await?
+                    }
+                }
+                rest => return Ok(rest),
+            };
         }
     }
 
@@ -288,14 +318,14 @@ impl Engine {
         let errors = stats.errors as f64 / stats.attempts as f64;
         let reason = if declines > self.config.breaker_decline_share {
             format!(
-                "circuit breaker: {:.0}% of {} attempts declined in the last {:?}",
+                "circuit breaker: {:.0}% of {} requests declined in the last {:?}",
                 declines * 100.0,
                 stats.attempts,
                 self.config.breaker_window
             )
         } else if errors > self.config.breaker_error_share {
             format!(
-                "circuit breaker: {:.0}% of {} attempts ended with a processor error in the last {:?}",
+                "circuit breaker: {:.0}% of {} requests ended with a processor error in the last {:?}",
                 errors * 100.0,
                 stats.attempts,
                 self.config.breaker_window
@@ -312,15 +342,5 @@ impl Engine {
             self.store.set_charging_pause(Some(&reason), &audit).await?;
         }
         Ok(())
-    }
-}
-
-fn declined(code: &str, reference: Option<String>) -> AttemptResult {
-    let decline = classify(code, None);
-    AttemptResult::Declined {
-        code: decline.code,
-        action: decline.action,
-        member_reason: decline.member_reason.to_string(),
-        reference,
     }
 }

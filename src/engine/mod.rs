@@ -7,6 +7,7 @@
 
 mod charger;
 mod limiter;
+mod operator;
 mod planner;
 mod worker;
 
@@ -17,11 +18,13 @@ use serde::Serialize;
 
 pub use charger::ChargeReport;
 pub use limiter::RateLimiter;
+pub use operator::RetryOutcome;
 pub use planner::PlanReport;
 pub use worker::Shutdown;
 
 use crate::clock::Clock;
 use crate::config::{Misfire, Settings};
+use crate::domain::attempt::KeyPolicy;
 use crate::domain::decline::RetryPolicy;
 use crate::processor::Processor;
 use crate::store::{Audit, OutcomePolicy, Store, StoreError};
@@ -75,15 +78,26 @@ impl EngineConfig {
     }
 }
 
-/// Builds the outcome policy (retries, suspension, lookups, limits) from the settings.
+/// Builds the outcome policy (retries, suspension, the key window, limits) from the settings.
 pub fn outcome_policy(s: &Settings) -> OutcomePolicy {
     OutcomePolicy {
         retry: RetryPolicy::new(s.payments.retry_delays.iter().map(|d| d.as_std()).collect()),
         suspend_after: s.payments.suspend_after,
-        settle_delay: s.processor.settle_delay.as_std(),
-        lookup_window: s.processor.lookup_window.as_std(),
+        keys: key_policy(s),
         max_amount_individual_family: s.payments.max_amount_individual_family,
         max_amount_employer_group: s.payments.max_amount_employer_group,
+    }
+}
+
+/// The timings of the unknown-outcome rule, from the settings.
+pub fn key_policy(s: &Settings) -> KeyPolicy {
+    KeyPolicy {
+        key_retention: s.processor.key_retention.as_std(),
+        timeout: s.processor.timeout.as_std(),
+        lease: s.daemon.lease.as_std(),
+        settle_delay: s.processor.settle_delay.as_std(),
+        lookup_window: s.processor.lookup_window.as_std(),
+        max_unknown_cycles: s.processor.max_unknown_cycles,
     }
 }
 

@@ -62,7 +62,7 @@ const SQLITE_SCHEMA: &[&str] = &[
         amount_minor INTEGER NOT NULL,
         currency TEXT NOT NULL,
         token TEXT NOT NULL,
-        account_number TEXT NOT NULL,
+        account_last4 TEXT NOT NULL,
         approved INTEGER NOT NULL CHECK (approved IN (0, 1)),
         decline_code TEXT,
         created_at TEXT NOT NULL
@@ -70,6 +70,36 @@ const SQLITE_SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS sim_charges_payment ON sim_charges (payment_id, attempt)",
     "CREATE INDEX IF NOT EXISTS sim_charges_created ON sim_charges (created_at)",
 ];
+
+/// Ledgers written before requests carried only the account's last four characters kept the
+/// whole account number: renamed and cut to its last four when such a ledger is opened.
+const SQLITE_HAS_OLD_COLUMN: &str =
+    "SELECT COUNT(*) FROM pragma_table_info('sim_charges') WHERE name = 'account_number'";
+const PG_HAS_OLD_COLUMN: &str = "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'sim_charges' AND column_name = 'account_number'";
+const UPGRADE_OLD_COLUMN: &[&str] = &[
+    "ALTER TABLE sim_charges RENAME COLUMN account_number TO account_last4",
+    "UPDATE sim_charges SET account_last4 = substr(account_last4, length(account_last4) - 3) WHERE length(account_last4) > 4",
+];
+
+/// Renames an old ledger's account column (see [`UPGRADE_OLD_COLUMN`]) inside a transaction,
+/// once per backend.
+macro_rules! upgrade_fn {
+    ($name:ident, $db:ty, $has_old_column:expr) => {
+        async fn $name(tx: &mut sqlx::Transaction<'_, $db>) -> Result<(), sqlx::Error> {
+            let old: i64 = sqlx::query_scalar($has_old_column)
+                .fetch_one(&mut **tx)
+                .await?;
+            if old > 0 {
+                for statement in UPGRADE_OLD_COLUMN {
+                    sqlx::query(*statement).execute(&mut **tx).await?;
+                }
+            }
+            Ok(())
+        }
+    };
+}
+upgrade_fn!(upgrade_sqlite, sqlx::Sqlite, SQLITE_HAS_OLD_COLUMN);
+upgrade_fn!(upgrade_postgres, sqlx::Postgres, PG_HAS_OLD_COLUMN);
 
 const PG_SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS sim_charges (
@@ -82,7 +112,7 @@ const PG_SCHEMA: &[&str] = &[
         amount_minor BIGINT NOT NULL,
         currency TEXT NOT NULL,
         token TEXT NOT NULL,
-        account_number TEXT NOT NULL,
+        account_last4 TEXT NOT NULL,
         approved BOOLEAN NOT NULL,
         decline_code TEXT,
         created_at TIMESTAMPTZ NOT NULL
@@ -93,7 +123,7 @@ const PG_SCHEMA: &[&str] = &[
 
 macro_rules! cols {
     () => {
-        "idempotency_key, reference, payment_id, schedule_id, occurrence, attempt, amount_minor, currency, token, account_number, approved, decline_code, created_at"
+        "idempotency_key, reference, payment_id, schedule_id, occurrence, attempt, amount_minor, currency, token, account_last4, approved, decline_code, created_at"
     };
 }
 
@@ -151,7 +181,7 @@ macro_rules! sql_backend {
                     schedule_id: id("schedule_id")?,
                     occurrence: text("occurrence")?,
                     attempt: int("attempt")?,
-                    account_number: text("account_number")?,
+                    account_last4: text("account_last4")?,
                 };
                 let attempt = ProcessorAttempt {
                     reference: text("reference")?,
@@ -202,7 +232,7 @@ macro_rules! sql_backend {
                     .bind(r.amount.minor())
                     .bind(r.amount.currency().code())
                     .bind(&r.token)
-                    .bind(&r.account_number)
+                    .bind(&r.account_last4)
                     .bind(a.approved)
                     .bind(&a.decline_code)
                     .bind(DbTime(a.created_at))
@@ -338,6 +368,9 @@ impl ChargeLedger {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(|e| open_failed(&label, e, SQLITE_FIX))?;
+        upgrade_sqlite(&mut tx)
+            .await
+            .map_err(|e| open_failed(&label, e, SQLITE_FIX))?;
         for statement in SQLITE_SCHEMA {
             sqlx::query(*statement)
                 .execute(&mut *tx)
@@ -371,6 +404,9 @@ impl ChargeLedger {
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(PG_CREATE_LOCK_KEY)
             .execute(&mut *tx)
+            .await
+            .map_err(|e| open_failed(&label, e, PG_FIX))?;
+        upgrade_postgres(&mut tx)
             .await
             .map_err(|e| open_failed(&label, e, PG_FIX))?;
         for statement in PG_SCHEMA {

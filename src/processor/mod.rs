@@ -13,6 +13,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::domain::attempt::{Answer, LookupAnswer};
 use crate::domain::card::{CardBrand, CardNumber, Expiry, Last4, SecurityCode};
 use crate::domain::money::Money;
 
@@ -29,22 +30,12 @@ pub struct CardDetails {
 pub struct Tokenized {
     pub token: String,
     pub details: CardDetails,
+    /// The processor's fingerprint of the card number, when it gives one: the same card added
+    /// twice has the same fingerprint, and the card networks' limits count per card.
+    pub fingerprint: Option<String>,
 }
 
-/// One attempt to charge one payment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChargeRequest {
-    /// `autopay:{installation}:{schedule}:{occurrence}:{attempt}`: the same key always means the
-    /// same charge.
-    pub idempotency_key: String,
-    pub token: String,
-    pub amount: Money,
-    pub payment_id: Uuid,
-    pub schedule_id: Uuid,
-    pub occurrence: String,
-    pub attempt: i64,
-    pub account_number: String,
-}
+pub use crate::domain::attempt::{AttemptRef, ChargeRequest};
 
 /// What a charge call came back with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,15 +46,51 @@ pub enum ChargeOutcome {
     Declined {
         code: String,
         message: String,
+        /// The processor's record of the declined charge, when it made one.
+        reference: Option<String>,
     },
     /// The call did not say whether money moved: a timeout, a dropped connection, a 5xx.
+    /// `replayed` when the processor replayed a stored server error for this key.
     Unknown {
+        detail: String,
+        replayed: bool,
+    },
+    /// Nothing was decided: "key in use" (409), a rate limit (429), or a connection that failed
+    /// before the request was written. Send the same request again after a wait.
+    Busy {
         detail: String,
     },
     /// The same key was used with other parameters: an operator must look.
     IdempotencyMismatch {
         detail: String,
     },
+}
+
+impl ChargeOutcome {
+    /// The answer the unknown-outcome rule reads.
+    pub fn answer(&self) -> Answer {
+        match self {
+            ChargeOutcome::Approved { reference } => Answer::Approved {
+                reference: reference.clone(),
+            },
+            ChargeOutcome::Declined {
+                code, reference, ..
+            } => Answer::Declined {
+                code: code.clone(),
+                reference: reference.clone(),
+            },
+            ChargeOutcome::Unknown { detail, replayed } => Answer::Unknown {
+                detail: detail.clone(),
+                replayed: *replayed,
+            },
+            ChargeOutcome::Busy { detail } => Answer::Busy {
+                detail: detail.clone(),
+            },
+            ChargeOutcome::IdempotencyMismatch { detail } => Answer::Mismatch {
+                detail: detail.clone(),
+            },
+        }
+    }
 }
 
 /// What the processor holds for one attempt, found by its metadata.
@@ -89,6 +116,23 @@ pub enum Lookup {
     Unknown {
         detail: String,
     },
+}
+
+impl Lookup {
+    /// The answer the unknown-outcome rule reads.
+    pub fn answer(&self) -> LookupAnswer {
+        match self {
+            Lookup::Found(found) => LookupAnswer::Found {
+                approved: found.approved,
+                reference: found.reference.clone(),
+                decline_code: found.decline_code.clone(),
+            },
+            Lookup::NotFound => LookupAnswer::NotFound,
+            Lookup::Unknown { detail } => LookupAnswer::Unknown {
+                detail: detail.clone(),
+            },
+        }
+    }
 }
 
 /// Why the processor refused a request outright.
@@ -118,8 +162,8 @@ pub trait Processor: Send + Sync {
     async fn card_details(&self, token: &str) -> Result<CardDetails, ProcessorError>;
     /// Charges a token once per idempotency key.
     async fn charge(&self, request: &ChargeRequest) -> ChargeOutcome;
-    /// Looks up one attempt by its payment and attempt number.
-    async fn find_attempt(&self, payment_id: Uuid, attempt: i64) -> Lookup;
+    /// Looks up one attempt: by its metadata (payment and attempt number) or its key.
+    async fn find_attempt(&self, attempt: &AttemptRef) -> Lookup;
     /// Every charge this installation made since `since`, for `reconcile`.
     async fn list_attempts(
         &self,

@@ -40,8 +40,8 @@ use uuid::Uuid;
 
 use super::ledger::{Charge, ChargeLedger};
 use super::{
-    CardDetails, ChargeOutcome, ChargeRequest, Lookup, Processor, ProcessorAttempt, ProcessorError,
-    Tokenized,
+    AttemptRef, CardDetails, ChargeOutcome, ChargeRequest, Lookup, Processor, ProcessorAttempt,
+    ProcessorError, Tokenized,
 };
 use crate::clock::Clock;
 use crate::config::{Backend, DatabaseUrl, Ledger, SimulatedSettings};
@@ -411,12 +411,14 @@ impl SimulatedProcessor {
                 return ChargeOutcome::Declined {
                     code: "invalid_token".into(),
                     message: e.to_string(),
+                    reference: None,
                 };
             }
         };
         if token.outcome == Outcome::Timeout {
             return ChargeOutcome::Unknown {
                 detail: "the simulated processor timed out before charging".into(),
+                replayed: false,
             };
         }
         // Whole microseconds: what both SQL backends keep, so every backend answers alike.
@@ -471,6 +473,7 @@ impl Processor for SimulatedProcessor {
         Ok(Tokenized {
             token: token.encode(&nonce[..12]),
             details,
+            fingerprint: None,
         })
     }
 
@@ -485,20 +488,26 @@ impl Processor for SimulatedProcessor {
         if fault == Fault::TimeoutBeforeCharge {
             return ChargeOutcome::Unknown {
                 detail: "the call to the simulated processor timed out before it charged (processor.simulated.timeout_before_charge)".into(),
+                replayed: false,
             };
         }
         let answer = self.charge_reached(request).await;
         if fault == Fault::DropAfterCharge {
             return ChargeOutcome::Unknown {
                 detail: "the simulated processor's answer was lost after it charged (processor.simulated.drop_after_charge)".into(),
+                replayed: false,
             };
         }
         answer
     }
 
-    async fn find_attempt(&self, payment_id: Uuid, attempt: i64) -> Lookup {
+    async fn find_attempt(&self, attempt: &AttemptRef) -> Lookup {
         self.delay().await;
-        match self.ledger.by_attempt(payment_id, attempt).await {
+        match self
+            .ledger
+            .by_attempt(attempt.payment_id, attempt.attempt)
+            .await
+        {
             Ok(Some(found)) => Lookup::Found(found),
             Ok(None) => Lookup::NotFound,
             Err(e) => Lookup::Unknown {
@@ -527,7 +536,7 @@ fn answer_for(stored: &Charge, request: &ChargeRequest) -> ChargeOutcome {
         ("schedule_id", s.schedule_id != r.schedule_id),
         ("occurrence", s.occurrence != r.occurrence),
         ("attempt", s.attempt != r.attempt),
-        ("account_number", s.account_number != r.account_number),
+        ("account_last4", s.account_last4 != r.account_last4),
     ]
     .into_iter()
     .filter_map(|(name, differs)| differs.then_some(name))
@@ -546,6 +555,7 @@ fn answer_for(stored: &Charge, request: &ChargeRequest) -> ChargeOutcome {
 fn unreachable_ledger(e: ProcessorError) -> ChargeOutcome {
     ChargeOutcome::Unknown {
         detail: e.to_string(),
+        replayed: false,
     }
 }
 
@@ -557,6 +567,7 @@ fn outcome_of(attempt: &ProcessorAttempt) -> ChargeOutcome {
         Some(code) => ChargeOutcome::Declined {
             code: code.clone(),
             message: format!("the card was declined ({code})"),
+            reference: Some(attempt.reference.clone()),
         },
     }
 }
@@ -571,6 +582,16 @@ mod tests {
 
     fn clock() -> Arc<ManualClock> {
         Arc::new(ManualClock::new("2026-11-30T09:00:00Z".parse().unwrap()))
+    }
+
+    /// A lookup of one attempt by its metadata, as the engine makes it.
+    fn attempt_ref(payment_id: Uuid, attempt: i64) -> AttemptRef {
+        AttemptRef {
+            payment_id,
+            attempt,
+            idempotency_key: format!("k{attempt}"),
+            first_sent_at: Timestamp::UNIX_EPOCH,
+        }
     }
 
     fn processor() -> SimulatedProcessor {
@@ -640,7 +661,7 @@ mod tests {
             schedule_id: Uuid::nil(),
             occurrence: "2026-12-01".into(),
             attempt: 1,
-            account_number: "A1".into(),
+            account_last4: "0001".into(),
         }
     }
 
@@ -690,7 +711,7 @@ mod tests {
             ChargeOutcome::Declined { code, .. } if code == "lost_card"
         ));
 
-        match p.find_attempt(payment, 1).await {
+        match p.find_attempt(&attempt_ref(payment, 1)).await {
             Lookup::Found(a) => {
                 assert_eq!(a.reference, reference(&first));
                 assert!(a.approved);
@@ -703,15 +724,21 @@ mod tests {
             }
             other => panic!("expected the first attempt, got {other:?}"),
         }
-        match p.find_attempt(payment, 2).await {
+        match p.find_attempt(&attempt_ref(payment, 2)).await {
             Lookup::Found(a) => {
                 assert!(!a.approved);
                 assert_eq!(a.decline_code.as_deref(), Some("lost_card"));
             }
             other => panic!("expected the second attempt, got {other:?}"),
         }
-        assert_eq!(p.find_attempt(payment, 3).await, Lookup::NotFound);
-        assert_eq!(p.find_attempt(Uuid::now_v7(), 1).await, Lookup::NotFound);
+        assert_eq!(
+            p.find_attempt(&attempt_ref(payment, 3)).await,
+            Lookup::NotFound
+        );
+        assert_eq!(
+            p.find_attempt(&attempt_ref(Uuid::now_v7(), 1)).await,
+            Lookup::NotFound
+        );
 
         let charges = p.charges_for(payment).await.unwrap();
         assert_eq!(
@@ -772,7 +799,7 @@ mod tests {
             before + 1,
             "the charge happened"
         );
-        let Lookup::Found(found) = p.find_attempt(dropped, 1).await else {
+        let Lookup::Found(found) = p.find_attempt(&attempt_ref(dropped, 1)).await else {
             panic!("the lookup must find the dropped charge");
         };
         assert!(found.approved);
@@ -791,7 +818,10 @@ mod tests {
             before + 1,
             "nothing charged"
         );
-        assert_eq!(p.find_attempt(timed_out, 1).await, Lookup::NotFound);
+        assert_eq!(
+            p.find_attempt(&attempt_ref(timed_out, 1)).await,
+            Lookup::NotFound
+        );
 
         // Faults off: the dropped key answers with the charge it made, the other charges now.
         p.set_faults(0.0, 0.0);
@@ -854,10 +884,13 @@ mod tests {
             ChargeOutcome::IdempotencyMismatch { .. }
         ));
         assert!(matches!(
-            p.find_attempt(Uuid::nil(), 1).await,
+            p.find_attempt(&attempt_ref(Uuid::nil(), 1)).await,
             Lookup::Found(_)
         ));
-        assert_eq!(p.find_attempt(Uuid::nil(), 2).await, Lookup::NotFound);
+        assert_eq!(
+            p.find_attempt(&attempt_ref(Uuid::nil(), 2)).await,
+            Lookup::NotFound
+        );
         assert_eq!(
             p.list_attempts("2026-01-01T00:00:00Z".parse().unwrap())
                 .await
@@ -882,7 +915,10 @@ mod tests {
             ChargeOutcome::Unknown { .. }
         ));
         assert_eq!(p.ledger_count().await.unwrap(), 1);
-        assert_eq!(p.find_attempt(Uuid::nil(), 2).await, Lookup::NotFound);
+        assert_eq!(
+            p.find_attempt(&attempt_ref(Uuid::nil(), 2)).await,
+            Lookup::NotFound
+        );
     }
 
     #[tokio::test]
@@ -904,7 +940,7 @@ mod tests {
 
         let reopened = on_sqlite(dir.path(), 0.0, 0.0).await;
         assert_eq!(reopened.ledger_count().await.unwrap(), 1);
-        let Lookup::Found(found) = reopened.find_attempt(payment, 1).await else {
+        let Lookup::Found(found) = reopened.find_attempt(&attempt_ref(payment, 1)).await else {
             panic!("the reopened ledger must remember the charge");
         };
         assert_eq!(found.reference, first);
@@ -937,7 +973,10 @@ mod tests {
             matches!(answer, ChargeOutcome::Unknown { .. }),
             "{answer:?}"
         );
-        assert!(matches!(p.find_attempt(payment, 1).await, Lookup::Found(_)));
+        assert!(matches!(
+            p.find_attempt(&attempt_ref(payment, 1)).await,
+            Lookup::Found(_)
+        ));
         assert_eq!(p.ledger_count().await.unwrap(), 1);
     }
 
@@ -952,7 +991,10 @@ mod tests {
             matches!(answer, ChargeOutcome::Unknown { .. }),
             "{answer:?}"
         );
-        assert_eq!(p.find_attempt(payment, 1).await, Lookup::NotFound);
+        assert_eq!(
+            p.find_attempt(&attempt_ref(payment, 1)).await,
+            Lookup::NotFound
+        );
         assert_eq!(p.ledger_count().await.unwrap(), 0);
     }
 

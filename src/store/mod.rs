@@ -24,9 +24,13 @@ use crate::domain::member::AccountNumber;
 use crate::domain::money::Money;
 use crate::domain::payment::PaymentState;
 
+pub use crate::domain::attempt::{Answer, LookupAnswer};
+
 /// The schema version this binary needs (the highest migration it knows).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// The schema version a database records as the oldest binary that may run against it.
+/// Migrations are additive for one release, so the release before this one (schema 1) still
+/// runs against a database this one migrated.
 pub const MIN_BINARY_SCHEMA: i64 = 1;
 
 /// What went wrong in the store, sorted by what the caller should do about it.
@@ -219,43 +223,79 @@ pub trait Store: Send + Sync {
     /// Writes a schedule's due occurrences and moves its cursor; false when the schedule changed
     /// since it was read (another planner got there first, or an operator changed it).
     async fn apply_plan(&self, step: &PlanStep, audit: &Audit) -> Result<bool>;
-    /// Claims up to `limit` payments: due charges (unless charging is paused), and unknown
-    /// outcomes or expired leases to look up.
+    /// Claims up to `rules.limit` payments: due charges (unless charging is paused; a payment
+    /// too late or coalesced is recorded as missed instead), and attempts to settle (unknown
+    /// outcomes due for a lookup, claims that expired mid-call).
     async fn claim_work(
         &self,
         owner: &str,
         now: Timestamp,
-        lease: std::time::Duration,
-        limit: u32,
+        rules: &ClaimRules,
     ) -> Result<Vec<Work>>;
     /// Extends leases this worker still holds; returns how many it still holds.
     async fn renew_leases(&self, leases: &[Lease], until: Timestamp) -> Result<u64>;
-    /// Freezes the attempt's amount (or ends the payment: nothing owed, covered by credit, over
-    /// the limit, card gone) and records that the attempt starts.
+    /// Starts the attempt of a claimed payment that has none sent: freezes the amount (or ends
+    /// the payment: nothing owed, covered by credit, over the limit, card gone, card at its
+    /// limit), re-checks the charging pause, and stores the exact request, `first_sent_at` and
+    /// the call's row, all in one transaction committed before the request is written.
     async fn begin_attempt(
         &self,
         lease: &Lease,
         policy: &OutcomePolicy,
         audit: &Audit,
-    ) -> Result<AttemptStart>;
-    /// Gives a claimed payment back untouched (charging was paused before the call).
-    async fn release(&self, lease: &Lease, audit: &Audit) -> Result<bool>;
-    /// Records an attempt's outcome with its allocations, balances, outbox row and audit event.
-    async fn record_attempt(
+    ) -> Result<Next>;
+    /// The sent attempt of a claimed (or operator-taken) payment, if its attempt was sent.
+    async fn sent_attempt(&self, lease: &Lease) -> Result<Option<SentFacts>>;
+    /// Sends the stored request of a sent attempt again: checks the lease, the key window, the
+    /// card's limits and the charging pause immediately before, in the transaction that opens
+    /// the call's row.
+    async fn begin_resend(
         &self,
         lease: &Lease,
-        result: &AttemptResult,
+        by: Settler,
         policy: &OutcomePolicy,
         audit: &Audit,
-    ) -> Result<Recorded>;
-    /// The earliest moment any work falls due.
+    ) -> Result<Next>;
+    /// Records a charge request's answer (`call`: its row; None when the wait for a busy
+    /// processor ran out) and what follows from it, with the allocations, balances, outbox row
+    /// and audit event, in one transaction that names the lease.
+    async fn record_charge(
+        &self,
+        lease: &Lease,
+        call: Option<Uuid>,
+        answer: &crate::domain::attempt::Answer,
+        policy: &OutcomePolicy,
+        audit: &Audit,
+    ) -> Result<Next>;
+    /// Records a lookup's answer and what follows: a definite outcome, a resend of the same
+    /// request (whose call row it opens), another lookup later, or an operator's decision.
+    async fn record_lookup(
+        &self,
+        lease: &Lease,
+        answer: &crate::domain::attempt::LookupAnswer,
+        by: Settler,
+        policy: &OutcomePolicy,
+        audit: &Audit,
+    ) -> Result<Next>;
+    /// The earliest moment any work falls due (charges only while charging runs).
     async fn next_wakeup(&self) -> Result<Option<Timestamp>>;
     async fn attempt_stats(&self, since: Timestamp) -> Result<AttemptStats>;
     /// Pauses charging with a reason (`None` resumes it).
     async fn set_charging_pause(&self, reason: Option<&str>, audit: &Audit) -> Result<Control>;
-    /// Operator: a `failed`, `missed` or `needs_review` payment goes again with a new key.
+    /// Operator: a `failed` or `missed` payment goes again with a new key.
     async fn retry_payment(&self, id: Uuid, force: bool, audit: &Audit) -> Result<Payment>;
-    /// Operator: settles an `unknown` or `needs_review` payment.
+    /// Operator: takes an `unknown` or `needs_review` payment under a lease of its own, so
+    /// that no worker settles it while the operator asks the processor and decides.
+    async fn take_for_operator(
+        &self,
+        id: Uuid,
+        lease: std::time::Duration,
+        audit: &Audit,
+    ) -> Result<Taken>;
+    /// Operator: gives a taken payment back untouched.
+    async fn give_back(&self, lease: &Lease) -> Result<bool>;
+    /// Operator: settles a taken `unknown` or `needs_review` payment, recording the attempt's
+    /// outcome.
     async fn resolve_payment(&self, resolve: &Resolve, audit: &Audit) -> Result<Payment>;
 
     // The outbox.

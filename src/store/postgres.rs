@@ -18,11 +18,18 @@ pub struct PgStore {
 impl PgStore {
     const BACKEND: Backend = Backend::Postgres;
     const BOOTSTRAP: &'static str = "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL)";
-    const MIGRATIONS: &'static [(i64, &'static str, &'static str)] = &[(
-        1,
-        "initial",
-        include_str!("../../migrations/postgres/0001_initial.sql"),
-    )];
+    const MIGRATIONS: &'static [(i64, &'static str, &'static str)] = &[
+        (
+            1,
+            "initial",
+            include_str!("../../migrations/postgres/0001_initial.sql"),
+        ),
+        (
+            2,
+            "exactly_once",
+            include_str!("../../migrations/postgres/0002_exactly_once.sql"),
+        ),
+    ];
     /// Any fixed number shared by every autopay process: serializes concurrent `migrate` runs.
     const MIGRATION_LOCK_KEY: i64 = 0x0061_7574_6f70_6179;
 

@@ -110,6 +110,9 @@ pub struct Card {
     pub processor: String,
     #[serde(skip)]
     pub processor_token: String,
+    /// The processor's fingerprint of the number, when it gave one.
+    #[serde(skip)]
+    pub fingerprint: Option<String>,
     pub brand: CardBrand,
     pub last4: Last4,
     pub exp_month: u8,
@@ -134,6 +137,8 @@ pub struct NewCard {
     pub brand: CardBrand,
     pub last4: Last4,
     pub expiry: Expiry,
+    /// The processor's fingerprint of the number, when it gives one.
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -325,11 +330,14 @@ pub struct Lease {
     pub token: Uuid,
 }
 
-/// What a claimed payment needs: a charge, or a lookup of an attempt whose outcome is unknown.
+/// What a claimed payment needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkKind {
+    /// A due payment: start its attempt.
     Charge,
-    Lookup,
+    /// An unknown outcome, or a claim that expired mid-call: settle the attempt (look it up,
+    /// resend the same request inside the key window). Never a new key.
+    Settle,
 }
 
 #[derive(Debug, Clone)]
@@ -339,47 +347,61 @@ pub struct Work {
     pub payment: Payment,
 }
 
-/// The first step of an attempt, taken in one transaction after the claim.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AttemptStart {
-    /// Call the processor with exactly this.
-    Charge {
-        amount: Money,
-        attempt: i64,
-        idempotency_key: String,
-        card_token: String,
-        account_number: String,
-        occurrence: String,
-        schedule_id: Uuid,
-    },
-    /// Nothing to call: the payment ended here (skipped, failed over the limit, cancelled).
-    Settled(PaymentState),
-    /// Another worker holds the payment now; do nothing.
-    LeaseLost,
+/// How a worker claims: how long, how many, and the lateness and misfire rules that apply to a
+/// payment when it is claimed (a charging pause may have kept it waiting).
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRules {
+    pub lease: std::time::Duration,
+    pub limit: u32,
+    pub max_lateness: std::time::Duration,
+    pub misfire: crate::config::Misfire,
 }
 
-/// What the processor said, classified.
+/// What to do next with a claimed payment, after a step of its attempt was recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AttemptResult {
-    Approved {
-        reference: String,
+pub enum Next {
+    /// Write exactly this request now; `call` names its row in the attempt history.
+    Send {
+        request: crate::domain::attempt::ChargeRequest,
+        call: Uuid,
     },
-    Declined {
-        code: String,
-        action: crate::domain::decline::DeclineAction,
-        member_reason: String,
-        reference: Option<String>,
+    /// The processor was busy or never got the request: wait, then resend it (`begin_resend`).
+    WaitAndResend,
+    /// The payment is here now; nothing more to do with it.
+    Moved(PaymentState),
+    /// Charging was paused before any request was written: the payment waits, untouched.
+    Released,
+    /// Another worker holds the payment now; do nothing.
+    LeaseLost,
+    /// Operator only: nothing is safe to send or start yet (the key may still charge, the card
+    /// is at its limit, or charging is paused); the payment went back as it was.
+    NotYet {
+        until: Option<Timestamp>,
+        why: String,
     },
-    /// Money may or may not have moved: look it up after the settle delay.
-    Unknown {
-        detail: String,
-    },
-    /// A lookup found no such charge: the next attempt goes with a new key.
-    NotCharged,
-    /// The same key came back with other parameters: an operator decides.
-    NeedsReview {
-        detail: String,
-    },
+}
+
+/// Who is settling: the daemon, or an operator's `payment retry`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settler {
+    Daemon,
+    Operator,
+}
+
+/// What autopay holds about the sent attempt of a claimed payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentFacts {
+    pub reference: crate::domain::attempt::AttemptRef,
+    pub attempt: crate::domain::attempt::SentAttempt,
+}
+
+/// A payment an operator took for review under a lease of their own.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub lease: Lease,
+    pub payment: Payment,
+    /// None when the current attempt was never sent.
+    pub sent: Option<SentFacts>,
 }
 
 /// How outcomes move a payment on.
@@ -387,31 +409,27 @@ pub enum AttemptResult {
 pub struct OutcomePolicy {
     pub retry: crate::domain::decline::RetryPolicy,
     pub suspend_after: u32,
-    pub settle_delay: std::time::Duration,
-    pub lookup_window: std::time::Duration,
+    pub keys: crate::domain::attempt::KeyPolicy,
     pub max_amount_individual_family: Money,
     pub max_amount_employer_group: Money,
 }
 
-/// What recording did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recorded {
-    Moved(PaymentState),
-    LeaseLost,
-}
-
-/// Attempts and their outcomes over a window, for the circuit breaker.
+/// Charge requests and their outcomes over a window, for the circuit breaker.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct AttemptStats {
+    /// Charge requests answered in the window.
     pub attempts: i64,
     pub declines: i64,
+    /// Requests that came back without an approval or a decline (timeouts, 5xx, 409, 429, a
+    /// refused key).
     pub errors: i64,
 }
 
-/// An operator's decision on an `unknown` or `needs_review` payment.
+/// An operator's decision on an `unknown` or `needs_review` payment, made under the lease the
+/// operator took before asking the processor.
 #[derive(Debug, Clone)]
 pub struct Resolve {
-    pub payment_id: Uuid,
+    pub lease: Lease,
     pub resolution: crate::domain::payment::Resolution,
     pub reference: String,
     pub reason: String,

@@ -15,10 +15,15 @@ macro_rules! shared_store_impl {
         use sqlx::Row;
         use uuid::Uuid;
 
+        use crate::domain::attempt::{AttemptRef, CallOutcome, CardLimit, ChargeRequest, SentAttempt, Step as AttemptStep};
         use crate::domain::card::{CardBrand, Last4};
         use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
         use crate::domain::money::{Currency, Money};
-        use crate::domain::payment::{AmountRule, PaymentState};
+        use crate::domain::notice::{
+            Addressee, BillPaid, CardDisabled, Declined, Notice, Receipt, ScheduleChange as ScheduleChangeNotice,
+            ScheduleFacts, ScheduleSuspended,
+        };
+        use crate::domain::payment::{AmountRule, PaymentState, Transition};
         use crate::domain::schedule::{OccurrenceKey, Recurrence};
         use crate::domain::status::{BillStatus, CardStatus, MemberStatus, ScheduleStatus};
         use crate::store::types::{DbDate, DbId, DbTime};
@@ -28,11 +33,18 @@ macro_rules! shared_store_impl {
         type Tx = crate::store::WriteTx<$db>;
 
         const MEMBER_COLS: &str = "id, account_number, account_type, name, email, time_zone, reminders, email_bouncing, processor_customer_id, status, created_at, updated_at";
-        const CARD_COLS: &str = "id, member_id, processor, processor_token, brand, last4, exp_month, exp_year, status, status_reason, created_at";
+        const CARD_COLS: &str = "id, member_id, processor, processor_token, fingerprint, brand, last4, exp_month, exp_year, status, status_reason, created_at";
         const BILL_COLS: &str = "id, member_id, reference, amount_due, amount_paid, currency, due_date, status, created_at, updated_at";
         const CREDIT_COLS: &str = "id, member_id, amount, remaining, currency, source, reason, created_at";
         const SCHEDULE_COLS: &str = "id, member_id, payment_method_id, kind, recurrence, amount_rule, fixed_amount, currency, time_zone, next_run_at, next_occurrence, status, status_reason, consecutive_failures, version, authorized_at, authorized_via, authorized_by, terms_version, cancelled_at, cancelled_by, created_at, updated_at";
         const PAYMENT_COLS: &str = "id, schedule_id, member_id, occurrence, due_at, amount, currency, state, attempt, payment_method_id, schedule_version, next_attempt_at, processor_reference, decline_code, reason, created_at, updated_at";
+
+        /// Why a payment claimed late was not charged (the lateness rule, applied at the claim).
+        const LATE_REASON: &str = "not charged within payments.max_lateness of its due time";
+        /// Why an earlier occurrence was not charged (the coalesce rule, applied at the claim).
+        const COALESCED_REASON: &str = "coalesced into a later payment of the same schedule";
+        /// The states whose payment keeps its amount and credit reserved.
+        const RESERVING: [PaymentState; 3] = [PaymentState::Processing, PaymentState::Unknown, PaymentState::NeedsReview];
 
         fn db_err(doing: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
             move |e| StoreError::from_sqlx(e, doing)
@@ -102,6 +114,7 @@ macro_rules! shared_store_impl {
                 member_id: id(row, T, "member_id")?,
                 processor: get(row, T, "processor")?,
                 processor_token: get(row, T, "processor_token")?,
+                fingerprint: get(row, T, "fingerprint")?,
                 brand: parsed(T, "brand", get::<String>(row, T, "brand")?.parse::<CardBrand>())?,
                 last4: parsed(T, "last4", Last4::parse(&get::<String>(row, T, "last4")?))?,
                 exp_month: parsed(T, "exp_month", u8::try_from(month))?,
@@ -449,10 +462,16 @@ macro_rules! shared_store_impl {
             })
         }
 
+        /// `'a', 'b'`: a SQL list of state spellings (fixed words, never input).
+        fn state_list(states: &[PaymentState]) -> String {
+            states.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ")
+        }
+
         /// The payment if this lease still holds it in one of `states`.
-        async fn leased_payment(tx: &mut Tx, lease: &Lease, states: &'static str) -> Result<Option<Held>> {
+        async fn leased_payment(tx: &mut Tx, lease: &Lease, states: &[PaymentState]) -> Result<Option<Held>> {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {PAYMENT_COLS}, credit_applied, unknown_since FROM payments WHERE id = $1 AND lease_token = $2 AND state IN ({states}){}", $for_update
+                "SELECT {PAYMENT_COLS}, credit_applied, unknown_since FROM payments WHERE id = $1 AND lease_token = $2 AND state IN ({}){}",
+                state_list(states), $for_update
             )))
             .bind(DbId(lease.payment_id))
             .bind(lease.token.to_string())
@@ -462,21 +481,177 @@ macro_rules! shared_store_impl {
             row.as_ref().map(held_from).transpose()
         }
 
-        fn idempotency_key(installation: Uuid, payment: &Payment, attempt: i64) -> String {
-            format!("autopay:{installation}:{}:{}:{attempt}", payment.schedule_id, payment.occurrence)
+        /// The rows one step of a claimed payment needs, locked in the one order every
+        /// transaction follows (docs/architecture.md): member, schedule, card, then the payment.
+        struct Locked {
+            lease: Lease,
+            member: Member,
+            schedule: Schedule,
+            card: Card,
+            held: Held,
         }
 
-        /// One summed amount; `ids` bind to `$1`, `$2`, ... in order.
-        async fn sum(tx: &mut Tx, sql: &'static str, ids: &[Uuid]) -> Result<i64> {
-            let mut query = sqlx::query_scalar(sql);
-            for id in ids {
-                query = query.bind(DbId(*id));
-            }
-            let v: Option<i64> = query
-                .fetch_one(tx.conn())
+        /// Locks a claimed payment's rows in order; None when `lease` no longer holds it in one
+        /// of `states`.
+        async fn lock_leased(tx: &mut Tx, lease: &Lease, states: &[PaymentState]) -> Result<Option<Locked>> {
+            // Read without a lock only to learn which rows to lock first.
+            let owners: Option<(DbId, DbId, DbId)> = sqlx::query_as("SELECT member_id, schedule_id, payment_method_id FROM payments WHERE id = $1")
+                .bind(DbId(lease.payment_id))
+                .fetch_optional(tx.conn())
                 .await
-                .map_err(db_err("summing balances"))?;
-            Ok(v.unwrap_or(0))
+                .map_err(db_err("reading a payment"))?;
+            let Some((member_id, schedule_id, card_id)) = owners else { return Ok(None) };
+            let member = member_by_id_in(tx, member_id.0).await?;
+            let schedule = schedule_in(tx, schedule_id.0).await?;
+            let card = card_in(tx, card_id.0).await?;
+            let Some(held) = leased_payment(tx, lease, states).await? else { return Ok(None) };
+            if held.payment.card_id != card.id {
+                // Only an unclaimed payment is moved to another card, so the lease is gone.
+                return Ok(None);
+            }
+            Ok(Some(Locked { lease: *lease, member, schedule, card, held }))
+        }
+
+        /// The state `transition` leads to from `from`; a move the state machine forbids is an
+        /// error, never a write.
+        fn step(from: PaymentState, transition: Transition) -> Result<PaymentState> {
+            crate::domain::payment::moved(from, transition).map_err(|e| {
+                StoreError::Internal(format!("{e}; the payment was changed outside autopay, or this is a bug"))
+            })
+        }
+
+        fn money_err(e: crate::domain::money::MoneyError) -> StoreError {
+            StoreError::Internal(format!("{e}; a stored amount was changed outside autopay"))
+        }
+
+        /// Processor text kept in the history: one line, bounded.
+        fn short(detail: &str) -> String {
+            detail.chars().map(|c| if c.is_control() { ' ' } else { c }).take(300).collect()
+        }
+
+        /// The stored attempt of a payment's current attempt number, when it was sent.
+        struct AttemptRow {
+            key: String,
+            request: Option<ChargeRequest>,
+            first_sent_at: Timestamp,
+            sends: i64,
+            unknown_cycles: i64,
+            resend_stopped: bool,
+        }
+
+        async fn attempt_row(tx: &mut Tx, payment: &Payment) -> Result<Option<AttemptRow>> {
+            const T: &str = "payment_attempts";
+            let row = sqlx::query("SELECT idempotency_key, request, first_sent_at, sends, unknown_cycles, resend_stopped FROM payment_attempts WHERE payment_id = $1 AND attempt = $2 AND first_sent_at IS NOT NULL")
+                .bind(DbId(payment.id))
+                .bind(payment.attempt)
+                .fetch_optional(tx.conn())
+                .await
+                .map_err(db_err("reading an attempt"))?;
+            let Some(row) = row else { return Ok(None) };
+            Ok(Some(AttemptRow {
+                key: get(&row, T, "idempotency_key")?,
+                request: get::<Option<sqlx::types::Json<ChargeRequest>>>(&row, T, "request")?.map(|j| j.0),
+                first_sent_at: time(&row, T, "first_sent_at")?,
+                sends: get(&row, T, "sends")?,
+                unknown_cycles: get(&row, T, "unknown_cycles")?,
+                resend_stopped: get(&row, T, "resend_stopped")?,
+            }))
+        }
+
+        fn sent_facts(held: &Held, row: &AttemptRow) -> SentFacts {
+            SentFacts {
+                reference: AttemptRef {
+                    payment_id: held.payment.id,
+                    attempt: held.payment.attempt,
+                    idempotency_key: row.key.clone(),
+                    first_sent_at: row.first_sent_at,
+                },
+                attempt: SentAttempt {
+                    first_sent_at: row.first_sent_at,
+                    sends: u32::try_from(row.sends).unwrap_or(u32::MAX),
+                    unknown_since: held.unknown_since,
+                    unknown_cycles: u32::try_from(row.unknown_cycles).unwrap_or(u32::MAX),
+                    // An attempt stored before requests were kept can only be looked up.
+                    resend_stopped: row.resend_stopped || row.request.is_none(),
+                },
+            }
+        }
+
+        async fn finish_attempt(tx: &mut Tx, payment: &Payment, outcome: &str, code: Option<&str>, reference: Option<&str>, at: Timestamp) -> Result<()> {
+            sqlx::query("UPDATE payment_attempts SET outcome = $1, decline_code = $2, processor_reference = $3, finished_at = $4 WHERE payment_id = $5 AND attempt = $6")
+                .bind(outcome)
+                .bind(code)
+                .bind(reference)
+                .bind(DbTime(at))
+                .bind(DbId(payment.id))
+                .bind(payment.attempt)
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("recording the attempt"))?;
+            Ok(())
+        }
+
+        /// A card's limits before one more request: every charge request that could have reached
+        /// the network and was not approved (declined, unknown, or still in flight; a busy answer
+        /// never reached it), per fingerprint when the processor gave one. Approvals do not
+        /// count: the networks limit retrying a card that declines, not paying with one that
+        /// works. Returns the check and the card's counted requests in the last 30 days.
+        async fn card_limit(tx: &mut Tx, card: &Card, now: Timestamp) -> Result<(CardLimit, u32)> {
+            let (month, day) = crate::domain::attempt::card_limit_windows(now);
+            let sql = |by: &str| format!(
+                "SELECT started_at, outcome FROM processor_calls WHERE {by} = $1 AND kind = 'charge' AND started_at > $2 AND (outcome IS NULL OR outcome NOT IN ('busy', 'approved'))"
+            );
+            let rows: Vec<(DbTime, Option<String>)> = match &card.fingerprint {
+                Some(fp) => sqlx::query_as(sqlx::AssertSqlSafe(sql("fingerprint")))
+                    .bind(fp.clone())
+                    .bind(DbTime(month))
+                    .fetch_all(tx.conn())
+                    .await,
+                None => sqlx::query_as(sqlx::AssertSqlSafe(sql("payment_method_id")))
+                    .bind(DbId(card.id))
+                    .bind(DbTime(month))
+                    .fetch_all(tx.conn())
+                    .await,
+            }
+            .map_err(db_err("counting the card's requests"))?;
+            let requests: Vec<Timestamp> = rows.iter().map(|(t, _)| t.0).collect();
+            let declines: Vec<Timestamp> = rows
+                .iter()
+                .filter(|(t, o)| o.as_deref() == Some(CallOutcome::Declined.as_str()) && t.0 > day)
+                .map(|(t, _)| t.0)
+                .collect();
+            let count = u32::try_from(requests.len()).unwrap_or(u32::MAX);
+            Ok((crate::domain::attempt::check_card_limits(&requests, &declines, now), count))
+        }
+
+        /// Writes the history row of one request before it is made.
+        async fn open_call(tx: &mut Tx, payment: &Payment, card: &Card, kind: &str, audit: &Audit) -> Result<Uuid> {
+            let call = new_id();
+            sqlx::query("INSERT INTO processor_calls (id, payment_id, attempt, payment_method_id, fingerprint, kind, actor, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+                .bind(DbId(call))
+                .bind(DbId(payment.id))
+                .bind(payment.attempt)
+                .bind(DbId(card.id))
+                .bind(card.fingerprint.as_deref())
+                .bind(kind)
+                .bind(&audit.actor)
+                .bind(DbTime(audit.at))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("recording a request to the processor"))?;
+            Ok(call)
+        }
+
+        async fn finish_call(tx: &mut Tx, call: Uuid, outcome: CallOutcome, detail: Option<&str>, at: Timestamp) -> Result<()> {
+            sqlx::query("UPDATE processor_calls SET outcome = $1, detail = $2, finished_at = $3 WHERE id = $4 AND outcome IS NULL")
+                .bind(outcome.as_str())
+                .bind(detail.map(short))
+                .bind(DbTime(at))
+                .bind(DbId(call))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("recording the processor's answer"))?;
+            Ok(())
         }
 
         /// Ends a payment without calling the processor, recording the amount it would have
@@ -503,40 +678,37 @@ macro_rules! shared_store_impl {
             event(tx, audit, "payment", payment.id, state.as_str(), serde_json::json!({ "reason": reason, "attempt": payment.attempt })).await
         }
 
-        /// Uses up to `amount` of the member's credits, oldest first, recording each use as an
+        /// Uses `amount` of the member's credits, oldest first, recording each use as an
         /// allocation of this payment.
-        async fn consume_credits(tx: &mut Tx, payment: &Payment, amount: i64, at: Timestamp) -> Result<()> {
-            if amount <= 0 {
+        async fn consume_credits(tx: &mut Tx, payment: &Payment, amount: Money, at: Timestamp) -> Result<()> {
+            if !amount.is_positive() {
                 return Ok(());
             }
-            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let rows: Vec<(DbId, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT id, remaining FROM credits WHERE member_id = $1 AND remaining > 0 ORDER BY created_at, id{}", $for_update
             )))
             .bind(DbId(payment.member_id))
             .fetch_all(tx.conn())
             .await
             .map_err(db_err("reading credits"))?;
-            let mut left = amount;
-            for row in rows {
-                if left == 0 {
-                    break;
+            let remaining: Vec<Money> = rows.iter().map(|(_, r)| Money::from_minor(*r, payment.currency)).collect();
+            let used = crate::domain::charge::draw_credits(&remaining, amount).map_err(money_err)?;
+            for ((credit_id, _), used) in rows.iter().zip(used) {
+                if !used.is_positive() {
+                    continue;
                 }
-                let credit_id = id(&row, "credits", "id")?;
-                let remaining: i64 = get(&row, "credits", "remaining")?;
-                let used = remaining.min(left);
-                left -= used;
                 sqlx::query("UPDATE credits SET remaining = remaining - $1, updated_at = $2 WHERE id = $3")
-                    .bind(used)
+                    .bind(used.minor())
                     .bind(DbTime(at))
-                    .bind(DbId(credit_id))
+                    .bind(*credit_id)
                     .execute(tx.conn())
                     .await
                     .map_err(db_err("using a credit"))?;
                 sqlx::query("INSERT INTO payment_allocations (id, payment_id, bill_id, credit_id, amount, currency, created_at) VALUES ($1, $2, NULL, $3, $4, $5, $6)")
                     .bind(DbId(new_id()))
                     .bind(DbId(payment.id))
-                    .bind(DbId(credit_id))
-                    .bind(used)
+                    .bind(*credit_id)
+                    .bind(used.minor())
                     .bind(payment.currency.code())
                     .bind(DbTime(at))
                     .execute(tx.conn())
@@ -548,7 +720,7 @@ macro_rules! shared_store_impl {
 
         /// Pays open bills oldest first with `value`; returns what each bill got and what was
         /// left over. Never refuses: an overpayment is returned for the caller to credit.
-        async fn pay_bills(tx: &mut Tx, payment: &Payment, value: i64, at: Timestamp) -> Result<(Vec<serde_json::Value>, i64)> {
+        async fn pay_bills(tx: &mut Tx, payment: &Payment, value: Money, at: Timestamp) -> Result<(Vec<BillPaid>, Money)> {
             let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT {BILL_COLS} FROM bills WHERE member_id = $1 AND status = 'open' ORDER BY due_date, created_at, id{}", $for_update
             )))
@@ -556,75 +728,84 @@ macro_rules! shared_store_impl {
             .fetch_all(tx.conn())
             .await
             .map_err(db_err("reading open bills"))?;
-            let mut left = value;
+            let bills = rows.iter().map(bill_from).collect::<Result<Vec<Bill>>>()?;
+            let outstanding: Vec<Money> = bills.iter().map(Bill::outstanding).collect();
+            let (applied, left) = crate::domain::charge::allocate(&outstanding, value).map_err(money_err)?;
             let mut paid = Vec::new();
-            for row in rows {
-                if left <= 0 {
-                    break;
-                }
-                let bill = bill_from(&row)?;
-                let owed = bill.outstanding().minor();
-                if owed <= 0 {
+            for (bill, part) in bills.iter().zip(applied) {
+                if !part.is_positive() {
                     continue;
                 }
-                let applied = owed.min(left);
-                left -= applied;
-                let new_paid = bill.amount_paid.minor() + applied;
-                let status = if new_paid >= bill.amount_due.minor() { BillStatus::Paid } else { BillStatus::Open };
-                update_bill_amounts(tx, &bill, bill.amount_due.minor(), new_paid, status, at).await?;
+                let new_paid = bill.amount_paid.checked_add(part).map_err(money_err)?;
+                let status = if new_paid.minor() >= bill.amount_due.minor() { BillStatus::Paid } else { BillStatus::Open };
+                update_bill_amounts(tx, bill, bill.amount_due.minor(), new_paid.minor(), status, at).await?;
                 sqlx::query("INSERT INTO payment_allocations (id, payment_id, bill_id, credit_id, amount, currency, created_at) VALUES ($1, $2, $3, NULL, $4, $5, $6)")
                     .bind(DbId(new_id()))
                     .bind(DbId(payment.id))
                     .bind(DbId(bill.id))
-                    .bind(applied)
+                    .bind(part.minor())
                     .bind(payment.currency.code())
                     .bind(DbTime(at))
                     .execute(tx.conn())
                     .await
                     .map_err(db_err("recording an allocation"))?;
-                paid.push(serde_json::json!({
-                    "bill_id": bill.id, "reference": bill.reference,
-                    "amount": Money::from_minor(applied, payment.currency).amount_string(),
-                }));
+                paid.push(BillPaid { bill_id: bill.id, reference: bill.reference.clone(), amount: part });
             }
             Ok((paid, left))
         }
 
-        /// A charge that happened: the payment succeeds, its value pays bills oldest first
-        /// (credits it used included), anything beyond what was owed becomes a credit, and the
-        /// member gets a receipt. Nothing here can refuse: the money has moved.
-        async fn settle_success(tx: &mut Tx, payment: &Payment, credit_applied: i64, reference: &str, audit: &Audit) -> Result<()> {
-            let amount = payment.amount.map_or(0, |m| m.minor());
-            sqlx::query("UPDATE payments SET state = 'succeeded', processor_reference = $1, decline_code = NULL, reason = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $2 WHERE id = $3")
+        fn addressee(member: &Member) -> Addressee {
+            Addressee { member_name: member.name.as_str().to_string(), account_type: member.account_type.as_str() }
+        }
+
+        /// Writes a domain notice into the outbox in the caller's transaction.
+        async fn notify_notice(tx: &mut Tx, n: &Notice, member: &Member, at: Timestamp) -> Result<()> {
+            notify(tx, n.kind, &n.dedupe_key, member, n.payload.clone(), at).await
+        }
+
+        /// A charge that happened: the payment moves to `state` (succeeded), its value pays
+        /// bills oldest first (credits it used included), anything beyond what was owed becomes
+        /// a credit, and the member gets a receipt. Nothing here can refuse: the money has moved.
+        async fn settle_success(tx: &mut Tx, l: &Locked, state: PaymentState, reference: &str, audit: &Audit) -> Result<()> {
+            let payment = &l.held.payment;
+            let amount = payment.amount.unwrap_or(Money::zero(payment.currency));
+            let credit_used = Money::from_minor(l.held.credit_applied, payment.currency);
+            sqlx::query("UPDATE payments SET state = $1, processor_reference = $2, decline_code = NULL, reason = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $3 WHERE id = $4")
+                .bind(state.as_str())
                 .bind(reference)
                 .bind(DbTime(audit.at))
                 .bind(DbId(payment.id))
                 .execute(tx.conn())
                 .await
                 .map_err(db_err("recording a success"))?;
-            consume_credits(tx, payment, credit_applied, audit.at).await?;
-            let (bills, left) = pay_bills(tx, payment, amount + credit_applied, audit.at).await?;
-            if left > 0 {
-                insert_credit(tx, payment.member_id, Money::from_minor(left, payment.currency), "overpayment", payment.id, "paid beyond what was owed", audit).await?;
+            consume_credits(tx, payment, credit_used, audit.at).await?;
+            let value = amount.checked_add(credit_used).map_err(money_err)?;
+            let (bills, left) = pay_bills(tx, payment, value, audit.at).await?;
+            if left.is_positive() {
+                insert_credit(tx, payment.member_id, left, "overpayment", payment.id, "paid beyond what was owed", audit).await?;
             }
             sqlx::query("UPDATE schedules SET consecutive_failures = 0 WHERE id = $1")
                 .bind(DbId(payment.schedule_id))
                 .execute(tx.conn())
                 .await
                 .map_err(db_err("resetting failures"))?;
-            let member = member_by_id_in(tx, payment.member_id).await?;
-            let card = card_in(tx, payment.card_id).await?;
-            let schedule = schedule_in(tx, payment.schedule_id).await?;
-            notify(tx, "receipt", &format!("receipt:{}", payment.id), &member, serde_json::json!({
-                "payment_id": payment.id, "schedule_id": payment.schedule_id, "member_name": member.name.as_str(),
-                "account_type": member.account_type.as_str(),
-                "amount": Money::from_minor(amount, payment.currency).amount_string(), "currency": payment.currency.code(),
-                "credit_used": Money::from_minor(credit_applied, payment.currency).amount_string(),
-                "charged_at": audit.at, "card": card.label(), "confirmation": reference, "bills": bills,
-                "next_payment_at": schedule.next_run_at, "time_zone": schedule.time_zone,
-            }), audit.at).await?;
+            let receipt = Receipt {
+                payment_id: payment.id,
+                schedule_id: payment.schedule_id,
+                to: addressee(&l.member),
+                amount,
+                currency_of_amount: amount,
+                credit_used,
+                charged_at: audit.at,
+                card: l.card.label(),
+                confirmation: reference.to_string(),
+                bills,
+                next_payment_at: l.schedule.next_run_at,
+                time_zone: l.schedule.time_zone.clone(),
+            };
+            notify_notice(tx, &receipt.notice(), &l.member, audit.at).await?;
             event(tx, audit, "payment", payment.id, "succeeded", serde_json::json!({
-                "attempt": payment.attempt, "reference": reference, "amount": Money::from_minor(amount, payment.currency).amount_string(),
+                "attempt": payment.attempt, "reference": reference, "amount": amount.amount_string(),
             })).await
         }
 
@@ -652,18 +833,17 @@ macro_rules! shared_store_impl {
             let Some(version) = version else { return Ok(()) };
             let cancelled = cancel_unclaimed(tx, schedule_id, "schedule suspended", audit.at).await?;
             event(tx, audit, "schedule", schedule_id, "suspended", serde_json::json!({ "reason": reason, "cancelled_payments": cancelled })).await?;
-            notify(tx, "schedule_suspended", &format!("suspended:{schedule_id}:{version}"), member, serde_json::json!({
-                "schedule_id": schedule_id, "member_name": member.name.as_str(), "account_type": member.account_type.as_str(), "reason": reason,
-            }), audit.at).await
+            let notice = ScheduleSuspended { schedule_id, to: addressee(member), reason: reason.to_string(), version }.notice();
+            notify_notice(tx, &notice, member, audit.at).await
         }
 
         /// A card that must not be tried again: disabled, every schedule using it suspended,
         /// the member told.
-        async fn disable_card(tx: &mut Tx, card_id: Uuid, reason: &str, member: &Member, audit: &Audit) -> Result<()> {
+        async fn disable_card(tx: &mut Tx, card: &Card, reason: &str, member: &Member, audit: &Audit) -> Result<()> {
             let changed = sqlx::query("UPDATE payment_methods SET status = 'disabled', status_reason = $1, updated_at = $2 WHERE id = $3 AND status = 'active'")
                 .bind(reason)
                 .bind(DbTime(audit.at))
-                .bind(DbId(card_id))
+                .bind(DbId(card.id))
                 .execute(tx.conn())
                 .await
                 .map_err(db_err("disabling a card"))?
@@ -671,35 +851,24 @@ macro_rules! shared_store_impl {
             if changed == 0 {
                 return Ok(());
             }
-            let card = card_in(tx, card_id).await?;
-            event(tx, audit, "card", card_id, "disabled", serde_json::json!({ "reason": reason })).await?;
+            event(tx, audit, "card", card.id, "disabled", serde_json::json!({ "reason": reason })).await?;
             let schedules: Vec<DbId> = sqlx::query_scalar("SELECT id FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused') ORDER BY id")
-                .bind(DbId(card_id))
+                .bind(DbId(card.id))
                 .fetch_all(tx.conn())
                 .await
                 .map_err(db_err("reading the card's schedules"))?;
             for s in &schedules {
                 suspend_schedule(tx, s.0, "the card can no longer be charged", member, audit).await?;
             }
-            notify(tx, "card_disabled", &format!("card_disabled:{card_id}"), member, serde_json::json!({
-                "card_id": card_id, "card": card.label(), "member_name": member.name.as_str(),
-                "account_type": member.account_type.as_str(), "reason": reason,
-                "suspended_schedules": schedules.iter().map(|s| s.0).collect::<Vec<_>>(),
-            }), audit.at).await
-        }
-
-        async fn finish_attempt_row(tx: &mut Tx, payment: &Payment, outcome: &str, code: Option<&str>, reference: Option<&str>, at: Timestamp) -> Result<()> {
-            sqlx::query("UPDATE payment_attempts SET outcome = $1, decline_code = $2, processor_reference = $3, finished_at = $4 WHERE payment_id = $5 AND attempt = $6")
-                .bind(outcome)
-                .bind(code)
-                .bind(reference)
-                .bind(DbTime(at))
-                .bind(DbId(payment.id))
-                .bind(payment.attempt)
-                .execute(tx.conn())
-                .await
-                .map_err(db_err("recording the attempt"))?;
-            Ok(())
+            let notice = CardDisabled {
+                card_id: card.id,
+                card: card.label(),
+                to: addressee(member),
+                reason: reason.to_string(),
+                suspended_schedules: schedules.iter().map(|s| s.0).collect(),
+            }
+            .notice();
+            notify_notice(tx, &notice, member, audit.at).await
         }
 
         fn amount_words(amount: &AmountRule) -> String {
@@ -711,28 +880,292 @@ macro_rules! shared_store_impl {
 
         /// Tells the member about a change to their automatic payments, in the change's own
         /// transaction.
-        async fn confirm_schedule(tx: &mut Tx, kind: &str, dedupe_key: String, schedule: &Schedule, extra: serde_json::Value, at: Timestamp) -> Result<()> {
+        async fn confirm_schedule(tx: &mut Tx, change: &ScheduleChangeNotice, schedule: &Schedule, at: Timestamp) -> Result<()> {
             let member = member_by_id_in(tx, schedule.member_id).await?;
             let card = card_in(tx, schedule.card_id).await?;
-            let mut payload = serde_json::json!({
-                "schedule_id": schedule.id, "member_name": member.name.as_str(), "account_type": member.account_type.as_str(),
-                "rule": schedule.recurrence.describe(), "amount": amount_words(&schedule.amount), "card": card.label(),
-                "time_zone": schedule.time_zone, "at": at, "next_payment_at": schedule.next_run_at,
-            });
-            if let (Some(p), serde_json::Value::Object(e)) = (payload.as_object_mut(), extra) {
-                p.extend(e);
-            }
-            notify(tx, kind, &dedupe_key, &member, payload, at).await
+            let facts = ScheduleFacts {
+                schedule_id: schedule.id,
+                to: addressee(&member),
+                rule: schedule.recurrence.describe(),
+                amount: amount_words(&schedule.amount),
+                card: card.label(),
+                time_zone: schedule.time_zone.clone(),
+                at,
+                next_payment_at: schedule.next_run_at,
+            };
+            notify_notice(tx, &facts.notice(change), &member, at).await
         }
 
-        fn decline_payload(payment: &Payment, member: &Member, card: &Card, code: &str, reason: &str, next_try: Option<Timestamp>, time_zone: &str) -> serde_json::Value {
-            serde_json::json!({
-                "payment_id": payment.id, "schedule_id": payment.schedule_id, "member_name": member.name.as_str(),
-                "account_type": member.account_type.as_str(),
-                "amount": payment.amount.map(|m| m.amount_string()), "currency": payment.currency.code(),
-                "card": card.label(), "decline_code": code, "reason": reason, "attempt": payment.attempt,
-                "next_try_at": next_try, "time_zone": time_zone,
-            })
+        /// The notice of a payment that was not charged.
+        fn declined_notice(l: &Locked, code: &str, reason: &str, amount: Option<Money>, next_try_at: Option<Timestamp>) -> Notice {
+            let payment = &l.held.payment;
+            Declined {
+                payment_id: payment.id,
+                schedule_id: payment.schedule_id,
+                to: addressee(&l.member),
+                amount,
+                currency: payment.currency.code(),
+                card: l.card.label(),
+                decline_code: code.to_string(),
+                reason: reason.to_string(),
+                attempt: payment.attempt,
+                next_try_at,
+                time_zone: l.schedule.time_zone.clone(),
+            }
+            .notice()
+        }
+
+        /// A decline: a retry with a new key when it is soft and tries are left, otherwise a
+        /// failure (and a disabled card when the bank says never again); the member is told.
+        async fn apply_decline(tx: &mut Tx, l: &Locked, code: &str, reference: Option<&str>, policy: &OutcomePolicy, audit: &Audit) -> Result<PaymentState> {
+            use crate::domain::charge::DeclineStep;
+            let payment = &l.held.payment;
+            finish_attempt(tx, payment, "declined", Some(code), reference, audit.at).await?;
+            let decline = crate::domain::decline::classify(code, None);
+            let (_, requests) = card_limit(tx, &l.card, audit.at).await?;
+            let next = crate::domain::charge::after_decline(
+                &decline,
+                u32::try_from(payment.attempt).unwrap_or(u32::MAX),
+                requests,
+                &policy.retry,
+                audit.at,
+            );
+            match next {
+                DeclineStep::RetryAt(at) => {
+                    let state = step(payment.state, Transition::SoftDecline)?;
+                    sqlx::query("UPDATE payments SET state = $1, attempt = attempt + 1, next_attempt_at = $2, amount = NULL, credit_applied = 0, decline_code = $3, reason = $4, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, unknown_since = NULL, updated_at = $5 WHERE id = $6")
+                        .bind(state.as_str())
+                        .bind(DbTime(at))
+                        .bind(&decline.code)
+                        .bind(decline.member_reason)
+                        .bind(DbTime(audit.at))
+                        .bind(DbId(payment.id))
+                        .execute(tx.conn())
+                        .await
+                        .map_err(db_err("recording a soft decline"))?;
+                    let n = declined_notice(l, &decline.code, decline.member_reason, payment.amount, Some(at));
+                    notify_notice(tx, &n, &l.member, audit.at).await?;
+                    Ok(state)
+                }
+                DeclineStep::Fail | DeclineStep::DisableCard => {
+                    let state = step(payment.state, Transition::HardDecline)?;
+                    sqlx::query("UPDATE payments SET state = $1, decline_code = $2, reason = $3, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $4 WHERE id = $5")
+                        .bind(state.as_str())
+                        .bind(&decline.code)
+                        .bind(decline.member_reason)
+                        .bind(DbTime(audit.at))
+                        .bind(DbId(payment.id))
+                        .execute(tx.conn())
+                        .await
+                        .map_err(db_err("recording a decline"))?;
+                    let n = declined_notice(l, &decline.code, decline.member_reason, payment.amount, None);
+                    notify_notice(tx, &n, &l.member, audit.at).await?;
+                    if next == DeclineStep::DisableCard {
+                        disable_card(tx, &l.card, decline.member_reason, &l.member, audit).await?;
+                    } else {
+                        count_failure(tx, payment, policy.suspend_after, &l.member, audit).await?;
+                    }
+                    Ok(state)
+                }
+            }
+        }
+
+        /// Still unknown: the payment waits for its next lookup, keeping its reservations.
+        async fn hold_unknown(tx: &mut Tx, held: &Held, look_at: Timestamp, cycles: Option<(u32, bool)>, reason: &str, audit: &Audit) -> Result<PaymentState> {
+            let payment = &held.payment;
+            let state = step(payment.state, Transition::OutcomeUnknown)?;
+            if let Some((cycles, stopped)) = cycles {
+                sqlx::query("UPDATE payment_attempts SET unknown_cycles = $1, resend_stopped = $2 WHERE payment_id = $3 AND attempt = $4")
+                    .bind(i64::from(cycles))
+                    .bind(stopped)
+                    .bind(DbId(payment.id))
+                    .bind(payment.attempt)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("recording an unknown outcome"))?;
+            }
+            sqlx::query("UPDATE payments SET state = $1, reason = $2, unknown_since = COALESCE(unknown_since, $3), next_attempt_at = $4, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $3 WHERE id = $5")
+                .bind(state.as_str())
+                .bind(short(reason))
+                .bind(DbTime(audit.at))
+                .bind(DbTime(look_at))
+                .bind(DbId(payment.id))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("recording an unknown outcome"))?;
+            event(tx, audit, "payment", payment.id, "unknown", serde_json::json!({ "attempt": payment.attempt, "reason": short(reason), "look_at": look_at })).await?;
+            Ok(state)
+        }
+
+        /// Only an operator can decide now: the payment keeps its reservations and waits.
+        async fn send_to_review(tx: &mut Tx, payment: &Payment, reason: &str, audit: &Audit) -> Result<PaymentState> {
+            let state = step(payment.state, Transition::Review)?;
+            sqlx::query("UPDATE payments SET state = $1, reason = $2, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = $3 WHERE id = $4")
+                .bind(state.as_str())
+                .bind(short(reason))
+                .bind(DbTime(audit.at))
+                .bind(DbId(payment.id))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("recording a payment for review"))?;
+            event(tx, audit, "payment", payment.id, "needs_review", serde_json::json!({ "attempt": payment.attempt, "reason": short(reason) })).await?;
+            Ok(state)
+        }
+
+        /// Why a due payment is not charged when claimed, if it is not: older than
+        /// `payments.max_lateness`, or (with `payments.misfire = coalesce`) an earlier occurrence of
+        /// a recurring schedule whose later occurrence is due too.
+        async fn late_or_coalesced(
+            tx: &mut Tx,
+            rules: &ClaimRules,
+            cutoff: Timestamp,
+            now: Timestamp,
+            schedule_id: DbId,
+            due_at: Timestamp,
+            next_attempt_at: Option<Timestamp>,
+        ) -> Result<Option<&'static str>> {
+            if next_attempt_at.unwrap_or(due_at) < cutoff {
+                return Ok(Some(LATE_REASON));
+            }
+            // Only a first attempt the planner wrote is coalesced: a retry or an operator's
+            // retry has a next_attempt_at of its own.
+            if rules.misfire != crate::config::Misfire::Coalesce || next_attempt_at.is_some() {
+                return Ok(None);
+            }
+            let later: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM payments q JOIN schedules s ON s.id = q.schedule_id WHERE q.schedule_id = $1 AND s.kind = 'recurring' \
+                 AND q.state = 'scheduled' AND q.next_attempt_at IS NULL AND q.due_at > $2 AND q.due_at <= $3 LIMIT 1",
+            )
+            .bind(schedule_id)
+            .bind(DbTime(due_at))
+            .bind(DbTime(now))
+            .fetch_optional(tx.conn())
+            .await
+            .map_err(db_err("looking for a later occurrence"))?;
+            Ok(later.map(|_| COALESCED_REASON))
+        }
+
+        /// Clears an operator's lease, leaving the payment as it was.
+        async fn release_lease(tx: &mut Tx, lease: &Lease) -> Result<bool> {
+            let done = sqlx::query("UPDATE payments SET lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $1 AND lease_token = $2 AND state IN ('unknown', 'needs_review')")
+                .bind(DbId(lease.payment_id))
+                .bind(lease.token.to_string())
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("giving a payment back"))?;
+            Ok(done.rows_affected() > 0)
+        }
+
+        /// Whether charging is paused on every host now.
+        async fn charging_paused_in(tx: &mut Tx) -> Result<bool> {
+            let paused: Option<Option<DbTime>> = sqlx::query_scalar("SELECT charging_paused_at FROM control WHERE id = 1")
+                .fetch_optional(tx.conn())
+                .await
+                .map_err(db_err("reading the charging pause"))?;
+            Ok(matches!(paused, Some(Some(_))))
+        }
+
+        /// One more request of a sent attempt, if the key window, the card's limits and the
+        /// charging pause allow it now: the daemon holds it otherwise (looked up again later),
+        /// an operator gets the payment back as it was.
+        async fn prepare_resend(tx: &mut Tx, l: &Locked, row: &AttemptRow, by: Settler, policy: &OutcomePolicy, audit: &Audit) -> Result<Next> {
+            let now = audit.at;
+            let payment = &l.held.payment;
+            if !policy.keys.may_resend(row.first_sent_at, now) {
+                return match by {
+                    Settler::Daemon => Ok(Next::Moved(
+                        send_to_review(tx, payment, "the key window closed before the request could be sent again", audit).await?,
+                    )),
+                    Settler::Operator => {
+                        release_lease(tx, &l.lease).await?;
+                        Ok(Next::NotYet {
+                            until: Some(policy.keys.key_dead_after(row.first_sent_at)),
+                            why: "the attempt's key is past its resend window".into(),
+                        })
+                    }
+                };
+            }
+            let held = match (&row.request, sent_facts(&l.held, row).attempt.resend_stopped) {
+                (Some(request), false) => match card_limit(tx, &l.card, now).await?.0 {
+                    CardLimit::Clear if charging_paused_in(tx).await? => Err(("charging is paused".to_string(), None)),
+                    CardLimit::Clear => Ok(request.clone()),
+                    limit @ (CardLimit::Requests { until } | CardLimit::Declines { until }) => Err((
+                        format!("the card is at its limit ({})", limit.code().unwrap_or("")),
+                        Some(until),
+                    )),
+                },
+                _ => Err(("the attempt is settled by lookup only".to_string(), None)),
+            };
+            let request = match held {
+                Ok(request) => request,
+                Err((why, until)) => {
+                    return match by {
+                        Settler::Daemon => Ok(Next::Moved(
+                            hold_unknown(tx, &l.held, policy.keys.look_at(now), None, &format!("resend held: {why}"), audit).await?,
+                        )),
+                        Settler::Operator => {
+                            release_lease(tx, &l.lease).await?;
+                            Ok(Next::NotYet { until, why })
+                        }
+                    };
+                }
+            };
+            let transition = if payment.state == PaymentState::NeedsReview { Transition::OperatorTake } else { Transition::Settle };
+            let state = step(payment.state, transition)?;
+            sqlx::query("UPDATE payments SET state = $1, updated_at = $2 WHERE id = $3")
+                .bind(state.as_str())
+                .bind(DbTime(now))
+                .bind(DbId(payment.id))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("resending an attempt"))?;
+            sqlx::query("UPDATE payment_attempts SET sends = sends + 1 WHERE payment_id = $1 AND attempt = $2")
+                .bind(DbId(payment.id))
+                .bind(payment.attempt)
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("counting a resend"))?;
+            let call = open_call(tx, payment, &l.card, "charge", audit).await?;
+            event(tx, audit, "payment", payment.id, "resent", serde_json::json!({ "attempt": payment.attempt, "sends": row.sends + 1 })).await?;
+            Ok(Next::Send { request, call })
+        }
+
+        /// Carries out what follows an answer (domain::attempt's `Step`).
+        async fn apply_step(tx: &mut Tx, l: &Locked, row: &AttemptRow, next: AttemptStep, by: Settler, policy: &OutcomePolicy, audit: &Audit) -> Result<Next> {
+            let payment = &l.held.payment;
+            match next {
+                AttemptStep::Charged { reference } => {
+                    finish_attempt(tx, payment, "approved", None, Some(&reference), audit.at).await?;
+                    let state = step(payment.state, Transition::Approved)?;
+                    settle_success(tx, l, state, &reference, audit).await?;
+                    Ok(Next::Moved(state))
+                }
+                AttemptStep::Declined { code, reference } => {
+                    Ok(Next::Moved(apply_decline(tx, l, &code, reference.as_deref(), policy, audit).await?))
+                }
+                AttemptStep::Resend => prepare_resend(tx, l, row, by, policy, audit).await,
+                AttemptStep::WaitAndResend => Ok(Next::WaitAndResend),
+                AttemptStep::Unknown { look_at, unknown_cycles, stop_resending, reason } => {
+                    let state = hold_unknown(tx, &l.held, look_at, Some((unknown_cycles, stop_resending)), &reason, audit).await?;
+                    Ok(Next::Moved(state))
+                }
+                AttemptStep::Review { reason } => Ok(Next::Moved(send_to_review(tx, payment, &reason, audit).await?)),
+            }
+        }
+
+        /// An operator's retry starts a new attempt (new key): the old one is settled.
+        async fn start_new_attempt(tx: &mut Tx, payment: &Payment, reason: &str, audit: &Audit) -> Result<PaymentState> {
+            let state = step(payment.state, Transition::OperatorRetry)?;
+            sqlx::query("UPDATE payments SET state = $1, attempt = attempt + 1, next_attempt_at = $2, amount = NULL, credit_applied = 0, reason = $3, unknown_since = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $4")
+                .bind(state.as_str())
+                .bind(DbTime(audit.at))
+                .bind(reason)
+                .bind(DbId(payment.id))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("retrying a payment"))?;
+            event(tx, audit, "payment", payment.id, "retried", serde_json::json!({ "from": payment.state.as_str(), "reason": reason, "new_attempt": payment.attempt + 1 })).await?;
+            Ok(state)
         }
 
         #[async_trait]
@@ -969,7 +1402,7 @@ macro_rules! shared_store_impl {
                         .map_err(db_err("cancelling a schedule"))?;
                     cancelled_payments += cancel_unclaimed(&mut tx, schedule_id.0, "member closed", audit.at).await?;
                     let ended = schedule_in(&mut tx, schedule_id.0).await?;
-                    confirm_schedule(&mut tx, "cancelled", format!("cancelled:{}", ended.id), &ended, serde_json::json!({}), audit.at).await?;
+                    confirm_schedule(&mut tx, &ScheduleChangeNotice::Cancelled, &ended, audit.at).await?;
                     event(&mut tx, audit, "schedule", schedule_id.0, "cancelled", serde_json::json!({ "reason": "member closed" })).await?;
                 }
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE members SET status = 'closed', updated_at = $1 WHERE id = $2 RETURNING {MEMBER_COLS}")))
@@ -1000,7 +1433,7 @@ macro_rules! shared_store_impl {
                     Some(_) => return Err(StoreError::Conflict(format!("member {} is closed; a closed member cannot add cards", new.member_id))),
                 }
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO payment_methods (id, member_id, processor, processor_token, brand, last4, exp_month, exp_year, status, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'active', $9, $9) RETURNING {CARD_COLS}"
+                    "INSERT INTO payment_methods (id, member_id, processor, processor_token, brand, last4, exp_month, exp_year, status, created_at, updated_at, fingerprint) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'active', $9, $9, $10) RETURNING {CARD_COLS}"
                 )))
                 .bind(DbId(new_id()))
                 .bind(DbId(new.member_id))
@@ -1011,6 +1444,7 @@ macro_rules! shared_store_impl {
                 .bind(i64::from(new.expiry.month()))
                 .bind(i64::from(new.expiry.year()))
                 .bind(DbTime(audit.at))
+                .bind(new.fingerprint.as_deref())
                 .fetch_one(tx.conn())
                 .await
                 .map_err(|e| {
@@ -1309,9 +1743,9 @@ macro_rules! shared_store_impl {
                     }
                 })?;
                 let schedule = schedule_from(&row)?;
-                confirm_schedule(&mut tx, "setup", format!("setup:{}", schedule.id), &schedule, serde_json::json!({
-                    "first_payment_at": schedule.next_run_at, "authorized_at": schedule.authorized_at,
-                }), audit.at).await?;
+                confirm_schedule(&mut tx, &ScheduleChangeNotice::Setup {
+                    first_payment_at: schedule.next_run_at, authorized_at: schedule.authorized_at,
+                }, &schedule, audit.at).await?;
                 event(&mut tx, audit, "schedule", schedule.id, "authorized", serde_json::json!({
                     "member_id": new.member_id, "card_id": new.card_id, "rule": new.recurrence.describe(),
                     "amount": new.amount, "via": new.authorized_via.as_str(), "terms_version": new.terms_version,
@@ -1409,9 +1843,9 @@ macro_rules! shared_store_impl {
                     .await
                     .map_err(db_err("re-planning payments"))?
                     .rows_affected();
-                confirm_schedule(&mut tx, "changed", format!("changed:{}:{}", updated.id, updated.version), &updated, serde_json::json!({
-                    "version": updated.version, "changes": change.summary,
-                }), audit.at).await?;
+                confirm_schedule(&mut tx, &ScheduleChangeNotice::Changed {
+                    version: updated.version, changes: change.summary.clone(),
+                }, &updated, audit.at).await?;
                 event(&mut tx, audit, "schedule", change.id, "changed", serde_json::json!({
                     "version": updated.version, "changes": change.summary, "replanned_payments": replanned,
                     "resumed": status != current.status,
@@ -1436,7 +1870,7 @@ macro_rules! shared_store_impl {
                 .map_err(db_err("pausing a schedule"))?;
                 let cancelled = cancel_unclaimed(&mut tx, schedule_id, "schedule paused", audit.at).await?;
                 let paused = schedule_from(&row)?;
-                confirm_schedule(&mut tx, "paused", format!("paused:{}:{}", paused.id, paused.version), &paused, serde_json::json!({}), audit.at).await?;
+                confirm_schedule(&mut tx, &ScheduleChangeNotice::Paused { version: paused.version }, &paused, audit.at).await?;
                 event(&mut tx, audit, "schedule", schedule_id, "paused", serde_json::json!({ "cancelled_payments": cancelled })).await?;
                 commit(tx).await?;
                 Ok(paused)
@@ -1495,7 +1929,7 @@ macro_rules! shared_store_impl {
                 .map_err(db_err("cancelling a schedule"))?;
                 let cancelled = cancel_unclaimed(&mut tx, schedule_id, "schedule cancelled", audit.at).await?;
                 let ended = schedule_from(&row)?;
-                confirm_schedule(&mut tx, "cancelled", format!("cancelled:{}", ended.id), &ended, serde_json::json!({}), audit.at).await?;
+                confirm_schedule(&mut tx, &ScheduleChangeNotice::Cancelled, &ended, audit.at).await?;
                 event(&mut tx, audit, "schedule", schedule_id, "cancelled", serde_json::json!({ "cancelled_payments": cancelled })).await?;
                 commit(tx).await?;
                 Ok(ended)
@@ -1639,52 +2073,89 @@ macro_rules! shared_store_impl {
                 Ok(true)
             }
 
-            async fn claim_work(&self, owner: &str, now: Timestamp, lease: std::time::Duration, limit: u32) -> Result<Vec<Work>> {
+            async fn claim_work(&self, owner: &str, now: Timestamp, rules: &ClaimRules) -> Result<Vec<Work>> {
                 let until = now
-                    .checked_add(jiff::SignedDuration::try_from(lease).map_err(|e| StoreError::Internal(e.to_string()))?)
+                    .checked_add(jiff::SignedDuration::try_from(rules.lease).map_err(|e| StoreError::Internal(e.to_string()))?)
                     .map_err(|e| StoreError::Internal(e.to_string()))?;
+                let audit = Audit { actor: owner.to_string(), at: now };
+                let cutoff = crate::domain::charge::lateness_cutoff(now, rules.max_lateness);
                 let mut tx = self.begin_write().await?;
-                let candidates: Vec<(DbId, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT id, state FROM payments WHERE \
-                     (state IN ('scheduled', 'retry_wait') AND COALESCE(next_attempt_at, due_at) <= $1 \
-                        AND NOT EXISTS (SELECT 1 FROM control WHERE charging_paused_at IS NOT NULL)) \
-                     OR (state = 'unknown' AND (next_attempt_at IS NULL OR next_attempt_at <= $1) AND (lease_expires_at IS NULL OR lease_expires_at < $1)) \
-                     OR (state = 'processing' AND lease_expires_at < $1) \
-                     ORDER BY COALESCE(next_attempt_at, due_at), id LIMIT $2{}", $skip_locked
-                )))
-                .bind(DbTime(now))
-                .bind(i64::from(limit))
-                .fetch_all(tx.conn())
-                .await
-                .map_err(db_err("finding due payments"))?;
+                let paused = charging_paused_in(&mut tx).await?;
                 let mut work = Vec::new();
-                for (payment_id, state) in candidates {
-                    let token = Uuid::new_v4();
-                    let (new_state, kind) = match state.as_str() {
-                        "scheduled" | "retry_wait" => ("processing", WorkKind::Charge),
-                        // An unknown outcome, or a lease that expired mid-call (whose outcome is
-                        // unknown too): look it up.
-                        _ => ("unknown", WorkKind::Lookup),
-                    };
-                    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "UPDATE payments SET state = $1, lease_owner = $2, lease_token = $3, lease_expires_at = $4, \
-                         unknown_since = CASE WHEN $1 = 'unknown' THEN COALESCE(unknown_since, $5) ELSE unknown_since END, updated_at = $5 \
-                         WHERE id = $6 RETURNING {PAYMENT_COLS}"
-                    )))
-                    .bind(new_state)
-                    .bind(owner)
-                    .bind(token.to_string())
-                    .bind(DbTime(until))
-                    .bind(DbTime(now))
-                    .bind(payment_id)
-                    .fetch_one(tx.conn())
-                    .await
-                    .map_err(db_err("claiming a payment"))?;
-                    let payment = payment_from(&row)?;
-                    if state == "processing" {
-                        event(&mut tx, &Audit { actor: owner.to_string(), at: now }, "payment", payment.id, "lease_expired", serde_json::json!({ "attempt": payment.attempt })).await?;
+                loop {
+                    let want = i64::from(rules.limit) - work.len() as i64;
+                    if want <= 0 {
+                        break;
                     }
-                    work.push(Work { lease: Lease { payment_id: payment.id, token }, kind, payment });
+                    let candidates: Vec<(DbId, String, DbId, DbTime, Option<DbTime>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT id, state, schedule_id, due_at, next_attempt_at FROM payments WHERE \
+                         (state IN ('scheduled', 'retry_wait') AND COALESCE(next_attempt_at, due_at) <= $1 AND $3 = FALSE) \
+                         OR (state = 'unknown' AND (next_attempt_at IS NULL OR next_attempt_at <= $1) AND (lease_expires_at IS NULL OR lease_expires_at <= $1)) \
+                         OR (state = 'processing' AND lease_expires_at <= $1) \
+                         ORDER BY COALESCE(next_attempt_at, due_at), id LIMIT $2{}", $skip_locked
+                    )))
+                    .bind(DbTime(now))
+                    .bind(want)
+                    .bind(paused)
+                    .fetch_all(tx.conn())
+                    .await
+                    .map_err(db_err("finding due payments"))?;
+                    if candidates.is_empty() {
+                        break;
+                    }
+                    let mut missed = 0;
+                    for (payment_id, state, schedule_id, due_at, next_attempt_at) in candidates {
+                        let from: PaymentState = parsed("payments", "state", state.parse())?;
+                        if from.is_unclaimed() {
+                            // A payment a pause kept waiting meets the lateness and misfire rules
+                            // when it is claimed, as it would have when it was planned.
+                            if let Some(reason) = late_or_coalesced(&mut tx, rules, cutoff, now, schedule_id, due_at.0, next_attempt_at.map(|t| t.0)).await? {
+                                let state = step(from, Transition::Late)?;
+                                sqlx::query("UPDATE payments SET state = $1, reason = $2, next_attempt_at = NULL, updated_at = $3 WHERE id = $4")
+                                    .bind(state.as_str())
+                                    .bind(reason)
+                                    .bind(DbTime(now))
+                                    .bind(payment_id)
+                                    .execute(tx.conn())
+                                    .await
+                                    .map_err(db_err("recording a payment as missed"))?;
+                                event(&mut tx, &audit, "payment", payment_id.0, "missed", serde_json::json!({ "reason": reason })).await?;
+                                missed += 1;
+                                continue;
+                            }
+                        }
+                        let (transition, kind) = if from.is_unclaimed() {
+                            (Transition::Claim, WorkKind::Charge)
+                        } else {
+                            // An unknown outcome, or a claim that expired mid-call: settle the
+                            // same attempt, never a new key.
+                            (Transition::Settle, WorkKind::Settle)
+                        };
+                        let token = Uuid::new_v4();
+                        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "UPDATE payments SET state = $1, lease_owner = $2, lease_token = $3, lease_expires_at = $4, \
+                             unknown_since = CASE WHEN $5 THEN COALESCE(unknown_since, $6) ELSE unknown_since END, updated_at = $6 \
+                             WHERE id = $7 RETURNING {PAYMENT_COLS}"
+                        )))
+                        .bind(step(from, transition)?.as_str())
+                        .bind(owner)
+                        .bind(token.to_string())
+                        .bind(DbTime(until))
+                        .bind(from == PaymentState::Processing)
+                        .bind(DbTime(now))
+                        .bind(payment_id)
+                        .fetch_one(tx.conn())
+                        .await
+                        .map_err(db_err("claiming a payment"))?;
+                        let payment = payment_from(&row)?;
+                        if from == PaymentState::Processing {
+                            event(&mut tx, &audit, "payment", payment.id, "lease_expired", serde_json::json!({ "attempt": payment.attempt })).await?;
+                        }
+                        work.push(Work { lease: Lease { payment_id: payment.id, token }, kind, payment });
+                    }
+                    if missed == 0 {
+                        break;
+                    }
                 }
                 commit(tx).await?;
                 Ok(work)
@@ -1693,7 +2164,7 @@ macro_rules! shared_store_impl {
             async fn renew_leases(&self, leases: &[Lease], until: Timestamp) -> Result<u64> {
                 let mut held = 0;
                 for lease in leases {
-                    held += sqlx::query("UPDATE payments SET lease_expires_at = $1 WHERE id = $2 AND lease_token = $3 AND state IN ('processing', 'unknown')")
+                    held += sqlx::query("UPDATE payments SET lease_expires_at = $1 WHERE id = $2 AND lease_token = $3 AND state = 'processing'")
                         .bind(DbTime(until))
                         .bind(DbId(lease.payment_id))
                         .bind(lease.token.to_string())
@@ -1705,265 +2176,320 @@ macro_rules! shared_store_impl {
                 Ok(held)
             }
 
-            async fn begin_attempt(&self, lease: &Lease, policy: &OutcomePolicy, audit: &Audit) -> Result<AttemptStart> {
+            async fn begin_attempt(&self, lease: &Lease, policy: &OutcomePolicy, audit: &Audit) -> Result<Next> {
+                use crate::domain::charge::{ChargePlan, Reservation};
                 let mut tx = self.begin_write().await?;
-                let Some(Held { payment, .. }) = leased_payment(&mut tx, lease, "'processing'").await? else {
-                    return Ok(AttemptStart::LeaseLost);
+                let Some(l) = lock_leased(&mut tx, lease, &[PaymentState::Processing]).await? else {
+                    return Ok(Next::LeaseLost);
                 };
-                // The member's row serializes amount decisions for one member across workers.
-                let member = member_by_id_in(&mut tx, payment.member_id).await?;
-                let schedule = schedule_in(&mut tx, payment.schedule_id).await?;
-                let card = card_in(&mut tx, payment.card_id).await?;
-                if card.status != CardStatus::Active || member.status != MemberStatus::Active
-                    || matches!(schedule.status, ScheduleStatus::Cancelled | ScheduleStatus::Paused | ScheduleStatus::Suspended)
-                {
-                    let reason = if card.status != CardStatus::Active {
-                        format!("card {}", card.status)
-                    } else if member.status != MemberStatus::Active {
-                        "member closed".to_string()
-                    } else {
-                        format!("schedule {}", schedule.status)
-                    };
-                    settle_without_charge(&mut tx, &payment, PaymentState::Cancelled, &reason, None, None, audit).await?;
-                    commit(tx).await?;
-                    return Ok(AttemptStart::Settled(PaymentState::Cancelled));
+                let payment = &l.held.payment;
+                if attempt_row(&mut tx, payment).await?.is_some() {
+                    return Err(StoreError::Internal(format!(
+                        "attempt {} of payment {} was already sent; a sent attempt is settled, never started again", payment.attempt, payment.id
+                    )));
                 }
-                let gross = match schedule.amount {
-                    AmountRule::Fixed { amount } => amount.minor(),
-                    AmountRule::Balance => {
-                        let owed = sum(&mut tx, "SELECT CAST(SUM(amount_due - amount_paid) AS BIGINT) FROM bills WHERE member_id = $1 AND status = 'open'", &[payment.member_id]).await?;
-                        let in_flight = sum(&mut tx, "SELECT CAST(SUM(amount + credit_applied) AS BIGINT) FROM payments WHERE member_id = $1 AND id <> $2 AND state IN ('processing', 'unknown') AND amount IS NOT NULL", &[payment.member_id, payment.id]).await?;
-                        (owed - in_flight).max(0)
-                    }
-                };
-                if gross == 0 {
-                    settle_without_charge(&mut tx, &payment, PaymentState::Skipped, "nothing owed", None, None, audit).await?;
+                let stopped = matches!(l.schedule.status, ScheduleStatus::Cancelled | ScheduleStatus::Paused | ScheduleStatus::Suspended)
+                    .then(|| l.schedule.status.as_str());
+                if let Some(reason) = crate::domain::charge::blocked(
+                    l.card.status == CardStatus::Active,
+                    l.member.status == MemberStatus::Active,
+                    stopped,
+                ) {
+                    let state = step(payment.state, Transition::Cancel)?;
+                    settle_without_charge(&mut tx, payment, state, &reason, None, None, audit).await?;
                     commit(tx).await?;
-                    return Ok(AttemptStart::Settled(PaymentState::Skipped));
+                    return Ok(Next::Moved(state));
                 }
-                let credits = sum(&mut tx, "SELECT CAST(SUM(remaining) AS BIGINT) FROM credits WHERE member_id = $1", &[payment.member_id]).await?;
-                let reserved = sum(&mut tx, "SELECT CAST(SUM(credit_applied) AS BIGINT) FROM payments WHERE member_id = $1 AND id <> $2 AND state IN ('processing', 'unknown')", &[payment.member_id, payment.id]).await?;
-                let credit_used = (credits - reserved).max(0).min(gross);
-                let charge = gross - credit_used;
-                if charge == 0 {
-                    // Covered by credit: the credit pays the bills, nothing is charged.
-                    settle_without_charge(&mut tx, &payment, PaymentState::Skipped, "covered by credit", None, None, audit).await?;
-                    consume_credits(&mut tx, &payment, credit_used, audit.at).await?;
-                    let (_, left) = pay_bills(&mut tx, &payment, credit_used, audit.at).await?;
-                    if left > 0 {
-                        insert_credit(&mut tx, payment.member_id, Money::from_minor(left, payment.currency), "overpayment", payment.id, "credit beyond what was owed", audit).await?;
-                    }
-                    commit(tx).await?;
-                    return Ok(AttemptStart::Settled(PaymentState::Skipped));
-                }
-                let max = match member.account_type {
+                let cur = payment.currency;
+                let bills: Vec<(i64, i64)> = sqlx::query_as("SELECT amount_due, amount_paid FROM bills WHERE member_id = $1 AND status = 'open' ORDER BY due_date, created_at, id")
+                    .bind(DbId(payment.member_id))
+                    .fetch_all(tx.conn())
+                    .await
+                    .map_err(db_err("reading open bills"))?;
+                let outstanding: Vec<Money> = bills
+                    .iter()
+                    .map(|(due, paid)| Money::from_minor(*due, cur).checked_sub(Money::from_minor(*paid, cur)).map_err(money_err))
+                    .collect::<Result<_>>()?;
+                let credits: Vec<i64> = sqlx::query_scalar("SELECT remaining FROM credits WHERE member_id = $1 AND remaining > 0")
+                    .bind(DbId(payment.member_id))
+                    .fetch_all(tx.conn())
+                    .await
+                    .map_err(db_err("reading credits"))?;
+                let credits: Vec<Money> = credits.into_iter().map(|m| Money::from_minor(m, cur)).collect();
+                let reserved: Vec<(i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT amount, credit_applied FROM payments WHERE member_id = $1 AND id <> $2 AND amount IS NOT NULL AND state IN ({})",
+                    state_list(&RESERVING)
+                )))
+                .bind(DbId(payment.member_id))
+                .bind(DbId(payment.id))
+                .fetch_all(tx.conn())
+                .await
+                .map_err(db_err("reading reserved amounts"))?;
+                let reserved: Vec<Reservation> = reserved
+                    .into_iter()
+                    .map(|(amount, credit)| Reservation { amount: Money::from_minor(amount, cur), credit: Money::from_minor(credit, cur) })
+                    .collect();
+                let max_amount = match l.member.account_type {
                     AccountType::IndividualFamily => policy.max_amount_individual_family,
                     AccountType::EmployerGroup => policy.max_amount_employer_group,
                 };
-                if charge > max.minor() {
-                    let amount = Money::from_minor(charge, payment.currency);
-                    settle_without_charge(&mut tx, &payment, PaymentState::Failed, "over_limit", Some(charge), Some("over_limit"), audit).await?;
-                    notify(&mut tx, "failed", &format!("failed:{}", payment.id), &member, serde_json::json!({
-                        "payment_id": payment.id, "schedule_id": payment.schedule_id, "member_name": member.name.as_str(),
-                        "account_type": member.account_type.as_str(), "amount": amount.amount_string(), "currency": amount.currency().code(),
-                        "card": card.label(), "decline_code": "over_limit",
-                        "reason": format!("the amount due, {}, is more than automatic payments may charge at once ({})", amount.display_with_code(), max.display_with_code()),
-                        "next_try_at": serde_json::Value::Null, "time_zone": schedule.time_zone,
-                    }), audit.at).await?;
+                let plan = crate::domain::charge::plan_charge(&crate::domain::charge::ChargeFacts {
+                    currency: cur,
+                    rule: l.schedule.amount,
+                    outstanding: &outstanding,
+                    credits: &credits,
+                    reserved: &reserved,
+                    max_amount,
+                })
+                .map_err(money_err)?;
+                let (amount, credit_used) = match plan {
+                    ChargePlan::NothingOwed => {
+                        let state = step(payment.state, Transition::NothingOwed)?;
+                        settle_without_charge(&mut tx, payment, state, "nothing owed", None, None, audit).await?;
+                        commit(tx).await?;
+                        return Ok(Next::Moved(state));
+                    }
+                    ChargePlan::CoveredByCredit { credit_used } => {
+                        // The credit pays the bills; nothing is charged.
+                        let state = step(payment.state, Transition::NothingOwed)?;
+                        settle_without_charge(&mut tx, payment, state, "covered by credit", None, None, audit).await?;
+                        consume_credits(&mut tx, payment, credit_used, audit.at).await?;
+                        let (_, left) = pay_bills(&mut tx, payment, credit_used, audit.at).await?;
+                        if left.is_positive() {
+                            insert_credit(&mut tx, payment.member_id, left, "overpayment", payment.id, "credit beyond what was owed", audit).await?;
+                        }
+                        commit(tx).await?;
+                        return Ok(Next::Moved(state));
+                    }
+                    ChargePlan::OverLimit { amount, max } => {
+                        let state = step(payment.state, Transition::HardDecline)?;
+                        let reason = format!("the amount due, {}, is more than automatic payments may charge at once ({})", amount.display_with_code(), max.display_with_code());
+                        settle_without_charge(&mut tx, payment, state, "over_limit", Some(amount.minor()), Some("over_limit"), audit).await?;
+                        let n = declined_notice(&l, "over_limit", &reason, Some(amount), None);
+                        notify_notice(&mut tx, &n, &l.member, audit.at).await?;
+                        commit(tx).await?;
+                        return Ok(Next::Moved(state));
+                    }
+                    ChargePlan::Charge { amount, credit_used } => (amount.money(), credit_used),
+                };
+                match card_limit(&mut tx, &l.card, audit.at).await?.0 {
+                    CardLimit::Clear => {}
+                    CardLimit::Requests { until } => {
+                        // The networks allow no more requests on this card for weeks: the
+                        // payment fails, and the member is told to use another card.
+                        let state = step(payment.state, Transition::HardDecline)?;
+                        let code = "card_attempt_limit";
+                        settle_without_charge(&mut tx, payment, state, code, Some(amount.minor()), Some(code), audit).await?;
+                        let reason = format!("the card has reached the number of payment attempts the card networks allow in 30 days (more are allowed from {until}); please use another card");
+                        let n = declined_notice(&l, code, &reason, Some(amount), None);
+                        notify_notice(&mut tx, &n, &l.member, audit.at).await?;
+                        commit(tx).await?;
+                        return Ok(Next::Moved(state));
+                    }
+                    CardLimit::Declines { until } => {
+                        // Too many declines on this card today: the same attempt waits, unsent.
+                        let state = step(payment.state, Transition::SoftDecline)?;
+                        sqlx::query("UPDATE payments SET state = $1, next_attempt_at = $2, amount = NULL, credit_applied = 0, reason = $3, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $4 WHERE id = $5")
+                            .bind(state.as_str())
+                            .bind(DbTime(until))
+                            .bind("the card reached 10 declined requests in 24 hours; waiting before trying it again")
+                            .bind(DbTime(audit.at))
+                            .bind(DbId(payment.id))
+                            .execute(tx.conn())
+                            .await
+                            .map_err(db_err("holding a payment for its card's limit"))?;
+                        event(&mut tx, audit, "payment", payment.id, "card_limit", serde_json::json!({ "attempt": payment.attempt, "until": until })).await?;
+                        commit(tx).await?;
+                        return Ok(Next::Moved(state));
+                    }
+                }
+                // The emergency stop, checked just before the request is stored and written.
+                if charging_paused_in(&mut tx).await? {
+                    let state = step(payment.state, Transition::Release)?;
+                    sqlx::query("UPDATE payments SET state = $1, amount = NULL, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $3")
+                        .bind(state.as_str())
+                        .bind(DbTime(audit.at))
+                        .bind(DbId(payment.id))
+                        .execute(tx.conn())
+                        .await
+                        .map_err(db_err("releasing a payment"))?;
+                    event(&mut tx, audit, "payment", payment.id, "released", serde_json::json!({ "reason": "charging paused" })).await?;
                     commit(tx).await?;
-                    return Ok(AttemptStart::Settled(PaymentState::Failed));
+                    return Ok(Next::Released);
                 }
                 let installation: DbId = sqlx::query_scalar("SELECT installation_id FROM control WHERE id = 1")
                     .fetch_one(tx.conn())
                     .await
                     .map_err(db_err("reading the installation id"))?;
-                let key = idempotency_key(installation.0, &payment, payment.attempt);
+                let request = ChargeRequest {
+                    idempotency_key: crate::domain::attempt::idempotency_key(installation.0, payment.schedule_id, &payment.occurrence, payment.attempt),
+                    token: l.card.processor_token.clone(),
+                    amount,
+                    payment_id: payment.id,
+                    schedule_id: payment.schedule_id,
+                    occurrence: payment.occurrence.clone(),
+                    attempt: payment.attempt,
+                    account_last4: l.member.account_number.last4(),
+                };
                 sqlx::query("UPDATE payments SET amount = $1, credit_applied = $2, updated_at = $3 WHERE id = $4")
-                    .bind(charge)
-                    .bind(credit_used)
+                    .bind(amount.minor())
+                    .bind(credit_used.minor())
                     .bind(DbTime(audit.at))
                     .bind(DbId(payment.id))
                     .execute(tx.conn())
                     .await
                     .map_err(db_err("freezing the amount"))?;
-                sqlx::query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (idempotency_key) DO NOTHING")
+                sqlx::query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at, request, first_sent_at, sends) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8, 1)")
                     .bind(DbId(new_id()))
                     .bind(DbId(payment.id))
                     .bind(payment.attempt)
-                    .bind(DbId(card.id))
-                    .bind(&key)
-                    .bind(charge)
-                    .bind(payment.currency.code())
+                    .bind(DbId(l.card.id))
+                    .bind(&request.idempotency_key)
+                    .bind(amount.minor())
+                    .bind(cur.code())
                     .bind(DbTime(audit.at))
+                    .bind(sqlx::types::Json(&request))
                     .execute(tx.conn())
                     .await
-                    .map_err(db_err("recording the attempt"))?;
+                    .map_err(db_err("storing the attempt's request"))?;
+                let call = open_call(&mut tx, payment, &l.card, "charge", audit).await?;
                 event(&mut tx, audit, "payment", payment.id, "attempt_started", serde_json::json!({
-                    "attempt": payment.attempt, "amount": Money::from_minor(charge, payment.currency).amount_string(),
-                    "credit_used": Money::from_minor(credit_used, payment.currency).amount_string(), "card_id": card.id,
+                    "attempt": payment.attempt, "amount": amount.amount_string(),
+                    "credit_used": credit_used.amount_string(), "card_id": l.card.id,
                 })).await?;
                 commit(tx).await?;
-                Ok(AttemptStart::Charge {
-                    amount: Money::from_minor(charge, payment.currency),
-                    attempt: payment.attempt,
-                    idempotency_key: key,
-                    card_token: card.processor_token,
-                    account_number: member.account_number.as_str().to_string(),
-                    occurrence: payment.occurrence.clone(),
-                    schedule_id: payment.schedule_id,
-                })
+                Ok(Next::Send { request, call })
             }
 
-            async fn release(&self, lease: &Lease, audit: &Audit) -> Result<bool> {
+            async fn sent_attempt(&self, lease: &Lease) -> Result<Option<SentFacts>> {
                 let mut tx = self.begin_write().await?;
-                let Some(Held { payment, .. }) = leased_payment(&mut tx, lease, "'processing'").await? else {
-                    return Ok(false);
+                let Some(held) = leased_payment(&mut tx, lease, &[PaymentState::Processing, PaymentState::Unknown, PaymentState::NeedsReview]).await? else {
+                    return Ok(None);
                 };
-                sqlx::query("DELETE FROM payment_attempts WHERE payment_id = $1 AND attempt = $2 AND outcome IS NULL")
-                    .bind(DbId(payment.id))
-                    .bind(payment.attempt)
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("withdrawing an attempt"))?;
-                sqlx::query("UPDATE payments SET state = 'scheduled', amount = NULL, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $1 WHERE id = $2")
-                    .bind(DbTime(audit.at))
-                    .bind(DbId(payment.id))
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("releasing a payment"))?;
-                event(&mut tx, audit, "payment", payment.id, "released", serde_json::json!({ "reason": "charging paused" })).await?;
+                let facts = attempt_row(&mut tx, &held.payment).await?.map(|row| sent_facts(&held, &row));
                 commit(tx).await?;
-                Ok(true)
+                Ok(facts)
             }
 
-            async fn record_attempt(&self, lease: &Lease, result: &AttemptResult, policy: &OutcomePolicy, audit: &Audit) -> Result<Recorded> {
+            async fn begin_resend(&self, lease: &Lease, by: Settler, policy: &OutcomePolicy, audit: &Audit) -> Result<Next> {
                 let mut tx = self.begin_write().await?;
-                let Some(Held { payment, credit_applied, unknown_since }) = leased_payment(&mut tx, lease, "'processing', 'unknown'").await? else {
-                    return Ok(Recorded::LeaseLost);
+                let states: &[PaymentState] = match by {
+                    Settler::Daemon => &[PaymentState::Processing],
+                    Settler::Operator => &[PaymentState::NeedsReview],
                 };
-                let member = member_by_id_in(&mut tx, payment.member_id).await?;
-                let state = match result {
-                    AttemptResult::Approved { reference } => {
-                        finish_attempt_row(&mut tx, &payment, "approved", None, Some(reference), audit.at).await?;
-                        settle_success(&mut tx, &payment, credit_applied, reference, audit).await?;
-                        PaymentState::Succeeded
+                let Some(l) = lock_leased(&mut tx, lease, states).await? else {
+                    return Ok(Next::LeaseLost);
+                };
+                let row = attempt_row(&mut tx, &l.held.payment).await?.ok_or_else(|| {
+                    StoreError::Internal(format!("payment {} has no sent attempt to resend", l.held.payment.id))
+                })?;
+                let next = prepare_resend(&mut tx, &l, &row, by, policy, audit).await?;
+                commit(tx).await?;
+                Ok(next)
+            }
+
+            async fn record_charge(&self, lease: &Lease, call: Option<Uuid>, answer: &Answer, policy: &OutcomePolicy, audit: &Audit) -> Result<Next> {
+                let mut tx = self.begin_write().await?;
+                let Some(l) = lock_leased(&mut tx, lease, &[PaymentState::Processing]).await? else {
+                    return Ok(Next::LeaseLost);
+                };
+                let row = attempt_row(&mut tx, &l.held.payment).await?.ok_or_else(|| {
+                    StoreError::Internal(format!("payment {} has no sent attempt to record", l.held.payment.id))
+                })?;
+                if let Some(call) = call {
+                    let detail = match answer {
+                        Answer::Approved { .. } => None,
+                        Answer::Declined { code, .. } => Some(code.as_str()),
+                        Answer::Unknown { detail, .. } | Answer::Busy { detail } | Answer::Mismatch { detail } => Some(detail.as_str()),
+                    };
+                    finish_call(&mut tx, call, CallOutcome::of(answer), detail, audit.at).await?;
+                }
+                let next = crate::domain::attempt::after_send(answer, &sent_facts(&l.held, &row).attempt, &policy.keys, audit.at);
+                let next = apply_step(&mut tx, &l, &row, next, Settler::Daemon, policy, audit).await?;
+                commit(tx).await?;
+                Ok(next)
+            }
+
+            async fn record_lookup(&self, lease: &Lease, answer: &LookupAnswer, by: Settler, policy: &OutcomePolicy, audit: &Audit) -> Result<Next> {
+                use crate::domain::attempt::OperatorStep;
+                let mut tx = self.begin_write().await?;
+                let states: &[PaymentState] = match by {
+                    Settler::Daemon => &[PaymentState::Processing],
+                    Settler::Operator => &[PaymentState::Unknown, PaymentState::NeedsReview],
+                };
+                let Some(l) = lock_leased(&mut tx, lease, states).await? else {
+                    return Ok(Next::LeaseLost);
+                };
+                let payment = &l.held.payment;
+                let row = attempt_row(&mut tx, payment).await?.ok_or_else(|| {
+                    StoreError::Internal(format!("payment {} has no sent attempt to look up", payment.id))
+                })?;
+                let call = open_call(&mut tx, payment, &l.card, "lookup", audit).await?;
+                let detail = match answer {
+                    LookupAnswer::Found { reference, .. } => Some(reference.as_str()),
+                    LookupAnswer::NotFound => None,
+                    LookupAnswer::Unknown { detail } => Some(detail.as_str()),
+                };
+                finish_call(&mut tx, call, CallOutcome::of_lookup(answer), detail, audit.at).await?;
+                let facts = sent_facts(&l.held, &row);
+                let next = match by {
+                    Settler::Daemon => {
+                        let next = crate::domain::attempt::after_lookup(answer, &facts.attempt, &policy.keys, audit.at);
+                        apply_step(&mut tx, &l, &row, next, by, policy, audit).await?
                     }
-                    AttemptResult::Declined { code, action, member_reason, reference } => {
-                        use crate::domain::decline::DeclineAction;
-                        finish_attempt_row(&mut tx, &payment, "declined", Some(code), reference.as_deref(), audit.at).await?;
-                        let card = card_in(&mut tx, payment.card_id).await?;
-                        let schedule = schedule_in(&mut tx, payment.schedule_id).await?;
-                        let retry_at = if *action == DeclineAction::RetryLater {
-                            let window_start = audit.at
-                                .checked_sub(jiff::SignedDuration::try_from(policy.retry.window).map_err(|e| StoreError::Internal(e.to_string()))?)
-                                .map_err(|e| StoreError::Internal(e.to_string()))?;
-                            let on_card: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM payment_attempts WHERE payment_method_id = $1 AND started_at >= $2")
-                                .bind(DbId(card.id))
-                                .bind(DbTime(window_start))
-                                .fetch_one(tx.conn())
-                                .await
-                                .map_err(db_err("counting the card's attempts"))?;
-                            policy.retry.next_attempt_at(
-                                u32::try_from(payment.attempt).unwrap_or(u32::MAX),
-                                u32::try_from(on_card).unwrap_or(u32::MAX),
-                                audit.at,
-                            )
-                        } else {
-                            None
-                        };
-                        let payload = decline_payload(&payment, &member, &card, code, member_reason, retry_at, &schedule.time_zone);
-                        match retry_at {
-                            Some(at) => {
-                                sqlx::query("UPDATE payments SET state = 'retry_wait', attempt = attempt + 1, next_attempt_at = $1, amount = NULL, credit_applied = 0, decline_code = $2, reason = $3, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, unknown_since = NULL, updated_at = $4 WHERE id = $5")
-                                    .bind(DbTime(at))
-                                    .bind(code)
-                                    .bind(member_reason)
-                                    .bind(DbTime(audit.at))
-                                    .bind(DbId(payment.id))
-                                    .execute(tx.conn())
-                                    .await
-                                    .map_err(db_err("recording a soft decline"))?;
-                                notify(&mut tx, "declined", &format!("declined:{}:{}", payment.id, payment.attempt), &member, payload, audit.at).await?;
-                                PaymentState::RetryWait
-                            }
-                            None => {
-                                sqlx::query("UPDATE payments SET state = 'failed', decline_code = $1, reason = $2, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $3 WHERE id = $4")
-                                    .bind(code)
-                                    .bind(member_reason)
-                                    .bind(DbTime(audit.at))
-                                    .bind(DbId(payment.id))
-                                    .execute(tx.conn())
-                                    .await
-                                    .map_err(db_err("recording a decline"))?;
-                                notify(&mut tx, "failed", &format!("failed:{}", payment.id), &member, payload, audit.at).await?;
-                                if *action == DeclineAction::DisableCard {
-                                    disable_card(&mut tx, card.id, member_reason, &member, audit).await?;
-                                } else {
-                                    count_failure(&mut tx, &payment, policy.suspend_after, &member, audit).await?;
-                                }
-                                PaymentState::Failed
+                    Settler::Operator => match crate::domain::attempt::operator_after_lookup(answer, &facts.attempt, &policy.keys, audit.at) {
+                        OperatorStep::Record(AttemptStep::Charged { reference }) => {
+                            finish_attempt(&mut tx, payment, "approved", None, Some(&reference), audit.at).await?;
+                            let state = step(payment.state, Transition::OperatorResolve(crate::domain::payment::Resolution::Succeeded))?;
+                            settle_success(&mut tx, &l, state, &reference, audit).await?;
+                            Next::Moved(state)
+                        }
+                        OperatorStep::Record(AttemptStep::Declined { code, reference }) => {
+                            finish_attempt(&mut tx, payment, "declined", Some(&code), reference.as_deref(), audit.at).await?;
+                            let decline = crate::domain::decline::classify(&code, None);
+                            if decline.action == crate::domain::decline::DeclineAction::DisableCard {
+                                // The bank said never again: no new attempt on this card.
+                                let state = step(payment.state, Transition::OperatorResolve(crate::domain::payment::Resolution::Failed))?;
+                                settle_without_charge(&mut tx, payment, state, decline.member_reason, payment.amount.map(|m| m.minor()), Some(&decline.code), audit).await?;
+                                let n = declined_notice(&l, &decline.code, decline.member_reason, payment.amount, None);
+                                notify_notice(&mut tx, &n, &l.member, audit.at).await?;
+                                disable_card(&mut tx, &l.card, decline.member_reason, &l.member, audit).await?;
+                                Next::Moved(state)
+                            } else {
+                                Next::Moved(start_new_attempt(&mut tx, payment, "retried by an operator: the processor recorded the last attempt as declined", audit).await?)
                             }
                         }
-                    }
-                    AttemptResult::Unknown { detail } => {
-                        let since = unknown_since.unwrap_or(audit.at);
-                        let window = jiff::SignedDuration::try_from(policy.lookup_window).map_err(|e| StoreError::Internal(e.to_string()))?;
-                        let expired = audit.at.duration_since(since) > window;
-                        let next = audit.at
-                            .checked_add(jiff::SignedDuration::try_from(policy.settle_delay).map_err(|e| StoreError::Internal(e.to_string()))?)
-                            .map_err(|e| StoreError::Internal(e.to_string()))?;
-                        let state = if expired { PaymentState::NeedsReview } else { PaymentState::Unknown };
-                        finish_attempt_row(&mut tx, &payment, "unknown", None, None, audit.at).await?;
-                        sqlx::query("UPDATE payments SET state = $1, reason = $2, unknown_since = $3, next_attempt_at = $4, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $5 WHERE id = $6")
-                            .bind(state.as_str())
-                            .bind(if expired { format!("outcome still unknown after processor.lookup_window: {detail}") } else { detail.clone() })
-                            .bind(DbTime(since))
-                            .bind(if expired { None } else { Some(DbTime(next)) })
-                            .bind(DbTime(audit.at))
-                            .bind(DbId(payment.id))
-                            .execute(tx.conn())
-                            .await
-                            .map_err(db_err("recording an unknown outcome"))?;
-                        state
-                    }
-                    AttemptResult::NotCharged => {
-                        finish_attempt_row(&mut tx, &payment, "not_charged", None, None, audit.at).await?;
-                        sqlx::query("UPDATE payments SET state = 'scheduled', attempt = attempt + 1, next_attempt_at = $1, amount = NULL, credit_applied = 0, reason = 'the processor has no record of the last attempt', unknown_since = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $1 WHERE id = $2")
-                            .bind(DbTime(audit.at))
-                            .bind(DbId(payment.id))
-                            .execute(tx.conn())
-                            .await
-                            .map_err(db_err("recording a missing charge"))?;
-                        PaymentState::Scheduled
-                    }
-                    AttemptResult::NeedsReview { detail } => {
-                        finish_attempt_row(&mut tx, &payment, "needs_review", None, None, audit.at).await?;
-                        sqlx::query("UPDATE payments SET state = 'needs_review', reason = $1, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = $2 WHERE id = $3")
-                            .bind(detail)
-                            .bind(DbTime(audit.at))
-                            .bind(DbId(payment.id))
-                            .execute(tx.conn())
-                            .await
-                            .map_err(db_err("recording a payment for review"))?;
-                        PaymentState::NeedsReview
-                    }
+                        OperatorStep::NewAttempt => {
+                            finish_attempt(&mut tx, payment, "not_charged", None, None, audit.at).await?;
+                            Next::Moved(start_new_attempt(&mut tx, payment, "retried by an operator: the processor has no record of the last attempt and its key can no longer charge", audit).await?)
+                        }
+                        OperatorStep::TooEarly { until } => {
+                            release_lease(&mut tx, lease).await?;
+                            Next::NotYet { until: Some(until), why: "the processor has no record of the attempt yet, and its key may still charge".into() }
+                        }
+                        OperatorStep::Record(other) => {
+                            return Err(StoreError::Internal(format!("an operator's lookup cannot lead to {other:?}")));
+                        }
+                    },
                 };
-                if !matches!(result, AttemptResult::Approved { .. }) {
-                    event(&mut tx, audit, "payment", payment.id, state.as_str(), serde_json::json!({
-                        "attempt": payment.attempt, "result": format!("{result:?}"),
-                    })).await?;
-                }
                 commit(tx).await?;
-                Ok(Recorded::Moved(state))
+                Ok(next)
             }
 
             async fn next_wakeup(&self) -> Result<Option<Timestamp>> {
+                let paused = self.control().await?.charging_paused.is_some();
                 let mut earliest: Option<Timestamp> = None;
-                for sql in [
+                let mut queries = vec![
                     "SELECT MIN(next_run_at) FROM schedules WHERE status = 'active'",
-                    "SELECT MIN(COALESCE(next_attempt_at, due_at)) FROM payments WHERE state IN ('scheduled', 'retry_wait', 'unknown')",
+                    // An unknown outcome is settled at its lookup time, once no operator holds it.
+                    "SELECT MIN(CASE WHEN lease_expires_at IS NOT NULL AND lease_expires_at > next_attempt_at THEN lease_expires_at ELSE next_attempt_at END) FROM payments WHERE state = 'unknown'",
                     "SELECT MIN(lease_expires_at) FROM payments WHERE state = 'processing'",
-                ] {
+                ];
+                if !paused {
+                    // While charging is paused no charge can be claimed: nothing to wake for.
+                    queries.push("SELECT MIN(COALESCE(next_attempt_at, due_at)) FROM payments WHERE state IN ('scheduled', 'retry_wait')");
+                }
+                for sql in queries {
                     let t: Option<DbTime> = sqlx::query_scalar(sql).fetch_one(&self.pool).await.map_err(db_err("finding the next due work"))?;
                     if let Some(t) = t {
                         earliest = Some(earliest.map_or(t.0, |e| e.min(t.0)));
@@ -1973,12 +2499,12 @@ macro_rules! shared_store_impl {
             }
 
             async fn attempt_stats(&self, since: Timestamp) -> Result<AttemptStats> {
-                let row = sqlx::query("SELECT COUNT(*) AS attempts, CAST(COALESCE(SUM(CASE WHEN outcome = 'declined' THEN 1 ELSE 0 END), 0) AS BIGINT) AS declines, CAST(COALESCE(SUM(CASE WHEN outcome IN ('unknown', 'needs_review') THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors FROM payment_attempts WHERE started_at >= $1")
+                let row = sqlx::query("SELECT COUNT(*) AS attempts, CAST(COALESCE(SUM(CASE WHEN outcome = 'declined' THEN 1 ELSE 0 END), 0) AS BIGINT) AS declines, CAST(COALESCE(SUM(CASE WHEN outcome IN ('unknown', 'busy', 'mismatch') THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors FROM processor_calls WHERE kind = 'charge' AND outcome IS NOT NULL AND started_at >= $1")
                     .bind(DbTime(since))
                     .fetch_one(&self.pool)
                     .await
                     .map_err(db_err("reading attempt statistics"))?;
-                const T: &str = "payment_attempts";
+                const T: &str = "processor_calls";
                 Ok(AttemptStats { attempts: get(&row, T, "attempts")?, declines: get(&row, T, "declines")?, errors: get(&row, T, "errors")? })
             }
 
@@ -2007,63 +2533,118 @@ macro_rules! shared_store_impl {
 
             async fn retry_payment(&self, payment_id: Uuid, force: bool, audit: &Audit) -> Result<Payment> {
                 let mut tx = self.begin_write().await?;
+                let not_found = || StoreError::NotFound(format!("no payment has id {payment_id}; list payments with `autopay payment list`"));
+                let owners: Option<(DbId, DbId)> = sqlx::query_as("SELECT member_id, payment_method_id FROM payments WHERE id = $1")
+                    .bind(DbId(payment_id))
+                    .fetch_optional(tx.conn())
+                    .await
+                    .map_err(db_err("reading a payment"))?;
+                let (member_id, card_id) = owners.ok_or_else(not_found)?;
+                // The documented lock order: member, card, then the payment.
+                member_by_id_in(&mut tx, member_id.0).await?;
+                let card = card_in(&mut tx, card_id.0).await?;
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = $1{}", $for_update)))
                     .bind(DbId(payment_id))
                     .fetch_optional(tx.conn())
                     .await
                     .map_err(db_err("reading a payment"))?
-                    .ok_or_else(|| StoreError::NotFound(format!("no payment has id {payment_id}; list payments with `autopay payment list`")))?;
+                    .ok_or_else(not_found)?;
                 let payment = payment_from(&row)?;
-                if !matches!(payment.state, PaymentState::Failed | PaymentState::Missed | PaymentState::NeedsReview) {
+                if payment.state == PaymentState::NeedsReview {
+                    return Err(StoreError::Conflict(format!("payment {payment_id} needs review: its last attempt may have charged, so it is settled first (`autopay payment retry` does this when run from the command line)")));
+                }
+                if !matches!(payment.state, PaymentState::Failed | PaymentState::Missed) {
                     return Err(StoreError::Conflict(format!("payment {payment_id} is {}; only failed, missed or needs_review payments can be retried", payment.state)));
                 }
-                let hard = payment.state == PaymentState::Failed && payment.decline_code.as_deref().is_some_and(|c| c != "over_limit");
+                let refused_before_any_call = ["over_limit", "card_attempt_limit", "card_decline_limit"];
+                let hard = payment.state == PaymentState::Failed
+                    && payment.decline_code.as_deref().is_some_and(|c| !refused_before_any_call.contains(&c));
                 if hard && !force {
                     return Err(StoreError::Conflict(format!(
                         "payment {payment_id} failed with a hard decline ({}); retrying the same card rarely helps. Add --force to retry anyway, or move the schedule to another card",
                         payment.decline_code.as_deref().unwrap_or("")
                     )));
                 }
-                let card = card_in(&mut tx, payment.card_id).await?;
                 if card.status != CardStatus::Active {
                     return Err(StoreError::Conflict(format!("card {} is {}; give the schedule another card with `autopay schedule update {} --card NEW_CARD`", card.id, card.status, payment.schedule_id)));
                 }
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "UPDATE payments SET state = 'scheduled', attempt = attempt + 1, next_attempt_at = $1, amount = NULL, credit_applied = 0, reason = 'retried by operator', unknown_since = NULL, updated_at = $1 WHERE id = $2 RETURNING {PAYMENT_COLS}"
-                )))
-                .bind(DbTime(audit.at))
-                .bind(DbId(payment_id))
-                .fetch_one(tx.conn())
-                .await
-                .map_err(db_err("retrying a payment"))?;
-                event(&mut tx, audit, "payment", payment_id, "retried", serde_json::json!({ "from": payment.state.as_str(), "force": force })).await?;
+                start_new_attempt(&mut tx, &payment, if force { "retried by an operator (--force)" } else { "retried by an operator" }, audit).await?;
                 commit(tx).await?;
-                payment_from(&row)
+                self.payment(payment_id).await
+            }
+
+            async fn take_for_operator(&self, payment_id: Uuid, lease: std::time::Duration, audit: &Audit) -> Result<Taken> {
+                let until = audit.at
+                    .checked_add(jiff::SignedDuration::try_from(lease).map_err(|e| StoreError::Internal(e.to_string()))?)
+                    .map_err(|e| StoreError::Internal(e.to_string()))?;
+                let mut tx = self.begin_write().await?;
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {PAYMENT_COLS}, credit_applied, unknown_since, lease_owner, lease_expires_at FROM payments WHERE id = $1{}", $for_update
+                )))
+                .bind(DbId(payment_id))
+                .fetch_optional(tx.conn())
+                .await
+                .map_err(db_err("reading a payment"))?
+                .ok_or_else(|| StoreError::NotFound(format!("no payment has id {payment_id}; list payments with `autopay payment list`")))?;
+                let held = held_from(&row)?;
+                let holder: Option<String> = get(&row, "payments", "lease_owner")?;
+                let held_until = opt_time(&row, "payments", "lease_expires_at")?;
+                if let (Some(holder), Some(held_until)) = (holder, held_until)
+                    && held_until > audit.at
+                {
+                    return Err(StoreError::Unavailable(format!(
+                        "payment {payment_id} is being settled by {} until {held_until}; try again after that",
+                        short(&holder)
+                    )));
+                }
+                if !matches!(held.payment.state, PaymentState::Unknown | PaymentState::NeedsReview) {
+                    return Err(StoreError::Conflict(format!(
+                        "payment {payment_id} is {}; only unknown or needs_review payments are settled by an operator", held.payment.state
+                    )));
+                }
+                let token = Uuid::new_v4();
+                sqlx::query("UPDATE payments SET lease_owner = $1, lease_token = $2, lease_expires_at = $3 WHERE id = $4")
+                    .bind(&audit.actor)
+                    .bind(token.to_string())
+                    .bind(DbTime(until))
+                    .bind(DbId(payment_id))
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("taking a payment for review"))?;
+                let sent = attempt_row(&mut tx, &held.payment).await?.map(|r| sent_facts(&held, &r));
+                commit(tx).await?;
+                Ok(Taken { lease: Lease { payment_id, token }, payment: held.payment, sent })
+            }
+
+            async fn give_back(&self, lease: &Lease) -> Result<bool> {
+                let mut tx = self.begin_write().await?;
+                let done = release_lease(&mut tx, lease).await?;
+                commit(tx).await?;
+                Ok(done)
             }
 
             async fn resolve_payment(&self, resolve: &Resolve, audit: &Audit) -> Result<Payment> {
                 use crate::domain::payment::Resolution;
                 let mut tx = self.begin_write().await?;
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS}, credit_applied, unknown_since FROM payments WHERE id = $1{}", $for_update)))
-                    .bind(DbId(resolve.payment_id))
-                    .fetch_optional(tx.conn())
-                    .await
-                    .map_err(db_err("reading a payment"))?
-                    .ok_or_else(|| StoreError::NotFound(format!("no payment has id {}; list payments with `autopay payment list`", resolve.payment_id)))?;
-                let Held { payment, credit_applied, .. } = held_from(&row)?;
-                if !matches!(payment.state, PaymentState::Unknown | PaymentState::NeedsReview) {
-                    return Err(StoreError::Conflict(format!("payment {} is {}; only unknown or needs_review payments are resolved by hand", payment.id, payment.state)));
-                }
+                let Some(l) = lock_leased(&mut tx, &resolve.lease, &[PaymentState::Unknown, PaymentState::NeedsReview]).await? else {
+                    return Err(StoreError::Conflict(format!(
+                        "payment {} changed while it was being resolved; run the command again", resolve.lease.payment_id
+                    )));
+                };
+                let payment = &l.held.payment;
+                let state = step(payment.state, Transition::OperatorResolve(resolve.resolution))?;
                 match resolve.resolution {
                     Resolution::Succeeded => {
                         if payment.amount.is_none() {
                             return Err(StoreError::Conflict(format!("payment {} has no amount recorded for its attempt; resolve it as failed or cancelled and retry it", payment.id)));
                         }
-                        settle_success(&mut tx, &payment, credit_applied, &resolve.reference, audit).await?;
+                        finish_attempt(&mut tx, payment, "approved", None, Some(&resolve.reference), audit.at).await?;
+                        settle_success(&mut tx, &l, state, &resolve.reference, audit).await?;
                     }
                     Resolution::Failed | Resolution::Cancelled => {
-                        let state = if resolve.resolution == Resolution::Failed { PaymentState::Failed } else { PaymentState::Cancelled };
-                        sqlx::query("UPDATE payments SET state = $1, reason = $2, processor_reference = $3, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $4 WHERE id = $5")
+                        // The attempt charged nothing: its reservations are released.
+                        finish_attempt(&mut tx, payment, "not_charged", None, None, audit.at).await?;
+                        sqlx::query("UPDATE payments SET state = $1, reason = $2, processor_reference = $3, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $4 WHERE id = $5")
                             .bind(state.as_str())
                             .bind(&resolve.reason)
                             .bind(&resolve.reference)
@@ -2075,15 +2656,11 @@ macro_rules! shared_store_impl {
                     }
                 }
                 event(&mut tx, audit, "payment", payment.id, "resolved", serde_json::json!({
-                    "as": format!("{:?}", resolve.resolution).to_lowercase(), "reference": resolve.reference, "reason": resolve.reason,
+                    "as": format!("{:?}", resolve.resolution).to_lowercase(), "attempt": payment.attempt,
+                    "reference": resolve.reference, "reason": resolve.reason,
                 })).await?;
                 commit(tx).await?;
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = $1")))
-                    .bind(DbId(payment.id))
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(db_err("reading a payment"))?;
-                payment_from(&row)
+                self.payment(payment.id).await
             }
             async fn enqueue(&self, n: &NewNotification, at: Timestamp) -> Result<bool> {
                 let mut tx = self.begin_write().await?;

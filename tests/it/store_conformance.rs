@@ -57,6 +57,7 @@ async fn card(store: &dyn Store, member: &Member, token: &str) -> Card {
                 brand: CardBrand::Visa,
                 last4: Last4::parse("4242").unwrap(),
                 expiry: Expiry::new(12, 2030).unwrap(),
+                fingerprint: None,
             },
             &audit(),
         )
