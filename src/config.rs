@@ -8,7 +8,6 @@
 //! [`SecretString`]s: redacted in `Debug`, in `check-config`, and inside `database.url`.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -452,21 +451,11 @@ pub struct ReminderSettings {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DaemonSettings {
-    pub planner_cron: String,
-    pub reminders_cron: String,
-    pub housekeeping_cron: String,
     pub poll_interval: Dur,
-    pub tick_alarm: Dur,
     pub concurrency: u32,
     pub batch_size: u32,
     pub lease: Dur,
     pub shutdown_grace: Dur,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct HttpSettings {
-    pub listen: SocketAddr,
-    pub ready_grace: Dur,
 }
 
 /// Every setting, parsed and checked.
@@ -480,7 +469,6 @@ pub struct Settings {
     pub org: OrgSettings,
     pub reminders: ReminderSettings,
     pub daemon: DaemonSettings,
-    pub http: HttpSettings,
 }
 
 /// The merged layers before parsing: strings and lists, so that only parsing reports problems.
@@ -603,19 +591,11 @@ pub mod raw {
         card_expiry_days: String
     });
     section!(Daemon {
-        planner_cron: String,
-        reminders_cron: String,
-        housekeeping_cron: String,
         poll_interval: String,
-        tick_alarm: String,
         concurrency: String,
         batch_size: String,
         lease: String,
         shutdown_grace: String,
-    });
-    section!(Http {
-        listen: String,
-        ready_grace: String
     });
     section!(Settings {
         database: Database,
@@ -626,7 +606,6 @@ pub mod raw {
         org: Org,
         reminders: Reminders,
         daemon: Daemon,
-        http: Http,
     });
 }
 
@@ -715,19 +694,6 @@ impl Checker {
             }
         }
         out
-    }
-
-    fn cron(&mut self, key: &str, value: &str) -> String {
-        self.parse(key, value, String::new(), |s| {
-            let fields = s.split_whitespace().count();
-            if fields == 6 {
-                Ok(s.trim().to_string())
-            } else {
-                Err(format!(
-                    "a UTC cron expression with six fields, seconds first, such as \"0 * * * * *\" (this one has {fields})"
-                ))
-            }
-        })
     }
 
     /// A secret given inline or in a file (the file wins, for systemd credentials).
@@ -855,10 +821,15 @@ impl Settings {
                 Money::parse(s, currency)
                     .map_err(|e| e.to_string())
                     .and_then(|m| {
-                        if m.is_positive() {
-                            Ok(m)
-                        } else {
+                        if !m.is_positive() {
                             Err("an amount above 0.00, such as 5000.00".into())
+                        } else if m.minor() > currency.max_charge().minor() {
+                            Err(format!(
+                                "at most {}, the most one card charge can be",
+                                currency.max_charge()
+                            ))
+                        } else {
+                            Ok(m)
                         }
                     })
             })
@@ -966,6 +937,16 @@ impl Settings {
             "processor.stripe.secret_key_file",
             &st.secret_key_file,
         );
+        if kind == ProcessorKind::Stripe {
+            // The Stripe adapter is not in this release: accepting the setting would leave
+            // autopay unable to charge. Its processor.stripe.* keys are read and checked so a
+            // settings file written for the next release needs no change.
+            c.problem(
+                "processor.kind",
+                "stripe",
+                "simulated: the Stripe adapter is not in this release of autopay",
+            );
+        }
         if kind == ProcessorKind::Stripe && secret_key.is_none() {
             c.problem(
                 "processor.stripe.secret_key",
@@ -1093,28 +1074,11 @@ impl Settings {
 
         // daemon
         let d = &r.daemon;
-        let planner_cron = c.cron("daemon.planner_cron", &d.planner_cron);
-        let reminders_cron = c.cron("daemon.reminders_cron", &d.reminders_cron);
-        let housekeeping_cron = c.cron("daemon.housekeeping_cron", &d.housekeeping_cron);
         let poll_interval = c.dur("daemon.poll_interval", &d.poll_interval);
-        let tick_alarm = c.dur("daemon.tick_alarm", &d.tick_alarm);
         let concurrency = c.int("daemon.concurrency", &d.concurrency, 1, 1024);
         let batch_size = c.int("daemon.batch_size", &d.batch_size, 1, 10_000);
         let lease = c.dur("daemon.lease", &d.lease);
         let shutdown_grace = c.dur("daemon.shutdown_grace", &d.shutdown_grace);
-
-        // http
-        let listen = c.parse(
-            "http.listen",
-            &r.http.listen,
-            SocketAddr::from(([127, 0, 0, 1], 8080)),
-            |s| {
-                s.trim()
-                    .parse()
-                    .map_err(|_| "an address and port such as 127.0.0.1:8080".to_string())
-            },
-        );
-        let ready_grace = c.dur("http.ready_grace", &r.http.ready_grace);
 
         // Timing rules that keep a charge from being sent twice (design.md): a lease must outlive
         // any call by a wide margin, and shutdown must wait for a call in flight.
@@ -1238,19 +1202,11 @@ impl Settings {
                 card_expiry_days,
             },
             daemon: DaemonSettings {
-                planner_cron,
-                reminders_cron,
-                housekeeping_cron,
                 poll_interval,
-                tick_alarm,
                 concurrency,
                 batch_size,
                 lease,
                 shutdown_grace,
-            },
-            http: HttpSettings {
-                listen,
-                ready_grace,
             },
         })
     }

@@ -235,8 +235,11 @@ pub(super) async fn bill(ctx: &Context, command: BillCommand) -> Result<(), CliE
         BillCommand::Import { file, dry_run } => {
             let store = ctx.store().await?;
             let bills = read_csv(ctx, store.as_ref(), &file).await?;
-            let total: i64 = bills.iter().map(|b| b.amount_due.minor()).sum();
-            let total = Money::from_minor(total, ctx.settings.payments.currency);
+            let total = Money::checked_sum(
+                ctx.settings.payments.currency,
+                bills.iter().map(|b| b.amount_due),
+            )
+            .map_err(|e| CliError::data(format!("{}: the bills' total: {e}", file.display())))?;
             if dry_run {
                 if ctx.json {
                     return output::json(&serde_json::json!({

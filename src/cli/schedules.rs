@@ -15,7 +15,7 @@ use crate::domain::schedule::{
     parse_date, parse_time_of_day,
 };
 use crate::domain::status::{AuthorizedVia, ScheduleKind, ScheduleStatus};
-use crate::store::{NewSchedule, Schedule, ScheduleChange, ScheduleResume};
+use crate::store::{NewSchedule, Schedule, ScheduleChange, ScheduleResume, Store};
 
 /// One payment date as `schedule show` and `schedule preview` print it.
 #[derive(Debug, Serialize)]
@@ -389,6 +389,7 @@ pub(super) async fn schedule(ctx: &Context, command: ScheduleCommand) -> Result<
                 ));
             }
             let store = ctx.store().await?;
+            plan_due_first(ctx, store.as_ref(), id).await?;
             let current = store.schedule(id).await?;
             let member = store.member_by_id(current.member_id).await?;
             let mut spec = current.recurrence.spec();
@@ -463,6 +464,7 @@ pub(super) async fn schedule(ctx: &Context, command: ScheduleCommand) -> Result<
         ScheduleCommand::Pause { schedule } => {
             let id = parse_id(&schedule, "schedule")?;
             let store = ctx.store().await?;
+            plan_due_first(ctx, store.as_ref(), id).await?;
             let s = store.pause_schedule(id, &ctx.audit()).await?;
             tracing::info!(schedule_id = %id, "schedule paused");
             if ctx.json {
@@ -500,6 +502,7 @@ pub(super) async fn schedule(ctx: &Context, command: ScheduleCommand) -> Result<
         ScheduleCommand::Cancel { schedule } => {
             let id = parse_id(&schedule, "schedule")?;
             let store = ctx.store().await?;
+            plan_due_first(ctx, store.as_ref(), id).await?;
             let s = store.cancel_schedule(id, &ctx.audit()).await?;
             tracing::info!(schedule_id = %id, "schedule cancelled");
             if ctx.json {
@@ -509,6 +512,25 @@ pub(super) async fn schedule(ctx: &Context, command: ScheduleCommand) -> Result<
             Ok(())
         }
     }
+}
+
+/// Records an occurrence that fell due while the daemon was down before a change to its
+/// schedule, so that the change never drops it (it is charged, or cancelled with the schedule,
+/// and either way it is on record).
+async fn plan_due_first(ctx: &Context, store: &dyn Store, id: uuid::Uuid) -> Result<(), CliError> {
+    let planned = crate::engine::plan_if_due(
+        store,
+        id,
+        ctx.now(),
+        ctx.settings.payments.misfire,
+        ctx.settings.payments.max_lateness.as_std(),
+        &ctx.audit(),
+    )
+    .await?;
+    if planned {
+        tracing::info!(schedule_id = %id, "planned the occurrence that was due before changing the schedule");
+    }
+    Ok(())
 }
 
 pub(super) async fn payment(ctx: &Context, command: PaymentCommand) -> Result<(), CliError> {

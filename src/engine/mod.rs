@@ -19,7 +19,7 @@ use serde::Serialize;
 pub use charger::ChargeReport;
 pub use limiter::RateLimiter;
 pub use operator::RetryOutcome;
-pub use planner::PlanReport;
+pub use planner::{PlanReport, plan_if_due, plan_step};
 pub use worker::Shutdown;
 
 use crate::clock::Clock;

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::{Engine, EngineError};
 use crate::config::Misfire;
 use crate::domain::schedule::{Occurrence, OccurrenceKey, Recurrence};
-use crate::store::{PlanStep, PlannedPayment, Schedule};
+use crate::store::{Audit, PlanStep, PlannedPayment, Schedule, Store, StoreError};
 
 /// What one planning pass did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -122,37 +122,70 @@ impl Engine {
     }
 
     fn plan_schedule(&self, schedule: &Schedule, now: Timestamp) -> PlanStep {
-        let recurrence = &schedule.recurrence;
-        let mut due = Vec::new();
-        let mut next = schedule
-            .next_occurrence
-            .as_ref()
-            .and_then(|k| occurrence_at(recurrence, k, schedule.next_run_at));
-        while let Some(o) = next.take() {
-            if o.due_at > now {
-                next = Some(o);
-                break;
-            }
-            next = recurrence.next_after(&o.key);
-            due.push(o);
-        }
-        let payments = if schedule.kind == crate::domain::status::ScheduleKind::OneTime {
-            plan_occurrences(&due, now, Misfire::Each, self.config.max_lateness)
-        } else {
-            plan_occurrences(&due, now, self.config.misfire, self.config.max_lateness)
-        };
-        PlanStep {
-            schedule_id: schedule.id,
-            expected_version: schedule.version,
-            expected_next: schedule.next_occurrence.unwrap_or(OccurrenceKey {
-                kind: crate::domain::schedule::OccurrenceKind::Regular,
-                nominal: jiff::civil::Date::MIN,
-            }),
-            payments,
-            next_run_at: next.as_ref().map(|o| o.due_at),
-            next_occurrence: next.map(|o| o.key),
-        }
+        plan_step(schedule, now, self.config.misfire, self.config.max_lateness)
     }
+}
+
+/// What planning one schedule at `now` writes: its due occurrences (charged or missed) and its
+/// next cursor.
+pub fn plan_step(
+    schedule: &Schedule,
+    now: Timestamp,
+    misfire: Misfire,
+    max_lateness: std::time::Duration,
+) -> PlanStep {
+    let recurrence = &schedule.recurrence;
+    let mut due = Vec::new();
+    let mut next = schedule
+        .next_occurrence
+        .as_ref()
+        .and_then(|k| occurrence_at(recurrence, k, schedule.next_run_at));
+    while let Some(o) = next.take() {
+        if o.due_at > now {
+            next = Some(o);
+            break;
+        }
+        next = recurrence.next_after(&o.key);
+        due.push(o);
+    }
+    let misfire = if schedule.kind == crate::domain::status::ScheduleKind::OneTime {
+        Misfire::Each
+    } else {
+        misfire
+    };
+    PlanStep {
+        schedule_id: schedule.id,
+        expected_version: schedule.version,
+        expected_next: schedule.next_occurrence.unwrap_or(OccurrenceKey {
+            kind: crate::domain::schedule::OccurrenceKind::Regular,
+            nominal: jiff::civil::Date::MIN,
+        }),
+        payments: plan_occurrences(&due, now, misfire, max_lateness),
+        next_run_at: next.as_ref().map(|o| o.due_at),
+        next_occurrence: next.map(|o| o.key),
+    }
+}
+
+/// Plans one schedule now if an occurrence of it is due, as the planner would: an operator's
+/// change to a schedule (update, pause, cancel) first records what was already due, so that a
+/// change made while the daemon was down never drops an occurrence. True when it planned.
+pub async fn plan_if_due(
+    store: &dyn Store,
+    schedule_id: uuid::Uuid,
+    now: Timestamp,
+    misfire: Misfire,
+    max_lateness: std::time::Duration,
+    audit: &Audit,
+) -> Result<bool, StoreError> {
+    let schedule = store.schedule(schedule_id).await?;
+    let due = schedule.status == crate::domain::status::ScheduleStatus::Active
+        && schedule.next_run_at.is_some_and(|t| t <= now);
+    if !due {
+        return Ok(false);
+    }
+    store
+        .apply_plan(&plan_step(&schedule, now, misfire, max_lateness), audit)
+        .await
 }
 
 #[cfg(test)]

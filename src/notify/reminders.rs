@@ -6,7 +6,7 @@
 use jiff::{SignedDuration, Timestamp};
 
 use crate::config::Settings;
-use crate::domain::payment::AmountRule;
+use crate::domain::notice::{CardExpiring, Reminder};
 use crate::store::{NewNotification, Store, StoreError};
 
 fn earliest(a: Timestamp, b: Option<Timestamp>) -> Timestamp {
@@ -35,18 +35,22 @@ pub async fn scan_upcoming(
         };
         let member = store.member_by_id(s.member_id).await?;
         let card = store.card(s.card_id).await?;
-        let amount = match s.amount {
-            AmountRule::Fixed { amount } => serde_json::Value::String(amount.amount_string()),
-            AmountRule::Balance => serde_json::Value::Null,
-        };
+        let notice = Reminder {
+            schedule_id: s.id,
+            to: member.addressee(),
+            due_at,
+            amount: s.amount.fixed_amount(),
+            currency: s.currency.code(),
+            card: card.label(),
+            time_zone: s.time_zone.clone(),
+            occurrence: occurrence.to_string(),
+        }
+        .notice();
         let notification = NewNotification {
-            kind: "reminder".into(),
-            dedupe_key: format!("reminder:{}:{occurrence}", s.id),
+            kind: notice.kind.into(),
+            dedupe_key: notice.dedupe_key,
             member_id: member.id,
-            payload: serde_json::json!({
-                "schedule_id": s.id, "member_name": member.name.as_str(), "account_type": member.account_type.as_str(),
-                "due_at": due_at, "amount": amount, "currency": s.currency.code(), "card": card.label(), "time_zone": s.time_zone,
-            }),
+            payload: notice.payload,
             // Never after the charge, and never staler than email.max_age.
             expires_at: Some(earliest(due_at, now.checked_add(max_age).ok())),
         };
@@ -75,18 +79,19 @@ pub async fn scan_card_expiry(
         SignedDuration::try_from(settings.email.max_age.as_std()).unwrap_or(SignedDuration::ZERO);
     let mut written = 0;
     for (card, member) in store.cards_expiring(by).await? {
-        let expiry = format!("{:02}/{}", card.exp_month, card.exp_year);
+        let notice = CardExpiring::new(
+            card.id,
+            card.label(),
+            member.addressee(),
+            card.exp_month,
+            card.exp_year,
+        )
+        .notice();
         let notification = NewNotification {
-            kind: "card_expiring".into(),
-            dedupe_key: format!(
-                "card_expiring:{}:{:02}{}",
-                card.id, card.exp_month, card.exp_year
-            ),
+            kind: notice.kind.into(),
+            dedupe_key: notice.dedupe_key,
             member_id: member.id,
-            payload: serde_json::json!({
-                "card_id": card.id, "card": card.label(), "member_name": member.name.as_str(),
-                "account_type": member.account_type.as_str(), "expiry": expiry,
-            }),
+            payload: notice.payload,
             expires_at: now.checked_add(max_age).ok(),
         };
         if store.enqueue(&notification, now).await? {

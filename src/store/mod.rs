@@ -7,6 +7,7 @@
 
 pub mod postgres;
 mod records;
+pub mod retry;
 mod shared;
 pub mod sqlite;
 pub mod types;
@@ -52,6 +53,10 @@ pub enum StoreError {
     /// Anything else: a bug or a corrupt row (exit 70).
     #[error("{0}")]
     Internal(String),
+    /// PostgreSQL aborted the transaction because it met another (a deadlock or a serialization
+    /// failure); nothing was written. [`retry::Retrying`] runs it again.
+    #[error("{0}")]
+    Contention(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -72,6 +77,14 @@ impl StoreError {
             {
                 StoreError::Schema(format!(
                     "the database has no autopay tables ({}); run `autopay migrate` first",
+                    db.message()
+                ))
+            }
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("40001") | Some("40P01")) =>
+            {
+                StoreError::Contention(format!(
+                    "the database aborted a transaction while {doing} because it met another ({})",
                     db.message()
                 ))
             }
@@ -325,16 +338,21 @@ pub trait Store: Send + Sync {
         after: Timestamp,
         until: Timestamp,
     ) -> Result<Vec<Schedule>>;
+    /// Deletes outbox rows that are done (sent, failed or expired) since before `before`: they
+    /// hold names and addresses, and `email.keep_sent` says how long they are kept.
+    async fn prune_notifications(&self, before: Timestamp) -> Result<u64>;
     /// Active cards expiring by `by` that a live schedule uses, with their member.
     async fn cards_expiring(&self, by: jiff::civil::Date) -> Result<Vec<(Card, Member)>>;
 }
 
-/// Opens the store a URL names. SQLite files are created when missing; nothing is migrated.
+/// Opens the store a URL names, every call retried on contention. SQLite files are created when
+/// missing; nothing is migrated.
 pub async fn open(url: &DatabaseUrl, max_connections: u32) -> Result<Arc<dyn Store>> {
-    Ok(match url.backend() {
+    let store: Arc<dyn Store> = match url.backend() {
         Backend::Sqlite => Arc::new(sqlite::SqliteStore::open(url, max_connections).await?),
         Backend::Postgres => Arc::new(postgres::PgStore::open(url, max_connections).await?),
-    })
+    };
+    Ok(Arc::new(retry::Retrying::new(store)))
 }
 
 /// Refuses a database whose schema this binary does not match (design.md: exit 78).

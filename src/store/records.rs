@@ -36,7 +36,6 @@ pub struct Control {
     pub min_binary_schema: i64,
     pub charging_paused: Option<Pause>,
     pub mail_paused: Option<Pause>,
-    pub reconcile_required_since: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,6 +73,16 @@ pub struct Member {
     pub status: MemberStatus,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+impl Member {
+    /// Who a notice to this member is for.
+    pub fn addressee(&self) -> crate::domain::notice::Addressee {
+        crate::domain::notice::Addressee {
+            member_name: self.name.as_str().to_string(),
+            account_type: self.account_type.as_str(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -20,7 +20,7 @@ macro_rules! shared_store_impl {
         use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
         use crate::domain::money::{Currency, Money};
         use crate::domain::notice::{
-            Addressee, BillPaid, CardDisabled, Declined, Notice, Receipt, ScheduleChange as ScheduleChangeNotice,
+            BillPaid, CardDisabled, Declined, Notice, Receipt, ScheduleChange as ScheduleChangeNotice,
             ScheduleFacts, ScheduleSuspended,
         };
         use crate::domain::payment::{AmountRule, PaymentState, Transition};
@@ -284,6 +284,14 @@ macro_rules! shared_store_impl {
             }
         }
 
+        /// A schedule cannot stay on, or go back to, a card that cannot be charged.
+        fn card_unusable(card: &Card, schedule_id: Uuid) -> StoreError {
+            StoreError::Conflict(format!(
+                "card {} is {}, so schedule {schedule_id} cannot charge it; add a new card (`autopay card add`) and move the schedule to it with `autopay schedule update {schedule_id} --card NEW_CARD`",
+                card.id, card.status
+            ))
+        }
+
         fn card_not_found(id: Uuid) -> StoreError {
             StoreError::NotFound(format!(
                 "no card has id {id}; list a member's cards with `autopay card list --account N`"
@@ -314,6 +322,27 @@ macro_rules! shared_store_impl {
                 Some(row) => schedule_from(&row),
                 None => Err(schedule_not_found(schedule_id)),
             }
+        }
+
+        /// Locks the member that owns a row of `table` (read without a lock first), so that a
+        /// change to the row follows the one lock order: member first.
+        async fn lock_owner(tx: &mut Tx, table: &'static str, id: Uuid) -> Result<Option<Member>> {
+            let owner: Option<DbId> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT member_id FROM {table} WHERE id = $1")))
+                .bind(DbId(id))
+                .fetch_optional(tx.conn())
+                .await
+                .map_err(db_err("reading an owner"))?;
+            match owner {
+                Some(member_id) => Ok(Some(member_by_id_in(tx, member_id.0).await?)),
+                None => Ok(None),
+            }
+        }
+
+        /// A schedule and its member, locked member first.
+        async fn schedule_locked(tx: &mut Tx, schedule_id: Uuid) -> Result<(Member, Schedule)> {
+            let member = lock_owner(tx, "schedules", schedule_id).await?.ok_or_else(|| schedule_not_found(schedule_id))?;
+            let schedule = schedule_in(tx, schedule_id).await?;
+            Ok((member, schedule))
         }
 
         fn schedule_not_found(id: Uuid) -> StoreError {
@@ -754,10 +783,6 @@ macro_rules! shared_store_impl {
             Ok((paid, left))
         }
 
-        fn addressee(member: &Member) -> Addressee {
-            Addressee { member_name: member.name.as_str().to_string(), account_type: member.account_type.as_str() }
-        }
-
         /// Writes a domain notice into the outbox in the caller's transaction.
         async fn notify_notice(tx: &mut Tx, n: &Notice, member: &Member, at: Timestamp) -> Result<()> {
             notify(tx, n.kind, &n.dedupe_key, member, n.payload.clone(), at).await
@@ -792,7 +817,7 @@ macro_rules! shared_store_impl {
             let receipt = Receipt {
                 payment_id: payment.id,
                 schedule_id: payment.schedule_id,
-                to: addressee(&l.member),
+                to: l.member.addressee(),
                 amount,
                 currency_of_amount: amount,
                 credit_used,
@@ -833,7 +858,7 @@ macro_rules! shared_store_impl {
             let Some(version) = version else { return Ok(()) };
             let cancelled = cancel_unclaimed(tx, schedule_id, "schedule suspended", audit.at).await?;
             event(tx, audit, "schedule", schedule_id, "suspended", serde_json::json!({ "reason": reason, "cancelled_payments": cancelled })).await?;
-            let notice = ScheduleSuspended { schedule_id, to: addressee(member), reason: reason.to_string(), version }.notice();
+            let notice = ScheduleSuspended { schedule_id, to: member.addressee(), reason: reason.to_string(), version }.notice();
             notify_notice(tx, &notice, member, audit.at).await
         }
 
@@ -863,7 +888,7 @@ macro_rules! shared_store_impl {
             let notice = CardDisabled {
                 card_id: card.id,
                 card: card.label(),
-                to: addressee(member),
+                to: member.addressee(),
                 reason: reason.to_string(),
                 suspended_schedules: schedules.iter().map(|s| s.0).collect(),
             }
@@ -885,7 +910,7 @@ macro_rules! shared_store_impl {
             let card = card_in(tx, schedule.card_id).await?;
             let facts = ScheduleFacts {
                 schedule_id: schedule.id,
-                to: addressee(&member),
+                to: member.addressee(),
                 rule: schedule.recurrence.describe(),
                 amount: amount_words(&schedule.amount),
                 card: card.label(),
@@ -902,7 +927,7 @@ macro_rules! shared_store_impl {
             Declined {
                 payment_id: payment.id,
                 schedule_id: payment.schedule_id,
-                to: addressee(&l.member),
+                to: l.member.addressee(),
                 amount,
                 currency: payment.currency.code(),
                 card: l.card.label(),
@@ -1032,8 +1057,8 @@ macro_rules! shared_store_impl {
             if rules.misfire != crate::config::Misfire::Coalesce || next_attempt_at.is_some() {
                 return Ok(None);
             }
-            let later: Option<i64> = sqlx::query_scalar(
-                "SELECT 1 FROM payments q JOIN schedules s ON s.id = q.schedule_id WHERE q.schedule_id = $1 AND s.kind = 'recurring' \
+            let later: Option<DbId> = sqlx::query_scalar(
+                "SELECT q.id FROM payments q JOIN schedules s ON s.id = q.schedule_id WHERE q.schedule_id = $1 AND s.kind = 'recurring' \
                  AND q.state = 'scheduled' AND q.next_attempt_at IS NULL AND q.due_at > $2 AND q.due_at <= $3 LIMIT 1",
             )
             .bind(schedule_id)
@@ -1246,7 +1271,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn control(&self) -> Result<Control> {
-                let row = sqlx::query("SELECT installation_id, min_binary_schema, charging_paused_at, charging_paused_by, charging_paused_reason, mail_paused_at, mail_paused_reason, reconcile_required_since FROM control WHERE id = 1")
+                let row = sqlx::query("SELECT installation_id, min_binary_schema, charging_paused_at, charging_paused_by, charging_paused_reason, mail_paused_at, mail_paused_reason FROM control WHERE id = 1")
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(db_err("reading control"))?
@@ -1257,7 +1282,6 @@ macro_rules! shared_store_impl {
                     min_binary_schema: get(&row, T, "min_binary_schema")?,
                     charging_paused: pause_from(opt_time(&row, T, "charging_paused_at")?, get(&row, T, "charging_paused_by")?, get(&row, T, "charging_paused_reason")?),
                     mail_paused: pause_from(opt_time(&row, T, "mail_paused_at")?, None, get(&row, T, "mail_paused_reason")?),
-                    reconcile_required_since: opt_time(&row, T, "reconcile_required_since")?,
                 })
             }
 
@@ -1487,6 +1511,7 @@ macro_rules! shared_store_impl {
 
             async fn remove_card(&self, card_id: Uuid, audit: &Audit) -> Result<Card> {
                 let mut tx = self.begin_write().await?;
+                lock_owner(&mut tx, "payment_methods", card_id).await?;
                 let card = card_in(&mut tx, card_id).await?;
                 if card.status == CardStatus::Removed {
                     return Err(StoreError::Conflict(format!("card {card_id} is already removed")));
@@ -1589,6 +1614,7 @@ macro_rules! shared_store_impl {
 
             async fn void_bill(&self, bill_id: Uuid, reason: &str, audit: &Audit) -> Result<BillChange> {
                 let mut tx = self.begin_write().await?;
+                lock_owner(&mut tx, "bills", bill_id).await?;
                 let bill = bill_in(&mut tx, bill_id).await?;
                 if bill.status == BillStatus::Void {
                     return Err(StoreError::Conflict(format!("bill {bill_id} is already void")));
@@ -1607,6 +1633,7 @@ macro_rules! shared_store_impl {
 
             async fn adjust_bill(&self, bill_id: Uuid, amount_due: Money, reason: &str, audit: &Audit) -> Result<BillChange> {
                 let mut tx = self.begin_write().await?;
+                lock_owner(&mut tx, "bills", bill_id).await?;
                 let bill = bill_in(&mut tx, bill_id).await?;
                 if bill.status == BillStatus::Void {
                     return Err(StoreError::Conflict(format!("bill {bill_id} is void; a void bill cannot be adjusted")));
@@ -1635,6 +1662,7 @@ macro_rules! shared_store_impl {
 
             async fn pay_bill_external(&self, bill_id: Uuid, amount: Money, reference: &str, audit: &Audit) -> Result<BillChange> {
                 let mut tx = self.begin_write().await?;
+                lock_owner(&mut tx, "bills", bill_id).await?;
                 let bill = bill_in(&mut tx, bill_id).await?;
                 if bill.status == BillStatus::Void {
                     return Err(StoreError::Conflict(format!("bill {bill_id} is void; nothing is owed on it")));
@@ -1690,6 +1718,9 @@ macro_rules! shared_store_impl {
 
             async fn add_schedule(&self, new: &NewSchedule, audit: &Audit) -> Result<Schedule> {
                 let mut tx = self.begin_write().await?;
+                // The member's row, locked first: a `member close` running at the same time
+                // either sees this schedule and cancels it, or happens before and is seen here.
+                let member = member_by_id_in(&mut tx, new.member_id).await?;
                 let card = card_in(&mut tx, new.card_id).await?;
                 if card.member_id != new.member_id {
                     return Err(StoreError::Conflict(format!(
@@ -1701,12 +1732,7 @@ macro_rules! shared_store_impl {
                         "card {} is {}; add a new card with `autopay card add` and use it", card.id, card.status
                     )));
                 }
-                let member_status: String = sqlx::query_scalar("SELECT status FROM members WHERE id = $1")
-                    .bind(DbId(new.member_id))
-                    .fetch_one(tx.conn())
-                    .await
-                    .map_err(db_err("reading a member"))?;
-                if member_status != "active" {
+                if member.status != MemberStatus::Active {
                     return Err(StoreError::Conflict(format!("member {} is closed; a closed member cannot set up payments", new.member_id)));
                 }
                 let currency = new.currency;
@@ -1779,7 +1805,7 @@ macro_rules! shared_store_impl {
 
             async fn update_schedule(&self, change: &ScheduleChange, audit: &Audit) -> Result<Schedule> {
                 let mut tx = self.begin_write().await?;
-                let current = schedule_in(&mut tx, change.id).await?;
+                let (_, current) = schedule_locked(&mut tx, change.id).await?;
                 if current.version != change.expected_version {
                     return Err(StoreError::Conflict(format!(
                         "schedule {} changed while this update was prepared (version {} is now {}); run the command again", change.id, change.expected_version, current.version
@@ -1788,14 +1814,14 @@ macro_rules! shared_store_impl {
                 if !current.status.is_live() {
                     return Err(StoreError::Conflict(format!("schedule {} is {}; it can no longer be changed. Set up a new one with `autopay schedule add`", change.id, current.status)));
                 }
-                if change.card_id != current.card_id {
-                    let card = card_in(&mut tx, change.card_id).await?;
-                    if card.member_id != current.member_id {
-                        return Err(StoreError::Conflict(format!("card {} belongs to another member; use one of this member's cards", card.id)));
-                    }
-                    if card.status != CardStatus::Active {
-                        return Err(StoreError::Conflict(format!("card {} is {}; add a new card and use it", card.id, card.status)));
-                    }
+                // Whether or not the card changes, a schedule is never left (or put back) on a card
+                // that cannot be charged: its member would be told of charges that never come.
+                let card = card_in(&mut tx, change.card_id).await?;
+                if card.member_id != current.member_id {
+                    return Err(StoreError::Conflict(format!("card {} belongs to another member; use one of this member's cards", card.id)));
+                }
+                if card.status != CardStatus::Active {
+                    return Err(card_unusable(&card, change.id));
                 }
                 let status = if change.lift_suspension && current.status == ScheduleStatus::Suspended {
                     ScheduleStatus::Active
@@ -1856,7 +1882,7 @@ macro_rules! shared_store_impl {
 
             async fn pause_schedule(&self, schedule_id: Uuid, audit: &Audit) -> Result<Schedule> {
                 let mut tx = self.begin_write().await?;
-                let current = schedule_in(&mut tx, schedule_id).await?;
+                let (_, current) = schedule_locked(&mut tx, schedule_id).await?;
                 if current.status != ScheduleStatus::Active {
                     return Err(StoreError::Conflict(format!("schedule {schedule_id} is {}; only an active schedule can be paused", current.status)));
                 }
@@ -1878,7 +1904,11 @@ macro_rules! shared_store_impl {
 
             async fn resume_schedule(&self, resume: &ScheduleResume, audit: &Audit) -> Result<Schedule> {
                 let mut tx = self.begin_write().await?;
-                let current = schedule_in(&mut tx, resume.id).await?;
+                let (_, current) = schedule_locked(&mut tx, resume.id).await?;
+                let card = card_in(&mut tx, current.card_id).await?;
+                if card.status != CardStatus::Active {
+                    return Err(card_unusable(&card, resume.id));
+                }
                 if !matches!(current.status, ScheduleStatus::Paused | ScheduleStatus::Suspended) {
                     return Err(StoreError::Conflict(format!("schedule {} is {}; only a paused or suspended schedule can be resumed", resume.id, current.status)));
                 }
@@ -1906,7 +1936,7 @@ macro_rules! shared_store_impl {
 
             async fn cancel_schedule(&self, schedule_id: Uuid, audit: &Audit) -> Result<Schedule> {
                 let mut tx = self.begin_write().await?;
-                let current = schedule_in(&mut tx, schedule_id).await?;
+                let (_, current) = schedule_locked(&mut tx, schedule_id).await?;
                 // A completed schedule may still have a payment waiting for a retry: cancelling
                 // stops that too.
                 let waiting: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM payments WHERE schedule_id = $1 AND state IN ('scheduled', 'retry_wait')")
@@ -2663,6 +2693,16 @@ macro_rules! shared_store_impl {
                 self.payment(payment.id).await
             }
             async fn enqueue(&self, n: &NewNotification, at: Timestamp) -> Result<bool> {
+                // The reminder scans ask every minute about rows that mostly exist already: a
+                // read answers those without taking the writer's lock.
+                let exists: Option<DbId> = sqlx::query_scalar("SELECT id FROM notifications WHERE dedupe_key = $1")
+                    .bind(&n.dedupe_key)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_err("reading a notification"))?;
+                if exists.is_some() {
+                    return Ok(false);
+                }
                 let mut tx = self.begin_write().await?;
                 let member = member_by_id_in(&mut tx, n.member_id).await?;
                 let done = sqlx::query("INSERT INTO notifications (id, kind, dedupe_key, member_id, recipient, payload, state, attempts, next_attempt_at, expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $8, $7) ON CONFLICT (dedupe_key) DO NOTHING")
@@ -2802,6 +2842,18 @@ macro_rules! shared_store_impl {
                 .iter()
                 .map(schedule_from)
                 .collect()
+            }
+
+            async fn prune_notifications(&self, before: Timestamp) -> Result<u64> {
+                let mut tx = self.begin_write().await?;
+                let done = sqlx::query("DELETE FROM notifications WHERE (state = 'sent' AND sent_at < $1) OR (state IN ('failed', 'expired') AND created_at < $1)")
+                    .bind(DbTime(before))
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("deleting old notifications"))?
+                    .rows_affected();
+                commit(tx).await?;
+                Ok(done)
             }
 
             async fn cards_expiring(&self, by: jiff::civil::Date) -> Result<Vec<(Card, Member)>> {

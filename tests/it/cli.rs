@@ -342,11 +342,15 @@ async fn every_management_command_works(kind: Kind) {
         ]
     );
 
-    // payments (the engine makes them; none yet)
-    assert_eq!(
-        bin.run(&["payment", "list", "--json"]).ok().json(),
-        serde_json::json!([])
-    );
+    // payments: the engine makes them; a change to a schedule first records the occurrence
+    // that was due (the monthly schedule's first payment, planned by its update and cancelled
+    // by its pause), so no change drops one.
+    let payments = bin.run(&["payment", "list", "--json"]).ok().json();
+    let payments = payments.as_array().unwrap();
+    assert_eq!(payments.len(), 1, "{payments:?}");
+    assert_eq!(payments[0]["schedule_id"].as_str(), Some(monthly.as_str()));
+    assert_eq!(payments[0]["state"], "cancelled");
+    assert_eq!(payments[0]["reason"], "schedule paused");
     bin.run(&[
         "payment",
         "list",
