@@ -590,8 +590,11 @@ pub(super) async fn payment(ctx: &Context, command: PaymentCommand) -> Result<()
             let store = ctx.store().await?;
             let p = store.payment(id).await?;
             let events = store.events(&id.to_string()).await?;
+            let calls = store.calls(id).await?;
             if ctx.json {
-                return output::json(&serde_json::json!({ "payment": p, "events": events }));
+                return output::json(
+                    &serde_json::json!({ "payment": p, "calls": calls, "events": events }),
+                );
             }
             say(output::fields(&[
                 ("id", p.id.to_string()),
@@ -613,6 +616,21 @@ pub(super) async fn payment(ctx: &Context, command: PaymentCommand) -> Result<()
                 ("decline code", p.decline_code.clone().unwrap_or_default()),
                 ("reason", p.reason.clone().unwrap_or_default()),
             ]));
+            if !calls.is_empty() {
+                say("\nrequests to the processor:");
+                let mut table = Table::new(vec!["attempt", "kind", "at", "outcome", "detail"]);
+                for c in &calls {
+                    table.row(vec![
+                        c.attempt.to_string(),
+                        c.kind.clone(),
+                        c.started_at.to_string(),
+                        c.outcome.map_or("no answer".to_string(), |o| o.to_string()),
+                        c.detail.clone().unwrap_or_default(),
+                    ]);
+                }
+                say(table.render());
+            }
+            say("\nhistory:");
             for e in &events {
                 say(format!("{}  {}  {}  {}", e.at, e.actor, e.action, e.detail));
             }

@@ -62,7 +62,8 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 impl StoreError {
-    pub(crate) fn from_sqlx(e: sqlx::Error, doing: &str) -> StoreError {
+    /// Sorts a database error by what the caller should do; `doing` says what failed.
+    pub fn from_sqlx(e: sqlx::Error, doing: &str) -> StoreError {
         match &e {
             sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
@@ -226,6 +227,8 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<Payment>>;
     async fn events(&self, entity_id: &str) -> Result<Vec<Event>>;
     async fn allocations(&self, payment_id: Uuid) -> Result<Vec<Allocation>>;
+    /// Every request made to the processor for a payment, oldest first.
+    async fn calls(&self, payment_id: Uuid) -> Result<Vec<Call>>;
     async fn notifications(&self, member_id: Option<Uuid>) -> Result<Vec<Notification>>;
 
     // The engine. Each call is one transaction; every write that finishes a payment names its

@@ -300,6 +300,21 @@ pub struct Payment {
     pub updated_at: Timestamp,
 }
 
+/// One request to the processor, with its own outcome: the attempt history `payment show`
+/// prints and the card limits and the circuit breaker count.
+#[derive(Debug, Clone, Serialize)]
+pub struct Call {
+    pub attempt: i64,
+    /// `charge` or `lookup`.
+    pub kind: String,
+    pub actor: String,
+    pub started_at: Timestamp,
+    /// None while the request has no answer (in flight, or its worker stopped).
+    pub outcome: Option<crate::domain::attempt::CallOutcome>,
+    pub detail: Option<String>,
+    pub finished_at: Option<Timestamp>,
+}
+
 /// One line of the audit trail.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {

@@ -111,6 +111,7 @@ retried! {
     fn list_payments(member_id: Option<Uuid>, state: Option<PaymentState>) -> Vec<Payment>;
     fn events(entity_id: &str) -> Vec<Event>;
     fn allocations(payment_id: Uuid) -> Vec<Allocation>;
+    fn calls(payment_id: Uuid) -> Vec<Call>;
     fn notifications(member_id: Option<Uuid>) -> Vec<Notification>;
     fn due_schedules(now: Timestamp, limit: u32) -> Vec<Schedule>;
     fn apply_plan(step: &PlanStep, audit: &Audit) -> bool;

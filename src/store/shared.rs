@@ -644,9 +644,11 @@ macro_rules! shared_store_impl {
             }
             .map_err(db_err("counting the card's requests"))?;
             let requests: Vec<Timestamp> = rows.iter().map(|(t, _)| t.0).collect();
+            // A request still in flight may come back declined: it counts as one until it
+            // does not.
             let declines: Vec<Timestamp> = rows
                 .iter()
-                .filter(|(t, o)| o.as_deref() == Some(CallOutcome::Declined.as_str()) && t.0 > day)
+                .filter(|(t, o)| matches!(o.as_deref(), None | Some("declined")) && t.0 > day)
                 .map(|(t, _)| t.0)
                 .collect();
             let count = u32::try_from(requests.len()).unwrap_or(u32::MAX);
@@ -2026,6 +2028,31 @@ macro_rules! shared_store_impl {
                             bill_id: get::<Option<DbId>>(row, T, "bill_id")?.map(|i| i.0),
                             credit_id: get::<Option<DbId>>(row, T, "credit_id")?.map(|i| i.0),
                             amount: Money::from_minor(get(row, T, "amount")?, currency(row, T)?),
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn calls(&self, payment_id: Uuid) -> Result<Vec<Call>> {
+                const T: &str = "processor_calls";
+                let rows = sqlx::query("SELECT attempt, kind, actor, started_at, outcome, detail, finished_at FROM processor_calls WHERE payment_id = $1 ORDER BY started_at, id")
+                    .bind(DbId(payment_id))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err("reading the attempt history"))?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(Call {
+                            attempt: get(row, T, "attempt")?,
+                            kind: get(row, T, "kind")?,
+                            actor: get(row, T, "actor")?,
+                            started_at: time(row, T, "started_at")?,
+                            outcome: match get::<Option<String>>(row, T, "outcome")? {
+                                Some(o) => Some(parsed(T, "outcome", o.parse::<CallOutcome>())?),
+                                None => None,
+                            },
+                            detail: get(row, T, "detail")?,
+                            finished_at: opt_time(row, T, "finished_at")?,
                         })
                     })
                     .collect()

@@ -64,9 +64,14 @@ impl World {
     }
 
     pub fn engine(&self) -> Engine {
+        self.engine_with(self.processor.clone())
+    }
+
+    /// An engine over another processor (one that wraps the simulated one, say).
+    pub fn engine_with(&self, processor: Arc<dyn Processor>) -> Engine {
         Engine::new(
             self.store.clone(),
-            self.processor.clone(),
+            processor,
             self.clock.clone(),
             EngineConfig::from_settings(&self.settings),
             outcome_policy(&self.settings),
@@ -144,12 +149,46 @@ impl World {
 
     /// A monthly schedule on the 1st whose first payment is due now.
     pub async fn schedule_now(&self, member: &Member, card: &Card, amount: AmountRule) -> Schedule {
+        self.schedule(member, card, Rule::Monthly { day: 1 }, amount)
+            .await
+    }
+
+    /// A schedule by `rule` (dates from tomorrow) whose first payment is due now.
+    pub async fn schedule(
+        &self,
+        member: &Member,
+        card: &Card,
+        rule: Rule,
+        amount: AmountRule,
+    ) -> Schedule {
+        let mut new = self.new_schedule(member, card);
+        let recurrence = Recurrence::new(RecurrenceSpec {
+            rule,
+            ..new.recurrence.spec()
+        })
+        .unwrap();
+        let first = recurrence.occurrences().next().unwrap();
+        new.recurrence = recurrence;
+        new.amount = amount;
+        new.next_run_at = Some(first.due_at);
+        new.next_occurrence = Some(first.key);
+        self.store.add_schedule(&new, &self.audit()).await.unwrap()
+    }
+
+    /// A monthly schedule of 10.00 on the 1st (dates from tomorrow) whose first payment is due
+    /// now, not yet stored.
+    pub fn new_schedule(&self, member: &Member, card: &Card) -> NewSchedule {
         let now = self.clock.now();
+        let tomorrow = now
+            .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+            .date()
+            .tomorrow()
+            .unwrap();
         let recurrence = Recurrence::new(RecurrenceSpec {
             rule: Rule::Monthly { day: 1 },
             at: jiff::civil::time(9, 0, 0, 0),
             time_zone: "America/New_York".into(),
-            start: jiff::civil::date(2026, 12, 2),
+            start: tomorrow,
             first_payment: Some(FirstPayment::Now(now)),
             end: End::Never,
             business_days: false,
@@ -157,24 +196,24 @@ impl World {
         })
         .unwrap();
         let first = recurrence.occurrences().next().unwrap();
-        self.store
-            .add_schedule(
-                &NewSchedule {
-                    member_id: member.id,
-                    card_id: card.id,
-                    kind: ScheduleKind::Recurring,
-                    recurrence,
-                    amount,
-                    currency: Currency::USD,
-                    next_run_at: Some(first.due_at),
-                    next_occurrence: Some(first.key),
-                    authorized_via: AuthorizedVia::Cli,
-                    terms_version: "t1".into(),
-                },
-                &self.audit(),
-            )
-            .await
-            .unwrap()
+        NewSchedule {
+            member_id: member.id,
+            card_id: card.id,
+            kind: ScheduleKind::Recurring,
+            recurrence,
+            amount: AmountRule::Fixed {
+                amount: usd("10.00"),
+            },
+            currency: Currency::USD,
+            next_run_at: Some(first.due_at),
+            next_occurrence: Some(first.key),
+            authorized_via: AuthorizedVia::Cli,
+            terms_version: "t1".into(),
+        }
+    }
+
+    pub fn database_url(&self) -> autopay::config::DatabaseUrl {
+        self._db.database_url()
     }
 
     /// The member A-100200 with a card from this test number and a monthly schedule of a fixed

@@ -2,6 +2,7 @@
 
 mod cli;
 mod engine;
+mod exactly_once;
 mod helpers;
 mod notify;
 mod secrets;
