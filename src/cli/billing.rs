@@ -14,27 +14,20 @@ use crate::domain::card::contains_card_number;
 use crate::domain::member::AccountNumber;
 use crate::domain::money::Money;
 use crate::domain::schedule::parse_date;
+use crate::domain::text::{self, Reason, Reference, TextError};
 use crate::store::{BillChange, NewBill, Store, StoreError};
 
-/// A bill reference: what the billing system calls the bill.
-fn reference(value: &str) -> Result<String, String> {
-    free_text(value, 64)
+/// A bill reference, or an outside payment's: what the billing system calls it.
+fn reference(value: &str) -> Result<Reference, TextError> {
+    Reference::parse(value)
 }
 
-/// Text stored in clear (references, reasons): bounded, printable, and never a card number.
+/// Text stored in clear (references, reasons, terms versions) under the one free-text rule of
+/// [`crate::domain::text`]. `operate.rs` and `schedules.rs` call this with their own limits.
 pub(super) fn free_text(value: &str, max: usize) -> Result<String, String> {
-    let r = value.trim();
-    if r.is_empty() || r.chars().count() > max || r.chars().any(char::is_control) {
-        return Err(format!(
-            "write 1 to {max} characters without control characters"
-        ));
-    }
-    if contains_card_number(r) {
-        return Err(
-            "this text looks like it holds a card number, which is never stored; remove it".into(),
-        );
-    }
-    Ok(r.to_string())
+    text::check(value, max)
+        .map(str::to_owned)
+        .map_err(|e| e.to_string())
 }
 
 fn money(ctx: &Context, value: &str, flag: &str) -> Result<Money, CliError> {
@@ -70,7 +63,7 @@ async fn read_csv(ctx: &Context, store: &dyn Store, path: &Path) -> Result<Vec<N
     let mut members: HashMap<AccountNumber, Option<Uuid>> = HashMap::new();
     let mut bills = Vec::new();
     let mut problems = Vec::new();
-    let mut seen: HashMap<(Uuid, String), usize> = HashMap::new();
+    let mut seen: HashMap<(Uuid, Reference), usize> = HashMap::new();
     for (i, record) in reader.records().enumerate() {
         let line = i + 1;
         let record = match record {
@@ -156,7 +149,7 @@ async fn read_csv(ctx: &Context, store: &dyn Store, path: &Path) -> Result<Vec<N
         {
             bills.push(NewBill {
                 member_id,
-                reference,
+                reference: reference.into(),
                 amount_due,
                 due_date,
                 origin: format!("line {line}"),
@@ -214,7 +207,7 @@ pub(super) async fn bill(ctx: &Context, command: BillCommand) -> Result<(), CliE
             let member = store.member(&acct).await?;
             let bill = NewBill {
                 member_id: member.id,
-                reference: r.clone(),
+                reference: r.to_string(),
                 amount_due,
                 due_date,
                 origin: "--reference".into(),
@@ -296,9 +289,9 @@ pub(super) async fn bill(ctx: &Context, command: BillCommand) -> Result<(), CliE
         BillCommand::Void { bill, reason } => {
             let id = parse_id(&bill, "bill")?;
             let reason =
-                free_text(&reason, 200).map_err(|e| CliError::data(format!("--reason: {e}")))?;
+                Reason::parse(&reason).map_err(|e| CliError::data(format!("--reason: {e}")))?;
             let store = ctx.store().await?;
-            let change = store.void_bill(id, &reason, &ctx.audit()).await?;
+            let change = store.void_bill(id, reason.as_str(), &ctx.audit()).await?;
             tracing::info!(bill_id = %id, "bill voided");
             print_change(ctx, &change, "voided")
         }
@@ -312,11 +305,13 @@ pub(super) async fn bill(ctx: &Context, command: BillCommand) -> Result<(), CliE
             if amount.minor() < 0 {
                 return Err(CliError::data("--amount: a bill's amount is 0.00 or more"));
             }
-            let reason = free_text(&reason, 200).map_err(|e| {
+            let reason = Reason::parse(&reason).map_err(|e| {
                 CliError::data(format!("--reason: say why the amount changes; {e}"))
             })?;
             let store = ctx.store().await?;
-            let change = store.adjust_bill(id, amount, &reason, &ctx.audit()).await?;
+            let change = store
+                .adjust_bill(id, amount, reason.as_str(), &ctx.audit())
+                .await?;
             tracing::info!(bill_id = %id, "bill adjusted");
             print_change(ctx, &change, "adjusted")
         }
@@ -334,7 +329,7 @@ pub(super) async fn bill(ctx: &Context, command: BillCommand) -> Result<(), CliE
                 reference(&external).map_err(|e| CliError::data(format!("--external: {e}")))?;
             let store = ctx.store().await?;
             let change = store
-                .pay_bill_external(id, amount, &external, &ctx.audit())
+                .pay_bill_external(id, amount, external.as_str(), &ctx.audit())
                 .await?;
             tracing::info!(bill_id = %id, "external payment recorded");
             print_change(ctx, &change, "recorded a payment on")

@@ -1092,3 +1092,128 @@ async fn bench_without_postgres_exits_69_naming_the_url_and_the_fix() {
     assert!(!run.stderr.contains("s3cret-pw"), "{}", run.stderr);
     assert!(!db.path().join("autopay.db").exists());
 }
+
+#[tokio::test]
+async fn every_free_text_field_refuses_direction_overrides_and_line_separators() {
+    let (_db, bin) = ready(Kind::Sqlite).await;
+    let card = member_with_card(&bin);
+    let bill = bin
+        .run(&[
+            "bill",
+            "add",
+            "--account",
+            "A-100200",
+            "--amount",
+            "10.00",
+            "--due",
+            "2026-12-15",
+            "--reference",
+            "INV-1",
+        ])
+        .ok()
+        .id();
+    let payment = uuid::Uuid::now_v7().to_string();
+    for bad in [
+        "INV\u{202E}1001",
+        "INV\u{2028}1001",
+        "INV\u{2029}1001",
+        "INV\u{2066}1001\u{2069}",
+        "INV\u{200B}1001",
+    ] {
+        let cases: Vec<(Vec<&str>, &str)> = vec![
+            (
+                vec![
+                    "bill",
+                    "add",
+                    "--account",
+                    "A-100200",
+                    "--amount",
+                    "10.00",
+                    "--due",
+                    "2026-12-15",
+                    "--reference",
+                    bad,
+                ],
+                "--reference",
+            ),
+            (vec!["bill", "void", &bill, "--reason", bad], "--reason"),
+            (
+                vec!["bill", "adjust", &bill, "--amount", "5.00", "--reason", bad],
+                "--reason",
+            ),
+            (
+                vec!["bill", "pay", &bill, "--amount", "1.00", "--external", bad],
+                "--external",
+            ),
+            (vec!["charging", "pause", "--reason", bad], "--reason"),
+            (
+                vec![
+                    "payment",
+                    "resolve",
+                    &payment,
+                    "--as",
+                    "failed",
+                    "--reference",
+                    bad,
+                    "--reason",
+                    "checked with the processor",
+                ],
+                "--reference",
+            ),
+            (
+                vec![
+                    "payment",
+                    "resolve",
+                    &payment,
+                    "--as",
+                    "failed",
+                    "--reference",
+                    "ticket 12",
+                    "--reason",
+                    bad,
+                ],
+                "--reason",
+            ),
+            (
+                vec![
+                    "schedule",
+                    "add",
+                    "--account",
+                    "A-100200",
+                    "--card",
+                    &card,
+                    "--monthly",
+                    "--day",
+                    "1",
+                    "--balance",
+                    "--terms-version",
+                    bad,
+                ],
+                "--terms-version",
+            ),
+            (
+                vec!["member", "update", "A-100200", "--name", bad],
+                "--name",
+            ),
+        ];
+        for (args, flag) in cases {
+            let run = bin.run(&args).fails_with(65);
+            assert!(
+                run.stderr.contains(flag) && run.stderr.contains("U+"),
+                "{args:?}: {}",
+                run.stderr
+            );
+            assert!(!run.stderr.contains(bad), "{}", run.stderr);
+        }
+    }
+    // Nothing was stored: one bill, untouched; charging runs; no schedule.
+    let bills = bin.run(&["bill", "list", "--json"]).ok().json();
+    assert_eq!(bills.as_array().unwrap().len(), 1);
+    assert_eq!(bills[0]["amount_due"], "10.00");
+    assert_eq!(bills[0]["status"], "open");
+    assert!(bin.run(&["status"]).ok().stdout.contains("running"));
+    assert_eq!(
+        bin.run(&["schedule", "list", "--json"]).ok().json(),
+        serde_json::json!([])
+    );
+}
