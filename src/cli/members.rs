@@ -303,6 +303,11 @@ pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliE
             let (token, details) = match (exp, token) {
                 (_, Some(token)) => {
                     let token = token.trim().to_string();
+                    // Before the token is looked up, logged or stored: a card number pasted here
+                    // is refused without being repeated, and so is anything of another shape.
+                    processor
+                        .check_token(&token)
+                        .map_err(|e| CliError::data(format!("--token: {e}")))?;
                     let details = processor
                         .card_details(&token)
                         .await
