@@ -87,29 +87,10 @@ impl From<ConfigError> for CliError {
     }
 }
 
-/// Replaces anything that could be a card number (12 to 19 digits passing the Luhn check,
-/// spaces or dashes allowed between them, standing on its own rather than inside a longer word
-/// such as a UUID) with a placeholder: clap echoes unexpected arguments, and a card number typed
-/// in the wrong place must not reach the terminal's scrollback or a log.
-pub fn redact_card_numbers(text: &str) -> String {
-    let spans = crate::domain::card::card_number_spans(text, true);
-    if spans.is_empty() {
-        return text.to_string();
-    }
-    let mut out = String::with_capacity(text.len());
-    let mut next = 0;
-    for (i, c) in text.chars().enumerate() {
-        match spans.get(next) {
-            Some(span) if span.start == i => out.push_str("[card number removed]"),
-            Some(span) if span.contains(&i) => {}
-            _ => out.push(c),
-        }
-        if spans.get(next).is_some_and(|span| i + 1 == span.end) {
-            next += 1;
-        }
-    }
-    out
-}
+/// The card-number redactor (it lives with the detector in `domain::card`): clap echoes
+/// unexpected arguments, and a card number typed in the wrong place must not reach the
+/// terminal's scrollback or a log.
+pub use crate::domain::card::redact_card_numbers;
 
 /// What every command may need: settings, "now", who is acting.
 pub struct Context {
@@ -183,6 +164,13 @@ pub fn parse_id(value: &str, what: &str) -> Result<Uuid, CliError> {
     })
 }
 
+/// An error message as the terminal may see it: whatever path produced it, every secret's value
+/// (`password = ...`), every password inside a URL and every card number is taken out
+/// ([`crate::config::redact_secrets`]). The safety net behind each message's own care.
+fn shown_error(message: &str) -> String {
+    crate::config::redact_secrets(message)
+}
+
 /// Runs the command line and returns the process's exit code.
 pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
@@ -194,7 +182,7 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => exit::OK,
                 _ => exit::USAGE,
             };
-            let text = redact_card_numbers(&e.render().to_string());
+            let text = shown_error(&e.render().to_string());
             if code == exit::OK {
                 say(text.trim_end());
             } else {
@@ -213,7 +201,7 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 let _ = output::json(&serde_json::json!({ "ok": false, "problems": problems }));
             }
             let err = CliError::from(e);
-            eprintln!("error: {}", err.message);
+            eprintln!("error: {}", shown_error(&err.message));
             return ExitCode::from(err.code);
         }
     };
@@ -243,7 +231,7 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     match runtime.block_on(dispatch(&ctx, cli.command)) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
-            eprintln!("error: {}", redact_card_numbers(&e.message));
+            eprintln!("error: {}", shown_error(&e.message));
             ExitCode::from(e.code)
         }
     }

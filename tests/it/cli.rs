@@ -761,6 +761,58 @@ async fn bad_settings_exit_78_listing_every_problem() {
 }
 
 #[tokio::test]
+async fn settings_errors_never_show_a_password_or_a_card_number() {
+    let (db, bin) = ready(Kind::Sqlite).await;
+    let clean = |run: &crate::helpers::Run| {
+        let all = format!("{}\n{}", run.stdout, run.stderr);
+        for secret in ["hunter2", "4242424242424242", "4242 4242 4242 4242"] {
+            assert!(!all.contains(secret), "{secret} shown:\n{all}");
+        }
+    };
+    // A syntax error on the password's line, and inside a multi-line password.
+    for (text, line) in [
+        ("[email.smtp]\npassword = \"hunter2\n", "line 2"),
+        ("[email.smtp]\npassword = \"\"\"\nhunter2\n", "line 3"),
+        (
+            "[database]\nurl = \"postgres://u:hunter2@h/db\" x\n",
+            "line 2",
+        ),
+        ("[email.smtp]\nhost = \"4242 4242 4242 4242\n", "line 2"),
+    ] {
+        let file = db.path().join("broken.toml");
+        std::fs::write(&file, text).unwrap();
+        let run = bin
+            .run(&["--config", file.to_str().unwrap(), "check-config"])
+            .fails_with(78);
+        assert!(run.stderr.contains(line), "{}", run.stderr);
+        clean(&run);
+    }
+    // A card number given as the settings file's path, or as a setting's value.
+    let run = bin
+        .run(&["--config", "4242424242424242", "status"])
+        .fails_with(78);
+    assert!(run.stderr.contains("--config"), "{}", run.stderr);
+    clean(&run);
+    let bad = Bin::new(&db)
+        .with_env("AUTOPAY__DATABASE__MAX_CONNECTIONS", "4242424242424242")
+        .with_env("AUTOPAY__EMAIL__SMTP__HOST", "x 4242 4242 4242 4242")
+        .with_env(
+            "AUTOPAY__PROCESSOR__SIMULATED__LEDGER",
+            "postgresx://u:hunter2@h/db",
+        );
+    let run = bad.run(&["check-config"]).fails_with(78);
+    assert!(
+        run.stderr.contains("database.max_connections"),
+        "{}",
+        run.stderr
+    );
+    clean(&run);
+    let run = bad.run(&["check-config", "--json"]).fails_with(78);
+    assert_eq!(run.json()["ok"], false);
+    clean(&run);
+}
+
+#[tokio::test]
 async fn an_unmigrated_or_unreachable_database_says_what_to_do() {
     let db = TestDb::new(Kind::Sqlite).await;
     let bin = Bin::new(&db);
