@@ -171,8 +171,17 @@ fn shown_error(message: &str) -> String {
     crate::config::redact_secrets(message)
 }
 
+/// Makes every file and folder this process creates private to its user (0600 and 0700),
+/// whatever umask it was started with: the databases, the simulated processor's ledger, SQLite's
+/// -wal and -shm files and the `.eml` files hold names, emails, account numbers and tokens.
+fn private_files() {
+    // SAFETY: umask only swaps this process's file-creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+}
+
 /// Runs the command line and returns the process's exit code.
 pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    private_files();
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {

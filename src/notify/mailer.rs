@@ -78,10 +78,26 @@ impl Mailer for FileMailer {
         let name = format!("{}-{}.eml", mail.notification_id, mail.kind);
         let bytes = mail.message.formatted();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            std::fs::create_dir_all(&folder)?;
+            use std::io::Write;
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+            // Messages hold members' names and payments: private to autopay's user, whatever
+            // the umask (an existing folder keeps the mode its owner gave it).
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&folder)?;
             // Write aside, then rename: a reader never sees half a message.
             let tmp = folder.join(format!(".{name}.tmp"));
-            std::fs::write(&tmp, &bytes)?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            // A leftover file from a crash keeps its old mode through open: set it again.
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            file.write_all(&bytes)?;
+            drop(file);
             std::fs::rename(&tmp, folder.join(&name))
         })
         .await

@@ -1269,3 +1269,79 @@ async fn every_free_text_field_refuses_direction_overrides_and_line_separators()
         serde_json::json!([])
     );
 }
+
+#[tokio::test]
+async fn files_holding_member_data_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bin = Bin::new(&db).with_umask("022");
+    bin.run(&["migrate"]).ok();
+    member_with_card(&bin);
+    bin.run(&[
+        "bill",
+        "add",
+        "--account",
+        "A-100200",
+        "--amount",
+        "25.00",
+        "--due",
+        "2026-12-15",
+        "--reference",
+        "INV-1",
+    ])
+    .ok();
+    let card = bin
+        .run(&["card", "list", "--account", "A-100200", "--json"])
+        .ok()
+        .json()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bin.run(&[
+        "schedule",
+        "add",
+        "--account",
+        "A-100200",
+        "--card",
+        &card,
+        "--once",
+        "--on",
+        "now",
+        "--balance",
+    ])
+    .ok();
+    bin.run(&["run", "--drain"]).ok();
+
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let mut files = vec![
+        db.path().join("autopay.db"),
+        db.path().join("simulated-processor.db"),
+    ];
+    for extra in [
+        "autopay.db-wal",
+        "autopay.db-shm",
+        "simulated-processor.db-wal",
+        "simulated-processor.db-shm",
+    ] {
+        if db.path().join(extra).exists() {
+            files.push(db.path().join(extra));
+        }
+    }
+    let mail = db.path().join("mail");
+    assert_eq!(mode(&mail), 0o700, "{}", mail.display());
+    let emails: Vec<_> = std::fs::read_dir(&mail)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(emails.len() >= 2, "setup and receipt: {emails:?}");
+    files.extend(emails);
+    for file in files {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+}
