@@ -1,5 +1,7 @@
 //! The dispatcher: claims pending notifications as leases (like payments), renders each from
-//! its payload, sends it, and records what happened.
+//! its payload, sends it, and records what happened. The claim resolves each row's recipient to
+//! the member's address at that moment, so a message queued before `member update --email` goes
+//! to the new address.
 //!
 //! Delivery is at least once with one Message-ID per notification, `<{id}@{From domain}>`: a
 //! crash between sending and marking sends the same message again, and a mail client shows it

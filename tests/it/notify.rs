@@ -186,6 +186,77 @@ async fn a_drain_writes_receipts_and_notices_as_eml_files_a_mail_client_opens() 
 }
 
 #[tokio::test]
+async fn a_setup_email_queued_before_an_address_change_goes_to_the_new_address() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bin = Bin::new(&db);
+    bin.run(&["migrate"]).ok();
+    crate::helpers::add_member(&bin, "A-100200").ok();
+    let card = crate::helpers::add_card(&bin, "A-100200", "4242424242424242")
+        .ok()
+        .id();
+    // The setup confirmation is queued for ana@example.org ...
+    bin.run(&[
+        "schedule",
+        "add",
+        "--account",
+        "A-100200",
+        "--card",
+        &card,
+        "--monthly",
+        "--day",
+        "1",
+        "--amount",
+        "10.00",
+    ])
+    .ok();
+    // ... and the member's address changes before it goes.
+    bin.run(&[
+        "member",
+        "update",
+        "A-100200",
+        "--email",
+        "ana.new@example.org",
+    ])
+    .ok();
+    bin.run(&["run", "--drain"]).ok();
+
+    let mail: Vec<_> = std::fs::read_dir(db.path().join("mail"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(mail.len(), 1, "{mail:?}");
+    let raw = std::fs::read(&mail[0]).unwrap();
+    let to: Vec<String> = parse(&raw)
+        .to()
+        .map(|t| {
+            t.iter()
+                .filter_map(|a| a.address())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(to, ["ana.new@example.org"]);
+    let member = db
+        .store()
+        .await
+        .member(&AccountNumber::parse("A-100200").unwrap())
+        .await
+        .unwrap();
+    let rows = db
+        .store()
+        .await
+        .notifications(Some(member.id))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].recipient.as_str(), rows[0].state.as_str()),
+        ("ana.new@example.org", "sent"),
+        "the row records where it went"
+    );
+}
+
+#[tokio::test]
 async fn every_kind_reaches_a_real_smtp_server_once_with_its_message_id() {
     let peer = peer();
     let w = world_for(&peer, PASSWORD).await;
