@@ -142,16 +142,66 @@ impl Context {
     }
 }
 
-/// The operating-system user behind a command-line action, for the audit trail.
+/// The operating-system user behind a command-line action, for the audit trail: `cli:` and the
+/// name of the effective user id, plus the login user when it differs (an operator running
+/// `sudo -u autopay` stays named: `cli:autopay (login alice)`). Never `$USER` or `$LOGNAME`,
+/// which any caller sets to anything.
 pub fn operator() -> String {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| {
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            let uid = unsafe { libc::geteuid() };
-            format!("uid {uid}")
-        });
-    format!("cli:{user}")
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let login = login_uid().filter(|uid| *uid != euid).map(user_name);
+    operator_label(&user_name(euid), login.as_deref())
+}
+
+/// `cli:NAME` or `cli:NAME (login LOGIN)`, each name escaped ([`output::escape`]) so that an
+/// odd account name cannot put a control or direction character into the audit trail.
+pub fn operator_label(user: &str, login: Option<&str>) -> String {
+    match login {
+        Some(login) => format!(
+            "cli:{} (login {})",
+            output::escape(user),
+            output::escape(login)
+        ),
+        None => format!("cli:{}", output::escape(user)),
+    }
+}
+
+/// The login user id the kernel keeps for this session (`/proc/self/loginuid`, set at login
+/// and kept through `sudo` and `su`); none when unset (4294967295) or unreadable.
+fn login_uid() -> Option<libc::uid_t> {
+    let text = std::fs::read_to_string("/proc/self/loginuid").ok()?;
+    let uid: libc::uid_t = text.trim().parse().ok()?;
+    (uid != libc::uid_t::MAX).then_some(uid)
+}
+
+/// The account name of a user id (getpwuid_r), or `uid N` when it has none.
+fn user_name(uid: libc::uid_t) -> String {
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: a zeroed passwd is a valid out-parameter (pointers null, numbers 0).
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is to a live local, and `buf.len()` is the buffer's real size.
+        let rc = unsafe {
+            libc::getpwuid_r(
+                uid,
+                &mut entry,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 || found.is_null() || entry.pw_name.is_null() {
+            return format!("uid {uid}");
+        }
+        // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`, alive here.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.pw_name) };
+        return name.to_string_lossy().into_owned();
+    }
 }
 
 /// Parses a UUID argument, naming what it should be.
@@ -166,9 +216,10 @@ pub fn parse_id(value: &str, what: &str) -> Result<Uuid, CliError> {
 
 /// An error message as the terminal may see it: whatever path produced it, every secret's value
 /// (`password = ...`), every password inside a URL and every card number is taken out
-/// ([`crate::config::redact_secrets`]). The safety net behind each message's own care.
+/// ([`crate::config::redact_secrets`]), and control and direction characters are shown escaped
+/// ([`output::escape_lines`]). The safety net behind each message's own care.
 fn shown_error(message: &str) -> String {
-    crate::config::redact_secrets(message)
+    output::escape_lines(&crate::config::redact_secrets(message))
 }
 
 /// Makes every file and folder this process creates private to its user (0600 and 0700),
@@ -368,6 +419,28 @@ async fn status(ctx: &Context) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_operator_is_named_by_user_id_and_login_never_by_the_environment() {
+        assert_eq!(operator_label("autopay", None), "cli:autopay");
+        assert_eq!(
+            operator_label("autopay", Some("alice")),
+            "cli:autopay (login alice)"
+        );
+        assert_eq!(
+            operator_label("x\u{1b}[2J", Some("a\u{202e}b")),
+            "cli:x\\u{1b}[2J (login a\\u{202e}b)"
+        );
+        // SAFETY: geteuid cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        let me = user_name(euid);
+        assert!(!me.is_empty());
+        assert!(operator().starts_with(&format!("cli:{me}")));
+        assert_eq!(
+            user_name(libc::uid_t::MAX - 1),
+            format!("uid {}", libc::uid_t::MAX - 1)
+        );
+    }
 
     #[test]
     fn card_numbers_are_removed_from_any_text() {

@@ -592,7 +592,13 @@ pub(super) async fn payment(ctx: &Context, command: PaymentCommand) -> Result<()
                 ("reason", p.reason.clone().unwrap_or_default()),
             ]));
             for e in &events {
-                say(format!("{}  {}  {}  {}", e.at, e.actor, e.action, e.detail));
+                say(format!(
+                    "{}  {}  {}  {}",
+                    e.at,
+                    output::escape(&e.actor),
+                    e.action,
+                    e.detail
+                ));
             }
             Ok(())
         }

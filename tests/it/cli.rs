@@ -259,7 +259,8 @@ async fn every_management_command_works(kind: Kind) {
     let shown = bin.run(&["schedule", "show", &once, "--json"]).ok().json();
     assert_eq!(shown["schedule"]["kind"], "one_time");
     assert_eq!(shown["schedule"]["authorized_via"], "cli");
-    assert_eq!(shown["schedule"]["authorized_by"], "cli:tester");
+    // The operating-system user, not $USER (the harness sets USER=tester).
+    assert_eq!(shown["schedule"]["authorized_by"], autopay::cli::operator());
     let occ = &shown["occurrences"][0];
     assert_eq!(occ["local"], "2030-06-01T10:30:00-04:00");
     assert_eq!(occ["utc"], "2030-06-01T14:30:00Z");
@@ -300,7 +301,10 @@ async fn every_management_command_works(kind: Kind) {
     bin.run(&["schedule", "cancel", &once]).ok();
     let cancelled = bin.run(&["schedule", "show", &once, "--json"]).ok().json();
     assert_eq!(cancelled["schedule"]["status"], "cancelled");
-    assert_eq!(cancelled["schedule"]["cancelled_by"], "cli:tester");
+    assert_eq!(
+        cancelled["schedule"]["cancelled_by"],
+        autopay::cli::operator()
+    );
     assert_eq!(
         bin.run(&["schedule", "list", "--account", "A-100200", "--json"])
             .ok()
@@ -1344,4 +1348,89 @@ async fn files_holding_member_data_are_private_whatever_the_umask() {
     for file in files {
         assert_eq!(mode(&file), 0o600, "{}", file.display());
     }
+}
+
+#[tokio::test]
+async fn the_audit_names_the_real_user_and_hostile_stored_text_is_shown_escaped() {
+    let (db, bin) = ready(Kind::Sqlite).await;
+    let me = autopay::cli::operator();
+    assert!(!me.contains("tester"), "{me}");
+
+    // $USER and $LOGNAME are the caller's to set: they name nobody.
+    let liar = Bin::new(&db)
+        .with_env("USER", "mallory (approved)\u{1b}[2J\u{202e}")
+        .with_env("LOGNAME", "mallory");
+    liar.run(&["charging", "pause", "--reason", "maintenance"])
+        .ok();
+    let status = bin.run(&["status"]).ok().stdout;
+    assert!(!status.contains("mallory"), "{status}");
+    assert!(
+        status.contains(&format!("by {me}: maintenance")),
+        "{status}"
+    );
+    let json = bin.run(&["status", "--json"]).ok().json();
+    assert_eq!(json["control"]["charging_paused"]["by"], me.as_str());
+    bin.run(&["charging", "resume"]).ok();
+
+    // Text stored by an older version (or by hand) is shown escaped: it can neither drive the
+    // terminal, forge a line, nor reorder what is read.
+    let card = member_with_card(&bin);
+    bin.run(&[
+        "schedule",
+        "add",
+        "--account",
+        "A-100200",
+        "--card",
+        &card,
+        "--once",
+        "--on",
+        "now",
+        "--amount",
+        "5.00",
+    ])
+    .ok();
+    bin.run(&["run", "--drain"]).ok();
+    let payment = bin.run(&["payment", "list", "--json"]).ok().json()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hostile = "cli:evil\u{1b}]0;owned\u{7}\u{202e}lanigiro\nforged line\u{2028}x";
+    let store = db.store().await;
+    store
+        .set_charging_pause(
+            Some("red\u{1b}[31m\u{202e}txet\rforged"),
+            &autopay::store::Audit {
+                actor: hostile.into(),
+                at: jiff::Timestamp::now(),
+            },
+        )
+        .await
+        .unwrap();
+    let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE events SET actor = $1 WHERE entity_id = $2")
+        .bind(hostile)
+        .bind(&payment)
+        .execute(&pool)
+        .await
+        .unwrap();
+    for args in [
+        vec!["status"],
+        vec!["payment", "show", &payment],
+        vec!["status", "--json"],
+        vec!["payment", "show", &payment, "--json"],
+    ] {
+        let out = bin.run(&args).ok().stdout;
+        for c in ['\u{1b}', '\u{7}', '\u{202e}', '\u{2028}', '\r'] {
+            assert!(!out.contains(c), "{args:?} shows {c:?}:\n{out}");
+        }
+        assert!(
+            !out.lines().any(|l| l.trim_start().starts_with("forged")),
+            "{args:?} forged a line:\n{out}"
+        );
+    }
+    let shown = bin.run(&["payment", "show", &payment]).ok().stdout;
+    assert!(shown.contains("cli:evil\\u{1b}]0;owned"), "{shown}");
+    // JSON keeps the exact value for scripts.
+    let json = bin.run(&["status", "--json"]).ok().json();
+    assert_eq!(json["control"]["charging_paused"]["by"], hostile);
 }
