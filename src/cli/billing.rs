@@ -10,7 +10,7 @@ use super::args::BillCommand;
 use super::members::account;
 use super::output::{self, Table, say};
 use super::{CliError, Context, exit, parse_id};
-use crate::domain::card::contains_card_number;
+use crate::domain::bill;
 use crate::domain::member::AccountNumber;
 use crate::domain::money::Money;
 use crate::domain::schedule::parse_date;
@@ -31,88 +31,34 @@ pub(super) fn free_text(value: &str, max: usize) -> Result<String, String> {
 }
 
 fn money(ctx: &Context, value: &str, flag: &str) -> Result<Money, CliError> {
-    parse_amount(value, ctx.settings.payments.currency)
+    bill::parse_amount(value, ctx.settings.payments.currency)
         .map_err(|e| CliError::data(format!("{flag}: {e}")))
 }
 
-/// An amount typed by a person: a card number pasted here is refused rather than stored as a
-/// sum of money.
-fn parse_amount(value: &str, currency: crate::domain::money::Currency) -> Result<Money, String> {
-    if contains_card_number(value) {
-        return Err(
-            "this looks like a card number, not an amount; write an amount such as 125.00".into(),
-        );
-    }
-    Money::parse(value, currency).map_err(|e| e.to_string())
-}
-
-/// Reads and checks every row of a CSV file, collecting every problem by line.
+/// Reads and checks every row of a CSV file (domain::bill), then the members it names,
+/// collecting every problem by line.
 async fn read_csv(ctx: &Context, store: &dyn Store, path: &Path) -> Result<Vec<NewBill>, CliError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let bytes = std::fs::read(path).map_err(|e| {
         CliError::new(
             exit::NO_INPUT,
             format!("cannot read {}: {e}; check the path", path.display()),
         )
     })?;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .trim(csv::Trim::All)
-        .flexible(true)
-        .from_reader(text.as_bytes());
-    let currency = ctx.settings.payments.currency;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        CliError::data(format!(
+            "{} is not UTF-8 text (a bad byte at offset {}); save it as UTF-8 CSV and import it again",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
     let mut members: HashMap<AccountNumber, Option<Uuid>> = HashMap::new();
     let mut bills = Vec::new();
     let mut problems = Vec::new();
     let mut seen: HashMap<(Uuid, Reference), usize> = HashMap::new();
-    for (i, record) in reader.records().enumerate() {
-        let line = i + 1;
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                problems.push(format!("line {line}: not valid CSV ({e})"));
-                continue;
-            }
-        };
-        let cells: Vec<&str> = record.iter().collect();
-        if line == 1
-            && cells
-                .first()
-                .is_some_and(|c| c.eq_ignore_ascii_case("account"))
-        {
-            continue;
-        }
-        if cells.iter().all(|c| c.is_empty()) {
-            continue;
-        }
-        let [acct, reference_cell, amount, due] = cells.as_slice() else {
-            problems.push(format!(
-                "line {line}: {} fields; expected 4: account,reference,amount,due_date",
-                cells.len()
-            ));
-            continue;
-        };
-        let mut row_problems = Vec::new();
-        let acct = AccountNumber::parse(acct)
-            .map_err(|e| row_problems.push(format!("account: {e}")))
-            .ok();
-        let reference = reference(reference_cell)
-            .map_err(|e| row_problems.push(format!("reference: {e}")))
-            .ok();
-        let amount = parse_amount(amount, currency)
-            .map_err(|e| row_problems.push(format!("amount: {e}")))
-            .ok()
-            .and_then(|m| {
-                if m.minor() < 0 {
-                    row_problems.push("amount: a bill's amount is 0.00 or more".into());
-                    None
-                } else {
-                    Some(m)
-                }
-            });
-        let due = parse_date(due)
-            .map_err(|e| row_problems.push(format!("due_date: {e}")))
-            .ok();
-        let member_id = match &acct {
+    for parsed in bill::read_import(&text, ctx.settings.payments.currency) {
+        let line = parsed.line;
+        let mut row_problems = parsed.problems.clone();
+        let member_id = match &parsed.account {
             Some(a) => {
                 if !members.contains_key(a) {
                     let found = match store.member(a).await {
@@ -133,7 +79,7 @@ async fn read_csv(ctx: &Context, store: &dyn Store, path: &Path) -> Result<Vec<N
             }
             None => None,
         };
-        if let (Some(member_id), Some(reference)) = (member_id, &reference)
+        if let (Some(member_id), Some(reference)) = (member_id, &parsed.reference)
             && let Some(first) = seen.insert((member_id, reference.clone()), line)
         {
             row_problems.push(format!(
@@ -144,14 +90,12 @@ async fn read_csv(ctx: &Context, store: &dyn Store, path: &Path) -> Result<Vec<N
             problems.push(format!("line {line}: {}", row_problems.join("; ")));
             continue;
         }
-        if let (Some(member_id), Some(reference), Some(amount_due), Some(due_date)) =
-            (member_id, reference, amount, due)
-        {
+        if let (Some(member_id), Some(row)) = (member_id, parsed.row()) {
             bills.push(NewBill {
                 member_id,
-                reference: reference.into(),
-                amount_due,
-                due_date,
+                reference: row.reference.into(),
+                amount_due: row.amount,
+                due_date: row.due_date,
                 origin: format!("line {line}"),
             });
         }

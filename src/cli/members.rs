@@ -39,7 +39,7 @@ pub(super) fn time_zone(value: &str) -> Result<String, CliError> {
     let tz = TimeZone::get(value.trim()).map_err(|_| {
         CliError::data(format!(
             "--time-zone: unknown time zone '{}'; use an IANA name such as America/New_York",
-            value.trim()
+            output::escape(value.trim())
         ))
     })?;
     Ok(tz.iana_name().unwrap_or(value.trim()).to_string())
@@ -194,7 +194,8 @@ pub(super) async fn member(ctx: &Context, command: MemberCommand) -> Result<(), 
                         "on" => Ok(true),
                         "off" => Ok(false),
                         other => Err(CliError::usage(format!(
-                            "--reminders: '{other}' is not on or off"
+                            "--reminders: '{}' is not on or off",
+                            output::escape(other)
                         ))),
                     })
                     .transpose()?,

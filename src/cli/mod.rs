@@ -209,7 +209,7 @@ pub fn parse_id(value: &str, what: &str) -> Result<Uuid, CliError> {
     Uuid::parse_str(value.trim()).map_err(|_| {
         CliError::usage(format!(
             "'{}' is not a {what} id; ids look like 0193a5b2-7c1e-7d3f-9a41-2b6c8d0e1f23 (see the list command)",
-            redact_card_numbers(value)
+            output::escape(&redact_card_numbers(value))
         ))
     })
 }
@@ -342,17 +342,29 @@ async fn migrate(ctx: &Context) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Prints the effective settings: secrets are redacted by the settings themselves, and a card
+/// number typed into any other value (a host, a name) is taken out here.
 fn check_config(ctx: &Context) -> Result<(), CliError> {
     if ctx.json {
-        return output::json(
-            &serde_json::json!({ "ok": true, "settings": ctx.settings.redacted_json() }),
-        );
+        let mut settings = ctx.settings.redacted_json();
+        redact_strings(&mut settings);
+        return output::json(&serde_json::json!({ "ok": true, "settings": settings }));
     }
     for line in ctx.settings.redacted_lines() {
-        say(line);
+        say(redact_card_numbers(&line));
     }
     say("settings are valid");
     Ok(())
+}
+
+/// Runs every string inside a JSON value through [`redact_card_numbers`].
+fn redact_strings(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(s) => *s = redact_card_numbers(s),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact_strings),
+        serde_json::Value::Object(map) => map.values_mut().for_each(redact_strings),
+        _ => {}
+    }
 }
 
 async fn status(ctx: &Context) -> Result<(), CliError> {

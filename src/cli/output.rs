@@ -67,29 +67,14 @@ fn unsafe_to_show(c: char) -> bool {
 }
 
 /// One value made safe to print on one line: every character [`unsafe_to_show`] (LF included)
-/// is written as `\u{1b}`, visible and inert.
+/// is written as `\u{1b}`, visible and inert ([`crate::domain::text::escape`]).
 pub fn escape(text: &str) -> String {
-    escape_except(text, None)
+    crate::domain::text::escape(text)
 }
 
 /// Lines of text made safe to print: like [`escape`], but the line breaks between lines stay.
 pub fn escape_lines(text: &str) -> String {
-    escape_except(text, Some('\n'))
-}
-
-fn escape_except(text: &str, keep: Option<char>) -> String {
-    if !text.chars().any(|c| unsafe_to_show(c) && Some(c) != keep) {
-        return text.to_string();
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if unsafe_to_show(c) && Some(c) != keep {
-            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    crate::domain::text::escape_except(text, Some('\n'))
 }
 
 /// Writes lines to standard output, escaped ([`escape_lines`]). A closed pipe (`autopay member

@@ -2,6 +2,7 @@
 //! zones), payments (states and transitions), and the one rule for free text. Every type here
 //! parses: a value that exists is valid, so the layers above never check again.
 
+pub mod bill;
 pub mod card;
 pub mod decline;
 pub mod member;

@@ -184,6 +184,30 @@ pub fn is_control_or_invisible(c: char) -> bool {
     )
 }
 
+/// Text made safe to show on one line, in an error or on a terminal: every character
+/// [`is_control_or_invisible`] (LF included) is written as `\u{1b}`, visible and inert. Card
+/// numbers are not touched here; `card::redact_card_numbers` takes them out.
+pub fn escape(text: &str) -> String {
+    escape_except(text, None)
+}
+
+/// Like [`escape`], but `keep` (a line break between lines of a message) stays as it is.
+pub fn escape_except(text: &str, keep: Option<char>) -> String {
+    let hide = |c: char| is_control_or_invisible(c) && Some(c) != keep;
+    if !text.chars().any(hide) {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if hide(c) {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// "U+202E": how an error names a character it will not print.
 pub fn code_point(c: char) -> String {
     format!("U+{:04X}", u32::from(c))

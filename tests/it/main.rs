@@ -3,6 +3,7 @@
 mod cli;
 mod engine;
 mod helpers;
+mod hostile;
 mod notify;
 mod secrets;
 mod simulation;
