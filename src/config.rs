@@ -46,7 +46,8 @@ impl fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "cannot read the settings file {path}: {reason}; check the path given to --config or AUTOPAY_CONFIG"
+        "cannot read the settings file {}: {reason}; check the path given to --config or AUTOPAY_CONFIG",
+        redact_secrets(&path.display().to_string())
     )]
     File { path: PathBuf, reason: String },
     #[error("the settings cannot be read: {0}")]
@@ -212,6 +213,66 @@ fn userinfo_span(url: &str) -> Option<(usize, usize)> {
         .map_or(url.len(), |i| start + i);
     let at = url[start..authority_end].rfind('@')? + start;
     Some((start, at))
+}
+
+/// Whether a settings key (`email.smtp.password`, `AUTOPAY__PROCESSOR__STRIPE__SECRET_KEY`,
+/// `api_token`) names a secret: its last part holds "password", "passwd", "secret" or "token",
+/// or ends in "key". A `..._file` key names a file, not a secret.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.trim_matches(|c: char| c == '"' || c == '\'' || c == '`');
+    let last = key
+        .rsplit(['.', ' '])
+        .next()
+        .unwrap_or(key)
+        .rsplit("__")
+        .next()
+        .unwrap_or(key)
+        .to_ascii_lowercase();
+    !last.ends_with("_file")
+        && (["password", "passwd", "secret", "token"]
+            .iter()
+            .any(|w| last.contains(w))
+            || last.ends_with("key"))
+}
+
+/// Text about to be shown in an error, with what must never be shown taken out: the value of
+/// any `KEY = value` whose key names a secret ([`is_secret_key`]: the rest of that line), the
+/// password inside any URL ([`redact_url`]), and anything that could be a card number. Run on
+/// every error the command line prints.
+pub fn redact_secrets(text: &str) -> String {
+    let lines: Vec<String> = text.split('\n').map(redact_assignment).collect();
+    let joined = lines.join("\n");
+    let urls: String = joined
+        .split_inclusive(char::is_whitespace)
+        .map(|word| {
+            if word.contains("://") {
+                redact_url(word)
+            } else {
+                word.to_string()
+            }
+        })
+        .collect();
+    crate::domain::card::redact_card_numbers(&urls)
+}
+
+/// One line with the value of a secret's `KEY = value` (or `KEY=value`) replaced, up to the end
+/// of the line.
+fn redact_assignment(line: &str) -> String {
+    let mut search = 0;
+    while let Some(eq) = line[search..].find('=').map(|i| search + i) {
+        let before = line[..eq].trim_end();
+        let key_start = before
+            .char_indices()
+            .rev()
+            .find(|(_, c)| !(c.is_ascii_alphanumeric() || "_.-\"'`".contains(*c)))
+            .map_or(0, |(i, c)| i + c.len_utf8());
+        let key = &before[key_start..];
+        if !key.is_empty() && is_secret_key(key) {
+            return format!("{} {REDACTED}", &line[..=eq]);
+        }
+        search = eq + 1;
+    }
+    line.to_string()
 }
 
 /// Replaces the password inside a URL with [`REDACTED`].
@@ -615,11 +676,18 @@ struct Checker {
 }
 
 impl Checker {
+    /// Records a problem. Its value is shown (by `check-config` and every error), so a secret's
+    /// value is replaced, and passwords in URLs and card numbers are taken out of any other.
     fn problem(&mut self, key: &str, value: &str, expected: impl Into<String>) {
+        let value = if is_secret_key(key) {
+            REDACTED.to_string()
+        } else {
+            redact_secrets(value)
+        };
         self.problems.push(Problem {
             key: key.to_string(),
-            value: value.to_string(),
-            expected: expected.into(),
+            value,
+            expected: redact_secrets(&expected.into()),
         });
     }
 
@@ -1239,17 +1307,55 @@ impl Settings {
     }
 }
 
-/// Turns the `config` crate's wording into something that names the key and the fix.
+/// Turns the `config` crate's wording into something that names the key and the fix, and never
+/// shows a line of the settings file: a TOML error quotes the offending line, which may be a
+/// password (inside a multi-line string it is not even next to its key). The line and column
+/// stay, so the operator finds it.
 fn explain_layer_error(msg: &str) -> String {
     if let Some(rest) = msg.split("unknown field `").nth(1) {
         let field = rest.split('`').next().unwrap_or(rest);
-        return format!(
+        return redact_secrets(&format!(
             "unknown setting '{field}' ({msg}); check its spelling against config/default.toml, which lists every key"
-        );
+        ));
     }
-    format!(
-        "{msg}; check the settings file's TOML syntax and key names against config/default.toml"
-    )
+    let kept: Vec<&str> = msg
+        .lines()
+        .filter(|line| {
+            let t = line
+                .trim_start()
+                .trim_start_matches(|c: char| c.is_ascii_digit());
+            !t.trim_start().starts_with('|')
+        })
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    let mut text = kept.join(": ");
+    let quoted_line = kept.len() != msg.lines().filter(|l| !l.trim().is_empty()).count();
+    // "invalid type: integer `12345`, expected a string for key `email.smtp.password`": the
+    // value of a secret is never quoted back.
+    let names_a_secret = text.split('`').skip(1).step_by(2).any(is_secret_key);
+    if names_a_secret {
+        text = text
+            .split('`')
+            .enumerate()
+            .map(|(i, part)| {
+                if i % 2 == 1 && !is_secret_key(part) {
+                    REDACTED
+                } else {
+                    part
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("`");
+    }
+    let hidden = if quoted_line {
+        " (the line itself is not shown: settings files hold passwords)"
+    } else {
+        ""
+    };
+    redact_secrets(&format!(
+        "{text}{hidden}; check the settings file's TOML syntax and key names against config/default.toml"
+    ))
 }
 
 #[cfg(test)]
@@ -1415,6 +1521,67 @@ mod tests {
         assert!(Dur::parse("5").is_err());
         assert!(Dur::parse("5w").is_err());
         assert!(Dur::parse("-5s").is_err());
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line_but_never_shows_it() {
+        for (text, line) in [
+            ("[email.smtp]\npassword = \"hunter2\n", "line 2"),
+            ("[email.smtp]\npassword = \"\"\"\nhunter2\n", "line 3"),
+            (
+                "[email.smtp]\npassword = [\"hunter2\"]\n",
+                "email.smtp.password",
+            ),
+        ] {
+            let err = load(Some(text), &[]).unwrap_err().to_string();
+            assert!(err.contains(line), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn secrets_urls_and_card_numbers_are_taken_out_of_any_error_text() {
+        for (text, secret) in [
+            ("2 | password = \"hunter2", "hunter2"),
+            ("AUTOPAY__EMAIL__SMTP__PASSWORD=hunter2 is wrong", "hunter2"),
+            ("smtp = { password = 'hunter2', host = 'h' }", "hunter2"),
+            ("processor.stripe.secret_key = sk_live_hunter2", "hunter2"),
+            ("api_token=hunter2", "hunter2"),
+            (
+                "cannot reach postgres://app:hunter2@db/autopay: refused",
+                "hunter2",
+            ),
+            ("a path 4242424242424242 or ref4242-4242-4242-4242", "4242"),
+        ] {
+            let shown = redact_secrets(text);
+            assert!(!shown.contains(secret), "{text} -> {shown}");
+        }
+        for kept in [
+            "processor.key_retention = 24h",
+            "database.password_file = /run/credentials/db",
+            "--token: this is not a processor token",
+            "payment 0193a5b2-7c1e-7d3f-9a41-212345678900 is failed",
+        ] {
+            assert_eq!(redact_secrets(kept), kept);
+        }
+    }
+
+    #[test]
+    fn a_problem_never_shows_a_secret_or_a_card_number() {
+        let p = problems(load(
+            None,
+            &[
+                ("AUTOPAY__DATABASE__MAX_CONNECTIONS", "4242424242424242"),
+                (
+                    "AUTOPAY__PROCESSOR__SIMULATED__LEDGER",
+                    "postgresx://u:hunter2@h/db",
+                ),
+            ],
+        ));
+        let shown = format!("{p:?}");
+        assert!(!shown.contains("4242424242424242"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(p.iter().any(|p| p.key == "database.max_connections"));
     }
 
     #[test]

@@ -10,116 +10,55 @@ use super::args::BillCommand;
 use super::members::account;
 use super::output::{self, Table, say};
 use super::{CliError, Context, exit, parse_id};
-use crate::domain::card::contains_card_number;
+use crate::domain::bill;
 use crate::domain::member::AccountNumber;
 use crate::domain::money::Money;
 use crate::domain::schedule::parse_date;
+use crate::domain::text::{self, Reason, Reference, TextError};
 use crate::store::{BillChange, NewBill, Store, StoreError};
 
-/// A bill reference: what the billing system calls the bill.
-fn reference(value: &str) -> Result<String, String> {
-    free_text(value, 64)
+/// A bill reference, or an outside payment's: what the billing system calls it.
+fn reference(value: &str) -> Result<Reference, TextError> {
+    Reference::parse(value)
 }
 
-/// Text stored in clear (references, reasons): bounded, printable, and never a card number.
+/// Text stored in clear (references, reasons, terms versions) under the one free-text rule of
+/// [`crate::domain::text`]. `operate.rs` and `schedules.rs` call this with their own limits.
 pub(super) fn free_text(value: &str, max: usize) -> Result<String, String> {
-    let r = value.trim();
-    if r.is_empty() || r.chars().count() > max || r.chars().any(char::is_control) {
-        return Err(format!(
-            "write 1 to {max} characters without control characters"
-        ));
-    }
-    if contains_card_number(r) {
-        return Err(
-            "this text looks like it holds a card number, which is never stored; remove it".into(),
-        );
-    }
-    Ok(r.to_string())
+    text::check(value, max)
+        .map(str::to_owned)
+        .map_err(|e| e.to_string())
 }
 
 fn money(ctx: &Context, value: &str, flag: &str) -> Result<Money, CliError> {
-    parse_amount(value, ctx.settings.payments.currency)
+    bill::parse_amount(value, ctx.settings.payments.currency)
         .map_err(|e| CliError::data(format!("{flag}: {e}")))
 }
 
-/// An amount typed by a person: a card number pasted here is refused rather than stored as a
-/// sum of money.
-fn parse_amount(value: &str, currency: crate::domain::money::Currency) -> Result<Money, String> {
-    if contains_card_number(value) {
-        return Err(
-            "this looks like a card number, not an amount; write an amount such as 125.00".into(),
-        );
-    }
-    Money::parse(value, currency).map_err(|e| e.to_string())
-}
-
-/// Reads and checks every row of a CSV file, collecting every problem by line.
+/// Reads and checks every row of a CSV file (domain::bill), then the members it names,
+/// collecting every problem by line.
 async fn read_csv(ctx: &Context, store: &dyn Store, path: &Path) -> Result<Vec<NewBill>, CliError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let bytes = std::fs::read(path).map_err(|e| {
         CliError::new(
             exit::NO_INPUT,
             format!("cannot read {}: {e}; check the path", path.display()),
         )
     })?;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .trim(csv::Trim::All)
-        .flexible(true)
-        .from_reader(text.as_bytes());
-    let currency = ctx.settings.payments.currency;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        CliError::data(format!(
+            "{} is not UTF-8 text (a bad byte at offset {}); save it as UTF-8 CSV and import it again",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
     let mut members: HashMap<AccountNumber, Option<Uuid>> = HashMap::new();
     let mut bills = Vec::new();
     let mut problems = Vec::new();
-    let mut seen: HashMap<(Uuid, String), usize> = HashMap::new();
-    for (i, record) in reader.records().enumerate() {
-        let line = i + 1;
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                problems.push(format!("line {line}: not valid CSV ({e})"));
-                continue;
-            }
-        };
-        let cells: Vec<&str> = record.iter().collect();
-        if line == 1
-            && cells
-                .first()
-                .is_some_and(|c| c.eq_ignore_ascii_case("account"))
-        {
-            continue;
-        }
-        if cells.iter().all(|c| c.is_empty()) {
-            continue;
-        }
-        let [acct, reference_cell, amount, due] = cells.as_slice() else {
-            problems.push(format!(
-                "line {line}: {} fields; expected 4: account,reference,amount,due_date",
-                cells.len()
-            ));
-            continue;
-        };
-        let mut row_problems = Vec::new();
-        let acct = AccountNumber::parse(acct)
-            .map_err(|e| row_problems.push(format!("account: {e}")))
-            .ok();
-        let reference = reference(reference_cell)
-            .map_err(|e| row_problems.push(format!("reference: {e}")))
-            .ok();
-        let amount = parse_amount(amount, currency)
-            .map_err(|e| row_problems.push(format!("amount: {e}")))
-            .ok()
-            .and_then(|m| {
-                if m.minor() < 0 {
-                    row_problems.push("amount: a bill's amount is 0.00 or more".into());
-                    None
-                } else {
-                    Some(m)
-                }
-            });
-        let due = parse_date(due)
-            .map_err(|e| row_problems.push(format!("due_date: {e}")))
-            .ok();
-        let member_id = match &acct {
+    let mut seen: HashMap<(Uuid, Reference), usize> = HashMap::new();
+    for parsed in bill::read_import(&text, ctx.settings.payments.currency) {
+        let line = parsed.line;
+        let mut row_problems = parsed.problems.clone();
+        let member_id = match &parsed.account {
             Some(a) => {
                 if !members.contains_key(a) {
                     let found = match store.member(a).await {
@@ -140,7 +79,7 @@ async fn read_csv(ctx: &Context, store: &dyn Store, path: &Path) -> Result<Vec<N
             }
             None => None,
         };
-        if let (Some(member_id), Some(reference)) = (member_id, &reference)
+        if let (Some(member_id), Some(reference)) = (member_id, &parsed.reference)
             && let Some(first) = seen.insert((member_id, reference.clone()), line)
         {
             row_problems.push(format!(
@@ -151,14 +90,12 @@ async fn read_csv(ctx: &Context, store: &dyn Store, path: &Path) -> Result<Vec<N
             problems.push(format!("line {line}: {}", row_problems.join("; ")));
             continue;
         }
-        if let (Some(member_id), Some(reference), Some(amount_due), Some(due_date)) =
-            (member_id, reference, amount, due)
-        {
+        if let (Some(member_id), Some(row)) = (member_id, parsed.row()) {
             bills.push(NewBill {
                 member_id,
-                reference,
-                amount_due,
-                due_date,
+                reference: row.reference.into(),
+                amount_due: row.amount,
+                due_date: row.due_date,
                 origin: format!("line {line}"),
             });
         }
@@ -214,7 +151,7 @@ pub(super) async fn bill(ctx: &Context, command: BillCommand) -> Result<(), CliE
             let member = store.member(&acct).await?;
             let bill = NewBill {
                 member_id: member.id,
-                reference: r.clone(),
+                reference: r.to_string(),
                 amount_due,
                 due_date,
                 origin: "--reference".into(),
@@ -299,9 +236,9 @@ pub(super) async fn bill(ctx: &Context, command: BillCommand) -> Result<(), CliE
         BillCommand::Void { bill, reason } => {
             let id = parse_id(&bill, "bill")?;
             let reason =
-                free_text(&reason, 200).map_err(|e| CliError::data(format!("--reason: {e}")))?;
+                Reason::parse(&reason).map_err(|e| CliError::data(format!("--reason: {e}")))?;
             let store = ctx.store().await?;
-            let change = store.void_bill(id, &reason, &ctx.audit()).await?;
+            let change = store.void_bill(id, reason.as_str(), &ctx.audit()).await?;
             tracing::info!(bill_id = %id, "bill voided");
             print_change(ctx, &change, "voided")
         }
@@ -315,11 +252,13 @@ pub(super) async fn bill(ctx: &Context, command: BillCommand) -> Result<(), CliE
             if amount.minor() < 0 {
                 return Err(CliError::data("--amount: a bill's amount is 0.00 or more"));
             }
-            let reason = free_text(&reason, 200).map_err(|e| {
+            let reason = Reason::parse(&reason).map_err(|e| {
                 CliError::data(format!("--reason: say why the amount changes; {e}"))
             })?;
             let store = ctx.store().await?;
-            let change = store.adjust_bill(id, amount, &reason, &ctx.audit()).await?;
+            let change = store
+                .adjust_bill(id, amount, reason.as_str(), &ctx.audit())
+                .await?;
             tracing::info!(bill_id = %id, "bill adjusted");
             print_change(ctx, &change, "adjusted")
         }
@@ -337,7 +276,7 @@ pub(super) async fn bill(ctx: &Context, command: BillCommand) -> Result<(), CliE
                 reference(&external).map_err(|e| CliError::data(format!("--external: {e}")))?;
             let store = ctx.store().await?;
             let change = store
-                .pay_bill_external(id, amount, &external, &ctx.audit())
+                .pay_bill_external(id, amount, external.as_str(), &ctx.audit())
                 .await?;
             tracing::info!(bill_id = %id, "external payment recorded");
             print_change(ctx, &change, "recorded a payment on")

@@ -1,8 +1,9 @@
 //! `autopay member ...` and `autopay card ...`.
 
-use std::io::{BufRead, IsTerminal};
+use std::io::IsTerminal;
 
 use jiff::tz::TimeZone;
+use zeroize::Zeroizing;
 
 use super::args::{CardCommand, MemberCommand};
 use super::output::{self, Table, say};
@@ -34,7 +35,7 @@ pub(super) fn time_zone(value: &str) -> Result<String, CliError> {
     let tz = TimeZone::get(value.trim()).map_err(|_| {
         CliError::data(format!(
             "--time-zone: unknown time zone '{}'; use an IANA name such as America/New_York",
-            value.trim()
+            output::escape(value.trim())
         ))
     })?;
     Ok(tz.iana_name().unwrap_or(value.trim()).to_string())
@@ -189,7 +190,8 @@ pub(super) async fn member(ctx: &Context, command: MemberCommand) -> Result<(), 
                         "on" => Ok(true),
                         "off" => Ok(false),
                         other => Err(CliError::usage(format!(
-                            "--reminders: '{other}' is not on or off"
+                            "--reminders: '{}' is not on or off",
+                            output::escape(other)
                         ))),
                     })
                     .transpose()?,
@@ -237,8 +239,14 @@ pub(super) async fn member(ctx: &Context, command: MemberCommand) -> Result<(), 
     }
 }
 
+/// The most bytes read from standard input for the card number and security code: plenty for
+/// 19 digits with separators and a 4-digit code, and fixed, so that the buffer never grows (a
+/// buffer that grows leaves an unwiped copy of what it held behind in freed memory).
+const CARD_INPUT_MAX: usize = 256;
+
 /// Reads the card number and security code: two lines from standard input, or a no-echo
-/// prompt on a terminal. Neither ever becomes an argument, a log line or an error message.
+/// prompt on a terminal. Neither ever becomes an argument, a log line or an error message;
+/// every buffer that held them is wiped when dropped, and core dumps are off from here on.
 fn read_card_secrets(
     today: jiff::civil::Date,
     expiry: Expiry,
@@ -246,41 +254,108 @@ fn read_card_secrets(
     expiry
         .check_not_expired(today)
         .map_err(|e| CliError::data(format!("--exp: {e}")))?;
-    let stdin = std::io::stdin();
-    let (number, code) = if stdin.is_terminal() {
-        let number = rpassword::prompt_password("Card number (not shown): ").map_err(|e| {
-            CliError::usage(format!(
-                "cannot read the card number from the terminal: {e}"
-            ))
-        })?;
-        let code = rpassword::prompt_password("Security code (not shown): ").map_err(|e| {
-            CliError::usage(format!(
-                "cannot read the security code from the terminal: {e}"
-            ))
-        })?;
-        (number, code)
-    } else {
-        let mut lines = stdin.lock().lines();
-        let mut next = |what: &str| -> Result<String, CliError> {
-            match lines.next() {
-                Some(Ok(line)) => Ok(line),
-                Some(Err(e)) => Err(CliError::usage(format!(
-                    "cannot read the {what} from standard input: {e}"
-                ))),
-                None => Err(CliError::usage(format!(
-                    "standard input ended before the {what}; give two lines, the card number then the security code"
-                ))),
-            }
-        };
-        let number = next("card number")?;
-        let code = next("security code")?;
-        (number, code)
-    };
+    forbid_core_dumps();
+    if std::io::stdin().is_terminal() {
+        let number = Zeroizing::new(
+            rpassword::prompt_password("Card number (not shown): ").map_err(|e| {
+                CliError::usage(format!(
+                    "cannot read the card number from the terminal: {e}"
+                ))
+            })?,
+        );
+        let code = Zeroizing::new(
+            rpassword::prompt_password("Security code (not shown): ").map_err(|e| {
+                CliError::usage(format!(
+                    "cannot read the security code from the terminal: {e}"
+                ))
+            })?,
+        );
+        return parse_card_secrets(&number, &code);
+    }
+    let input = read_secret_input(0)?;
+    let text = std::str::from_utf8(input.bytes()).map_err(|_| {
+        CliError::data("card number: standard input is not text; give two lines, the card number then the security code")
+    })?;
+    let mut lines = text.lines();
+    let number = lines.next().ok_or_else(|| {
+        CliError::usage("standard input ended before the card number; give two lines, the card number then the security code")
+    })?;
+    let code = lines.next().ok_or_else(|| {
+        CliError::usage("standard input ended before the security code; give two lines, the card number then the security code")
+    })?;
+    parse_card_secrets(number, code)
+}
+
+fn parse_card_secrets(number: &str, code: &str) -> Result<(CardNumber, SecurityCode), CliError> {
     let number =
-        CardNumber::parse(&number).map_err(|e| CliError::data(format!("card number: {e}")))?;
+        CardNumber::parse(number).map_err(|e| CliError::data(format!("card number: {e}")))?;
     let code = SecurityCode::parse(code.trim(), number.brand())
         .map_err(|e| CliError::data(format!("security code: {e}")))?;
     Ok((number, code))
+}
+
+/// What was read for the card: a fixed buffer, wiped when dropped.
+struct SecretInput {
+    buf: Zeroizing<[u8; CARD_INPUT_MAX]>,
+    len: usize,
+}
+
+impl SecretInput {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// Reads two lines from a file descriptor straight into a fixed buffer, without the
+/// standard library's buffered stdin (whose buffer would keep a copy nobody wipes).
+fn read_secret_input(fd: std::os::fd::RawFd) -> Result<SecretInput, CliError> {
+    let mut input = SecretInput {
+        buf: Zeroizing::new([0u8; CARD_INPUT_MAX]),
+        len: 0,
+    };
+    while input.bytes().iter().filter(|b| **b == b'\n').count() < 2 {
+        let free = CARD_INPUT_MAX - input.len;
+        if free == 0 {
+            return Err(CliError::usage(format!(
+                "standard input holds more than {CARD_INPUT_MAX} bytes before the security code's line ends; give two lines, the card number then the security code"
+            )));
+        }
+        // One byte at a time, so that nothing past the second line is taken from the input.
+        // SAFETY: `read` writes at most one byte into the unused tail of our own buffer, which
+        // is `free` (at least one) bytes long.
+        let n = unsafe { libc::read(fd, input.buf[input.len..].as_mut_ptr().cast(), 1) };
+        match usize::try_from(n) {
+            Ok(0) => break,
+            Ok(n) => input.len += n,
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(CliError::usage(format!(
+                    "cannot read the card from standard input: {e}"
+                )));
+            }
+        }
+    }
+    Ok(input)
+}
+
+/// Turns core dumps off for the rest of this process (a short command): a dump taken while a
+/// card number is in memory would write it to disk. Both the core size limit and the dumpable
+/// flag, since a core pattern piping to a helper ignores the limit.
+fn forbid_core_dumps() {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads the struct we pass and nothing else.
+    let limited = unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) };
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointers and only changes this process.
+    let undumpable = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if limited != 0 || undumpable != 0 {
+        tracing::warn!("could not turn core dumps off while the card is read");
+    }
 }
 
 pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliError> {
@@ -299,6 +374,11 @@ pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliE
             let tokenized = match (exp, token) {
                 (_, Some(token)) => {
                     let token = token.trim().to_string();
+                    // Before the token is looked up, logged or stored: a card number pasted here
+                    // is refused without being repeated, and so is anything of another shape.
+                    processor
+                        .check_token(&token)
+                        .map_err(|e| CliError::data(format!("--token: {e}")))?;
                     let details = processor
                         .card_details(&token)
                         .await
@@ -385,5 +465,47 @@ pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliE
             say(format!("removed card {} ({})", removed.id, removed.label()));
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn read_from(input: &[u8]) -> Result<SecretInput, CliError> {
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        writer.write_all(input).unwrap();
+        drop(writer);
+        read_secret_input(std::os::fd::AsRawFd::as_raw_fd(&reader))
+    }
+
+    #[test]
+    fn card_input_is_read_into_a_fixed_buffer_of_two_lines_at_most() {
+        let input = read_from(b"4242424242424242\n123\nextra\n").unwrap();
+        assert_eq!(input.bytes(), b"4242424242424242\n123\n");
+        let input = read_from(b"4242424242424242\r\n123").unwrap();
+        let text = std::str::from_utf8(input.bytes()).unwrap();
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            ["4242424242424242", "123"]
+        );
+        let err = read_from(&[b'4'; CARD_INPUT_MAX + 10]).err().unwrap();
+        assert_eq!(err.code, crate::cli::exit::USAGE);
+        assert!(!err.message.contains("4444"), "{}", err.message);
+    }
+
+    #[test]
+    fn reading_a_card_turns_core_dumps_off() {
+        forbid_core_dumps();
+        let mut limit = libc::rlimit {
+            rlim_cur: 1,
+            rlim_max: 1,
+        };
+        // SAFETY: getrlimit writes into the struct we pass.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut limit) }, 0);
+        assert_eq!((limit.rlim_cur, limit.rlim_max), (0, 0));
+        // SAFETY: PR_GET_DUMPABLE takes no pointers.
+        assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }, 0);
     }
 }

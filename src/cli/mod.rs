@@ -87,29 +87,10 @@ impl From<ConfigError> for CliError {
     }
 }
 
-/// Replaces anything that could be a card number (12 to 19 digits passing the Luhn check,
-/// spaces or dashes allowed between them, standing on its own rather than inside a longer word
-/// such as a UUID) with a placeholder: clap echoes unexpected arguments, and a card number typed
-/// in the wrong place must not reach the terminal's scrollback or a log.
-pub fn redact_card_numbers(text: &str) -> String {
-    let spans = crate::domain::card::card_number_spans(text, true);
-    if spans.is_empty() {
-        return text.to_string();
-    }
-    let mut out = String::with_capacity(text.len());
-    let mut next = 0;
-    for (i, c) in text.chars().enumerate() {
-        match spans.get(next) {
-            Some(span) if span.start == i => out.push_str("[card number removed]"),
-            Some(span) if span.contains(&i) => {}
-            _ => out.push(c),
-        }
-        if spans.get(next).is_some_and(|span| i + 1 == span.end) {
-            next += 1;
-        }
-    }
-    out
-}
+/// The card-number redactor (it lives with the detector in `domain::card`): clap echoes
+/// unexpected arguments, and a card number typed in the wrong place must not reach the
+/// terminal's scrollback or a log.
+pub use crate::domain::card::redact_card_numbers;
 
 /// What every command may need: settings, "now", who is acting.
 pub struct Context {
@@ -161,16 +142,66 @@ impl Context {
     }
 }
 
-/// The operating-system user behind a command-line action, for the audit trail.
+/// The operating-system user behind a command-line action, for the audit trail: `cli:` and the
+/// name of the effective user id, plus the login user when it differs (an operator running
+/// `sudo -u autopay` stays named: `cli:autopay (login alice)`). Never `$USER` or `$LOGNAME`,
+/// which any caller sets to anything.
 pub fn operator() -> String {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| {
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            let uid = unsafe { libc::geteuid() };
-            format!("uid {uid}")
-        });
-    format!("cli:{user}")
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let login = login_uid().filter(|uid| *uid != euid).map(user_name);
+    operator_label(&user_name(euid), login.as_deref())
+}
+
+/// `cli:NAME` or `cli:NAME (login LOGIN)`, each name escaped ([`output::escape`]) so that an
+/// odd account name cannot put a control or direction character into the audit trail.
+pub fn operator_label(user: &str, login: Option<&str>) -> String {
+    match login {
+        Some(login) => format!(
+            "cli:{} (login {})",
+            output::escape(user),
+            output::escape(login)
+        ),
+        None => format!("cli:{}", output::escape(user)),
+    }
+}
+
+/// The login user id the kernel keeps for this session (`/proc/self/loginuid`, set at login
+/// and kept through `sudo` and `su`); none when unset (4294967295) or unreadable.
+fn login_uid() -> Option<libc::uid_t> {
+    let text = std::fs::read_to_string("/proc/self/loginuid").ok()?;
+    let uid: libc::uid_t = text.trim().parse().ok()?;
+    (uid != libc::uid_t::MAX).then_some(uid)
+}
+
+/// The account name of a user id (getpwuid_r), or `uid N` when it has none.
+fn user_name(uid: libc::uid_t) -> String {
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: a zeroed passwd is a valid out-parameter (pointers null, numbers 0).
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is to a live local, and `buf.len()` is the buffer's real size.
+        let rc = unsafe {
+            libc::getpwuid_r(
+                uid,
+                &mut entry,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 || found.is_null() || entry.pw_name.is_null() {
+            return format!("uid {uid}");
+        }
+        // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`, alive here.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.pw_name) };
+        return name.to_string_lossy().into_owned();
+    }
 }
 
 /// Parses a UUID argument, naming what it should be.
@@ -178,13 +209,30 @@ pub fn parse_id(value: &str, what: &str) -> Result<Uuid, CliError> {
     Uuid::parse_str(value.trim()).map_err(|_| {
         CliError::usage(format!(
             "'{}' is not a {what} id; ids look like 0193a5b2-7c1e-7d3f-9a41-2b6c8d0e1f23 (see the list command)",
-            redact_card_numbers(value)
+            output::escape(&redact_card_numbers(value))
         ))
     })
 }
 
+/// An error message as the terminal may see it: whatever path produced it, every secret's value
+/// (`password = ...`), every password inside a URL and every card number is taken out
+/// ([`crate::config::redact_secrets`]), and control and direction characters are shown escaped
+/// ([`output::escape_lines`]). The safety net behind each message's own care.
+fn shown_error(message: &str) -> String {
+    output::escape_lines(&crate::config::redact_secrets(message))
+}
+
+/// Makes every file and folder this process creates private to its user (0600 and 0700),
+/// whatever umask it was started with: the databases, the simulated processor's ledger, SQLite's
+/// -wal and -shm files and the `.eml` files hold names, emails, account numbers and tokens.
+fn private_files() {
+    // SAFETY: umask only swaps this process's file-creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+}
+
 /// Runs the command line and returns the process's exit code.
 pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    private_files();
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
@@ -194,7 +242,7 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => exit::OK,
                 _ => exit::USAGE,
             };
-            let text = redact_card_numbers(&e.render().to_string());
+            let text = shown_error(&e.render().to_string());
             if code == exit::OK {
                 say(text.trim_end());
             } else {
@@ -213,7 +261,7 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 let _ = output::json(&serde_json::json!({ "ok": false, "problems": problems }));
             }
             let err = CliError::from(e);
-            eprintln!("error: {}", err.message);
+            eprintln!("error: {}", shown_error(&err.message));
             return ExitCode::from(err.code);
         }
     };
@@ -243,7 +291,7 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     match runtime.block_on(dispatch(&ctx, cli.command)) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
-            eprintln!("error: {}", redact_card_numbers(&e.message));
+            eprintln!("error: {}", shown_error(&e.message));
             ExitCode::from(e.code)
         }
     }
@@ -294,17 +342,29 @@ async fn migrate(ctx: &Context) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Prints the effective settings: secrets are redacted by the settings themselves, and a card
+/// number typed into any other value (a host, a name) is taken out here.
 fn check_config(ctx: &Context) -> Result<(), CliError> {
     if ctx.json {
-        return output::json(
-            &serde_json::json!({ "ok": true, "settings": ctx.settings.redacted_json() }),
-        );
+        let mut settings = ctx.settings.redacted_json();
+        redact_strings(&mut settings);
+        return output::json(&serde_json::json!({ "ok": true, "settings": settings }));
     }
     for line in ctx.settings.redacted_lines() {
-        say(line);
+        say(redact_card_numbers(&line));
     }
     say("settings are valid");
     Ok(())
+}
+
+/// Runs every string inside a JSON value through [`redact_card_numbers`].
+fn redact_strings(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(s) => *s = redact_card_numbers(s),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact_strings),
+        serde_json::Value::Object(map) => map.values_mut().for_each(redact_strings),
+        _ => {}
+    }
 }
 
 async fn status(ctx: &Context) -> Result<(), CliError> {
@@ -373,6 +433,28 @@ async fn status(ctx: &Context) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_operator_is_named_by_user_id_and_login_never_by_the_environment() {
+        assert_eq!(operator_label("autopay", None), "cli:autopay");
+        assert_eq!(
+            operator_label("autopay", Some("alice")),
+            "cli:autopay (login alice)"
+        );
+        assert_eq!(
+            operator_label("x\u{1b}[2J", Some("a\u{202e}b")),
+            "cli:x\\u{1b}[2J (login a\\u{202e}b)"
+        );
+        // SAFETY: geteuid cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        let me = user_name(euid);
+        assert!(!me.is_empty());
+        assert!(operator().starts_with(&format!("cli:{me}")));
+        assert_eq!(
+            user_name(libc::uid_t::MAX - 1),
+            format!("uid {}", libc::uid_t::MAX - 1)
+        );
+    }
 
     #[test]
     fn card_numbers_are_removed_from_any_text() {

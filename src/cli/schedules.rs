@@ -632,7 +632,13 @@ pub(super) async fn payment(ctx: &Context, command: PaymentCommand) -> Result<()
             }
             say("\nhistory:");
             for e in &events {
-                say(format!("{}  {}  {}  {}", e.at, e.actor, e.action, e.detail));
+                say(format!(
+                    "{}  {}  {}  {}",
+                    e.at,
+                    output::escape(&e.actor),
+                    e.action,
+                    e.detail
+                ));
             }
             Ok(())
         }

@@ -616,6 +616,56 @@ pub fn card_number_spans(text: &str, standalone_only: bool) -> Vec<std::ops::Ran
     spans
 }
 
+/// Replaces anything that could be a card number with a placeholder, for text about to be
+/// shown: error messages, clap's echo of an unexpected argument, a settings problem. It finds
+/// what [`contains_card_number`] finds (12 to 19 digits passing the Luhn check, single spaces or
+/// dashes allowed between them, also when letters touch them: `ref4242424242424242`), except
+/// inside a UUID (`0193a5b2-7c1e-7d3f-9a41-212345678901`), whose digit groups are ids, not cards.
+pub fn redact_card_numbers(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let uuids = uuid_spans(&chars);
+    let spans: Vec<std::ops::Range<usize>> = card_number_spans(text, false)
+        .into_iter()
+        .filter(|s| !uuids.iter().any(|u| u.start <= s.start && s.end <= u.end))
+        .collect();
+    if spans.is_empty() {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut next = 0;
+    for (i, c) in chars.iter().enumerate() {
+        match spans.get(next) {
+            Some(span) if span.start == i => out.push_str("[card number removed]"),
+            Some(span) if span.contains(&i) => {}
+            _ => out.push(*c),
+        }
+        if spans.get(next).is_some_and(|span| i + 1 == span.end) {
+            next += 1;
+        }
+    }
+    out
+}
+
+/// Where `chars` holds a hyphenated UUID (8-4-4-4-12 hex digits), as character ranges.
+fn uuid_spans(chars: &[char]) -> Vec<std::ops::Range<usize>> {
+    const SHAPE: &[u8] = b"xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx";
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + SHAPE.len() <= chars.len() {
+        let fits = SHAPE.iter().zip(&chars[i..]).all(|(s, c)| match s {
+            b'-' => *c == '-',
+            _ => c.is_ascii_hexdigit(),
+        });
+        if fits {
+            out.push(i..i + SHAPE.len());
+            i += SHAPE.len();
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
 /// Whether `digits` (ASCII digits only, at least one) passes the Luhn
 /// check. Anything else is simply not valid.
 pub fn luhn_valid(digits: &str) -> bool {
@@ -1043,6 +1093,32 @@ mod tests {
             prop_assert!(e.is_expired_on(last.tomorrow().unwrap()));
             prop_assert_eq!(last.tomorrow().unwrap().day(), 1);
         }
+    }
+
+    #[test]
+    fn card_numbers_are_redacted_wherever_they_stand_but_uuids_are_left_alone() {
+        assert_eq!(
+            redact_card_numbers("unexpected argument '4242424242424242' found"),
+            "unexpected argument '[card number removed]' found"
+        );
+        assert_eq!(
+            redact_card_numbers("x 4242 4242 4242 4242 y"),
+            "x [card number removed] y"
+        );
+        assert_eq!(
+            redact_card_numbers("'ab4242-4242-4242-4242cd' is not an id"),
+            "'ab[card number removed]cd' is not an id"
+        );
+        let id = "0193a5b2-7c1e-7d3f-9a41-212345678900";
+        assert!(contains_card_number(id));
+        assert_eq!(
+            redact_card_numbers(&format!("payment {id}")),
+            format!("payment {id}")
+        );
+        assert_eq!(
+            redact_card_numbers("bill 2026-12-01 for 125.00, exit 64, code 123"),
+            "bill 2026-12-01 for 125.00, exit 64, code 123"
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use super::text::{self, TextError, code_point, is_control_or_invisible};
+
 const ACCOUNT_MIN_LEN: usize = 6;
 const ACCOUNT_MAX_LEN: usize = 20;
 const EMAIL_MAX_LEN: usize = 254;
@@ -434,8 +436,10 @@ impl From<EmailAddress> for String {
     }
 }
 
-/// A member's name as they write it: 1 to 200 characters after trimming,
-/// any script, no control or invisible formatting characters.
+/// A member's name as they write it: free text under the one rule of
+/// [`super::text`] (1 to 200 characters after trimming, any script, no
+/// control or invisible formatting characters, no card number), with the
+/// member-specific errors.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct MemberName(String);
@@ -445,21 +449,17 @@ impl MemberName {
     /// is an error rather than silently removed: it means the input came
     /// from somewhere that should be looked at.
     pub fn parse(s: &str) -> Result<MemberName, MemberError> {
-        if s.chars().any(is_control_or_invisible) {
-            return Err(MemberError::NameControlCharacter);
+        match text::check(s, NAME_MAX_CHARS) {
+            Ok(name) => Ok(MemberName(name.to_owned())),
+            Err(TextError::Empty { .. }) => Err(MemberError::NameEmpty),
+            Err(TextError::TooLong { len, .. }) => Err(MemberError::NameTooLong { len }),
+            Err(TextError::CardNumber) => Err(MemberError::NameLooksLikeCard),
+            Err(
+                TextError::Control { .. }
+                | TextError::LineSeparator { .. }
+                | TextError::Invisible { .. },
+            ) => Err(MemberError::NameControlCharacter),
         }
-        let name = s.trim();
-        let len = name.chars().count();
-        if len == 0 {
-            return Err(MemberError::NameEmpty);
-        }
-        if len > NAME_MAX_CHARS {
-            return Err(MemberError::NameTooLong { len });
-        }
-        if super::card::contains_card_number(name) {
-            return Err(MemberError::NameLooksLikeCard);
-        }
-        Ok(MemberName(name.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -493,52 +493,11 @@ impl From<MemberName> for String {
     }
 }
 
-/// Control characters (Unicode Cc: C0, DEL, C1), the line and paragraph
-/// separators U+2028/U+2029, and the invisible format characters (Unicode
-/// Cf) that can break or disguise a line, such as bidi overrides and
-/// zero-width spaces.
-///
-/// ZERO WIDTH NON-JOINER and ZERO WIDTH JOINER (U+200C, U+200D) are Cf but
-/// allowed: Persian, Hindi and other scripts need them to spell names
-/// correctly, and they neither end a line nor reorder text.
-fn is_control_or_invisible(c: char) -> bool {
-    if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
-        return true;
-    }
-    if matches!(c, '\u{200C}' | '\u{200D}') {
-        return false;
-    }
-    // General_Category=Cf as of Unicode 15.
-    matches!(
-        u32::from(c),
-        0xAD | 0x600..=0x605
-            | 0x61C
-            | 0x6DD
-            | 0x70F
-            | 0x890..=0x891
-            | 0x8E2
-            | 0x180E
-            | 0x200B..=0x200F
-            | 0x202A..=0x202E
-            | 0x2060..=0x2064
-            | 0x2066..=0x206F
-            | 0xFEFF
-            | 0xFFF9..=0xFFFB
-            | 0x110BD
-            | 0x110CD
-            | 0x13430..=0x1343F
-            | 0x1BCA0..=0x1BCA3
-            | 0x1D173..=0x1D17A
-            | 0xE0001
-            | 0xE0020..=0xE007F
-    )
-}
-
 /// Names a rejected character without writing anything that could break a
 /// log line.
 fn describe_char(c: char) -> String {
-    if c.is_control() || is_control_or_invisible(c) || c.is_whitespace() {
-        format!("the character U+{:04X}", u32::from(c))
+    if is_control_or_invisible(c) || c.is_whitespace() {
+        format!("the character {}", code_point(c))
     } else {
         format!("'{c}'")
     }

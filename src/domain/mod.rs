@@ -1,8 +1,9 @@
 //! Pure rules, no I/O and no async: money, cards, members, schedules (recurrence and time
-//! zones), and payments (states and transitions). Every type here parses: a value that exists is
-//! valid, so the layers above never check again.
+//! zones), payments (states and transitions), and the one rule for free text. Every type here
+//! parses: a value that exists is valid, so the layers above never check again.
 
 pub mod attempt;
+pub mod bill;
 pub mod card;
 pub mod charge;
 pub mod decline;
@@ -12,6 +13,7 @@ pub mod notice;
 pub mod payment;
 pub mod schedule;
 pub mod status;
+pub mod text;
 
 /// Declares an enum stored and shown by one fixed spelling: `as_str`, `Display`, `FromStr`
 /// (whose error lists every spelling) and serde as that string.

@@ -94,7 +94,7 @@ impl FromStr for Unit {
             .into_iter()
             .find(|u| s.eq_ignore_ascii_case(u.as_str()) || s.eq_ignore_ascii_case(u.singular()))
             .ok_or_else(|| RecurrenceError::InvalidUnit {
-                input: s.to_owned(),
+                input: super::text::escape(s),
             })
     }
 }
@@ -227,7 +227,7 @@ pub enum RecurrenceError {
 /// Parses a CLI time of day: 24-hour `HH:MM` (a one-digit hour is accepted).
 pub fn parse_time_of_day(s: &str) -> Result<Time, RecurrenceError> {
     let invalid = || RecurrenceError::InvalidTimeOfDay {
-        input: s.to_owned(),
+        input: super::text::escape(s),
     };
     let (h, m) = s.split_once(':').ok_or_else(invalid)?;
     if !(1..=2).contains(&h.len()) || m.len() != 2 {
@@ -240,10 +240,11 @@ pub fn parse_time_of_day(s: &str) -> Result<Time, RecurrenceError> {
     Time::new(hour, minute, 0, 0).map_err(|_| invalid())
 }
 
-/// Parses a CLI date: exactly `YYYY-MM-DD`, and the day must exist.
+/// Parses a CLI date: exactly `YYYY-MM-DD`, and the day must exist. Errors (here and in the
+/// other parsers) repeat the input with control and direction characters escaped.
 pub fn parse_date(s: &str) -> Result<Date, RecurrenceError> {
     let invalid = || RecurrenceError::InvalidDate {
-        input: s.to_owned(),
+        input: super::text::escape(s),
     };
     let b = s.as_bytes();
     if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
@@ -311,7 +312,7 @@ impl FromStr for OccurrenceKey {
             None => (OccurrenceKind::Regular, s),
         };
         let nominal = parse_date(date).map_err(|_| RecurrenceError::InvalidOccurrenceKey {
-            input: s.to_owned(),
+            input: super::text::escape(s),
         })?;
         Ok(OccurrenceKey { kind, nominal })
     }
@@ -431,7 +432,7 @@ impl Recurrence {
     /// `Once` rule's start becomes its date.
     pub fn new(mut spec: RecurrenceSpec) -> Result<Recurrence, RecurrenceError> {
         let tz = TimeZone::get(&spec.time_zone).map_err(|_| RecurrenceError::UnknownTimeZone {
-            name: spec.time_zone.clone(),
+            name: super::text::escape(&spec.time_zone),
         })?;
         if let Some(name) = tz.iana_name()
             && name != spec.time_zone

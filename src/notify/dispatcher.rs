@@ -1,12 +1,15 @@
 //! The dispatcher: claims pending notifications as leases (like payments), renders each from
-//! its payload, sends it, and records what happened.
+//! its payload, sends it, and records what happened. The claim resolves each row's recipient to
+//! the member's address at that moment, so a message queued before `member update --email` goes
+//! to the new address.
 //!
 //! Delivery is at least once with one Message-ID per notification, `<{id}@{From domain}>`: a
 //! crash between sending and marking sends the same message again, and a mail client shows it
-//! once. A 4xx reply or a connection failure retries on `email.retry_delays`; a 550/551/553
-//! fails that notification and flags the address as bouncing; a session-level refusal
-//! (authentication, relay denied, TLS) fails nothing: it records "mail paused" with its reason
-//! and retries later.
+//! once. What a send error means is decided by the mailer (`mailer::classify`, by the SMTP step
+//! and code): a temporary failure retries on `email.retry_delays`; a refused address fails that
+//! notification and flags the address as bouncing; another refusal of one message fails it
+//! alone; a session-level refusal (greeting, TLS, authentication, sender, relay denied) fails
+//! nothing: it records "mail paused" with its reason and retries later.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -158,6 +158,14 @@ pub trait Processor: Send + Sync {
         security_code: &SecurityCode,
         expiry: Expiry,
     ) -> Result<Tokenized, ProcessorError>;
+    /// Refuses a token handed in from outside (`card add --token`) that does not have the shape
+    /// of this processor's tokens, before it is looked up, logged or stored: a card number pasted
+    /// as a token, or text that is no token at all. The message never repeats the token. The
+    /// default is the shape every processor's ids share ([`check_opaque_token`]); adapters
+    /// narrow it to their own.
+    fn check_token(&self, token: &str) -> Result<(), ProcessorError> {
+        check_opaque_token(token)
+    }
     /// Brand, last four and expiry of a token, as the processor knows them now.
     async fn card_details(&self, token: &str) -> Result<CardDetails, ProcessorError>;
     /// Charges a token once per idempotency key.
@@ -169,4 +177,108 @@ pub trait Processor: Send + Sync {
         &self,
         since: Timestamp,
     ) -> Result<Vec<ProcessorAttempt>, ProcessorError>;
+}
+
+/// The longest token autopay accepts from outside; processors' ids are far shorter (Stripe's
+/// are under 100 characters).
+pub const MAX_TOKEN_LEN: usize = 255;
+
+/// Refuses a token that holds what could be a card number (the card-number detector of
+/// `domain::card`), without repeating it: the first check of every [`Processor::check_token`].
+pub fn refuse_card_number(token: &str) -> Result<(), ProcessorError> {
+    if crate::domain::card::contains_card_number(token) {
+        return Err(ProcessorError::Rejected(
+            "this looks like a card number, not a processor token; card numbers are read from standard input (card add --exp MM/YYYY), never given as arguments".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The shape every processor's ids share: ASCII letters, digits and underscores, 1 to
+/// [`MAX_TOKEN_LEN`] of them, holding nothing that could be a card number.
+pub fn check_opaque_token(token: &str) -> Result<(), ProcessorError> {
+    refuse_card_number(token)?;
+    let well_formed = !token.is_empty()
+        && token.len() <= MAX_TOKEN_LEN
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if well_formed {
+        Ok(())
+    } else {
+        Err(ProcessorError::Rejected(format!(
+            "this is not a processor token: tokens are 1 to {MAX_TOKEN_LEN} letters, digits and underscores"
+        )))
+    }
+}
+
+/// Stripe's ids for a card a member portal collected: a PaymentMethod (`pm_...`), a legacy
+/// token (`tok_...`) or a SetupIntent (`seti_...`), each an opaque token
+/// ([`check_opaque_token`]) of at most 100 characters. For the Stripe adapter.
+pub fn check_stripe_token(token: &str) -> Result<(), ProcessorError> {
+    check_opaque_token(token)?;
+    let known = ["pm_", "tok_", "seti_"]
+        .iter()
+        .any(|p| token.len() > p.len() && token.starts_with(p));
+    if known && token.len() <= 100 {
+        Ok(())
+    } else {
+        Err(ProcessorError::Rejected(
+            "this is not a Stripe card token; give the pm_..., tok_... or seti_... id the member portal received".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn processor_ids_are_letters_digits_and_underscores_without_a_card_number() {
+        assert!(check_opaque_token("pm_1NqXyz2eZvKYlo2C").is_ok());
+        for bad in [
+            "",
+            "pm_1 2",
+            "tok_visa\n",
+            "tok_visa;rm",
+            "../etc/passwd",
+            "t\u{202E}ok",
+            "pm_4242424242424242",
+            "4242424242424242",
+            "tok_4242-4242-4242-4242",
+        ] {
+            let err = check_opaque_token(bad).unwrap_err().to_string();
+            assert!(!err.contains("4242"), "{err}");
+        }
+        assert!(check_opaque_token(&"a".repeat(MAX_TOKEN_LEN)).is_ok());
+        assert!(check_opaque_token(&"a".repeat(MAX_TOKEN_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn stripe_tokens_are_payment_methods_tokens_or_setup_intents() {
+        for ok in ["pm_1NqXyz2eZvKYlo2C", "tok_visa", "seti_1Mm2cBLkdIwHu7ix"] {
+            assert!(check_stripe_token(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "pm_",
+            "cus_123",
+            "sk_live_abc",
+            "pm_a-b",
+            &format!("pm_{}", "a".repeat(98)),
+        ] {
+            assert!(check_stripe_token(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn an_accepted_token_is_short_plain_ascii_without_a_card_number(s in "\\PC{0,300}|[A-Za-z0-9_]{0,300}") {
+            if check_opaque_token(&s).is_ok() {
+                prop_assert!(s.len() <= MAX_TOKEN_LEN);
+                prop_assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+                prop_assert!(!crate::domain::card::contains_card_number(&s));
+            }
+        }
+    }
 }

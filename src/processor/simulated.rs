@@ -2,8 +2,8 @@
 //!
 //! Outcomes follow the public test card numbers (table below, also in docs/processor.md). A
 //! token encodes the outcome, brand, last four and expiry, never the card number:
-//! `sim_{outcome}_{brand}_{last4}_{MMYYYY}_{random}`. The member portal's tokens from Stripe's
-//! test mode (`tok_visa`, `tok_chargeDeclined`, ...) are accepted too.
+//! `sim_{outcome}_{brand}_{last4}_{MMYYYY}_{nonce}` (12 hex digits). The member portal's tokens
+//! from Stripe's test mode (`tok_visa`, `tok_chargeDeclined`, ...) are accepted too.
 //!
 //! | number              | brand      | outcome              |
 //! |---------------------|------------|----------------------|
@@ -212,6 +212,18 @@ impl SimToken {
                 .map_err(|_| refused())?,
             },
         })
+    }
+}
+
+/// A token's 12 hex digits of randomness, with at least one letter among them: twelve digits
+/// in a row could pass the Luhn check, and a token must never look like a card number.
+fn nonce() -> String {
+    loop {
+        let hex = Uuid::new_v4().simple().to_string();
+        let nonce = &hex[..12];
+        if nonce.bytes().any(|b| b.is_ascii_alphabetic()) {
+            return nonce.to_string();
+        }
     }
 }
 
@@ -469,12 +481,40 @@ impl Processor for SimulatedProcessor {
             outcome: Outcome::for_number(number.expose_digits()),
             details: details.clone(),
         };
-        let nonce = Uuid::new_v4().simple().to_string();
         Ok(Tokenized {
-            token: token.encode(&nonce[..12]),
+            token: token.encode(&nonce()),
             details,
             fingerprint: None,
         })
+    }
+
+    /// A token this processor issued (`sim_{outcome}_{brand}_{last4}_{MMYYYY}_{nonce}`, the
+    /// nonce 12 lower-case hex digits), or one of the portal test tokens.
+    fn check_token(&self, token: &str) -> Result<(), ProcessorError> {
+        super::refuse_card_number(token)?;
+        let refused = || {
+            ProcessorError::Rejected(
+                "the simulated processor does not know this token; use a token it issued (sim_{outcome}_{brand}_{last4}_{MMYYYY}_{12 hex digits}) or a test token such as tok_visa".into(),
+            )
+        };
+        if PORTAL_TOKENS.iter().any(|t| t.0 == token) {
+            return Ok(());
+        }
+        let nonce = token.rsplit('_').next().unwrap_or_default();
+        let nonce_ok = nonce.len() == 12
+            && nonce
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let charset_ok = token.len() <= super::MAX_TOKEN_LEN
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !token.starts_with("sim_") || !nonce_ok || !charset_ok {
+            return Err(refused());
+        }
+        SimToken::decode(token, self.today())
+            .map(|_| ())
+            .map_err(|_| refused())
     }
 
     async fn card_details(&self, token: &str) -> Result<CardDetails, ProcessorError> {
@@ -868,6 +908,31 @@ mod tests {
         assert_eq!(d.brand, CardBrand::MasterCard);
         assert!(p.card_details("tok_nonsense").await.is_err());
         assert!(p.card_details("sim_approve_visa").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn only_tokens_of_its_own_shape_pass_the_token_check() {
+        let p = processor();
+        for number in TEST_CARDS.iter().map(|(n, _)| *n) {
+            let t = tokenize(&p, number).await;
+            assert!(p.check_token(&t.token).is_ok(), "{}", t.token);
+            assert!(!crate::domain::card::contains_card_number(&t.token));
+        }
+        assert!(p.check_token("tok_visa").is_ok());
+        for bad in [
+            "sim_approve_visa_4242_122030_4242424242424242",
+            "sim_approve_visa_4242_122030_0123456789a",
+            "sim_approve_visa_4242_122030_0123456789aZ",
+            "sim_approve_visa_4242_132030_0123456789ab",
+            "sim_approve_visa_4242_122030_0123456789ab_x",
+            "sim_nope_visa_4242_122030_0123456789ab",
+            "tok_nonsense",
+            "pm_1NqXyz2eZvKYlo2C",
+            "tok_visa ",
+        ] {
+            let err = p.check_token(bad).unwrap_err().to_string();
+            assert!(!err.contains("4242424242424242"), "{err}");
+        }
     }
 
     #[tokio::test]

@@ -2771,8 +2771,12 @@ macro_rules! shared_store_impl {
                 let mut out = Vec::new();
                 for nid in ids {
                     let token = Uuid::new_v4();
+                    // The recipient is the member's address now, not when the row was queued:
+                    // an address changed in between must not send the message to the old one.
+                    // The column then records where this attempt went.
                     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "UPDATE notifications SET state = 'sending', lease_owner = $1, lease_token = $2, lease_expires_at = $3, attempts = attempts + 1 WHERE id = $4 RETURNING {NOTIFICATION_COLS}"
+                        "UPDATE notifications SET state = 'sending', lease_owner = $1, lease_token = $2, lease_expires_at = $3, attempts = attempts + 1, \
+                         recipient = COALESCE((SELECT m.email FROM members m WHERE m.id = notifications.member_id), recipient) WHERE id = $4 RETURNING {NOTIFICATION_COLS}"
                     )))
                     .bind(owner)
                     .bind(token.to_string())

@@ -40,6 +40,7 @@ impl SqliteStore {
 
     /// Opens (creating when missing) the file a `sqlite://` URL names.
     pub async fn open(url: &DatabaseUrl, max_connections: u32) -> Result<SqliteStore> {
+        create_private(url);
         let options = SqliteConnectOptions::from_str(url.expose())
             .map_err(|e| {
                 StoreError::Unavailable(format!(
@@ -86,6 +87,25 @@ impl SqliteStore {
     async fn lock_for_migration(_tx: &mut WriteTx<sqlx::Sqlite>) -> Result<()> {
         Ok(())
     }
+}
+
+/// Creates a missing database file readable and writable by its owner only (0600), whatever the
+/// umask: it holds members' names, emails and account numbers. SQLite gives the -wal and -shm
+/// files the database file's mode, so they follow. An existing file keeps its mode; any failure
+/// here is left for SQLite to report with its own message.
+fn create_private(url: &DatabaseUrl) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(path) = url.sqlite_path() else {
+        return;
+    };
+    if url.expose().contains("mode=memory") {
+        return;
+    }
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
 }
 
 super::shared::shared_store_impl!(SqliteStore, sqlx::Sqlite, "", "");

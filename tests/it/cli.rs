@@ -259,7 +259,8 @@ async fn every_management_command_works(kind: Kind) {
     let shown = bin.run(&["schedule", "show", &once, "--json"]).ok().json();
     assert_eq!(shown["schedule"]["kind"], "one_time");
     assert_eq!(shown["schedule"]["authorized_via"], "cli");
-    assert_eq!(shown["schedule"]["authorized_by"], "cli:tester");
+    // The operating-system user, not $USER (the harness sets USER=tester).
+    assert_eq!(shown["schedule"]["authorized_by"], autopay::cli::operator());
     let occ = &shown["occurrences"][0];
     assert_eq!(occ["local"], "2030-06-01T10:30:00-04:00");
     assert_eq!(occ["utc"], "2030-06-01T14:30:00Z");
@@ -300,7 +301,10 @@ async fn every_management_command_works(kind: Kind) {
     bin.run(&["schedule", "cancel", &once]).ok();
     let cancelled = bin.run(&["schedule", "show", &once, "--json"]).ok().json();
     assert_eq!(cancelled["schedule"]["status"], "cancelled");
-    assert_eq!(cancelled["schedule"]["cancelled_by"], "cli:tester");
+    assert_eq!(
+        cancelled["schedule"]["cancelled_by"],
+        autopay::cli::operator()
+    );
     assert_eq!(
         bin.run(&["schedule", "list", "--account", "A-100200", "--json"])
             .ok()
@@ -765,6 +769,58 @@ async fn bad_settings_exit_78_listing_every_problem() {
 }
 
 #[tokio::test]
+async fn settings_errors_never_show_a_password_or_a_card_number() {
+    let (db, bin) = ready(Kind::Sqlite).await;
+    let clean = |run: &crate::helpers::Run| {
+        let all = format!("{}\n{}", run.stdout, run.stderr);
+        for secret in ["hunter2", "4242424242424242", "4242 4242 4242 4242"] {
+            assert!(!all.contains(secret), "{secret} shown:\n{all}");
+        }
+    };
+    // A syntax error on the password's line, and inside a multi-line password.
+    for (text, line) in [
+        ("[email.smtp]\npassword = \"hunter2\n", "line 2"),
+        ("[email.smtp]\npassword = \"\"\"\nhunter2\n", "line 3"),
+        (
+            "[database]\nurl = \"postgres://u:hunter2@h/db\" x\n",
+            "line 2",
+        ),
+        ("[email.smtp]\nhost = \"4242 4242 4242 4242\n", "line 2"),
+    ] {
+        let file = db.path().join("broken.toml");
+        std::fs::write(&file, text).unwrap();
+        let run = bin
+            .run(&["--config", file.to_str().unwrap(), "check-config"])
+            .fails_with(78);
+        assert!(run.stderr.contains(line), "{}", run.stderr);
+        clean(&run);
+    }
+    // A card number given as the settings file's path, or as a setting's value.
+    let run = bin
+        .run(&["--config", "4242424242424242", "status"])
+        .fails_with(78);
+    assert!(run.stderr.contains("--config"), "{}", run.stderr);
+    clean(&run);
+    let bad = Bin::new(&db)
+        .with_env("AUTOPAY__DATABASE__MAX_CONNECTIONS", "4242424242424242")
+        .with_env("AUTOPAY__EMAIL__SMTP__HOST", "x 4242 4242 4242 4242")
+        .with_env(
+            "AUTOPAY__PROCESSOR__SIMULATED__LEDGER",
+            "postgresx://u:hunter2@h/db",
+        );
+    let run = bad.run(&["check-config"]).fails_with(78);
+    assert!(
+        run.stderr.contains("database.max_connections"),
+        "{}",
+        run.stderr
+    );
+    clean(&run);
+    let run = bad.run(&["check-config", "--json"]).fails_with(78);
+    assert_eq!(run.json()["ok"], false);
+    clean(&run);
+}
+
+#[tokio::test]
 async fn an_unmigrated_or_unreachable_database_says_what_to_do() {
     let db = TestDb::new(Kind::Sqlite).await;
     let bin = Bin::new(&db);
@@ -1095,4 +1151,290 @@ async fn bench_without_postgres_exits_69_naming_the_url_and_the_fix() {
     assert!(run.stderr.contains("--backend sqlite"), "{}", run.stderr);
     assert!(!run.stderr.contains("s3cret-pw"), "{}", run.stderr);
     assert!(!db.path().join("autopay.db").exists());
+}
+
+#[tokio::test]
+async fn every_free_text_field_refuses_direction_overrides_and_line_separators() {
+    let (_db, bin) = ready(Kind::Sqlite).await;
+    let card = member_with_card(&bin);
+    let bill = bin
+        .run(&[
+            "bill",
+            "add",
+            "--account",
+            "A-100200",
+            "--amount",
+            "10.00",
+            "--due",
+            "2026-12-15",
+            "--reference",
+            "INV-1",
+        ])
+        .ok()
+        .id();
+    let payment = uuid::Uuid::now_v7().to_string();
+    for bad in [
+        "INV\u{202E}1001",
+        "INV\u{2028}1001",
+        "INV\u{2029}1001",
+        "INV\u{2066}1001\u{2069}",
+        "INV\u{200B}1001",
+    ] {
+        let cases: Vec<(Vec<&str>, &str)> = vec![
+            (
+                vec![
+                    "bill",
+                    "add",
+                    "--account",
+                    "A-100200",
+                    "--amount",
+                    "10.00",
+                    "--due",
+                    "2026-12-15",
+                    "--reference",
+                    bad,
+                ],
+                "--reference",
+            ),
+            (vec!["bill", "void", &bill, "--reason", bad], "--reason"),
+            (
+                vec!["bill", "adjust", &bill, "--amount", "5.00", "--reason", bad],
+                "--reason",
+            ),
+            (
+                vec!["bill", "pay", &bill, "--amount", "1.00", "--external", bad],
+                "--external",
+            ),
+            (vec!["charging", "pause", "--reason", bad], "--reason"),
+            (
+                vec![
+                    "payment",
+                    "resolve",
+                    &payment,
+                    "--as",
+                    "failed",
+                    "--reference",
+                    bad,
+                    "--reason",
+                    "checked with the processor",
+                ],
+                "--reference",
+            ),
+            (
+                vec![
+                    "payment",
+                    "resolve",
+                    &payment,
+                    "--as",
+                    "failed",
+                    "--reference",
+                    "ticket 12",
+                    "--reason",
+                    bad,
+                ],
+                "--reason",
+            ),
+            (
+                vec![
+                    "schedule",
+                    "add",
+                    "--account",
+                    "A-100200",
+                    "--card",
+                    &card,
+                    "--monthly",
+                    "--day",
+                    "1",
+                    "--balance",
+                    "--terms-version",
+                    bad,
+                ],
+                "--terms-version",
+            ),
+            (
+                vec!["member", "update", "A-100200", "--name", bad],
+                "--name",
+            ),
+        ];
+        for (args, flag) in cases {
+            let run = bin.run(&args).fails_with(65);
+            assert!(
+                run.stderr.contains(flag) && run.stderr.contains("U+"),
+                "{args:?}: {}",
+                run.stderr
+            );
+            assert!(!run.stderr.contains(bad), "{}", run.stderr);
+        }
+    }
+    // Nothing was stored: one bill, untouched; charging runs; no schedule.
+    let bills = bin.run(&["bill", "list", "--json"]).ok().json();
+    assert_eq!(bills.as_array().unwrap().len(), 1);
+    assert_eq!(bills[0]["amount_due"], "10.00");
+    assert_eq!(bills[0]["status"], "open");
+    assert!(bin.run(&["status"]).ok().stdout.contains("running"));
+    assert_eq!(
+        bin.run(&["schedule", "list", "--json"]).ok().json(),
+        serde_json::json!([])
+    );
+}
+
+#[tokio::test]
+async fn files_holding_member_data_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bin = Bin::new(&db).with_umask("022");
+    bin.run(&["migrate"]).ok();
+    member_with_card(&bin);
+    bin.run(&[
+        "bill",
+        "add",
+        "--account",
+        "A-100200",
+        "--amount",
+        "25.00",
+        "--due",
+        "2026-12-15",
+        "--reference",
+        "INV-1",
+    ])
+    .ok();
+    let card = bin
+        .run(&["card", "list", "--account", "A-100200", "--json"])
+        .ok()
+        .json()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bin.run(&[
+        "schedule",
+        "add",
+        "--account",
+        "A-100200",
+        "--card",
+        &card,
+        "--once",
+        "--on",
+        "now",
+        "--balance",
+    ])
+    .ok();
+    bin.run(&["run", "--drain"]).ok();
+
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let mut files = vec![
+        db.path().join("autopay.db"),
+        db.path().join("simulated-processor.db"),
+    ];
+    for extra in [
+        "autopay.db-wal",
+        "autopay.db-shm",
+        "simulated-processor.db-wal",
+        "simulated-processor.db-shm",
+    ] {
+        if db.path().join(extra).exists() {
+            files.push(db.path().join(extra));
+        }
+    }
+    let mail = db.path().join("mail");
+    assert_eq!(mode(&mail), 0o700, "{}", mail.display());
+    let emails: Vec<_> = std::fs::read_dir(&mail)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(emails.len() >= 2, "setup and receipt: {emails:?}");
+    files.extend(emails);
+    for file in files {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+}
+
+#[tokio::test]
+async fn the_audit_names_the_real_user_and_hostile_stored_text_is_shown_escaped() {
+    let (db, bin) = ready(Kind::Sqlite).await;
+    let me = autopay::cli::operator();
+    assert!(!me.contains("tester"), "{me}");
+
+    // $USER and $LOGNAME are the caller's to set: they name nobody.
+    let liar = Bin::new(&db)
+        .with_env("USER", "mallory (approved)\u{1b}[2J\u{202e}")
+        .with_env("LOGNAME", "mallory");
+    liar.run(&["charging", "pause", "--reason", "maintenance"])
+        .ok();
+    let status = bin.run(&["status"]).ok().stdout;
+    assert!(!status.contains("mallory"), "{status}");
+    assert!(
+        status.contains(&format!("by {me}: maintenance")),
+        "{status}"
+    );
+    let json = bin.run(&["status", "--json"]).ok().json();
+    assert_eq!(json["control"]["charging_paused"]["by"], me.as_str());
+    bin.run(&["charging", "resume"]).ok();
+
+    // Text stored by an older version (or by hand) is shown escaped: it can neither drive the
+    // terminal, forge a line, nor reorder what is read.
+    let card = member_with_card(&bin);
+    bin.run(&[
+        "schedule",
+        "add",
+        "--account",
+        "A-100200",
+        "--card",
+        &card,
+        "--once",
+        "--on",
+        "now",
+        "--amount",
+        "5.00",
+    ])
+    .ok();
+    bin.run(&["run", "--drain"]).ok();
+    let payment = bin.run(&["payment", "list", "--json"]).ok().json()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hostile = "cli:evil\u{1b}]0;owned\u{7}\u{202e}lanigiro\nforged line\u{2028}x";
+    let store = db.store().await;
+    store
+        .set_charging_pause(
+            Some("red\u{1b}[31m\u{202e}txet\rforged"),
+            &autopay::store::Audit {
+                actor: hostile.into(),
+                at: jiff::Timestamp::now(),
+            },
+        )
+        .await
+        .unwrap();
+    let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE events SET actor = $1 WHERE entity_id = $2")
+        .bind(hostile)
+        .bind(&payment)
+        .execute(&pool)
+        .await
+        .unwrap();
+    for args in [
+        vec!["status"],
+        vec!["payment", "show", &payment],
+        vec!["status", "--json"],
+        vec!["payment", "show", &payment, "--json"],
+    ] {
+        let out = bin.run(&args).ok().stdout;
+        for c in ['\u{1b}', '\u{7}', '\u{202e}', '\u{2028}', '\r'] {
+            assert!(!out.contains(c), "{args:?} shows {c:?}:\n{out}");
+        }
+        assert!(
+            !out.lines().any(|l| l.trim_start().starts_with("forged")),
+            "{args:?} forged a line:\n{out}"
+        );
+    }
+    let shown = bin.run(&["payment", "show", &payment]).ok().stdout;
+    assert!(shown.contains("cli:evil\\u{1b}]0;owned"), "{shown}");
+    // JSON keeps the exact value for scripts.
+    let json = bin.run(&["status", "--json"]).ok().json();
+    assert_eq!(json["control"]["charging_paused"]["by"], hostile);
 }

@@ -117,6 +117,8 @@ pub struct Bin {
     pub url: String,
     pub cwd: PathBuf,
     pub env: Vec<(String, String)>,
+    /// Run through `sh -c 'umask U; exec autopay ...'`, as a shell with this umask would.
+    pub umask: Option<String>,
 }
 
 /// What one run printed.
@@ -164,7 +166,13 @@ impl Bin {
             url: db.url.clone(),
             cwd: db.path().to_path_buf(),
             env: Vec::new(),
+            umask: None,
         }
+    }
+
+    pub fn with_umask(mut self, umask: &str) -> Bin {
+        self.umask = Some(umask.into());
+        self
     }
 
     pub fn with_env(mut self, key: &str, value: &str) -> Bin {
@@ -177,7 +185,16 @@ impl Bin {
     }
 
     pub fn run_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Run {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_autopay"));
+        let mut cmd = match &self.umask {
+            None => Command::new(env!("CARGO_BIN_EXE_autopay")),
+            Some(umask) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("umask {umask}; exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_autopay"));
+                sh
+            }
+        };
         cmd.args(args)
             .current_dir(&self.cwd)
             .env_clear()

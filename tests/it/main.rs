@@ -4,6 +4,7 @@ mod cli;
 mod engine;
 mod exactly_once;
 mod helpers;
+mod hostile;
 mod notify;
 mod secrets;
 mod simulation;

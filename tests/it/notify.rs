@@ -186,6 +186,77 @@ async fn a_drain_writes_receipts_and_notices_as_eml_files_a_mail_client_opens() 
 }
 
 #[tokio::test]
+async fn a_setup_email_queued_before_an_address_change_goes_to_the_new_address() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bin = Bin::new(&db);
+    bin.run(&["migrate"]).ok();
+    crate::helpers::add_member(&bin, "A-100200").ok();
+    let card = crate::helpers::add_card(&bin, "A-100200", "4242424242424242")
+        .ok()
+        .id();
+    // The setup confirmation is queued for ana@example.org ...
+    bin.run(&[
+        "schedule",
+        "add",
+        "--account",
+        "A-100200",
+        "--card",
+        &card,
+        "--monthly",
+        "--day",
+        "1",
+        "--amount",
+        "10.00",
+    ])
+    .ok();
+    // ... and the member's address changes before it goes.
+    bin.run(&[
+        "member",
+        "update",
+        "A-100200",
+        "--email",
+        "ana.new@example.org",
+    ])
+    .ok();
+    bin.run(&["run", "--drain"]).ok();
+
+    let mail: Vec<_> = std::fs::read_dir(db.path().join("mail"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(mail.len(), 1, "{mail:?}");
+    let raw = std::fs::read(&mail[0]).unwrap();
+    let to: Vec<String> = parse(&raw)
+        .to()
+        .map(|t| {
+            t.iter()
+                .filter_map(|a| a.address())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(to, ["ana.new@example.org"]);
+    let member = db
+        .store()
+        .await
+        .member(&AccountNumber::parse("A-100200").unwrap())
+        .await
+        .unwrap();
+    let rows = db
+        .store()
+        .await
+        .notifications(Some(member.id))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].recipient.as_str(), rows[0].state.as_str()),
+        ("ana.new@example.org", "sent"),
+        "the row records where it went"
+    );
+}
+
+#[tokio::test]
 async fn every_kind_reaches_a_real_smtp_server_once_with_its_message_id() {
     let peer = peer();
     let w = world_for(&peer, PASSWORD).await;
@@ -700,3 +771,112 @@ crate::helpers::on_both!(
     changes_members_hear_about_write_their_outbox_rows,
     reminders_go_once_before_the_charge_and_only_to_members_who_want_them,
 );
+
+#[tokio::test]
+async fn a_message_refused_as_spam_fails_alone_without_pausing_mail_or_flagging_the_address() {
+    let peer = peer();
+    let w = world_for(&peer, PASSWORD).await;
+    let spam = member_at(
+        &w,
+        "A-100200",
+        "spam+ana@example.org",
+        "Ana",
+        AccountType::IndividualFamily,
+    )
+    .await;
+    let policy = member_at(
+        &w,
+        "C-100400",
+        "policy+cy@example.org",
+        "Cy",
+        AccountType::IndividualFamily,
+    )
+    .await;
+    let good = member_at(
+        &w,
+        "B-100300",
+        "ben@example.org",
+        "Ben",
+        AccountType::IndividualFamily,
+    )
+    .await;
+    for (m, key) in [
+        (&spam, "receipt:spam"),
+        (&policy, "receipt:policy"),
+        (&good, "receipt:good"),
+    ] {
+        enqueue(&w, m, "receipt", key, Templates::sample_payload("receipt")).await;
+    }
+    let report = dispatcher(&w).drain().await.unwrap();
+    // "554 5.7.1 rejected as spam" after the data and "550 5.7.1" for one recipient are about
+    // one message each: those fail, the other goes, and mail keeps running.
+    assert_eq!(
+        (report.sent, report.failed, report.paused),
+        (1, 2, false),
+        "{report:?}"
+    );
+    assert!(w.store.control().await.unwrap().mail_paused.is_none());
+    for m in [&spam, &policy] {
+        assert!(!w.store.member_by_id(m.id).await.unwrap().email_bouncing);
+    }
+    assert_eq!(peer.received().len(), 1);
+    // Failed for good: not retried.
+    w.advance(SignedDuration::from_hours(24));
+    assert_eq!(dispatcher(&w).drain().await.unwrap().claimed, 0);
+}
+
+#[tokio::test]
+async fn a_sender_refused_at_mail_from_pauses_mail_and_fails_nothing() {
+    let peer = peer();
+    let port = peer.port.to_string();
+    let ca = peer.ca_pem.display().to_string();
+    let w = World::with_settings(
+        Kind::Sqlite,
+        &[
+            ("AUTOPAY__EMAIL__TRANSPORT", "smtp"),
+            (
+                "AUTOPAY__EMAIL__FROM",
+                "Billing <refusedsender@example.org>",
+            ),
+            ("AUTOPAY__EMAIL__SMTP__HOST", "127.0.0.1"),
+            ("AUTOPAY__EMAIL__SMTP__PORT", &port),
+            ("AUTOPAY__EMAIL__SMTP__TLS", "required"),
+            ("AUTOPAY__EMAIL__SMTP__CA_FILE", &ca),
+            ("AUTOPAY__EMAIL__SMTP__USERNAME", USER),
+            ("AUTOPAY__EMAIL__SMTP__PASSWORD", PASSWORD),
+            ("AUTOPAY__EMAIL__SMTP__TIMEOUT", "5s"),
+        ],
+    )
+    .await;
+    let m = member_at(
+        &w,
+        "A-100200",
+        "ana@example.org",
+        "Ana",
+        AccountType::IndividualFamily,
+    )
+    .await;
+    for i in 0..2 {
+        enqueue(
+            &w,
+            &m,
+            "receipt",
+            &format!("receipt:{i}"),
+            Templates::sample_payload("receipt"),
+        )
+        .await;
+    }
+    let report = dispatcher(&w).drain().await.unwrap();
+    assert_eq!(
+        (report.paused, report.failed, report.retrying),
+        (true, 0, 2),
+        "{report:?}"
+    );
+    let reason = w.store.control().await.unwrap().mail_paused.unwrap().reason;
+    assert!(
+        reason.contains("MAIL FROM") && reason.contains("email.from"),
+        "{reason}"
+    );
+    assert!(!reason.contains(PASSWORD), "{reason}");
+    assert!(peer.received().is_empty());
+}

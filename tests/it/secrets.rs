@@ -317,3 +317,70 @@ async fn no_card_number_reaches_postgres() {
         assert_clean(&format!("table {table}"), &dump.unwrap_or_default());
     }
 }
+
+/// Every byte of every file in the test's folder (the database, its WAL, the ledger, mail).
+fn folder_bytes(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_token_holding_a_card_number_is_refused_without_echoing_or_storing_it() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bin = Bin::new(&db);
+    bin.run(&["migrate"]).ok();
+    add_member(&bin, "A-100200").ok();
+    let add = |token: &str| bin.run(&["card", "add", "--account", "A-100200", "--token", token]);
+
+    // A card number dressed as a token, in the simulated processor's own shape or another.
+    for token in [
+        "sim_approve_visa_4242_122030_4242424242424242",
+        "pm_4242424242424242",
+        "tok_6011111111111117",
+        "sim_approve_visa_4242_122030_5555-5555-5555-4444",
+    ] {
+        let run = add(token).fails_with(65);
+        assert!(run.stderr.contains("--token"), "{}", run.stderr);
+        assert!(run.stderr.contains("card number"), "{}", run.stderr);
+        assert_clean(
+            "card add --token",
+            &format!("{}\n{}", run.stdout, run.stderr),
+        );
+    }
+    // Not a token of the simulated processor's shape: refused before it is looked up.
+    for token in [
+        "sim_approve_visa_4242_122030_short",
+        "sim_approve_visa_4242_122030_0123456789ab;x",
+        "tok_visa\u{202E}",
+        "tok_visa' OR '1'='1",
+        "pm_1NqXyz2eZvKYlo2C",
+    ] {
+        let run = add(token).fails_with(65);
+        assert!(run.stderr.contains("--token"), "{}", run.stderr);
+    }
+    // Its own tokens and the portal's test tokens still go in.
+    add("tok_visa").ok();
+    let cards = bin
+        .run(&["card", "list", "--account", "A-100200", "--json"])
+        .ok()
+        .json();
+    assert_eq!(cards.as_array().unwrap().len(), 1, "{cards}");
+
+    for (path, bytes) in folder_bytes(db.path()) {
+        let text = String::from_utf8_lossy(&bytes);
+        for n in numbers() {
+            assert!(!text.contains(n), "{} holds {n}", path.display());
+        }
+    }
+}

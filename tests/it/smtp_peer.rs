@@ -8,7 +8,9 @@
 //!
 //! Recipients script the server's answer at RCPT (see `tests/smtp/server.py`):
 //! `tempfail-N+tag@…` gets `451 4.3.0` for its first N attempts, `reject+tag@…` gets
-//! `550 5.1.1`, `relaydenied@…` gets `554 5.7.1`; everything else is accepted.
+//! `550 5.1.1`, `relaydenied@…` gets `554 5.7.1 relay access denied`, `policy@…` gets
+//! `550 5.7.1`; a message to `spam@…` gets `554 5.7.1` at the end of its data; a sender
+//! `refusedsender@…` gets `553 5.7.1` at MAIL FROM; everything else is accepted.
 //!
 //! A missing `python3`, `openssl` or aiosmtpd fails the test with the fix: never a skip.
 

@@ -587,6 +587,54 @@ async fn payments_are_listed_by_member_and_state(kind: Kind) {
     assert!(store.payment(uuid::Uuid::now_v7()).await.is_err());
 }
 
+async fn queued_mail_goes_to_the_address_the_member_has_when_it_is_sent(kind: Kind) {
+    let (_db, store) = setup(kind).await;
+    let m = member(store.as_ref(), "A-100200").await;
+    let queued = autopay::store::NewNotification {
+        kind: "setup".into(),
+        dedupe_key: "setup:test".into(),
+        member_id: m.id,
+        payload: serde_json::json!({}),
+        expires_at: None,
+    };
+    assert!(store.enqueue(&queued, audit().at).await.unwrap());
+    store
+        .update_member(
+            &m.account_number,
+            &MemberChange {
+                name: None,
+                email: Some(EmailAddress::parse("ana.new@example.org").unwrap()),
+                time_zone: None,
+                reminders: None,
+            },
+            &audit(),
+        )
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_notifications("test", audit().at, std::time::Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].notification.recipient, "ana.new@example.org");
+    assert!(
+        store
+            .finish_notification(
+                &claimed[0].lease,
+                &autopay::store::DeliveryOutcome::Sent,
+                audit().at
+            )
+            .await
+            .unwrap()
+    );
+    // The row records where the message went.
+    let rows = store.notifications(Some(m.id)).await.unwrap();
+    assert_eq!(
+        (rows[0].recipient.as_str(), rows[0].state.as_str()),
+        ("ana.new@example.org", "sent")
+    );
+}
+
 crate::helpers::on_both!(
     migrating_twice_changes_nothing_and_keeps_one_installation_id,
     an_unmigrated_database_is_refused_with_a_hint_to_migrate,
@@ -602,4 +650,5 @@ crate::helpers::on_both!(
     updating_a_schedule_bumps_its_version_and_replans_unclaimed_payments,
     closing_a_member_cancels_every_live_schedule,
     payments_are_listed_by_member_and_state,
+    queued_mail_goes_to_the_address_the_member_has_when_it_is_sent,
 );

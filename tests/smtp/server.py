@@ -19,8 +19,17 @@ Scripted replies at RCPT, chosen by the local part of the recipient:
                           then accepted
     reject[+tag]@...      550 5.1.1 mailbox unavailable
     relaydenied[+tag]@... 554 5.7.1 relay access denied
+    policy[+tag]@...      550 5.7.1 recipient does not accept mail from this sender
 
-Every other recipient is accepted.
+At the end of DATA, for a message to such a recipient (accepted at RCPT):
+
+    spam[+tag]@...        554 5.7.1 message rejected as spam
+
+At MAIL FROM, chosen by the local part of the sender:
+
+    refusedsender[+tag]@...  553 5.7.1 sender address not permitted
+
+Every other sender, recipient and message is accepted.
 """
 
 import argparse
@@ -48,6 +57,9 @@ except ImportError as error:  # pragma: no cover - the harness turns this into t
 TEMPFAIL = re.compile(r"^tempfail-(\d+)(\+.*)?$", re.IGNORECASE)
 REJECT = re.compile(r"^reject(\+.*)?$", re.IGNORECASE)
 RELAYDENIED = re.compile(r"^relaydenied(\+.*)?$", re.IGNORECASE)
+POLICY = re.compile(r"^policy(\+.*)?$", re.IGNORECASE)
+SPAM = re.compile(r"^spam(\+.*)?$", re.IGNORECASE)
+REFUSEDSENDER = re.compile(r"^refusedsender(\+.*)?$", re.IGNORECASE)
 
 COUNTS_FILE = ".tempfail-counts.json"
 
@@ -84,6 +96,13 @@ class Handler:
             data = json.dumps(self.attempts, indent=1).encode()
             write_atomically(os.path.join(self.maildir, COUNTS_FILE), data)
 
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if REFUSEDSENDER.match(address.rsplit("@", 1)[0]):
+            return "553 5.7.1 sender address not permitted"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         local = address.rsplit("@", 1)[0]
         tempfail = TEMPFAIL.match(local)
@@ -98,11 +117,15 @@ class Handler:
             return "550 5.1.1 mailbox unavailable"
         elif RELAYDENIED.match(local):
             return "554 5.7.1 relay access denied"
+        elif POLICY.match(local):
+            return "550 5.7.1 recipient does not accept mail from this sender"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if any(SPAM.match(rcpt.rsplit("@", 1)[0]) for rcpt in envelope.rcpt_tos):
+            return "554 5.7.1 message rejected as spam"
         number = self.next_number
         self.next_number += 1
         transport = server.transport
