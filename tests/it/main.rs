@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per feature (zero-to-production's layout).
 
 mod cli;
+mod crash;
 mod engine;
 mod exactly_once;
 mod helpers;
