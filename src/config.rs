@@ -1148,7 +1148,7 @@ impl Settings {
         let lease = c.dur("daemon.lease", &d.lease);
         let shutdown_grace = c.dur("daemon.shutdown_grace", &d.shutdown_grace);
 
-        // Timing rules that keep a charge from being sent twice (design.md): a lease must outlive
+        // Timing rules that keep a charge from being sent twice (docs/architecture.md): a lease must outlive
         // any call by a wide margin, and shutdown must wait for a call in flight.
         let margin = Duration::from_secs(30);
         if lease.0 < timeout.0 * 2 + margin {

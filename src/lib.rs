@@ -1,5 +1,5 @@
 //! autopay: charges members' automatic bill payments on schedule and tells them about it.
-//! The module tree follows the layers of design.md; nothing else lives here.
+//! The module tree follows the layers of docs/architecture.md; nothing else lives here.
 
 pub mod cli;
 pub mod clock;

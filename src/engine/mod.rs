@@ -146,7 +146,7 @@ impl Engine {
         }
     }
 
-    /// Shares one rate limiter between engines of one process (design.md: per process).
+    /// Shares one rate limiter between engines of one process (docs/architecture.md: per process).
     pub fn with_limiter(mut self, limiter: Arc<RateLimiter>) -> Engine {
         self.limiter = limiter;
         self

@@ -1,7 +1,7 @@
 //! Persistence: one [`Store`] trait, implemented by [`sqlite::SqliteStore`] and
 //! [`postgres::PgStore`], chosen by the database URL's scheme.
 //!
-//! Each method is one transaction that keeps the invariants of design.md: it writes the change
+//! Each method is one transaction that keeps the invariants of docs/architecture.md: it writes the change
 //! and its audit event together, binds "now" from the caller's clock, and refuses (with a
 //! [`StoreError`] that says what to do) anything the schema's rules forbid.
 
@@ -358,7 +358,7 @@ pub async fn open(url: &DatabaseUrl, max_connections: u32) -> Result<Arc<dyn Sto
     Ok(Arc::new(retry::Retrying::new(store)))
 }
 
-/// Refuses a database whose schema this binary does not match (design.md: exit 78).
+/// Refuses a database whose schema this binary does not match (docs/architecture.md: exit 78).
 pub async fn require_current_schema(store: &dyn Store) -> Result<()> {
     let state = store.schema_state().await?;
     if state.applied < SCHEMA_VERSION {

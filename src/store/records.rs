@@ -263,7 +263,7 @@ pub struct ScheduleChange {
     pub amount: AmountRule,
     pub next_run_at: Option<Timestamp>,
     pub next_occurrence: Option<OccurrenceKey>,
-    /// A new card lifts a suspension (design.md).
+    /// A new card lifts a suspension (docs/cli.md).
     pub lift_suspension: bool,
     /// What changed, in words, for the audit event.
     pub summary: String,

@@ -43,6 +43,8 @@ macro_rules! shared_store_impl {
         const LATE_REASON: &str = "not charged within payments.max_lateness of its due time";
         /// Why an earlier occurrence was not charged (the coalesce rule, applied at the claim).
         const COALESCED_REASON: &str = "coalesced into a later payment of the same schedule";
+        /// The states whose payment no worker holds and whose attempt was never sent.
+        const UNCLAIMED: [PaymentState; 2] = [PaymentState::Scheduled, PaymentState::RetryWait];
         /// The states whose payment keeps its amount and credit reserved.
         const RESERVING: [PaymentState; 3] = [PaymentState::Processing, PaymentState::Unknown, PaymentState::NeedsReview];
 
@@ -351,13 +353,19 @@ macro_rules! shared_store_impl {
             ))
         }
 
-        /// Cancels a schedule's payments that no worker holds (design.md's cancellation
+        /// Cancels a schedule's payments that no worker holds (docs/architecture.md's cancellation
         /// triggers). `unknown` and `processing` payments are left to be settled.
         async fn cancel_unclaimed(tx: &mut Tx, schedule_id: Uuid, reason: &str, at: Timestamp) -> Result<u64> {
-            let done = sqlx::query("UPDATE payments SET state = 'cancelled', reason = $1, next_attempt_at = NULL, updated_at = $2 WHERE schedule_id = $3 AND state IN ('scheduled', 'retry_wait')")
+            // Both unclaimed states cancel alike (domain::payment's Cancel).
+            let cancelled = step(PaymentState::Scheduled, Transition::Cancel)?;
+            let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE payments SET state = $4, reason = $1, next_attempt_at = NULL, updated_at = $2 WHERE schedule_id = $3 AND state IN ({})",
+                state_list(&UNCLAIMED)
+            )))
                 .bind(reason)
                 .bind(DbTime(at))
                 .bind(DbId(schedule_id))
+                .bind(cancelled.as_str())
                 .execute(tx.conn())
                 .await
                 .map_err(db_err("cancelling unclaimed payments"))?;
@@ -1623,7 +1631,7 @@ macro_rules! shared_store_impl {
                 }
                 let updated = update_bill_amounts(&mut tx, &bill, bill.amount_due.minor(), bill.amount_paid.minor(), BillStatus::Void, audit.at).await?;
                 event(&mut tx, audit, "bill", bill_id, "voided", serde_json::json!({ "reason": reason })).await?;
-                // Voiding a partly paid bill turns its paid part into a credit (design.md).
+                // Voiding a partly paid bill turns its paid part into a credit (docs/engine.md).
                 let credit = if bill.amount_paid.is_positive() {
                     Some(insert_credit(&mut tx, bill.member_id, bill.amount_paid, "void", bill_id, reason, audit).await?)
                 } else {
