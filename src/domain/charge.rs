@@ -117,6 +117,50 @@ pub fn draw_credits(remaining: &[Money], amount: Money) -> Result<Vec<Money>, Mo
     Ok(allocate(remaining, amount)?.0)
 }
 
+/// A bill after money is applied to it or its amount changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BillBalance {
+    pub amount_due: Money,
+    pub amount_paid: Money,
+    /// Money beyond what the bill asks for: it becomes the member's credit (any refund happens
+    /// at the processor).
+    pub credit: Money,
+}
+
+impl BillBalance {
+    /// Whether nothing more is owed on the bill.
+    pub fn is_paid(&self) -> bool {
+        self.amount_paid.minor() >= self.amount_due.minor()
+    }
+}
+
+/// A payment made outside autopay (phone, portal) on a bill: it pays what is owed, and anything
+/// beyond becomes a credit.
+pub fn pay_bill(
+    amount_due: Money,
+    amount_paid: Money,
+    payment: Money,
+) -> Result<BillBalance, MoneyError> {
+    let owed = amount_due.checked_sub(amount_paid)?.at_least_zero();
+    let (applied, credit) = allocate(&[owed], payment)?;
+    Ok(BillBalance {
+        amount_due,
+        amount_paid: amount_paid.checked_add(applied[0])?,
+        credit,
+    })
+}
+
+/// A bill's amount due changed (`bill adjust`): below what was already paid, the difference
+/// becomes a credit.
+pub fn readjust(amount_due: Money, amount_paid: Money) -> Result<BillBalance, MoneyError> {
+    let credit = amount_paid.checked_sub(amount_due)?.at_least_zero();
+    Ok(BillBalance {
+        amount_due,
+        amount_paid: amount_paid.checked_sub(credit)?,
+        credit,
+    })
+}
+
 /// What a decline leads to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeclineStep {
@@ -287,6 +331,33 @@ mod tests {
         assert_eq!(left, usd("0"));
         let (applied, left) = allocate(&[usd("10")], usd("25")).unwrap();
         assert_eq!((applied, left), (vec![usd("10")], usd("15")));
+    }
+
+    #[test]
+    fn money_paid_outside_autopay_pays_the_bill_and_the_excess_becomes_credit() {
+        let b = pay_bill(usd("100"), usd("30"), usd("90")).unwrap();
+        assert_eq!((b.amount_paid, b.credit), (usd("100"), usd("20")));
+        assert!(b.is_paid());
+        let b = pay_bill(usd("100"), usd("0"), usd("40")).unwrap();
+        assert_eq!(
+            (b.amount_paid, b.credit, b.is_paid()),
+            (usd("40"), usd("0"), false)
+        );
+    }
+
+    #[test]
+    fn a_bill_adjusted_below_what_was_paid_turns_the_difference_into_credit() {
+        let b = readjust(usd("60"), usd("100")).unwrap();
+        assert_eq!(
+            (b.amount_due, b.amount_paid, b.credit),
+            (usd("60"), usd("60"), usd("40"))
+        );
+        assert!(b.is_paid());
+        let b = readjust(usd("150"), usd("100")).unwrap();
+        assert_eq!(
+            (b.amount_paid, b.credit, b.is_paid()),
+            (usd("100"), usd("0"), false)
+        );
     }
 
     #[test]

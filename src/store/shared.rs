@@ -775,9 +775,9 @@ macro_rules! shared_store_impl {
                 if !part.is_positive() {
                     continue;
                 }
-                let new_paid = bill.amount_paid.checked_add(part).map_err(money_err)?;
-                let status = if new_paid.minor() >= bill.amount_due.minor() { BillStatus::Paid } else { BillStatus::Open };
-                update_bill_amounts(tx, bill, bill.amount_due.minor(), new_paid.minor(), status, at).await?;
+                let after = crate::domain::charge::pay_bill(bill.amount_due, bill.amount_paid, part).map_err(money_err)?;
+                let status = if after.is_paid() { BillStatus::Paid } else { BillStatus::Open };
+                update_bill_amounts(tx, bill, after.amount_due.minor(), after.amount_paid.minor(), status, at).await?;
                 sqlx::query("INSERT INTO payment_allocations (id, payment_id, bill_id, credit_id, amount, currency, created_at) VALUES ($1, $2, $3, NULL, $4, $5, $6)")
                     .bind(DbId(new_id()))
                     .bind(DbId(payment.id))
@@ -1651,18 +1651,14 @@ macro_rules! shared_store_impl {
                 if amount_due.currency() != bill.currency || amount_due.minor() < 0 {
                     return Err(StoreError::Conflict(format!("a bill's amount must be 0.00 or more in {}", bill.currency)));
                 }
-                let paid = bill.amount_paid.minor();
-                // Below what was already paid: the difference becomes a credit (any refund happens
-                // at the processor).
-                let excess = paid - amount_due.minor();
-                let new_paid = if excess > 0 { amount_due.minor() } else { paid };
-                let status = if new_paid >= amount_due.minor() { BillStatus::Paid } else { BillStatus::Open };
-                let updated = update_bill_amounts(&mut tx, &bill, amount_due.minor(), new_paid, status, audit.at).await?;
+                let after = crate::domain::charge::readjust(amount_due, bill.amount_paid).map_err(money_err)?;
+                let status = if after.is_paid() { BillStatus::Paid } else { BillStatus::Open };
+                let updated = update_bill_amounts(&mut tx, &bill, after.amount_due.minor(), after.amount_paid.minor(), status, audit.at).await?;
                 event(&mut tx, audit, "bill", bill_id, "adjusted", serde_json::json!({
                     "from": bill.amount_due.amount_string(), "to": amount_due.amount_string(), "reason": reason,
                 })).await?;
-                let credit = if excess > 0 {
-                    Some(insert_credit(&mut tx, bill.member_id, Money::from_minor(excess, bill.currency), "adjustment", bill_id, reason, audit).await?)
+                let credit = if after.credit.is_positive() {
+                    Some(insert_credit(&mut tx, bill.member_id, after.credit, "adjustment", bill_id, reason, audit).await?)
                 } else {
                     None
                 };
@@ -1697,17 +1693,14 @@ macro_rules! shared_store_impl {
                             StoreError::from_sqlx(e, "recording an external payment")
                         }
                     })?;
-                let owed = bill.outstanding().minor();
-                let applied = amount.minor().min(owed);
-                let excess = amount.minor() - applied;
-                let new_paid = bill.amount_paid.minor() + applied;
-                let status = if new_paid >= bill.amount_due.minor() { BillStatus::Paid } else { BillStatus::Open };
-                let updated = update_bill_amounts(&mut tx, &bill, bill.amount_due.minor(), new_paid, status, audit.at).await?;
+                let after = crate::domain::charge::pay_bill(bill.amount_due, bill.amount_paid, amount).map_err(money_err)?;
+                let status = if after.is_paid() { BillStatus::Paid } else { BillStatus::Open };
+                let updated = update_bill_amounts(&mut tx, &bill, after.amount_due.minor(), after.amount_paid.minor(), status, audit.at).await?;
                 event(&mut tx, audit, "bill", bill_id, "paid_externally", serde_json::json!({
                     "amount": amount.amount_string(), "reference": reference,
                 })).await?;
-                let credit = if excess > 0 {
-                    Some(insert_credit(&mut tx, bill.member_id, Money::from_minor(excess, bill.currency), "overpayment", bill_id, reference, audit).await?)
+                let credit = if after.credit.is_positive() {
+                    Some(insert_credit(&mut tx, bill.member_id, after.credit, "overpayment", bill_id, reference, audit).await?)
                 } else {
                     None
                 };
