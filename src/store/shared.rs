@@ -965,44 +965,31 @@ macro_rules! shared_store_impl {
                 &policy.retry,
                 audit.at,
             );
+            let (transition, retry_at, next_attempt) = match next {
+                DeclineStep::RetryAt(at) => (Transition::SoftDecline, Some(at), 1_i64),
+                DeclineStep::Fail | DeclineStep::DisableCard => (Transition::HardDecline, None, 0),
+            };
+            let state = step(payment.state, transition)?;
+            // A retry is the next attempt, with a new key; a failure keeps the attempt it ended.
+            sqlx::query("UPDATE payments SET state = $1, attempt = attempt + $2, next_attempt_at = $3, amount = CASE WHEN $2 = 1 THEN NULL ELSE amount END, credit_applied = 0, decline_code = $4, reason = $5, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, unknown_since = NULL, updated_at = $6 WHERE id = $7")
+                .bind(state.as_str())
+                .bind(next_attempt)
+                .bind(retry_at.map(DbTime))
+                .bind(&decline.code)
+                .bind(decline.member_reason)
+                .bind(DbTime(audit.at))
+                .bind(DbId(payment.id))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("recording a decline"))?;
+            let n = declined_notice(l, &decline.code, decline.member_reason, payment.amount, retry_at);
+            notify_notice(tx, &n, &l.member, audit.at).await?;
             match next {
-                DeclineStep::RetryAt(at) => {
-                    let state = step(payment.state, Transition::SoftDecline)?;
-                    sqlx::query("UPDATE payments SET state = $1, attempt = attempt + 1, next_attempt_at = $2, amount = NULL, credit_applied = 0, decline_code = $3, reason = $4, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, unknown_since = NULL, updated_at = $5 WHERE id = $6")
-                        .bind(state.as_str())
-                        .bind(DbTime(at))
-                        .bind(&decline.code)
-                        .bind(decline.member_reason)
-                        .bind(DbTime(audit.at))
-                        .bind(DbId(payment.id))
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("recording a soft decline"))?;
-                    let n = declined_notice(l, &decline.code, decline.member_reason, payment.amount, Some(at));
-                    notify_notice(tx, &n, &l.member, audit.at).await?;
-                    Ok(state)
-                }
-                DeclineStep::Fail | DeclineStep::DisableCard => {
-                    let state = step(payment.state, Transition::HardDecline)?;
-                    sqlx::query("UPDATE payments SET state = $1, decline_code = $2, reason = $3, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $4 WHERE id = $5")
-                        .bind(state.as_str())
-                        .bind(&decline.code)
-                        .bind(decline.member_reason)
-                        .bind(DbTime(audit.at))
-                        .bind(DbId(payment.id))
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("recording a decline"))?;
-                    let n = declined_notice(l, &decline.code, decline.member_reason, payment.amount, None);
-                    notify_notice(tx, &n, &l.member, audit.at).await?;
-                    if next == DeclineStep::DisableCard {
-                        disable_card(tx, &l.card, decline.member_reason, &l.member, audit).await?;
-                    } else {
-                        count_failure(tx, payment, policy.suspend_after, &l.member, audit).await?;
-                    }
-                    Ok(state)
-                }
+                DeclineStep::RetryAt(_) => {}
+                DeclineStep::DisableCard => disable_card(tx, &l.card, decline.member_reason, &l.member, audit).await?,
+                DeclineStep::Fail => count_failure(tx, payment, policy.suspend_after, &l.member, audit).await?,
             }
+            Ok(state)
         }
 
         /// Still unknown: the payment waits for its next lookup, keeping its reservations.

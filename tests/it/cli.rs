@@ -1,7 +1,7 @@
 //! The real binary, every command, on both backends; and each kind of bad input, with its exit
 //! code, its message, and nothing stored.
 
-use crate::helpers::{Bin, Kind, TestDb, add_card, add_member};
+use crate::helpers::{Bin, Kind, TestDb, add_card, add_member, member_with_card};
 
 const VISA: &str = "4242424242424242\n123\n";
 
@@ -10,12 +10,6 @@ async fn ready(kind: Kind) -> (TestDb, Bin) {
     let bin = Bin::new(&db);
     bin.run(&["migrate"]).ok();
     (db, bin)
-}
-
-/// Adds the member A-100200 with a Visa card; returns the card id.
-fn member_with_card(bin: &Bin) -> String {
-    add_member(bin, "A-100200").ok();
-    add_card(bin, "A-100200", "4242424242424242").ok().id()
 }
 
 async fn every_management_command_works(kind: Kind) {

@@ -38,7 +38,7 @@ use autopay::processor::simulated::SimulatedProcessor;
 use autopay::store::{Audit, NewBill, NewCard, NewMember, NewSchedule, Store};
 use sqlx::Row;
 
-use crate::helpers::{Kind, TestDb};
+use crate::helpers::{Kind, Rng, TestDb, env_number};
 use crate::smtp_peer::{PeerOptions, SmtpPeer};
 
 /// `processor.timeout` in the run; the lease is the shortest the settings allow with it.
@@ -47,31 +47,6 @@ const LEASE_SECS: u64 = TIMEOUT_SECS * 2 + 30;
 /// Schedules per member: each member pays with one card, and a card must never hold the 15
 /// unsettled requests the networks allow.
 const PER_MEMBER: usize = 5;
-
-/// splitmix64, for chaos that a seed replays.
-struct Dice(u64);
-
-impl Dice {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A duration between `lo` and `hi` milliseconds.
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.next() % (hi - lo))
-    }
-}
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// One `autopay run` process.
 struct Daemon {
@@ -300,7 +275,7 @@ async fn three_daemons_killed_and_frozen_charge_every_payment_once_and_send_ever
             .as_nanos() as u64,
     );
     eprintln!("crash test: {payments} payments, {kills} kills, AUTOPAY_CRASH_SEED={seed}");
-    let mut dice = Dice(seed);
+    let mut dice = Rng(seed);
 
     let db = TestDb::new(Kind::Postgres).await;
     let ledger = TestDb::new(Kind::Postgres).await;

@@ -26,7 +26,7 @@ use autopay::store::{Member, Next, Resolve, Settler, StoreError};
 use jiff::{SignedDuration, Timestamp};
 
 use crate::engine::{World, usd};
-use crate::helpers::{Bin, Kind, TestDb, add_card, add_member, on_both};
+use crate::helpers::{Bin, Kind, TestDb, member_with_card, on_both};
 
 /// What a scripted charge call does instead of (or after) asking the simulated processor.
 enum Scripted {
@@ -821,12 +821,6 @@ on_both!(
     done_notifications_older_than_keep_sent_are_deleted,
     the_scans_have_their_indexes_and_a_quiet_reminder_scan_takes_no_write_lock,
 );
-
-/// Adds the member A-100200 with a Visa card through the binary; returns the card id.
-fn member_with_card(bin: &Bin) -> String {
-    add_member(bin, "A-100200").ok();
-    add_card(bin, "A-100200", "4242424242424242").ok().id()
-}
 
 /// Item 6: `schedule update` while the daemon was down dropped the occurrence that was due.
 #[tokio::test]

@@ -255,6 +255,12 @@ pub fn add_card(bin: &Bin, account: &str, number: &str) -> Run {
     )
 }
 
+/// Adds the member A-100200 with a Visa card; returns the card id.
+pub fn member_with_card(bin: &Bin) -> String {
+    add_member(bin, "A-100200").ok();
+    add_card(bin, "A-100200", "4242424242424242").ok().id()
+}
+
 /// Runs each story (an `async fn(Kind)`) as two tests, `sqlite::NAME` and `postgres::NAME`: one
 /// suite, unchanged, on both backends.
 macro_rules! on_both {
@@ -268,3 +274,39 @@ macro_rules! on_both {
     };
 }
 pub(crate) use on_both;
+
+/// splitmix64: a tiny deterministic generator, so that a seed replays a randomized test.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in 0..n.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    /// A duration from `lo` up to `hi` milliseconds.
+    pub fn millis(&mut self, lo: u64, hi: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(lo + self.below(hi - lo))
+    }
+}
+
+/// A number from the environment (a heavy test's scale or seed), or `default`.
+pub fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

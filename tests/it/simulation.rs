@@ -22,39 +22,15 @@ use autopay::store::NewSchedule;
 use jiff::{SignedDuration, Timestamp};
 
 use crate::engine::{World, usd};
-use crate::helpers::Kind;
+use crate::helpers::{Kind, Rng, env_number};
 
 /// splitmix64: small, deterministic, good enough to pick test cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
-    }
-}
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::test]
 async fn two_years_of_schedules_with_faults_and_crashes_charge_nothing_twice_and_lose_nothing() {
-    let members = env("AUTOPAY_SIM_MEMBERS", 6);
-    let days = env("AUTOPAY_SIM_DAYS", 730);
-    let seed = env("AUTOPAY_SIM_SEED", 20_261_201);
+    let members = env_number("AUTOPAY_SIM_MEMBERS", 6);
+    let days = env_number("AUTOPAY_SIM_DAYS", 730);
+    let seed = env_number("AUTOPAY_SIM_SEED", 20_261_201);
     let mut rng = Rng(seed);
     let w = World::with_settings(Kind::Sqlite, &[("AUTOPAY__PAYMENTS__MISFIRE", "coalesce")]).await;
     let crash_rng = Arc::new(Mutex::new(Rng(seed ^ 0xC0FFEE)));
