@@ -455,28 +455,4 @@ mod tests {
             format!("uid {}", libc::uid_t::MAX - 1)
         );
     }
-
-    #[test]
-    fn card_numbers_are_removed_from_any_text() {
-        assert_eq!(
-            redact_card_numbers("unexpected argument '4242424242424242' found"),
-            "unexpected argument '[card number removed]' found"
-        );
-        assert_eq!(
-            redact_card_numbers("x 4242 4242 4242 4242 y"),
-            "x [card number removed] y"
-        );
-        assert_eq!(
-            redact_card_numbers("4242-4242-4242-4242"),
-            "[card number removed]"
-        );
-        assert_eq!(
-            redact_card_numbers("bill 2026-12-01 for 125.00"),
-            "bill 2026-12-01 for 125.00"
-        );
-        assert_eq!(
-            redact_card_numbers("exit 64, code 123"),
-            "exit 64, code 123"
-        );
-    }
 }

@@ -1109,6 +1109,10 @@ mod tests {
             redact_card_numbers("'ab4242-4242-4242-4242cd' is not an id"),
             "'ab[card number removed]cd' is not an id"
         );
+        assert_eq!(
+            redact_card_numbers("4242-4242-4242-4242"),
+            "[card number removed]"
+        );
         let id = "0193a5b2-7c1e-7d3f-9a41-212345678900";
         assert!(contains_card_number(id));
         assert_eq!(
