@@ -489,6 +489,15 @@ macro_rules! shared_store_impl {
             payment: Payment,
             credit_applied: i64,
             unknown_since: Option<Timestamp>,
+            lease_expires_at: Option<Timestamp>,
+        }
+
+        impl Held {
+            /// Whether the lease still runs at `now`: a request is written only under a live
+            /// lease (an expired one may be taken over at any moment).
+            fn lease_runs(&self, now: Timestamp) -> bool {
+                self.lease_expires_at.is_some_and(|t| t > now)
+            }
         }
 
         fn held_from(row: &DbRow) -> Result<Held> {
@@ -496,6 +505,7 @@ macro_rules! shared_store_impl {
                 payment: payment_from(row)?,
                 credit_applied: get(row, "payments", "credit_applied")?,
                 unknown_since: opt_time(row, "payments", "unknown_since")?,
+                lease_expires_at: opt_time(row, "payments", "lease_expires_at")?,
             })
         }
 
@@ -507,7 +517,7 @@ macro_rules! shared_store_impl {
         /// The payment if this lease still holds it in one of `states`.
         async fn leased_payment(tx: &mut Tx, lease: &Lease, states: &[PaymentState]) -> Result<Option<Held>> {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {PAYMENT_COLS}, credit_applied, unknown_since FROM payments WHERE id = $1 AND lease_token = $2 AND state IN ({}){}",
+                "SELECT {PAYMENT_COLS}, credit_applied, unknown_since, lease_expires_at FROM payments WHERE id = $1 AND lease_token = $2 AND state IN ({}){}",
                 state_list(states), $for_update
             )))
             .bind(DbId(lease.payment_id))
@@ -1093,6 +1103,9 @@ macro_rules! shared_store_impl {
         async fn prepare_resend(tx: &mut Tx, l: &Locked, row: &AttemptRow, by: Settler, policy: &OutcomePolicy, audit: &Audit) -> Result<Next> {
             let now = audit.at;
             let payment = &l.held.payment;
+            if !l.held.lease_runs(now) {
+                return Ok(Next::LeaseLost);
+            }
             if !policy.keys.may_resend(row.first_sent_at, now) {
                 return match by {
                     Settler::Daemon => Ok(Next::Moved(
@@ -2227,6 +2240,9 @@ macro_rules! shared_store_impl {
                 let Some(l) = lock_leased(&mut tx, lease, &[PaymentState::Processing]).await? else {
                     return Ok(Next::LeaseLost);
                 };
+                if !l.held.lease_runs(audit.at) {
+                    return Ok(Next::LeaseLost);
+                }
                 let payment = &l.held.payment;
                 if attempt_row(&mut tx, payment).await?.is_some() {
                     return Err(StoreError::Internal(format!(

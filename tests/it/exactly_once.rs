@@ -358,6 +358,25 @@ async fn a_worker_frozen_past_its_lease_sends_the_same_request_as_the_one_that_t
     assert_eq!(w.processor.charges_for(p.id).await.unwrap().len(), 1);
 }
 
+/// Item 3: the lease is checked again immediately before a request is written: a worker whose
+/// lease ran out (frozen between its claim and its send) writes nothing.
+async fn a_worker_whose_lease_ran_out_writes_no_request(kind: Kind) {
+    let w = World::new(kind).await;
+    w.paying("4242424242424242", "30.00").await;
+    w.engine().plan_due().await.unwrap();
+    let work = w.claim("late").await;
+    w.advance(SignedDuration::from_secs(301));
+    assert_eq!(
+        w.store
+            .begin_attempt(&work[0].lease, &w.policy(), &w.audit())
+            .await
+            .unwrap(),
+        Next::LeaseLost
+    );
+    assert_eq!(w.processor.ledger_count().await.unwrap(), 0);
+    assert!(w.store.calls(work[0].payment.id).await.unwrap().is_empty());
+}
+
 /// Item 3: 409/429 mean "send the same request again"; a replayed 5xx stops the resends; a key
 /// refused with other parameters goes to an operator.
 async fn busy_answers_are_resent_replayed_errors_are_looked_up_and_a_refused_key_is_reviewed(
@@ -811,6 +830,7 @@ on_both!(
     an_unsettled_payment_keeps_its_credit_reserved_and_no_money_is_made_up,
     an_attempt_that_never_answers_keeps_its_one_key_and_goes_to_review_after_its_resends,
     a_worker_frozen_past_its_lease_sends_the_same_request_as_the_one_that_took_over,
+    a_worker_whose_lease_ran_out_writes_no_request,
     busy_answers_are_resent_replayed_errors_are_looked_up_and_a_refused_key_is_reviewed,
     the_circuit_breaker_counts_timeouts_even_after_the_lookup_settled_them,
     a_declining_card_gets_at_most_ten_declines_a_day_and_fifteen_requests_a_month,
