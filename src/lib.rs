@@ -4,9 +4,12 @@
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod domain;
 pub mod engine;
+pub mod limiter;
 pub mod notify;
 pub mod processor;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;

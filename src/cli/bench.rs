@@ -19,13 +19,14 @@ use super::output::{self, Table, say};
 use super::{CliError, Context, exit, operator};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Backend, DatabaseUrl, redact_url};
+use crate::daemon::{engine_config, outcome_policy};
 use crate::domain::card::{CardNumber, Expiry, SecurityCode};
 use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
 use crate::domain::money::Money;
 use crate::domain::payment::AmountRule;
 use crate::domain::schedule::{End, FirstPayment, Recurrence, RecurrenceSpec, Rule};
 use crate::domain::status::{AuthorizedVia, ScheduleKind};
-use crate::engine::{Engine, EngineConfig, outcome_policy};
+use crate::engine::Engine;
 use crate::processor::Processor;
 use crate::processor::simulated::SimulatedProcessor;
 use crate::store::{self, Audit, NewBill, NewMember, NewSchedule, Store};
@@ -201,7 +202,7 @@ async fn measure(
         "loaded in {load_seconds:.1}s; charging {n} payments with concurrency {concurrency}..."
     ));
 
-    let mut config = EngineConfig::from_settings(&ctx.settings);
+    let mut config = engine_config(&ctx.settings);
     config.max_requests_per_second = UNCAPPED_REQUESTS_PER_SECOND;
     config.concurrency = concurrency;
     let engine = Engine::new(

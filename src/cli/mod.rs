@@ -19,9 +19,8 @@ use jiff::Timestamp;
 use uuid::Uuid;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::{ConfigError, ProcessorKind, Settings};
+use crate::config::{ConfigError, Settings};
 use crate::processor::Processor;
-use crate::processor::simulated::SimulatedProcessor;
 use crate::store::{self, Audit, Store, StoreError};
 use args::{Cli, Command};
 use output::say;
@@ -123,22 +122,25 @@ impl Context {
     }
 
     pub async fn processor(&self) -> Result<Arc<dyn Processor>, CliError> {
-        match self.settings.processor.kind {
-            ProcessorKind::Simulated => Ok(Arc::new(
-                SimulatedProcessor::open(
-                    &self.settings.processor.simulated,
-                    &self.settings.database.url,
-                    self.clock.clone(),
-                    None,
-                )
-                .await
-                .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?,
-            )),
-            ProcessorKind::Stripe => Err(CliError::new(
-                exit::CONFIG,
-                "processor.kind = \"stripe\" is not available in this version of autopay; set processor.kind = \"simulated\"",
-            )),
-        }
+        crate::processor::open(
+            &self.settings.processor,
+            &self.settings.database.url,
+            self.clock.clone(),
+        )
+        .await
+        .map_err(CliError::from)
+    }
+}
+
+impl From<crate::processor::ProcessorError> for CliError {
+    fn from(e: crate::processor::ProcessorError) -> CliError {
+        use crate::processor::ProcessorError as E;
+        let code = match &e {
+            E::Rejected(_) => exit::DATA,
+            E::Unavailable(_) => exit::UNAVAILABLE,
+            E::Config(_) => exit::CONFIG,
+        };
+        CliError::new(code, e.to_string())
     }
 }
 

@@ -6,23 +6,18 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use serde::Serialize;
-use tokio::sync::Notify;
 
 use super::args::{ChargingCommand, RunArgs};
 use super::output::{self, Table, say};
 use super::{CliError, Context, exit, parse_id};
+use crate::daemon::{self, Daemon, DaemonError, RunSummary, engine_config, outcome_policy};
 use crate::domain::money::Money;
 use crate::domain::payment::{AmountRule, Resolution};
 use crate::domain::schedule::parse_date;
 use crate::domain::status::ScheduleStatus;
-use crate::engine::{
-    Engine, EngineConfig, EngineError, PassReport, RetryOutcome, Shutdown, outcome_policy,
-};
-use crate::notify::dispatcher::{DeliveryReport, Dispatcher};
-use crate::notify::templates::Templates;
-use crate::notify::{housekeeping, mailer, reminders};
+use crate::engine::{Engine, EngineError, RetryOutcome};
 use crate::processor::Lookup;
-use crate::store::{self, Resolve, Store, StoreError};
+use crate::store::{Resolve, Store, StoreError};
 
 impl From<EngineError> for CliError {
     fn from(e: EngineError) -> CliError {
@@ -33,97 +28,35 @@ impl From<EngineError> for CliError {
     }
 }
 
-/// Opens the database for `run`: a default SQLite file that did not exist is created and
-/// migrated; anything else must already be migrated (`autopay migrate`).
-async fn store_for_run(ctx: &Context) -> Result<Arc<dyn Store>, CliError> {
-    let url = &ctx.settings.database.url;
-    let fresh = url.sqlite_path().is_some_and(|p| !p.exists());
-    let store = store::open(url, ctx.settings.database.max_connections).await?;
-    if fresh {
-        let report = store.migrate(ctx.now()).await?;
-        tracing::info!(
-            schema_version = report.schema_version,
-            "created and migrated a new SQLite database"
-        );
-    }
-    store::require_current_schema(store.as_ref()).await?;
-    Ok(store)
-}
-
+/// An engine for the operator's commands (an operator's `payment retry`).
 async fn engine(ctx: &Context, store: Arc<dyn Store>) -> Result<Engine, CliError> {
     let processor = ctx.processor().await?;
     Ok(Engine::new(
         store,
         processor,
         ctx.clock.clone(),
-        EngineConfig::from_settings(&ctx.settings),
+        engine_config(&ctx.settings),
         outcome_policy(&ctx.settings),
     ))
 }
 
-/// The outbox side of a run: the dispatcher over the configured transport and templates.
-fn dispatcher(
-    ctx: &Context,
-    store: Arc<dyn Store>,
-    worker_id: &str,
-) -> Result<Dispatcher, CliError> {
-    let dir = (!ctx.settings.email.templates.is_empty())
-        .then(|| std::path::PathBuf::from(&ctx.settings.email.templates));
-    let templates = Templates::load(dir.as_deref())
-        .map_err(|e| CliError::new(exit::CONFIG, format!("email.templates: {e}")))?;
-    let mailer = mailer::from_settings(&ctx.settings.email)
-        .map_err(|e| CliError::new(exit::CONFIG, e.to_string()))?;
-    Dispatcher::new(
-        &ctx.settings,
-        store,
-        Arc::from(mailer),
-        Arc::new(templates),
-        ctx.clock.clone(),
-        worker_id.to_string(),
-    )
-    .map_err(|e| CliError::new(exit::CONFIG, e.to_string()))
-}
-
-/// Reminder and card-expiry scans, then one delivery pass (or all, when draining).
-async fn mail_pass(
-    ctx: &Context,
-    store: &dyn Store,
-    dispatcher: &Dispatcher,
-    drain: bool,
-) -> Result<(u64, DeliveryReport), CliError> {
-    let now = ctx.now();
-    let written = reminders::scan(store, &ctx.settings, now).await?;
-    housekeeping::prune(store, &ctx.settings, now).await?;
-    let report = if drain {
-        dispatcher.drain().await?
-    } else {
-        dispatcher.deliver_due().await?
-    };
-    Ok((written, report))
-}
-
-#[derive(Serialize)]
-struct RunSummary<'a> {
-    #[serde(flatten)]
-    pass: &'a PassReport,
-    reminders: u64,
-    mail: &'a DeliveryReport,
-}
-
-fn print_pass(
-    ctx: &Context,
-    what: &str,
-    pass: &PassReport,
-    reminders: u64,
-    mail: &DeliveryReport,
-) -> Result<(), CliError> {
-    if ctx.json {
-        return output::json(&RunSummary {
-            pass,
-            reminders,
-            mail,
-        });
+impl From<DaemonError> for CliError {
+    fn from(e: DaemonError) -> CliError {
+        match e {
+            DaemonError::Store(s) => s.into(),
+            DaemonError::Engine(e) => e.into(),
+            DaemonError::Processor(p) => p.into(),
+            DaemonError::Config(m) => CliError::new(exit::CONFIG, m),
+            DaemonError::Grace(m) => CliError::new(exit::SOFTWARE, m),
+        }
     }
+}
+
+fn print_pass(ctx: &Context, what: &str, run: &RunSummary) -> Result<(), CliError> {
+    if ctx.json {
+        return output::json(run);
+    }
+    let (pass, reminders, mail) = (&run.pass, run.reminders, &run.mail);
     let c = &pass.charge;
     say(format!(
         "{what}: planned {} payment(s) ({} missed); charged {} ok, {} declined (will retry), {} failed, {} skipped, {} cancelled, {} unknown (looked up later), {} for review",
@@ -168,112 +101,65 @@ pub(super) async fn run(ctx: &Context, args: RunArgs) -> Result<(), CliError> {
             "--demo seeds sample data into the embedded SQLite default; unset database.url (or point it at a sqlite:// file)",
         ));
     }
-    let store = store_for_run(ctx).await?;
-    if args.demo {
-        super::demo::seed(ctx, store.as_ref()).await?;
-    }
     if args.dry_run {
-        let until = ctx.now();
-        let forecast = forecast(ctx, store.as_ref(), until).await?;
+        let store = daemon::open_store(&ctx.settings, ctx.now()).await?;
+        let forecast = forecast(ctx, store.as_ref(), ctx.now()).await?;
         return print_forecast(ctx, &forecast, "due now (dry run: nothing written)");
     }
-    let engine = engine(ctx, store.clone()).await?;
-    let dispatcher = dispatcher(ctx, store.clone(), engine.worker_id())?;
-    tracing::info!(worker_id = engine.worker_id(), backend = ?ctx.settings.database.url.backend(), "autopay starting");
-    if args.drain {
-        let pass = engine.drain().await?;
-        let (reminders, mail) = mail_pass(ctx, store.as_ref(), &dispatcher, true).await?;
-        return print_pass(ctx, "drained", &pass, reminders, &mail);
+    let daemon = Daemon::build(ctx.settings.clone(), ctx.clock.clone()).await?;
+    if args.demo {
+        super::demo::seed(ctx, daemon.store().as_ref()).await?;
     }
-    let shutdown = Shutdown::new();
-    let wake = Arc::new(Notify::new());
-    spawn_signal_handler(shutdown.clone());
+    if args.drain {
+        let run = daemon.drain().await?;
+        return print_pass(ctx, "drained", &run);
+    }
     say(format!(
         "autopay is running (worker {}); press Ctrl-C to stop",
-        engine.worker_id()
+        daemon.worker_id()
     ));
-    let grace = ctx.settings.daemon.shutdown_grace.as_std();
-    let running = engine.run(shutdown.clone(), wake);
-    let mailing = mail_loop(ctx, store.as_ref(), &dispatcher, shutdown.clone());
-    let both = async { tokio::join!(running, mailing) };
-    tokio::pin!(both);
-    let (total, mail) = tokio::select! {
-        (done, mail) = &mut both => (done?, mail?),
-        () = async { shutdown.wait().await; tokio::time::sleep(grace).await } => {
-            tracing::error!("charges still in flight after daemon.shutdown_grace; exiting, their leases will be settled by lookup");
-            return Err(CliError::new(exit::SOFTWARE, "stopped with charges in flight after daemon.shutdown_grace"));
-        }
-    };
-    print_pass(ctx, "stopped", &total, mail.0, &mail.1)
+    let run = daemon.run_until_stopped(stop_signal()).await?;
+    print_pass(ctx, "stopped", &run)
 }
 
-/// Delivers the outbox while the daemon runs: a pass every second while there is mail, the
-/// reminder scans once a minute, the outbox housekeeping once an hour.
-async fn mail_loop(
-    ctx: &Context,
-    store: &dyn Store,
-    dispatcher: &Dispatcher,
-    shutdown: Shutdown,
-) -> Result<(u64, DeliveryReport), CliError> {
-    let mut total = DeliveryReport::default();
-    let mut reminders = 0;
-    let mut last_scan: Option<Timestamp> = None;
-    let mut last_prune: Option<Timestamp> = None;
-    while !shutdown.is_triggered() {
-        let now = ctx.now();
-        if last_prune.is_none_or(|t| now.duration_since(t) >= jiff::SignedDuration::from_hours(1)) {
-            if let Err(e) = housekeeping::prune(store, &ctx.settings, now).await {
-                tracing::error!(error.message = %e, "outbox housekeeping failed; trying again in an hour");
-            }
-            last_prune = Some(now);
-        }
-        if last_scan.is_none_or(|t| now.duration_since(t) >= jiff::SignedDuration::from_mins(1)) {
-            match reminders::scan(store, &ctx.settings, now).await {
-                Ok(n) => reminders += n,
-                Err(e) => tracing::error!(error.message = %e, "reminder scan failed; trying again"),
-            }
-            last_scan = Some(now);
-        }
-        let idle = match dispatcher.deliver_due().await {
-            Ok(pass) => {
-                total.add(&pass);
-                pass.claimed == 0
-            }
-            Err(e) => {
-                tracing::error!(error.message = %e, "mail pass failed; trying again");
-                true
-            }
-        };
-        if idle {
-            tokio::select! {
-                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                () = shutdown.wait() => {}
-            }
-        }
-    }
-    Ok((reminders, total))
-}
-
-/// SIGTERM and SIGINT stop claiming; in-flight charges finish within the grace period.
-fn spawn_signal_handler(shutdown: Shutdown) {
+/// Resolves at the first SIGTERM or SIGINT, which stops claiming (what is in flight finishes
+/// within `daemon.shutdown_grace`); a second one ends the process at once with 130.
+fn stop_signal() -> impl std::future::Future<Output = ()> + Send {
+    let (first, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
-            let term = signal(SignalKind::terminate());
-            let int = signal(SignalKind::interrupt());
-            if let (Ok(mut term), Ok(mut int)) = (term, int) {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot listen for SIGTERM and SIGINT; stop autopay with SIGKILL");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
+            let _ = first.send(());
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!(
+                "second stop signal: exiting now; leases in flight are settled by lookup"
+            );
+            std::process::exit(130);
         }
         #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("stop requested; finishing charges in flight");
-        shutdown.trigger();
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            let _ = first.send(());
+        }
     });
+    async move {
+        let _ = stopped.await;
+    }
 }
 
 pub(super) async fn charging(ctx: &Context, command: ChargingCommand) -> Result<(), CliError> {

@@ -6,7 +6,6 @@
 //! says nothing is left, instead of sleeping.
 
 mod charger;
-mod limiter;
 mod operator;
 mod planner;
 mod worker;
@@ -17,15 +16,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use charger::ChargeReport;
-pub use limiter::RateLimiter;
 pub use operator::RetryOutcome;
 pub use planner::{PlanReport, plan_if_due, plan_step};
-pub use worker::Shutdown;
 
 use crate::clock::Clock;
-use crate::config::{Misfire, Settings};
-use crate::domain::attempt::KeyPolicy;
-use crate::domain::decline::RetryPolicy;
+use crate::config::Misfire;
+use crate::limiter::RateLimiter;
 use crate::processor::Processor;
 use crate::store::{Audit, OutcomePolicy, Store, StoreError};
 
@@ -56,49 +52,6 @@ pub struct EngineConfig {
     pub breaker_error_share: f64,
     pub max_requests_per_second: u32,
     pub shutdown_grace: Duration,
-}
-
-impl EngineConfig {
-    pub fn from_settings(s: &Settings) -> EngineConfig {
-        EngineConfig {
-            concurrency: s.daemon.concurrency,
-            batch_size: s.daemon.batch_size,
-            lease: s.daemon.lease.as_std(),
-            processor_timeout: s.processor.timeout.as_std(),
-            poll_interval: s.daemon.poll_interval.as_std(),
-            misfire: s.payments.misfire,
-            max_lateness: s.payments.max_lateness.as_std(),
-            breaker_window: s.payments.breaker_window.as_std(),
-            breaker_min_attempts: s.payments.breaker_min_attempts,
-            breaker_decline_share: s.payments.breaker_decline_share,
-            breaker_error_share: s.payments.breaker_error_share,
-            max_requests_per_second: s.processor.max_requests_per_second,
-            shutdown_grace: s.daemon.shutdown_grace.as_std(),
-        }
-    }
-}
-
-/// Builds the outcome policy (retries, suspension, the key window, limits) from the settings.
-pub fn outcome_policy(s: &Settings) -> OutcomePolicy {
-    OutcomePolicy {
-        retry: RetryPolicy::new(s.payments.retry_delays.iter().map(|d| d.as_std()).collect()),
-        suspend_after: s.payments.suspend_after,
-        keys: key_policy(s),
-        max_amount_individual_family: s.payments.max_amount_individual_family,
-        max_amount_employer_group: s.payments.max_amount_employer_group,
-    }
-}
-
-/// The timings of the unknown-outcome rule, from the settings.
-pub fn key_policy(s: &Settings) -> KeyPolicy {
-    KeyPolicy {
-        key_retention: s.processor.key_retention.as_std(),
-        timeout: s.processor.timeout.as_std(),
-        lease: s.daemon.lease.as_std(),
-        settle_delay: s.processor.settle_delay.as_std(),
-        lookup_window: s.processor.lookup_window.as_std(),
-        max_unknown_cycles: s.processor.max_unknown_cycles,
-    }
 }
 
 /// A hook deciding, after each processor answer, whether to "crash" before recording it.

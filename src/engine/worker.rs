@@ -5,42 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 use super::{Engine, EngineError, PassReport};
-
-/// Tells the loop to stop; cloned into signal handlers and tests.
-#[derive(Debug, Clone)]
-pub struct Shutdown {
-    tx: watch::Sender<bool>,
-}
-
-impl Shutdown {
-    pub fn new() -> Shutdown {
-        Shutdown {
-            tx: watch::channel(false).0,
-        }
-    }
-
-    pub fn trigger(&self) {
-        let _ = self.tx.send(true);
-    }
-
-    pub fn is_triggered(&self) -> bool {
-        *self.tx.borrow()
-    }
-
-    pub async fn wait(&self) {
-        let mut rx = self.tx.subscribe();
-        let _ = rx.wait_for(|stop| *stop).await;
-    }
-}
-
-impl Default for Shutdown {
-    fn default() -> Shutdown {
-        Shutdown::new()
-    }
-}
+use crate::shutdown::Shutdown;
 
 impl Engine {
     /// Runs until `shutdown` fires. A pass in flight (claimed payments included) finishes

@@ -23,7 +23,7 @@ use super::mailer::{Mail, Mailer, SendError};
 use super::templates::{Branding, Templates};
 use crate::clock::Clock;
 use crate::config::Settings;
-use crate::engine::RateLimiter;
+use crate::limiter::RateLimiter;
 use crate::store::{DeliveryOutcome, Outgoing, Store, StoreError};
 
 /// What one delivery pass did.

@@ -8,11 +8,15 @@
 mod ledger;
 pub mod simulated;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use jiff::Timestamp;
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::clock::Clock;
+use crate::config::{DatabaseUrl, ProcessorKind, ProcessorSettings};
 use crate::domain::attempt::{Answer, LookupAnswer};
 use crate::domain::card::{CardBrand, CardNumber, Expiry, Last4, SecurityCode};
 use crate::domain::money::Money;
@@ -144,6 +148,26 @@ pub enum ProcessorError {
     /// The processor cannot be reached now.
     #[error("{0}")]
     Unavailable(String),
+    /// The processor's settings cannot work (exit 78).
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Opens the processor `processor.kind` names, as every command and the daemon use it.
+pub async fn open(
+    settings: &ProcessorSettings,
+    autopay_db: &DatabaseUrl,
+    clock: Arc<dyn Clock>,
+) -> Result<Arc<dyn Processor>, ProcessorError> {
+    match settings.kind {
+        ProcessorKind::Simulated => Ok(Arc::new(
+            simulated::SimulatedProcessor::open(&settings.simulated, autopay_db, clock, None)
+                .await?,
+        )),
+        ProcessorKind::Stripe => Err(ProcessorError::Config(
+            "processor.kind = \"stripe\" is not available in this release of autopay; set processor.kind = \"simulated\"".into(),
+        )),
+    }
 }
 
 /// A payment processor.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use autopay::clock::{Clock, ManualClock};
 use autopay::config::Settings;
+use autopay::daemon::{engine_config, outcome_policy};
 use autopay::domain::card::{CardNumber, Expiry, SecurityCode};
 use autopay::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
 use autopay::domain::money::{Currency, Money};
@@ -15,7 +16,7 @@ use autopay::domain::schedule::{End, FirstPayment, Recurrence, RecurrenceSpec, R
 use autopay::domain::status::{
     AuthorizedVia, BillStatus, CardStatus, ScheduleKind, ScheduleStatus,
 };
-use autopay::engine::{Engine, EngineConfig, outcome_policy};
+use autopay::engine::Engine;
 use autopay::processor::Processor;
 use autopay::processor::simulated::SimulatedProcessor;
 use autopay::store::{
@@ -73,7 +74,7 @@ impl World {
             self.store.clone(),
             processor,
             self.clock.clone(),
-            EngineConfig::from_settings(&self.settings),
+            engine_config(&self.settings),
             outcome_policy(&self.settings),
         )
     }

@@ -1,4 +1,5 @@
-//! A token bucket shared by every worker of one process: `processor.max_requests_per_second`.
+//! A token bucket shared by every worker of one process: the processor's
+//! `processor.max_requests_per_second`, and the mail dispatcher's `email.max_per_second`.
 
 use std::time::Duration;
 
