@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod domain;
 pub mod engine;
+pub mod health;
 pub mod limiter;
 pub mod notify;
 pub mod processor;

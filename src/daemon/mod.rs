@@ -20,6 +20,7 @@ use crate::config::Settings;
 use crate::domain::attempt::KeyPolicy;
 use crate::domain::decline::RetryPolicy;
 use crate::engine::{Engine, EngineConfig, EngineError, PassReport};
+use crate::health::Health;
 use crate::notify::dispatcher::{DeliveryReport, Dispatcher};
 use crate::notify::templates::Templates;
 use crate::notify::{housekeeping, mailer, reminders};
@@ -144,7 +145,12 @@ pub struct Daemon {
     store: Arc<dyn Store>,
     engine: Engine,
     dispatcher: Dispatcher,
+    /// Every loop reports here; the watchdog and readiness read it.
+    health: Arc<Health>,
 }
+
+/// The mail loop's name in [`Health`].
+pub const MAIL: &str = "mail";
 
 impl Daemon {
     /// Opens the database (refusing a schema this binary does not match), the processor, the
@@ -154,13 +160,15 @@ impl Daemon {
         let processor =
             crate::processor::open(&settings.processor, &settings.database.url, clock.clone())
                 .await?;
+        let health = Arc::new(Health::new());
         let engine = Engine::new(
             store.clone(),
             processor,
             clock.clone(),
             engine_config(&settings),
             outcome_policy(&settings),
-        );
+        )
+        .with_health(health.clone());
         let dispatcher = dispatcher(&settings, store.clone(), clock.clone(), engine.worker_id())?;
         Ok(Daemon {
             settings,
@@ -168,7 +176,13 @@ impl Daemon {
             store,
             engine,
             dispatcher,
+            health,
         })
+    }
+
+    /// What the loops report about themselves.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -213,6 +227,7 @@ impl Daemon {
         let stopping = async {
             stop.await;
             tracing::info!("stop requested; finishing what is in flight");
+            self.health.set_stopping();
             shutdown.trigger();
             tokio::time::sleep(grace).await;
         };
@@ -267,6 +282,7 @@ impl Daemon {
                     true
                 }
             };
+            self.health.beat(MAIL);
             if idle {
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}

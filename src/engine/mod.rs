@@ -21,6 +21,7 @@ pub use planner::{PlanReport, plan_if_due, plan_step};
 
 use crate::clock::Clock;
 use crate::config::Misfire;
+use crate::health::Health;
 use crate::limiter::RateLimiter;
 use crate::processor::Processor;
 use crate::store::{Audit, OutcomePolicy, Store, StoreError};
@@ -69,6 +70,8 @@ pub struct Engine {
     pub(crate) worker_id: String,
     pub(crate) limiter: Arc<RateLimiter>,
     pub(crate) crash_hook: Option<CrashHook>,
+    /// Where the loop reports that it is alive (the watchdog and readiness read it).
+    pub(crate) health: Arc<Health>,
 }
 
 /// What one pass of planning and charging did.
@@ -96,7 +99,14 @@ impl Engine {
             worker_id: worker_id(),
             limiter,
             crash_hook: None,
+            health: Arc::new(Health::new()),
         }
+    }
+
+    /// Reports the loop's liveness and passes to `health` (shared with the daemon).
+    pub fn with_health(mut self, health: Arc<Health>) -> Engine {
+        self.health = health;
+        self
     }
 
     /// Shares one rate limiter between engines of one process (docs/architecture.md: per process).

@@ -99,6 +99,8 @@ impl Engine {
             if due.is_empty() {
                 return Ok(report);
             }
+            // A long planning run (the 1st of the month) is still a loop that is alive.
+            self.health.beat(super::worker::WORKER);
             let mut moved = 0;
             for schedule in &due {
                 let step = self.plan_schedule(schedule, now);

@@ -10,6 +10,9 @@ use tokio::sync::Notify;
 use super::{Engine, EngineError, PassReport};
 use crate::shutdown::Shutdown;
 
+/// The worker loop's name in [`crate::health::Health`].
+pub const WORKER: &str = "worker";
+
 impl Engine {
     /// Runs until `shutdown` fires. A pass in flight (claimed payments included) finishes
     /// before the loop returns, within `daemon.shutdown_grace`.
@@ -21,8 +24,12 @@ impl Engine {
         let mut total = PassReport::default();
         let mut failures = 0u32;
         while !shutdown.is_triggered() {
-            match self.pass().await {
+            let outcome = self.pass().await;
+            // Alive, whatever the pass came to: a handled database error counts too.
+            self.health.beat(WORKER);
+            match outcome {
                 Ok(pass) => {
+                    self.health.pass_completed(self.clock.now());
                     failures = 0;
                     total.plan.add(&pass.plan);
                     total.charge.add(&pass.charge);
