@@ -7,6 +7,8 @@
 //! returns (`autopay run --drain`). Signals are the caller's: the stop is a future, so tests stop
 //! a daemon the way a SIGTERM does.
 
+pub mod ticks;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -217,12 +219,15 @@ impl Daemon {
         stop: impl Future<Output = ()> + Send,
     ) -> Result<RunSummary, DaemonError> {
         let shutdown = Shutdown::new();
-        let wake = Arc::new(Notify::new());
+        // One wake-up each, so that a change noticed while a loop is busy is kept for it.
+        let work_wake = Arc::new(Notify::new());
+        let mail_wake = Arc::new(Notify::new());
         let grace = self.settings.daemon.shutdown_grace.as_std();
         tracing::info!(worker_id = self.worker_id(), backend = ?self.settings.database.url.backend(), "autopay starting");
-        let running = self.engine.run(shutdown.clone(), wake);
-        let mailing = self.mail_loop(shutdown.clone());
-        let both = async { tokio::join!(running, mailing) };
+        let watching = self.watch(work_wake.clone(), mail_wake.clone(), shutdown.clone());
+        let running = self.engine.run(shutdown.clone(), work_wake.clone());
+        let mailing = self.mail_loop(shutdown.clone(), mail_wake.clone());
+        let both = async { tokio::join!(running, mailing, watching) };
         tokio::pin!(both);
         let stopping = async {
             stop.await;
@@ -232,7 +237,7 @@ impl Daemon {
             tokio::time::sleep(grace).await;
         };
         let (pass, (reminders, mail)) = tokio::select! {
-            (pass, mail) = &mut both => (pass?, mail?),
+            (pass, mail, ()) = &mut both => (pass?, mail?),
             () = stopping => {
                 tracing::error!("work still in flight after daemon.shutdown_grace; exiting, leases will be settled by lookup");
                 return Err(DaemonError::Grace(format!(
@@ -247,9 +252,57 @@ impl Daemon {
         })
     }
 
-    /// Delivers the outbox while the daemon runs: a pass every second while there is mail, the
-    /// reminder scans once a minute, the outbox housekeeping once an hour.
-    async fn mail_loop(&self, shutdown: Shutdown) -> Result<(u64, DeliveryReport), DaemonError> {
+    /// How long the mail loop may sleep: until the next notification is due, at most
+    /// `daemon.poll_interval` (and a second after an error, the database may be down).
+    async fn until_next_mail(&self) -> Duration {
+        let poll = self.settings.daemon.poll_interval.as_std();
+        match self.store.next_mail_due().await {
+            Ok(Some(at)) => {
+                let now = self.clock.now();
+                if at <= now {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::try_from(at.duration_since(now))
+                        .unwrap_or(poll)
+                        .min(poll)
+                }
+            }
+            Ok(None) => poll,
+            Err(_) => poll.min(Duration::from_secs(1)),
+        }
+    }
+
+    /// Wakes the loops when another process or host writes, until `shutdown`: a payment added
+    /// by the command line is claimed within a second, not at the next poll. A lost connection
+    /// to the database is retried every second; meanwhile the loops still poll.
+    async fn watch(&self, work: Arc<Notify>, mail: Arc<Notify>, shutdown: Shutdown) {
+        let changed = move || {
+            work.notify_one();
+            mail.notify_one();
+        };
+        while !shutdown.is_triggered() {
+            match self.store.watch(&changed, &shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error.message = %e, "cannot watch the database for new work; polling meanwhile");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = shutdown.wait() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers the outbox while the daemon runs: passes while there is mail, then a sleep until
+    /// the next notification is due or a wake-up (a change written by this process or another),
+    /// at most `daemon.poll_interval`; the reminder scans once a minute, the outbox housekeeping
+    /// once an hour.
+    async fn mail_loop(
+        &self,
+        shutdown: Shutdown,
+        wake: Arc<Notify>,
+    ) -> Result<(u64, DeliveryReport), DaemonError> {
         let store = self.store.as_ref();
         let mut total = DeliveryReport::default();
         let mut written = 0;
@@ -284,8 +337,10 @@ impl Daemon {
             };
             self.health.beat(MAIL);
             if idle {
+                let sleep = self.until_next_mail().await;
                 tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = tokio::time::sleep(sleep) => {}
+                    () = wake.notified() => {}
                     () = shutdown.wait() => {}
                 }
             }

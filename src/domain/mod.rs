@@ -6,6 +6,7 @@ pub mod attempt;
 pub mod bill;
 pub mod card;
 pub mod charge;
+pub mod cron;
 pub mod decline;
 pub mod member;
 pub mod money;

@@ -344,6 +344,18 @@ pub trait Store: Send + Sync {
     /// Deletes outbox rows that are done (sent, failed or expired) since before `before`: they
     /// hold names and addresses, and `email.keep_sent` says how long they are kept.
     async fn prune_notifications(&self, before: Timestamp) -> Result<u64>;
+    /// Calls `changed` whenever the database may hold new work written by another process or
+    /// host (a payment added by the command line, a notification queued elsewhere), until
+    /// `stop` fires: PostgreSQL LISTEN/NOTIFY, or SQLite's `data_version` checked every 200 ms.
+    /// A wake-up that finds nothing costs one look; a missed one costs at most
+    /// `daemon.poll_interval`.
+    async fn watch(
+        &self,
+        changed: &(dyn Fn() + Send + Sync),
+        stop: &crate::shutdown::Shutdown,
+    ) -> Result<()>;
+    /// The earliest moment a notification is due to be sent (or its claim expires).
+    async fn next_mail_due(&self) -> Result<Option<Timestamp>>;
     /// Active cards expiring by `by` that a live schedule uses, with their member.
     async fn cards_expiring(&self, by: jiff::civil::Date) -> Result<Vec<(Card, Member)>>;
 }

@@ -9,6 +9,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use crate::config::{Backend, DatabaseUrl};
 use crate::store::{Result, StoreError, WriteTx};
 
+/// The channel on which writers wake the daemons that LISTEN.
+pub const WAKE_CHANNEL: &str = "autopay_work";
+
 /// Autopay's data in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -66,6 +69,47 @@ impl PgStore {
             .await
             .map_err(|e| StoreError::from_sqlx(e, "starting a write"))?;
         Ok(WriteTx::new(tx, None))
+    }
+
+    /// Tells every autopay process listening on this database that new work may be due
+    /// (delivered when the transaction commits, and only if it does).
+    async fn wake_others(tx: &mut WriteTx<sqlx::Postgres>) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(WAKE_CHANNEL)
+            .execute(tx.conn())
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "waking the other daemons"))?;
+        Ok(())
+    }
+
+    /// LISTENs for [`WAKE_CHANNEL`] on a connection of its own, calling `changed` for each
+    /// notification, until `stop` fires. A lost connection is reported; the caller listens
+    /// again.
+    async fn watch_changes(
+        &self,
+        changed: &(dyn Fn() + Send + Sync),
+        stop: &crate::shutdown::Shutdown,
+    ) -> Result<()> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "listening for new work"))?;
+        listener
+            .listen(WAKE_CHANNEL)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "listening for new work"))?;
+        // Anything written while the listener connected is looked at once.
+        changed();
+        loop {
+            tokio::select! {
+                got = listener.try_recv() => match got {
+                    Ok(Some(_)) => changed(),
+                    // The connection dropped (and notifications with it): look once, listen again.
+                    Ok(None) => changed(),
+                    Err(e) => return Err(StoreError::from_sqlx(e, "listening for new work")),
+                },
+                () = stop.wait() => return Ok(()),
+            }
+        }
     }
 
     async fn lock_for_migration(tx: &mut WriteTx<sqlx::Postgres>) -> Result<()> {

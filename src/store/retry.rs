@@ -69,6 +69,14 @@ macro_rules! retried {
             fn backend(&self) -> Backend {
                 self.inner.backend()
             }
+            async fn watch(
+                &self,
+                changed: &(dyn Fn() + Send + Sync),
+                stop: &crate::shutdown::Shutdown,
+            ) -> Result<()> {
+                // A watch runs for the whole life of the daemon; its caller restarts it.
+                self.inner.watch(changed, stop).await
+            }
             $(
                 async fn $name(&self $(, $arg: $ty)*) -> Result<$ret> {
                     again(|| self.inner.$name($($arg),*)).await
@@ -135,5 +143,6 @@ retried! {
     fn set_mail_pause(reason: Option<&str>, now: Timestamp) -> ();
     fn schedules_due_between(after: Timestamp, until: Timestamp) -> Vec<Schedule>;
     fn prune_notifications(before: Timestamp) -> u64;
+    fn next_mail_due() -> Option<Timestamp>;
     fn cards_expiring(by: jiff::civil::Date) -> Vec<(Card, Member)>;
 }

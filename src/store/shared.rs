@@ -472,7 +472,7 @@ macro_rules! shared_store_impl {
                 .execute(tx.conn())
                 .await
                 .map_err(db_err("writing a notification"))?;
-            Ok(())
+            $store::wake_others(tx).await
         }
 
         async fn member_by_id_in(tx: &mut Tx, member_id: Uuid) -> Result<Member> {
@@ -1085,6 +1085,7 @@ macro_rules! shared_store_impl {
                 .execute(tx.conn())
                 .await
                 .map_err(db_err("giving a payment back"))?;
+            $store::wake_others(tx).await?;
             Ok(done.rows_affected() > 0)
         }
 
@@ -1200,6 +1201,7 @@ macro_rules! shared_store_impl {
                 .await
                 .map_err(db_err("retrying a payment"))?;
             event(tx, audit, "payment", payment.id, "retried", serde_json::json!({ "from": payment.state.as_str(), "reason": reason, "new_attempt": payment.attempt + 1 })).await?;
+            $store::wake_others(tx).await?;
             Ok(state)
         }
 
@@ -1933,6 +1935,7 @@ macro_rules! shared_store_impl {
                 event(&mut tx, audit, "schedule", resume.id, "resumed", serde_json::json!({
                     "from": current.status.as_str(), "next_run_at": resume.next_run_at,
                 })).await?;
+                $store::wake_others(&mut tx).await?;
                 commit(tx).await?;
                 schedule_from(&row)
             }
@@ -2588,6 +2591,7 @@ macro_rules! shared_store_impl {
                 }
                 let installation: DbId = sqlx::query_scalar("SELECT installation_id FROM control WHERE id = 1").fetch_one(tx.conn()).await.map_err(db_err("reading control"))?;
                 event(&mut tx, audit, "control", installation.0, if reason.is_some() { "charging_paused" } else { "charging_resumed" }, serde_json::json!({ "reason": reason })).await?;
+                $store::wake_others(&mut tx).await?;
                 commit(tx).await?;
                 self.control().await
             }
@@ -2749,6 +2753,7 @@ macro_rules! shared_store_impl {
                     .await
                     .map_err(db_err("writing a notification"))?
                     .rows_affected();
+                $store::wake_others(&mut tx).await?;
                 commit(tx).await?;
                 Ok(done > 0)
             }
@@ -2877,6 +2882,18 @@ macro_rules! shared_store_impl {
                 .iter()
                 .map(schedule_from)
                 .collect()
+            }
+
+            async fn watch(&self, changed: &(dyn Fn() + Send + Sync), stop: &crate::shutdown::Shutdown) -> Result<()> {
+                self.watch_changes(changed, stop).await
+            }
+
+            async fn next_mail_due(&self) -> Result<Option<Timestamp>> {
+                let t: Option<DbTime> = sqlx::query_scalar("SELECT MIN(CASE WHEN state = 'pending' THEN next_attempt_at ELSE lease_expires_at END) FROM notifications WHERE state IN ('pending', 'sending')")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_err("finding the next mail due"))?;
+                Ok(t.map(|t| t.0))
             }
 
             async fn prune_notifications(&self, before: Timestamp) -> Result<u64> {

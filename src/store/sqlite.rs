@@ -14,6 +14,9 @@ use std::sync::Arc;
 
 use crate::store::{Result, StoreError, WriteTx};
 
+/// How often the daemon asks SQLite whether another process wrote.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+
 /// Autopay's data in a SQLite file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -81,6 +84,42 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::from_sqlx(e, "starting a write"))?;
         Ok(WriteTx::new(tx, Some(turn)))
+    }
+
+    /// Other processes are told nothing: [`SqliteStore::watch_changes`] sees their commits.
+    async fn wake_others(_tx: &mut WriteTx<sqlx::Sqlite>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Asks SQLite every 200 ms whether any other connection committed (`PRAGMA data_version`
+    /// changes), calling `changed` when one did, until `stop` fires. Another process (the
+    /// command line) may have written; so may this process's other connections, which costs a
+    /// look that finds nothing.
+    async fn watch_changes(
+        &self,
+        changed: &(dyn Fn() + Send + Sync),
+        stop: &crate::shutdown::Shutdown,
+    ) -> Result<()> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "watching for new work"))?;
+        let mut seen: Option<i64> = None;
+        loop {
+            let version: i64 = sqlx::query_scalar("PRAGMA data_version")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "watching for new work"))?;
+            if seen.is_some_and(|s| s != version) {
+                changed();
+            }
+            seen = Some(version);
+            tokio::select! {
+                () = tokio::time::sleep(WATCH_EVERY) => {}
+                () = stop.wait() => return Ok(()),
+            }
+        }
     }
 
     /// `BEGIN IMMEDIATE` already holds the only write lock.
