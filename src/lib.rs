@@ -9,6 +9,7 @@ pub mod domain;
 pub mod engine;
 pub mod health;
 pub mod limiter;
+pub mod metrics;
 pub mod notify;
 pub mod processor;
 pub mod shutdown;

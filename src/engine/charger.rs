@@ -98,6 +98,10 @@ impl Engine {
             .await?;
         report.claimed = work.len() as u64;
         report.looked_up = work.iter().filter(|w| w.kind == WorkKind::Settle).count() as u64;
+        let taken_over = work.iter().filter(|w| w.taken_over).count() as u64;
+        if taken_over > 0 {
+            metrics::counter!(crate::metrics::LEASES_TAKEN_OVER).increment(taken_over);
+        }
         if work.is_empty() {
             return Ok(report);
         }
@@ -188,6 +192,8 @@ impl Engine {
         };
         match self.drive(lease, next).await? {
             Next::Moved(state) => {
+                metrics::counter!(crate::metrics::PAYMENTS, "outcome" => state.as_str())
+                    .increment(1);
                 if state == crate::domain::payment::PaymentState::NeedsReview {
                     tracing::error!(payment_id = %lease.payment_id, "a payment needs an operator's review; see `autopay payment show` and docs/engine.md");
                 } else {
@@ -230,11 +236,14 @@ impl Engine {
 
     /// Writes one request within `budget` (the rate limit included).
     async fn send(&self, request: &ChargeRequest, budget: Duration) -> ChargeOutcome {
+        let started = Instant::now();
         let call = async {
             self.limiter.acquire().await;
+            metrics::histogram!(crate::metrics::RATE_LIMIT_WAIT)
+                .record(started.elapsed().as_secs_f64());
             self.processor.charge(request).await
         };
-        match tokio::time::timeout(budget, call).await {
+        let outcome = match tokio::time::timeout(budget, call).await {
             Ok(outcome) => outcome,
             Err(_) => ChargeOutcome::Unknown {
                 detail: format!(
@@ -243,7 +252,27 @@ impl Engine {
                 ),
                 replayed: false,
             },
+        };
+        metrics::histogram!(crate::metrics::CHARGE_SECONDS).record(started.elapsed().as_secs_f64());
+        match &outcome {
+            ChargeOutcome::Unknown { .. } => {
+                metrics::counter!(crate::metrics::PROCESSOR_ERRORS, "kind" => "unknown")
+                    .increment(1)
+            }
+            ChargeOutcome::Busy { .. } => {
+                metrics::counter!(crate::metrics::PROCESSOR_ERRORS, "kind" => "busy").increment(1)
+            }
+            ChargeOutcome::IdempotencyMismatch { .. } => {
+                metrics::counter!(crate::metrics::PROCESSOR_ERRORS, "kind" => "mismatch")
+                    .increment(1)
+            }
+            ChargeOutcome::Declined { code, .. } => {
+                let class = crate::domain::decline::classify(code, None).action;
+                metrics::counter!(crate::metrics::DECLINES, "class" => class.as_str()).increment(1);
+            }
+            ChargeOutcome::Approved { .. } => {}
         }
+        outcome
     }
 
     /// Carries an attempt on from `next` until it rests: sends what the store stored, records

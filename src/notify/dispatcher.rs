@@ -240,11 +240,25 @@ impl Dispatcher {
                     }
                 }
             };
-            match &outcome {
-                DeliveryOutcome::Sent => report.sent += 1,
-                DeliveryOutcome::Retry { .. } => report.retrying += 1,
-                DeliveryOutcome::Failed { .. } => report.failed += 1,
-            }
+            let counted = match &outcome {
+                DeliveryOutcome::Sent => {
+                    report.sent += 1;
+                    "sent"
+                }
+                DeliveryOutcome::Retry { .. } if session_refused.is_some() => {
+                    report.retrying += 1;
+                    "paused"
+                }
+                DeliveryOutcome::Retry { .. } => {
+                    report.retrying += 1;
+                    "retry"
+                }
+                DeliveryOutcome::Failed { .. } => {
+                    report.failed += 1;
+                    "failed"
+                }
+            };
+            metrics::counter!(crate::metrics::MAIL, "outcome" => counted).increment(1);
             if !self
                 .store
                 .finish_notification(&item.lease, &outcome, self.clock.now())

@@ -354,6 +354,8 @@ pub trait Store: Send + Sync {
         changed: &(dyn Fn() + Send + Sync),
         stop: &crate::shutdown::Shutdown,
     ) -> Result<()>;
+    /// Payments due by `now` and not yet claimed: how many, and since when the oldest waits.
+    async fn due_backlog(&self, now: Timestamp) -> Result<(i64, Option<Timestamp>)>;
     /// The earliest moment a notification is due to be sent (or its claim expires).
     async fn next_mail_due(&self) -> Result<Option<Timestamp>>;
     /// Active cards expiring by `by` that a live schedule uses, with their member.

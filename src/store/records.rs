@@ -369,6 +369,8 @@ pub struct Work {
     pub lease: Lease,
     pub kind: WorkKind,
     pub payment: Payment,
+    /// Claimed after another worker's lease expired mid-call.
+    pub taken_over: bool,
 }
 
 /// How a worker claims: how long, how many, and the lateness and misfire rules that apply to a

@@ -144,5 +144,6 @@ retried! {
     fn schedules_due_between(after: Timestamp, until: Timestamp) -> Vec<Schedule>;
     fn prune_notifications(before: Timestamp) -> u64;
     fn next_mail_due() -> Option<Timestamp>;
+    fn due_backlog(now: Timestamp) -> (i64, Option<Timestamp>);
     fn cards_expiring(by: jiff::civil::Date) -> Vec<(Card, Member)>;
 }

@@ -2212,7 +2212,7 @@ macro_rules! shared_store_impl {
                         if from == PaymentState::Processing {
                             event(&mut tx, &audit, "payment", payment.id, "lease_expired", serde_json::json!({ "attempt": payment.attempt })).await?;
                         }
-                        work.push(Work { lease: Lease { payment_id: payment.id, token }, kind, payment });
+                        work.push(Work { lease: Lease { payment_id: payment.id, token }, kind, payment, taken_over: from == PaymentState::Processing });
                     }
                     if missed == 0 {
                         break;
@@ -2886,6 +2886,15 @@ macro_rules! shared_store_impl {
 
             async fn watch(&self, changed: &(dyn Fn() + Send + Sync), stop: &crate::shutdown::Shutdown) -> Result<()> {
                 self.watch_changes(changed, stop).await
+            }
+
+            async fn due_backlog(&self, now: Timestamp) -> Result<(i64, Option<Timestamp>)> {
+                let (count, oldest): (i64, Option<DbTime>) = sqlx::query_as("SELECT COUNT(*), MIN(COALESCE(next_attempt_at, due_at)) FROM payments WHERE state IN ('scheduled', 'retry_wait') AND COALESCE(next_attempt_at, due_at) <= $1")
+                    .bind(DbTime(now))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_err("counting the due backlog"))?;
+                Ok((count, oldest.map(|t| t.0)))
             }
 
             async fn next_mail_due(&self) -> Result<Option<Timestamp>> {
