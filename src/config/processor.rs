@@ -1,0 +1,88 @@
+//! `[processor]`: which card processor charges, and the timings that keep a charge from being
+//! sent twice. Each processor's own table is a module beside it.
+
+use serde::Serialize;
+
+use super::checker::Checker;
+use super::duration::Dur;
+use super::raw::section;
+
+mod simulated;
+mod stripe;
+
+pub use simulated::{Ledger, Simulated, SimulatedSettings};
+pub use stripe::{Stripe, StripeSettings};
+
+section!(Processor {
+    kind: String,
+    timeout: String,
+    settle_delay: String,
+    lookup_window: String,
+    key_retention: String,
+    max_unknown_cycles: String,
+    max_requests_per_second: String,
+    simulated: Simulated,
+    stripe: Stripe,
+});
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessorKind {
+    Simulated,
+    Stripe,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessorSettings {
+    pub kind: ProcessorKind,
+    pub timeout: Dur,
+    pub settle_delay: Dur,
+    pub lookup_window: Dur,
+    pub key_retention: Dur,
+    pub max_unknown_cycles: u32,
+    pub max_requests_per_second: u32,
+    pub simulated: SimulatedSettings,
+    pub stripe: StripeSettings,
+}
+
+/// How the timings relate to `daemon.*` and to each other is checked across sections, once
+/// every section is parsed.
+pub(super) fn parse(pr: &Processor, c: &mut Checker) -> ProcessorSettings {
+    let kind = c.choice(
+        "processor.kind",
+        &pr.kind,
+        &[
+            ("simulated", ProcessorKind::Simulated),
+            ("stripe", ProcessorKind::Stripe),
+        ],
+    );
+    let timeout = c.dur("processor.timeout", &pr.timeout);
+    let settle_delay = c.dur("processor.settle_delay", &pr.settle_delay);
+    let lookup_window = c.dur("processor.lookup_window", &pr.lookup_window);
+    let key_retention = c.dur("processor.key_retention", &pr.key_retention);
+    let max_unknown_cycles = c.int(
+        "processor.max_unknown_cycles",
+        &pr.max_unknown_cycles,
+        1,
+        100,
+    );
+    let max_rps = c.int(
+        "processor.max_requests_per_second",
+        &pr.max_requests_per_second,
+        1,
+        100_000,
+    );
+    let simulated = simulated::parse(&pr.simulated, c);
+    let stripe = stripe::parse(&pr.stripe, c, kind);
+    ProcessorSettings {
+        kind,
+        timeout,
+        settle_delay,
+        lookup_window,
+        key_retention,
+        max_unknown_cycles,
+        max_requests_per_second: max_rps,
+        simulated,
+        stripe,
+    }
+}
