@@ -23,6 +23,7 @@ mod daemon;
 mod database;
 mod duration;
 mod email;
+mod http;
 mod log;
 mod org;
 mod payments;
@@ -37,6 +38,7 @@ pub use daemon::DaemonSettings;
 pub use database::DatabaseSettings;
 pub use duration::Dur;
 pub use email::{EmailSettings, EmailTransport, SmtpSettings, SmtpTls};
+pub use http::HttpSettings;
 pub use log::{LogFormat, LogSettings};
 pub use org::OrgSettings;
 pub use payments::{Misfire, PaymentSettings};
@@ -93,6 +95,7 @@ pub struct Settings {
     pub org: OrgSettings,
     pub reminders: ReminderSettings,
     pub daemon: DaemonSettings,
+    pub http: HttpSettings,
 }
 
 impl Settings {
@@ -143,6 +146,7 @@ impl Settings {
         let org = org::parse(&r.org, &mut c);
         let reminders = reminders::parse(&r.reminders, &mut c);
         let daemon = daemon::parse(&r.daemon, &mut c);
+        let http = http::parse(&r.http, &mut c);
         check_across_sections(&mut c, &processor, &daemon);
 
         if !c.problems.is_empty() {
@@ -160,6 +164,7 @@ impl Settings {
             org,
             reminders,
             daemon,
+            http,
         })
     }
 

@@ -31,12 +31,7 @@ section!(Payments {
     breaker_error_share: String,
 });
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Misfire {
-    Coalesce,
-    Each,
-}
+pub use crate::domain::schedule::Misfire;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PaymentSettings {

@@ -7,6 +7,7 @@ use serde::Deserialize;
 pub use super::daemon::Daemon;
 pub use super::database::Database;
 pub use super::email::{Email, Smtp};
+pub use super::http::Http;
 pub use super::log::Log;
 pub use super::org::Org;
 pub use super::payments::Payments;
@@ -59,4 +60,5 @@ section!(Settings {
     org: Org,
     reminders: Reminders,
     daemon: Daemon,
+    http: Http,
 });

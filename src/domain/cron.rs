@@ -39,6 +39,12 @@ impl CronRule {
         })
     }
 
+    /// `0 * * * * *`: every minute.
+    pub fn every_minute() -> CronRule {
+        #[allow(clippy::expect_used)]
+        CronRule::parse("0 * * * * *").expect("a constant six-field expression parses")
+    }
+
     /// The expression as written.
     pub fn expression(&self) -> &str {
         &self.expression
@@ -100,6 +106,11 @@ mod tests {
         );
         let bad = CronRule::parse("0 61 * * * *").unwrap_err();
         assert!(bad.contains("six fields"), "{bad}");
+    }
+
+    #[test]
+    fn every_minute_is_a_rule() {
+        assert_eq!(CronRule::every_minute().expression(), "0 * * * * *");
     }
 
     #[test]

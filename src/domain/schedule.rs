@@ -123,6 +123,17 @@ impl fmt::Display for Rule {
     }
 }
 
+/// What happens to a recurring schedule's occurrences that fell due while nothing charged
+/// (downtime, a charging pause): `payments.misfire`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Misfire {
+    /// One charge for the latest; the earlier ones are recorded as missed.
+    Coalesce,
+    /// A charge for each (within `payments.max_lateness`).
+    Each,
+}
+
 /// An extra payment before the rule's first date, charging the usual amount.
 ///
 /// Its local date is compared with the first regular occurrence's nominal

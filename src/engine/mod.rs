@@ -20,7 +20,7 @@ pub use operator::RetryOutcome;
 pub use planner::{PlanReport, plan_if_due, plan_step};
 
 use crate::clock::Clock;
-use crate::config::Misfire;
+use crate::domain::schedule::Misfire;
 use crate::health::Health;
 use crate::limiter::RateLimiter;
 use crate::processor::Processor;

@@ -11,7 +11,7 @@ use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 
 use super::{Engine, EngineError};
-use crate::config::Misfire;
+use crate::domain::schedule::Misfire;
 use crate::domain::schedule::{Occurrence, OccurrenceKey, Recurrence};
 use crate::store::{Audit, PlanStep, PlannedPayment, Schedule, Store, StoreError};
 

@@ -380,7 +380,7 @@ pub struct ClaimRules {
     pub lease: std::time::Duration,
     pub limit: u32,
     pub max_lateness: std::time::Duration,
-    pub misfire: crate::config::Misfire,
+    pub misfire: crate::domain::schedule::Misfire,
 }
 
 /// What to do next with a claimed payment, after a step of its attempt was recorded.

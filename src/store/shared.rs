@@ -1061,7 +1061,7 @@ macro_rules! shared_store_impl {
             }
             // Only a first attempt the planner wrote is coalesced: a retry or an operator's
             // retry has a next_attempt_at of its own.
-            if rules.misfire != crate::config::Misfire::Coalesce || next_attempt_at.is_some() {
+            if rules.misfire != crate::domain::schedule::Misfire::Coalesce || next_attempt_at.is_some() {
                 return Ok(None);
             }
             let later: Option<DbId> = sqlx::query_scalar(
