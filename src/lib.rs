@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod domain;
 pub mod engine;
 pub mod health;
+pub mod http;
 pub mod limiter;
 pub mod metrics;
 pub mod notify;

@@ -26,10 +26,10 @@ pub(super) fn parse(r: &Http, c: &mut Checker) -> HttpSettings {
     let listen = c.parse(
         "http.listen",
         &r.listen,
-        SocketAddr::from(([127, 0, 0, 1], 8080)),
+        SocketAddr::from(([127, 0, 0, 1], 9464)),
         |s| {
             s.trim().parse().map_err(|_| {
-                "an address and port such as 127.0.0.1:8080 (port 0 picks a free one)".to_string()
+                "an address and port such as 127.0.0.1:9464 (port 0 picks a free one)".to_string()
             })
         },
     );

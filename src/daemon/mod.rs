@@ -11,24 +11,28 @@ pub mod ticks;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::domain::attempt::KeyPolicy;
+use crate::domain::cron::CronRule;
 use crate::domain::decline::RetryPolicy;
 use crate::engine::{Engine, EngineConfig, EngineError, PassReport};
 use crate::health::Health;
+use crate::http::HttpState;
 use crate::notify::dispatcher::{DeliveryReport, Dispatcher};
 use crate::notify::templates::Templates;
 use crate::notify::{housekeeping, mailer, reminders};
 use crate::processor::ProcessorError;
 use crate::shutdown::Shutdown;
 use crate::store::{self, OutcomePolicy, Store, StoreError};
+use ticks::{Body, TickRecord, Ticks};
 
 /// Why the daemon could not start, or how it stopped badly.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +157,12 @@ pub struct Daemon {
 
 /// The mail loop's name in [`Health`].
 pub const MAIL: &str = "mail";
+/// The periodic jobs' names (in logs, `/readyz` and `autopay status`).
+pub const PLANNER: &str = "planner";
+pub const REMINDERS: &str = "reminders";
+pub const HOUSEKEEPING: &str = "housekeeping";
+/// How far this host's clock may be from the database's before `run` warns.
+pub const MAX_SKEW: Duration = Duration::from_secs(5);
 
 impl Daemon {
     /// Opens the database (refusing a schema this binary does not match), the processor, the
@@ -210,9 +220,10 @@ impl Daemon {
         })
     }
 
-    /// Runs until `stop` resolves; then stops claiming, lets what is in flight finish within
-    /// `daemon.shutdown_grace`, and returns what the run did. Work still in flight when the
-    /// grace runs out is left to its lease (settled by lookup) and reported as
+    /// Runs until `stop` resolves: the worker loop, the mail loop, the periodic jobs, the
+    /// wake-ups and the health and metrics server. Then it stops claiming, lets what is in
+    /// flight finish within `daemon.shutdown_grace`, and returns what the run did. Work still in
+    /// flight when the grace runs out is left to its lease (settled by lookup) and reported as
     /// [`DaemonError::Grace`].
     pub async fn run_until_stopped(
         self,
@@ -223,12 +234,44 @@ impl Daemon {
         let work_wake = Arc::new(Notify::new());
         let mail_wake = Arc::new(Notify::new());
         let grace = self.settings.daemon.shutdown_grace.as_std();
+        let listener = crate::http::bind(self.settings.http.listen)
+            .await
+            .map_err(DaemonError::Config)?;
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, "serving /healthz, /readyz and /metrics");
+        }
+        self.check_clock().await;
+        let written = Arc::new(AtomicU64::new(0));
+        let ticks = Ticks::start(
+            self.jobs(work_wake.clone(), written.clone()),
+            self.clock.clone(),
+        )
+        .await
+        .map_err(DaemonError::Config)?;
+        let http = Arc::new(HttpState {
+            store: self.store.clone(),
+            health: self.health.clone(),
+            ticks: Some(ticks.record().clone()),
+            clock: self.clock.clone(),
+            ready_grace: self.settings.http.ready_grace.as_std(),
+            tick_alarm: self.settings.daemon.tick_alarm.as_std(),
+            metrics: crate::metrics::install(),
+        });
         tracing::info!(worker_id = self.worker_id(), backend = ?self.settings.database.url.backend(), "autopay starting");
+        let record = ticks.record().clone();
+        let serving = crate::http::serve(listener, http, shutdown.clone());
+        let alarms = self.tick_alarms(record, shutdown.clone());
         let watching = self.watch(work_wake.clone(), mail_wake.clone(), shutdown.clone());
         let running = self.engine.run(shutdown.clone(), work_wake.clone());
         let mailing = self.mail_loop(shutdown.clone(), mail_wake.clone());
-        let both = async { tokio::join!(running, mailing, watching) };
-        tokio::pin!(both);
+        let all = async {
+            let (pass, mail, (), (), ()) =
+                tokio::join!(running, mailing, watching, serving, alarms);
+            // The scheduler does not wait for a job that is running; Ticks::stop does.
+            ticks.stop().await;
+            (pass, mail)
+        };
+        tokio::pin!(all);
         let stopping = async {
             stop.await;
             tracing::info!("stop requested; finishing what is in flight");
@@ -236,8 +279,8 @@ impl Daemon {
             shutdown.trigger();
             tokio::time::sleep(grace).await;
         };
-        let (pass, (reminders, mail)) = tokio::select! {
-            (pass, mail, ()) = &mut both => (pass?, mail?),
+        let (pass, mail) = tokio::select! {
+            (pass, mail) = &mut all => (pass?, mail?),
             () = stopping => {
                 tracing::error!("work still in flight after daemon.shutdown_grace; exiting, leases will be settled by lookup");
                 return Err(DaemonError::Grace(format!(
@@ -247,9 +290,114 @@ impl Daemon {
         };
         Ok(RunSummary {
             pass,
-            reminders,
+            reminders: written.load(Ordering::Relaxed),
             mail,
         })
+    }
+
+    /// The periodic jobs: the planner as a backstop (the worker loop plans on every pass), the
+    /// reminder and card-expiry scans, and the housekeeping. Each calls one library function
+    /// and logs what fails; the next run tries again.
+    fn jobs(
+        &self,
+        work_wake: Arc<Notify>,
+        written: Arc<AtomicU64>,
+    ) -> Vec<(&'static str, CronRule, Body)> {
+        let d = &self.settings.daemon;
+        let engine = self.engine.clone();
+        let planner: Body = Arc::new(move || {
+            let (engine, wake) = (engine.clone(), work_wake.clone());
+            Box::pin(async move {
+                match engine.plan_due().await {
+                    Ok(report) if report.planned > 0 => wake.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error.message = %e, job = PLANNER, "periodic job failed; it runs again at its next time")
+                    }
+                }
+            })
+        });
+        let (store, settings, clock) = (
+            self.store.clone(),
+            Arc::new(self.settings.clone()),
+            self.clock.clone(),
+        );
+        let scans: Body = Arc::new(move || {
+            let (store, settings, clock, written) = (
+                store.clone(),
+                settings.clone(),
+                clock.clone(),
+                written.clone(),
+            );
+            Box::pin(async move {
+                match reminders::scan(store.as_ref(), &settings, clock.now()).await {
+                    Ok(n) => {
+                        written.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::error!(error.message = %e, job = REMINDERS, "periodic job failed; it runs again at its next time")
+                    }
+                }
+            })
+        });
+        let (store, settings, clock) = (
+            self.store.clone(),
+            Arc::new(self.settings.clone()),
+            self.clock.clone(),
+        );
+        let housekeeping: Body = Arc::new(move || {
+            let (store, settings, clock) = (store.clone(), settings.clone(), clock.clone());
+            Box::pin(async move {
+                if let Err(e) = housekeeping::prune(store.as_ref(), &settings, clock.now()).await {
+                    tracing::error!(error.message = %e, job = HOUSEKEEPING, "periodic job failed; it runs again at its next time");
+                }
+            })
+        });
+        vec![
+            (PLANNER, d.planner_cron.clone(), planner),
+            (REMINDERS, d.reminders_cron.clone(), scans),
+            (HOUSEKEEPING, d.housekeeping_cron.clone(), housekeeping),
+        ]
+    }
+
+    /// Logs an error, once per missed fire time, when a periodic job has not run for
+    /// `daemon.tick_alarm` after it should have (readiness fails meanwhile, naming it).
+    async fn tick_alarms(&self, record: Arc<TickRecord>, shutdown: Shutdown) {
+        let alarm = self.settings.daemon.tick_alarm.as_std();
+        let every = (alarm / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let mut told: std::collections::BTreeSet<(&'static str, jiff::Timestamp)> =
+            Default::default();
+        while !shutdown.is_triggered() {
+            for stale in record.stale(self.clock.now(), alarm) {
+                if told.insert((stale.job, stale.due)) {
+                    tracing::error!(job = stale.job, due = %stale.due, last_run = ?stale.last_run, "a periodic job missed its run by more than daemon.tick_alarm; /readyz fails until it runs");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = shutdown.wait() => {}
+            }
+        }
+    }
+
+    /// Warns when this host's clock and the database's differ by more than [`MAX_SKEW`]: every
+    /// lease and due time is stamped by the host, and hosts must agree.
+    async fn check_clock(&self) {
+        match self.store.database_clock().await {
+            Ok(Some(theirs)) => {
+                let ours = self.clock.now();
+                let skew = ours.duration_since(theirs).abs();
+                if skew
+                    > jiff::SignedDuration::try_from(MAX_SKEW).unwrap_or(jiff::SignedDuration::MAX)
+                {
+                    tracing::warn!(host = %ours, database = %theirs, skew_seconds = skew.as_secs(), "this host's clock and the database's differ by more than 5s; keep every host in sync (NTP): leases and due times are stamped by each host");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error.message = %e, "cannot read the database's clock to compare it with this host's")
+            }
+        }
     }
 
     /// How long the mail loop may sleep: until the next notification is due, at most
@@ -296,35 +444,14 @@ impl Daemon {
 
     /// Delivers the outbox while the daemon runs: passes while there is mail, then a sleep until
     /// the next notification is due or a wake-up (a change written by this process or another),
-    /// at most `daemon.poll_interval`; the reminder scans once a minute, the outbox housekeeping
-    /// once an hour.
+    /// at most `daemon.poll_interval`.
     async fn mail_loop(
         &self,
         shutdown: Shutdown,
         wake: Arc<Notify>,
-    ) -> Result<(u64, DeliveryReport), DaemonError> {
-        let store = self.store.as_ref();
+    ) -> Result<DeliveryReport, DaemonError> {
         let mut total = DeliveryReport::default();
-        let mut written = 0;
-        let mut last_scan: Option<Timestamp> = None;
-        let mut last_prune: Option<Timestamp> = None;
         while !shutdown.is_triggered() {
-            let now = self.clock.now();
-            if last_prune.is_none_or(|t| now.duration_since(t) >= SignedDuration::from_hours(1)) {
-                if let Err(e) = housekeeping::prune(store, &self.settings, now).await {
-                    tracing::error!(error.message = %e, "outbox housekeeping failed; trying again in an hour");
-                }
-                last_prune = Some(now);
-            }
-            if last_scan.is_none_or(|t| now.duration_since(t) >= SignedDuration::from_mins(1)) {
-                match reminders::scan(store, &self.settings, now).await {
-                    Ok(n) => written += n,
-                    Err(e) => {
-                        tracing::error!(error.message = %e, "reminder scan failed; trying again")
-                    }
-                }
-                last_scan = Some(now);
-            }
             let idle = match self.dispatcher.deliver_due().await {
                 Ok(pass) => {
                     total.add(&pass);
@@ -345,6 +472,6 @@ impl Daemon {
                 }
             }
         }
-        Ok((written, total))
+        Ok(total)
     }
 }

@@ -354,6 +354,9 @@ pub trait Store: Send + Sync {
         changed: &(dyn Fn() + Send + Sync),
         stop: &crate::shutdown::Shutdown,
     ) -> Result<()>;
+    /// The database server's own clock, where it has one of its own (PostgreSQL; None for
+    /// SQLite, which reads this host's), so that `run` can warn about clock skew.
+    async fn database_clock(&self) -> Result<Option<Timestamp>>;
     /// Payments due by `now` and not yet claimed: how many, and since when the oldest waits.
     async fn due_backlog(&self, now: Timestamp) -> Result<(i64, Option<Timestamp>)>;
     /// The earliest moment a notification is due to be sent (or its claim expires).

@@ -20,6 +20,8 @@ pub struct PgStore {
 
 impl PgStore {
     const BACKEND: Backend = Backend::Postgres;
+    /// The server's clock, for the skew warning at start.
+    const CLOCK_QUERY: Option<&'static str> = Some("SELECT now()");
     const BOOTSTRAP: &'static str = "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL)";
     const MIGRATIONS: &'static [(i64, &'static str, &'static str)] = &[
         (

@@ -145,5 +145,6 @@ retried! {
     fn prune_notifications(before: Timestamp) -> u64;
     fn next_mail_due() -> Option<Timestamp>;
     fn due_backlog(now: Timestamp) -> (i64, Option<Timestamp>);
+    fn database_clock() -> Option<Timestamp>;
     fn cards_expiring(by: jiff::civil::Date) -> Vec<(Card, Member)>;
 }

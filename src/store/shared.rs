@@ -2888,6 +2888,15 @@ macro_rules! shared_store_impl {
                 self.watch_changes(changed, stop).await
             }
 
+            async fn database_clock(&self) -> Result<Option<Timestamp>> {
+                let Some(sql) = Self::CLOCK_QUERY else { return Ok(None) };
+                let t: DbTime = sqlx::query_scalar(sql)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_err("reading the database's clock"))?;
+                Ok(Some(t.0))
+            }
+
             async fn due_backlog(&self, now: Timestamp) -> Result<(i64, Option<Timestamp>)> {
                 let (count, oldest): (i64, Option<DbTime>) = sqlx::query_as("SELECT COUNT(*), MIN(COALESCE(next_attempt_at, due_at)) FROM payments WHERE state IN ('scheduled', 'retry_wait') AND COALESCE(next_attempt_at, due_at) <= $1")
                     .bind(DbTime(now))

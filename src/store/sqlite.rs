@@ -27,6 +27,8 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     const BACKEND: Backend = Backend::Sqlite;
+    /// SQLite reads this host's clock: nothing to compare.
+    const CLOCK_QUERY: Option<&'static str> = None;
     const BOOTSTRAP: &'static str = "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)";
     const MIGRATIONS: &'static [(i64, &'static str, &'static str)] = &[
         (

@@ -55,16 +55,48 @@ struct Daemon {
     dir: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Where it serves /healthz, /readyz and /metrics.
+    port: u16,
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// GETs `path` from a daemon: the status code and the body (HTTP/1.1, one request, closed).
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let code = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
 }
 
 impl Daemon {
+    /// Starts a daemon serving health and metrics on a port of its own.
     fn start(name: &'static str, env: &[(String, String)], dir: &Path) -> Daemon {
+        let port = free_port();
+        let mut env = env.to_vec();
+        env.push(("AUTOPAY__HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
         let mut d = Daemon {
             name,
-            env: env.to_vec(),
+            env,
             dir: dir.to_path_buf(),
             child: None,
             starts: 0,
+            port,
         };
         d.spawn();
         d
@@ -337,6 +369,7 @@ async fn three_daemons_killed_and_frozen_charge_every_payment_once_and_send_ever
     let mut thawed = false;
     let mut kills_done = 0;
     let mut next_kill = started + dice.millis(500, 3000);
+    let mut probed = false;
     let deadline = started + Duration::from_secs(if short_run { 150 } else { 3600 });
     loop {
         let now = Instant::now();
@@ -361,12 +394,39 @@ async fn three_daemons_killed_and_frozen_charge_every_payment_once_and_send_ever
                     dice.millis(200, 1500)
                 };
         }
+        if !probed && Instant::now() >= started + Duration::from_secs(4) {
+            // While three daemons share the database, each answers on its own port. The frozen
+            // one may be stopped now; the other two must answer.
+            for d in [&steady, &killed] {
+                let (code, body) = get(d.port, "/healthz").unwrap_or((0, String::new()));
+                assert_eq!(code, 200, "{} /healthz: {body}", d.name);
+                let (code, body) = get(d.port, "/metrics").unwrap_or((0, String::new()));
+                assert_eq!(code, 200, "{} /metrics", d.name);
+                assert!(
+                    body.contains("autopay_payments{"),
+                    "{} /metrics: {body}",
+                    d.name
+                );
+                let (code, body) = get(d.port, "/readyz").unwrap_or((0, String::new()));
+                assert!(
+                    matches!(code, 200 | 503) && body.contains("\"database\":\"ok\""),
+                    "{} /readyz: {code} {body}",
+                    d.name
+                );
+            }
+            probed = true;
+        }
         let s = states(&pool).await;
         let open: i64 = ["scheduled", "processing", "retry_wait", "unknown"]
             .iter()
             .map(|k| s.get(*k).copied().unwrap_or(0))
             .sum();
-        if thawed && kills_done >= kills && open == 0 && receipts_waiting(&pool).await == 0 {
+        if probed
+            && thawed
+            && kills_done >= kills
+            && open == 0
+            && receipts_waiting(&pool).await == 0
+        {
             break;
         }
         if Instant::now() >= deadline {
