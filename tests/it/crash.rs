@@ -21,8 +21,6 @@
 //! `AUTOPAY_CRASH_SEED` replays a run's chaos (every run prints its seed).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,7 +36,7 @@ use autopay::processor::simulated::SimulatedProcessor;
 use autopay::store::{Audit, NewBill, NewCard, NewMember, NewSchedule, Store};
 use sqlx::Row;
 
-use crate::helpers::{Kind, Rng, TestDb, env_number};
+use crate::helpers::{Daemon, Kind, Rng, TestDb, env_number, get};
 use crate::smtp_peer::{PeerOptions, SmtpPeer};
 
 /// `processor.timeout` in the run; the lease is the shortest the settings allow with it.
@@ -47,123 +45,6 @@ const LEASE_SECS: u64 = TIMEOUT_SECS * 2 + 30;
 /// Schedules per member: each member pays with one card, and a card must never hold the 15
 /// unsettled requests the networks allow.
 const PER_MEMBER: usize = 5;
-
-/// One `autopay run` process.
-struct Daemon {
-    name: &'static str,
-    env: Vec<(String, String)>,
-    dir: PathBuf,
-    child: Option<Child>,
-    starts: u32,
-    /// Where it serves /healthz, /readyz and /metrics.
-    port: u16,
-}
-
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port on 127.0.0.1")
-}
-
-/// GETs `path` from a daemon: the status code and the body (HTTP/1.1, one request, closed).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let code = raw.split_whitespace().nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((code, body))
-}
-
-impl Daemon {
-    /// Starts a daemon serving health and metrics on a port of its own.
-    fn start(name: &'static str, env: &[(String, String)], dir: &Path) -> Daemon {
-        let port = free_port();
-        let mut env = env.to_vec();
-        env.push(("AUTOPAY__HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
-        let mut d = Daemon {
-            name,
-            env,
-            dir: dir.to_path_buf(),
-            child: None,
-            starts: 0,
-            port,
-        };
-        d.spawn();
-        d
-    }
-
-    fn spawn(&mut self) {
-        self.starts += 1;
-        let log = |what: &str| {
-            std::fs::File::create(
-                self.dir
-                    .join(format!("{}-{}.{what}", self.name, self.starts)),
-            )
-            .expect("a daemon log file")
-        };
-        let child = Command::new(env!("CARGO_BIN_EXE_autopay"))
-            .arg("run")
-            .current_dir(&self.dir)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(log("out"))
-            .stderr(log("err"))
-            .spawn()
-            .expect("start autopay run");
-        self.child = Some(child);
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        if let Some(child) = &self.child {
-            let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
-            // SAFETY: kill(2) on our own child, not reaped yet, so the pid is still ours.
-            unsafe { libc::kill(pid, signal) };
-        }
-    }
-
-    /// SIGKILL: no shutdown, no cleanup, leases left to expire.
-    fn kill(&mut self) {
-        self.signal(libc::SIGKILL);
-        if let Some(mut child) = self.child.take() {
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, and waits for the exit.
-    fn stop(&mut self) {
-        self.signal(libc::SIGCONT);
-        self.signal(libc::SIGTERM);
-        if let Some(mut child) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// Members, cards, bills and schedules whose first payment is due now; their setup emails are
 /// marked sent (they are not what this test watches).

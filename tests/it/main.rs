@@ -8,6 +8,7 @@ mod helpers;
 mod hostile;
 mod notify;
 mod secrets;
+mod service;
 mod simulation;
 mod smtp_peer;
 mod store_conformance;

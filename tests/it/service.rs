@@ -1,0 +1,261 @@
+//! autopay as a service: the real `autopay run` process, woken by writes from other processes,
+//! answering health and readiness, refusing a schema it does not match, and stopping on signals.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use autopay::clock::{Clock, SystemClock};
+use autopay::domain::member::AccountNumber;
+use autopay::domain::payment::{AmountRule, PaymentState};
+use autopay::domain::schedule::{End, FirstPayment, Recurrence, RecurrenceSpec, Rule};
+use autopay::domain::status::{AuthorizedVia, ScheduleKind};
+use autopay::store::{Audit, NewSchedule, Store};
+
+use crate::helpers::{Bin, Daemon, Kind, TestDb, get, member_with_card, on_both};
+
+/// The settings a test daemon runs with: its database, no processor latency, mail to files in
+/// its folder, quiet logs.
+fn daemon_env(db: &TestDb) -> Vec<(String, String)> {
+    [
+        ("AUTOPAY__DATABASE__URL", db.url.as_str()),
+        ("AUTOPAY__PROCESSOR__SIMULATED__LATENCY", "0s"),
+        ("AUTOPAY__LOG__FORMAT", "json"),
+        ("AUTOPAY__LOG__LEVEL", "info"),
+        ("AUTOPAY__EMAIL__FOLDER", "mail"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Waits until the daemon answers `/readyz` with 200.
+fn wait_ready(d: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((200, _)) = get(d.port, "/readyz") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} never became ready", d.name);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls until `done` holds, returning how long that took, or fails after `within` times five.
+async fn until<F, Fut>(within: Duration, mut done: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !done().await {
+        assert!(
+            started.elapsed() < within * 5,
+            "nothing happened within {:?}",
+            within * 5
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+async fn claimed(store: &Arc<dyn Store>) -> bool {
+    store
+        .list_payments(None, None)
+        .await
+        .unwrap()
+        .iter()
+        .any(|p| p.state != PaymentState::Scheduled)
+}
+
+/// Issue 8, item 1: a payment added by the command line on an idle daemon waited for the next
+/// poll (27 s); a write now wakes the daemon (LISTEN/NOTIFY, or SQLite's data_version).
+async fn a_payment_the_command_line_adds_is_claimed_by_an_idle_daemon_within_a_second(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let bin = Bin::new(&db);
+    bin.run(&["migrate"]).ok();
+    let card = member_with_card(&bin);
+    let store = db.store().await;
+    let logs = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start("idle", &daemon_env(&db), db.path());
+    wait_ready(&daemon);
+    // Idle: nothing due, the worker asleep until the poll interval (30 s).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    bin.run(&[
+        "schedule",
+        "add",
+        "--account",
+        "A-100200",
+        "--card",
+        &card,
+        "--monthly",
+        "--day",
+        "1",
+        "--amount",
+        "20.00",
+        "--first-payment",
+        "now",
+    ])
+    .ok();
+    let took = until(Duration::from_secs(1), || claimed(&store)).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "claimed {took:?} after the command line wrote it"
+    );
+    daemon.stop();
+    drop(logs);
+}
+
+/// Issue 8, item 1: a payment that falls due on an idle daemon is claimed within a second of
+/// its time.
+#[tokio::test]
+async fn a_payment_that_falls_due_on_an_idle_daemon_is_claimed_within_a_second_of_its_time() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bin = Bin::new(&db);
+    bin.run(&["migrate"]).ok();
+    let card = member_with_card(&bin);
+    let store = db.store().await;
+    let mut daemon = Daemon::start("idle", &daemon_env(&db), db.path());
+    wait_ready(&daemon);
+    // A schedule whose first payment falls due three seconds from now.
+    let member = store
+        .member(&AccountNumber::parse("A-100200").unwrap())
+        .await
+        .unwrap();
+    let card = store.card(card.parse().unwrap()).await.unwrap();
+    let due = SystemClock
+        .now()
+        .checked_add(jiff::SignedDuration::from_secs(3))
+        .unwrap();
+    let today = due.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
+    let recurrence = Recurrence::new(RecurrenceSpec {
+        rule: Rule::Monthly { day: 1 },
+        at: jiff::civil::time(9, 0, 0, 0),
+        time_zone: "UTC".into(),
+        start: today.checked_add(jiff::Span::new().days(40)).unwrap(),
+        first_payment: Some(FirstPayment::Now(due)),
+        end: End::Never,
+        business_days: false,
+        holidays: vec![],
+    })
+    .unwrap();
+    let first = recurrence.occurrences().next().unwrap();
+    store
+        .add_schedule(
+            &NewSchedule {
+                member_id: member.id,
+                card_id: card.id,
+                kind: ScheduleKind::Recurring,
+                recurrence,
+                amount: AmountRule::Fixed {
+                    amount: autopay::domain::money::Money::parse("5.00", card_currency()).unwrap(),
+                },
+                currency: card_currency(),
+                next_run_at: Some(first.due_at),
+                next_occurrence: Some(first.key),
+                authorized_via: AuthorizedVia::Cli,
+                terms_version: "t1".into(),
+            },
+            &Audit {
+                actor: "test".into(),
+                at: SystemClock.now(),
+            },
+        )
+        .await
+        .unwrap();
+    let wait = Duration::try_from(due.duration_since(SystemClock.now())).unwrap_or_default();
+    tokio::time::sleep(wait).await;
+    let took = until(Duration::from_secs(1), || claimed(&store)).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "claimed {took:?} after its time"
+    );
+    daemon.stop();
+}
+
+fn card_currency() -> autopay::domain::money::Currency {
+    autopay::domain::money::Currency::USD
+}
+
+/// Issue 8, item 2: `run` refuses, with the fix, a database that misses migrations and one a
+/// newer release marked as too new for this binary.
+#[tokio::test]
+async fn run_refuses_a_database_missing_migrations_or_too_new_for_it() {
+    let db = TestDb::new(Kind::Postgres).await;
+    let bin = Bin::new(&db);
+    let unmigrated = bin.run(&["run"]).fails_with(78);
+    assert!(
+        unmigrated.stderr.contains("autopay migrate"),
+        "{}",
+        unmigrated.stderr
+    );
+    bin.run(&["migrate"]).ok();
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE control SET min_binary_schema = 99")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let too_new = bin.run(&["run"]).fails_with(78);
+    assert!(
+        too_new.stderr.contains("upgrade autopay"),
+        "{}",
+        too_new.stderr
+    );
+}
+
+/// Issue 8, items 2 and 4: SIGTERM stops claiming and exits 0; while the daemon runs it is
+/// alive and ready, and a breaker's pause (not an operator's) makes it not ready, naming why.
+#[tokio::test]
+async fn a_running_daemon_reports_its_readiness_and_stops_cleanly_on_sigterm() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bin = Bin::new(&db);
+    bin.run(&["migrate"]).ok();
+    let store = db.store().await;
+    let mut daemon = Daemon::start("ready", &daemon_env(&db), db.path());
+    wait_ready(&daemon);
+    let (code, body) = get(daemon.port, "/healthz").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let operator = Audit {
+        actor: "cli:tester".into(),
+        at: SystemClock.now(),
+    };
+    store
+        .set_charging_pause(Some("maintenance"), &operator)
+        .await
+        .unwrap();
+    assert_eq!(
+        get(daemon.port, "/readyz").unwrap().0,
+        200,
+        "an operator's pause is deliberate"
+    );
+    let breaker = Audit {
+        actor: "breaker".into(),
+        at: SystemClock.now(),
+    };
+    store.set_charging_pause(None, &operator).await.unwrap();
+    store
+        .set_charging_pause(Some("circuit breaker: 60% declined"), &breaker)
+        .await
+        .unwrap();
+    let (code, body) = get(daemon.port, "/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["ready"], false);
+    assert!(
+        json["checks"]["charging"]
+            .as_str()
+            .unwrap()
+            .contains("circuit breaker"),
+        "{json}"
+    );
+    let (code, metrics) = get(daemon.port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("autopay_charging_paused{by=\"breaker\"} 1"),
+        "{metrics}"
+    );
+    daemon.signal(libc::SIGTERM);
+    let exit = daemon.wait(Duration::from_secs(10));
+    assert_eq!(exit, Some(0), "SIGTERM exits 0");
+}
+
+on_both!(a_payment_the_command_line_adds_is_claimed_by_an_idle_daemon_within_a_second);
