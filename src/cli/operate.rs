@@ -123,33 +123,47 @@ pub(super) async fn run(ctx: &Context, args: RunArgs) -> Result<(), CliError> {
 }
 
 /// Resolves at the first SIGTERM or SIGINT, which stops claiming (what is in flight finishes
-/// within `daemon.shutdown_grace`); a second one ends the process at once with 130.
+/// within `daemon.shutdown_grace`); a second one ends the process at once with 130. SIGHUP is
+/// ignored (and says so): autopay writes its log to standard error, which the service manager
+/// owns, so there is no log file to reopen, and settings are read only at start.
 fn stop_signal() -> impl std::future::Future<Output = ()> + Send {
     let (first, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
                 signal(SignalKind::terminate()),
                 signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
             ) else {
-                tracing::error!("cannot listen for SIGTERM and SIGINT; stop autopay with SIGKILL");
+                tracing::error!(
+                    "cannot listen for SIGTERM, SIGINT and SIGHUP; stop autopay with SIGKILL"
+                );
                 return;
             };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+            let mut first = Some(first);
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP ignored: the log goes to standard error and settings are read at start; restart autopay to apply new settings");
+                        continue;
+                    }
+                }
+                match first.take() {
+                    Some(first) => {
+                        let _ = first.send(());
+                    }
+                    None => {
+                        tracing::warn!(
+                            "second stop signal: exiting now; leases in flight are settled by lookup"
+                        );
+                        std::process::exit(130);
+                    }
+                }
             }
-            let _ = first.send(());
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            tracing::warn!(
-                "second stop signal: exiting now; leases in flight are settled by lookup"
-            );
-            std::process::exit(130);
         }
         #[cfg(not(unix))]
         {

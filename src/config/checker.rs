@@ -15,6 +15,9 @@ use super::{Problem, REDACTED};
 pub(super) struct Checker {
     /// In the order they were found, which is the order they are reported in.
     pub(super) problems: Vec<Problem>,
+    /// `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`): a relative `*_file` path is read
+    /// from there.
+    pub(super) credentials: Option<std::path::PathBuf>,
 }
 
 impl Checker {
@@ -114,7 +117,12 @@ impl Checker {
         file: &str,
     ) -> Option<SecretString> {
         if !file.trim().is_empty() {
-            match std::fs::read_to_string(file.trim()) {
+            let path = std::path::Path::new(file.trim());
+            let path = match &self.credentials {
+                Some(dir) if path.is_relative() => dir.join(path),
+                _ => path.to_path_buf(),
+            };
+            match std::fs::read_to_string(&path) {
                 Ok(content) => {
                     let first = content.lines().next().unwrap_or("").trim_end().to_string();
                     if first.is_empty() {

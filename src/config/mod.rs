@@ -115,6 +115,11 @@ impl Settings {
             })?;
             builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
         }
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let credentials = env
+            .iter()
+            .find(|(k, v)| k == "CREDENTIALS_DIRECTORY" && !v.is_empty())
+            .map(|(_, v)| PathBuf::from(v));
         let vars: Map<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("AUTOPAY__"))
@@ -131,13 +136,22 @@ impl Settings {
         let raw: raw::Settings = merged
             .try_deserialize()
             .map_err(|e| ConfigError::Layers(explain_layer_error(&e.to_string())))?;
-        Settings::from_raw(&raw)
+        Settings::parse(&raw, credentials)
     }
 
     /// Parses merged raw settings, reporting every problem at once: each section in the order
     /// of the settings file, then the checks across sections.
     pub fn from_raw(r: &raw::Settings) -> Result<Settings, ConfigError> {
-        let mut c = Checker::default();
+        Settings::parse(r, None)
+    }
+
+    /// [`Settings::from_raw`], reading relative `*_file` paths from `credentials` (systemd's
+    /// `$CREDENTIALS_DIRECTORY`) when given.
+    fn parse(r: &raw::Settings, credentials: Option<PathBuf>) -> Result<Settings, ConfigError> {
+        let mut c = Checker {
+            credentials,
+            ..Checker::default()
+        };
         let database = database::parse(&r.database, &mut c);
         let log = log::parse(&r.log, &mut c);
         let payments = payments::parse(&r.payments, &mut c);
@@ -333,6 +347,30 @@ mod tests {
             s.payments.accepted_brands.describe(),
             "Visa, MasterCard and Discover"
         );
+    }
+
+    #[test]
+    fn a_relative_secret_file_is_read_from_the_credentials_directory() {
+        use secrecy::ExposeSecret;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("smtp-password"), "from-systemd\n").unwrap();
+        let credentials = dir.path().to_str().unwrap();
+        let s = load(
+            None,
+            &[
+                ("AUTOPAY__EMAIL__SMTP__PASSWORD_FILE", "smtp-password"),
+                ("CREDENTIALS_DIRECTORY", credentials),
+            ],
+        )
+        .unwrap();
+        let password = s.email.smtp.password.unwrap();
+        assert_eq!(password.expose_secret(), "from-systemd");
+        // Without the directory, a relative path is relative to the working folder: missing.
+        let problems = problems(load(
+            None,
+            &[("AUTOPAY__EMAIL__SMTP__PASSWORD_FILE", "smtp-password")],
+        ));
+        assert_eq!(problems[0].key, "email.smtp.password_file");
     }
 
     #[test]

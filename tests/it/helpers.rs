@@ -408,16 +408,18 @@ impl Daemon {
     /// Waits up to `within` for the process to exit; its exit code, if it did.
     pub fn wait(&mut self, within: Duration) -> Option<i32> {
         let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
+        loop {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
                 self.child = None;
                 return status.code();
             }
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        None
     }
 
     /// SIGTERM, and waits for the exit.

@@ -259,3 +259,61 @@ async fn a_running_daemon_reports_its_readiness_and_stops_cleanly_on_sigterm() {
 }
 
 on_both!(a_payment_the_command_line_adds_is_claimed_by_an_idle_daemon_within_a_second);
+
+/// Issue 8, item 2: SIGHUP is ignored; a second SIGTERM while charges are in flight exits 130
+/// at once (the first lets them finish within the grace).
+#[tokio::test]
+async fn sighup_is_ignored_and_a_second_stop_signal_exits_130_at_once() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bin = Bin::new(&db);
+    bin.run(&["migrate"]).ok();
+    let card = member_with_card(&bin);
+    let store = db.store().await;
+    let mut env = daemon_env(&db);
+    env.push(("AUTOPAY__PROCESSOR__SIMULATED__LATENCY".into(), "5s".into()));
+    let mut daemon = Daemon::start("slow", &env, db.path());
+    wait_ready(&daemon);
+    daemon.signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        get(daemon.port, "/healthz").unwrap().0,
+        200,
+        "alive after SIGHUP"
+    );
+    bin.run(&[
+        "schedule",
+        "add",
+        "--account",
+        "A-100200",
+        "--card",
+        &card,
+        "--monthly",
+        "--day",
+        "1",
+        "--amount",
+        "20.00",
+        "--first-payment",
+        "now",
+    ])
+    .ok();
+    until(Duration::from_secs(2), || async {
+        store
+            .list_payments(None, None)
+            .await
+            .unwrap()
+            .iter()
+            .any(|p| p.state == PaymentState::Processing)
+    })
+    .await;
+    daemon.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        daemon.wait(Duration::ZERO),
+        None,
+        "the charge in flight holds the first stop"
+    );
+    let second = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait(Duration::from_secs(3)), Some(130));
+    assert!(second.elapsed() < Duration::from_secs(2));
+}
