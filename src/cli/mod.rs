@@ -372,8 +372,23 @@ fn redact_strings(value: &mut serde_json::Value) {
 async fn status(ctx: &Context) -> Result<(), CliError> {
     let store = ctx.store().await?;
     let report = store.status().await?;
+    let now = ctx.now();
+    let day_ago = now
+        .checked_sub(jiff::SignedDuration::from_hours(24))
+        .unwrap_or(now);
+    let activity = store.activity(now, day_ago).await?;
     if ctx.json {
-        return output::json(&report);
+        // The report's fields as before, with the activity beside them.
+        #[derive(serde::Serialize)]
+        struct Full<'a> {
+            #[serde(flatten)]
+            report: &'a store::StatusReport,
+            activity: &'a store::Activity,
+        }
+        return output::json(&Full {
+            report: &report,
+            activity: &activity,
+        });
     }
     let mut lines = vec![
         (
@@ -420,6 +435,39 @@ async fn status(ctx: &Context) -> Result<(), CliError> {
     lines.push(("bills", counts(&report.bills)));
     lines.push(("notifications", counts(&report.notifications)));
     lines.push(("bouncing emails", report.members_bouncing.to_string()));
+    lines.push((
+        "due now",
+        match activity.oldest_due {
+            Some(t) => format!("{} payment(s), the oldest due since {t}", activity.due_now),
+            None => "nothing".into(),
+        },
+    ));
+    lines.push((
+        "next due",
+        activity
+            .next_due
+            .map_or("nothing scheduled".into(), |t| t.to_string()),
+    ));
+    lines.push((
+        "last 24 hours",
+        format!(
+            "{} failed, {} unknown, {} need review",
+            activity.failed, activity.unknown, activity.needs_review
+        ),
+    ));
+    lines.push((
+        "periodic jobs",
+        if activity.jobs.is_empty() {
+            "none has run yet (they run inside `autopay run`)".into()
+        } else {
+            activity
+                .jobs
+                .iter()
+                .map(|(job, at)| format!("{job} last ran {at}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
+    ));
     if let Some(n) = report.payments.get("needs_review").filter(|n| **n > 0) {
         lines.push((
             "review",

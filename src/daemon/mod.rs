@@ -354,10 +354,42 @@ impl Daemon {
             })
         });
         vec![
-            (PLANNER, d.planner_cron.clone(), planner),
-            (REMINDERS, d.reminders_cron.clone(), scans),
-            (HOUSEKEEPING, d.housekeeping_cron.clone(), housekeeping),
+            (
+                PLANNER,
+                d.planner_cron.clone(),
+                self.on_record(PLANNER, planner),
+            ),
+            (
+                REMINDERS,
+                d.reminders_cron.clone(),
+                self.on_record(REMINDERS, scans),
+            ),
+            (
+                HOUSEKEEPING,
+                d.housekeeping_cron.clone(),
+                self.on_record(HOUSEKEEPING, housekeeping),
+            ),
         ]
+    }
+
+    /// A job's body that also records its run in the database, where `autopay status` (another
+    /// process) reads it.
+    fn on_record(&self, name: &'static str, body: Body) -> Body {
+        let (store, clock, worker) = (
+            self.store.clone(),
+            self.clock.clone(),
+            self.worker_id().to_string(),
+        );
+        Arc::new(move || {
+            let (store, clock, worker, body) =
+                (store.clone(), clock.clone(), worker.clone(), body.clone());
+            Box::pin(async move {
+                body().await;
+                if let Err(e) = store.record_job_run(name, &worker, clock.now()).await {
+                    tracing::warn!(error.message = %e, job = name, "cannot record the periodic job's run");
+                }
+            })
+        })
     }
 
     /// Logs an error, once per missed fire time, when a periodic job has not run for

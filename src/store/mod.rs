@@ -28,7 +28,7 @@ use crate::domain::payment::PaymentState;
 pub use crate::domain::attempt::{Answer, LookupAnswer};
 
 /// The schema version this binary needs (the highest migration it knows).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// The schema version a database records as the oldest binary that may run against it.
 /// Migrations are additive for one release, so the release before this one (schema 1) still
 /// runs against a database this one migrated.
@@ -354,6 +354,11 @@ pub trait Store: Send + Sync {
         changed: &(dyn Fn() + Send + Sync),
         stop: &crate::shutdown::Shutdown,
     ) -> Result<()>;
+    /// Records that periodic job `job` ran on `worker` at `at`.
+    async fn record_job_run(&self, job: &str, worker: &str, at: Timestamp) -> Result<()>;
+    /// What is happening now, for `autopay status`: the backlog, the next due work, the last
+    /// run of each periodic job (any worker), and what went wrong since `since`.
+    async fn activity(&self, now: Timestamp, since: Timestamp) -> Result<Activity>;
     /// The database server's own clock, where it has one of its own (PostgreSQL; None for
     /// SQLite, which reads this host's), so that `run` can warn about clock skew.
     async fn database_clock(&self) -> Result<Option<Timestamp>>;

@@ -34,6 +34,11 @@ impl PgStore {
             "exactly_once",
             include_str!("../../migrations/postgres/0002_exactly_once.sql"),
         ),
+        (
+            3,
+            "job_runs",
+            include_str!("../../migrations/postgres/0003_job_runs.sql"),
+        ),
     ];
     /// Any fixed number shared by every autopay process: serializes concurrent `migrate` runs.
     const MIGRATION_LOCK_KEY: i64 = 0x0061_7574_6f70_6179;

@@ -59,6 +59,22 @@ pub struct StatusReport {
     pub members_bouncing: i64,
 }
 
+/// What is happening now, for `autopay status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Activity {
+    /// Payments due now and not yet claimed, and since when the oldest waits.
+    pub due_now: i64,
+    pub oldest_due: Option<Timestamp>,
+    /// The next moment work falls due (a schedule, a payment, a lookup, an expiring claim).
+    pub next_due: Option<Timestamp>,
+    /// Each periodic job's last run on any worker.
+    pub jobs: BTreeMap<String, Timestamp>,
+    /// Since the `since` asked for (24 hours for `status`).
+    pub failed: i64,
+    pub unknown: i64,
+    pub needs_review: i64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Member {
     pub id: Uuid,

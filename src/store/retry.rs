@@ -146,5 +146,7 @@ retried! {
     fn next_mail_due() -> Option<Timestamp>;
     fn due_backlog(now: Timestamp) -> (i64, Option<Timestamp>);
     fn database_clock() -> Option<Timestamp>;
+    fn record_job_run(job: &str, worker: &str, at: Timestamp) -> ();
+    fn activity(now: Timestamp, since: Timestamp) -> Activity;
     fn cards_expiring(by: jiff::civil::Date) -> Vec<(Card, Member)>;
 }

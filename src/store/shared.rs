@@ -2888,6 +2888,45 @@ macro_rules! shared_store_impl {
                 self.watch_changes(changed, stop).await
             }
 
+            async fn record_job_run(&self, job: &str, worker: &str, at: Timestamp) -> Result<()> {
+                let mut tx = self.begin_write().await?;
+                sqlx::query("INSERT INTO job_runs (job, worker, last_run) VALUES ($1, $2, $3) ON CONFLICT (job, worker) DO UPDATE SET last_run = excluded.last_run")
+                    .bind(job)
+                    .bind(worker)
+                    .bind(DbTime(at))
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("recording a periodic job's run"))?;
+                commit(tx).await
+            }
+
+            async fn activity(&self, now: Timestamp, since: Timestamp) -> Result<Activity> {
+                let (due_now, oldest_due) = self.due_backlog(now).await?;
+                let next_due = self.next_wakeup().await?;
+                let jobs: Vec<(String, DbTime)> = sqlx::query_as("SELECT job, MAX(last_run) FROM job_runs GROUP BY job ORDER BY job")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err("reading the periodic jobs' runs"))?;
+                let recent = |state: PaymentState| {
+                    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM payments WHERE state = $1 AND updated_at >= $2")
+                        .bind(state.as_str())
+                        .bind(DbTime(since))
+                        .fetch_one(&self.pool)
+                };
+                let failed = recent(PaymentState::Failed).await.map_err(db_err("counting recent failures"))?;
+                let unknown = recent(PaymentState::Unknown).await.map_err(db_err("counting recent failures"))?;
+                let needs_review = recent(PaymentState::NeedsReview).await.map_err(db_err("counting recent failures"))?;
+                Ok(Activity {
+                    due_now,
+                    oldest_due,
+                    next_due,
+                    jobs: jobs.into_iter().map(|(j, t)| (j, t.0)).collect(),
+                    failed,
+                    unknown,
+                    needs_review,
+                })
+            }
+
             async fn database_clock(&self) -> Result<Option<Timestamp>> {
                 let Some(sql) = Self::CLOCK_QUERY else { return Ok(None) };
                 let t: DbTime = sqlx::query_scalar(sql)

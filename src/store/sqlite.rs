@@ -41,6 +41,11 @@ impl SqliteStore {
             "exactly_once",
             include_str!("../../migrations/sqlite/0002_exactly_once.sql"),
         ),
+        (
+            3,
+            "job_runs",
+            include_str!("../../migrations/sqlite/0003_job_runs.sql"),
+        ),
     ];
 
     /// Opens (creating when missing) the file a `sqlite://` URL names.

@@ -369,6 +369,8 @@ async fn every_management_command_works(kind: Kind) {
     // status, close
     let status = bin.run(&["status", "--json"]).ok().json();
     assert_eq!(status["members"]["active"], 2);
+    assert_eq!(status["activity"]["needs_review"], 0);
+    assert!(status["activity"]["jobs"].as_object().unwrap().is_empty());
     assert!(
         bin.run(&["status"])
             .ok()

@@ -210,10 +210,24 @@ async fn a_running_daemon_reports_its_readiness_and_stops_cleanly_on_sigterm() {
     let bin = Bin::new(&db);
     bin.run(&["migrate"]).ok();
     let store = db.store().await;
-    let mut daemon = Daemon::start("ready", &daemon_env(&db), db.path());
+    let mut env = daemon_env(&db);
+    env.push(("AUTOPAY__DAEMON__PLANNER_CRON".into(), "* * * * * *".into()));
+    let mut daemon = Daemon::start("ready", &env, db.path());
     wait_ready(&daemon);
     let (code, body) = get(daemon.port, "/healthz").unwrap();
     assert_eq!(code, 200, "{body}");
+    // The periodic jobs' runs are visible to another process.
+    until(Duration::from_secs(2), || async {
+        let status = bin.run(&["status", "--json"]).ok().json();
+        status["activity"]["jobs"]["planner"].is_string()
+    })
+    .await;
+    assert!(
+        bin.run(&["status"])
+            .ok()
+            .stdout
+            .contains("planner last ran")
+    );
     let operator = Audit {
         actor: "cli:tester".into(),
         at: SystemClock.now(),
