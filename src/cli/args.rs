@@ -99,6 +99,10 @@ pub struct BenchArgs {
     /// daemon.batch_size).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub concurrency: Option<u32>,
+    /// Instead of charging, run the daemon idle for SECONDS over --payments schedules none of
+    /// which is due, and report the CPU time it used.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub idle: Option<u64>,
 }
 
 #[derive(Debug, Args)]

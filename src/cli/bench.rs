@@ -77,13 +77,25 @@ pub(super) async fn bench(ctx: &Context, args: BenchArgs) -> Result<(), CliError
         None
     };
     warn_about_caps(ctx, concurrency);
+    let n = args.payments;
+    if let Some(seconds) = args.idle {
+        let mut results = Vec::new();
+        for backend in backends {
+            let run = |url| super::idle::measure(ctx, url, n, seconds);
+            results.push(match (backend, &admin) {
+                (Backend::Sqlite, _) => on_sqlite(n, run).await?,
+                (Backend::Postgres, Some(admin)) => on_postgres(admin, n, run).await?,
+                (Backend::Postgres, None) => unreachable!("the admin connection is checked above"),
+            });
+        }
+        return super::idle::print(ctx, &results);
+    }
     let mut results = Vec::new();
     for backend in backends {
+        let run = |url| measure(ctx, url, n, concurrency);
         let result = match (backend, &admin) {
-            (Backend::Sqlite, _) => on_sqlite(ctx, args.payments, concurrency).await?,
-            (Backend::Postgres, Some(admin)) => {
-                on_postgres(ctx, admin, args.payments, concurrency).await?
-            }
+            (Backend::Sqlite, _) => on_sqlite(n, run).await?,
+            (Backend::Postgres, Some(admin)) => on_postgres(admin, n, run).await?,
             (Backend::Postgres, None) => unreachable!("the admin connection is checked above"),
         };
         results.push(result);
@@ -108,7 +120,7 @@ fn warn_about_caps(ctx: &Context, concurrency: u32) {
 }
 
 /// Progress for the person waiting: standard error, so standard output stays the result.
-fn progress(line: impl AsRef<str>) {
+pub(super) fn progress(line: impl AsRef<str>) {
     eprintln!("{}", line.as_ref());
 }
 
@@ -123,7 +135,12 @@ async fn interruptible<T>(work: impl Future<Output = Result<T, CliError>>) -> Re
     }
 }
 
-async fn on_sqlite(ctx: &Context, n: u32, concurrency: u32) -> Result<BenchResult, CliError> {
+/// Runs `work` on a throwaway SQLite file in a folder of its own, removed afterwards.
+async fn on_sqlite<T, F, Fut>(n: u32, work: F) -> Result<T, CliError>
+where
+    F: FnOnce(DatabaseUrl) -> Fut,
+    Fut: Future<Output = Result<T, CliError>>,
+{
     let dir = std::env::temp_dir().join(format!("autopay-bench-{}", Uuid::new_v4().simple()));
     // create_dir, not create_dir_all: the folder must be new, never one that holds something.
     std::fs::create_dir(&dir).map_err(|e| {
@@ -143,7 +160,7 @@ async fn on_sqlite(ctx: &Context, n: u32, concurrency: u32) -> Result<BenchResul
             "loading {n} schedules into sqlite ({})...",
             file.display()
         ));
-        interruptible(measure(ctx, &url, n, concurrency)).await
+        interruptible(work(url)).await
     }
     .await;
     remove_folder(&dir);
@@ -160,12 +177,12 @@ fn remove_folder(dir: &Path) {
     }
 }
 
-async fn on_postgres(
-    ctx: &Context,
-    admin: &PgAdmin,
-    n: u32,
-    concurrency: u32,
-) -> Result<BenchResult, CliError> {
+/// Runs `work` on a throwaway PostgreSQL database, dropped afterwards.
+async fn on_postgres<T, F, Fut>(admin: &PgAdmin, n: u32, work: F) -> Result<T, CliError>
+where
+    F: FnOnce(DatabaseUrl) -> Fut,
+    Fut: Future<Output = Result<T, CliError>>,
+{
     let name = format!("autopay_bench_{}", Uuid::new_v4().simple());
     admin.create(&name).await?;
     let outcome = async {
@@ -174,7 +191,7 @@ async fn on_postgres(
         progress(format!(
             "loading {n} schedules into postgres (database {name})..."
         ));
-        interruptible(measure(ctx, &url, n, concurrency)).await
+        interruptible(work(url)).await
     }
     .await;
     admin.drop_database(&name).await;
@@ -185,10 +202,11 @@ async fn on_postgres(
 /// dropped on return, before the caller removes the database.
 async fn measure(
     ctx: &Context,
-    url: &DatabaseUrl,
+    url: DatabaseUrl,
     n: u32,
     concurrency: u32,
 ) -> Result<BenchResult, CliError> {
+    let url = &url;
     let backend = url.backend();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let processor = Arc::new(SimulatedProcessor::in_memory(clock.clone(), Duration::ZERO));
@@ -196,7 +214,15 @@ async fn measure(
 
     let started = Instant::now();
     store.migrate(clock.now()).await?;
-    load(ctx, store.as_ref(), processor.as_ref(), clock.as_ref(), n).await?;
+    load(
+        ctx,
+        store.as_ref(),
+        processor.as_ref(),
+        clock.as_ref(),
+        n,
+        Due::Now,
+    )
+    .await?;
     let load_seconds = started.elapsed().as_secs_f64();
     progress(format!(
         "loaded in {load_seconds:.1}s; charging {n} payments with concurrency {concurrency}..."
@@ -233,12 +259,12 @@ async fn measure(
     })
 }
 
-fn round(x: f64, places: i32) -> f64 {
+pub(super) fn round(x: f64, places: i32) -> f64 {
     let scale = 10f64.powi(places);
     (x * scale).round() / scale
 }
 
-fn backend_name(backend: Backend) -> &'static str {
+pub(super) fn backend_name(backend: Backend) -> &'static str {
     match backend {
         Backend::Sqlite => "sqlite",
         Backend::Postgres => "postgres",
@@ -252,12 +278,22 @@ fn invalid(e: impl std::fmt::Display) -> CliError {
 /// N/100 employer-group members, each with one card and one large bill, and N fixed 1.00
 /// schedules due now, spread over the members in turn (neighbouring payments belong to
 /// different members, as they would in a real run).
-async fn load(
+/// When the loaded schedules' first payment falls due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Due {
+    /// Now: the charge benchmark.
+    Now,
+    /// In about forty days: nothing due while an idle daemon is measured.
+    Later,
+}
+
+pub(super) async fn load(
     ctx: &Context,
     store: &dyn Store,
     processor: &dyn Processor,
     clock: &dyn Clock,
     n: u32,
+    due: Due,
 ) -> Result<(), CliError> {
     let audit = Audit {
         actor: operator(),
@@ -313,14 +349,27 @@ async fn load(
         cards.push((member.id, card.id));
     }
 
-    // A monthly schedule whose first payment is due now; the rule's own dates start tomorrow,
-    // so only the first payment falls due during the run.
+    // A monthly schedule whose first payment is due now, with the rule's own dates from
+    // tomorrow so that only the first payment falls due during the run; or, for the idle
+    // benchmark, with nothing due for weeks.
+    let (start, first_payment) = match due {
+        Due::Now => (
+            today.tomorrow().map_err(invalid)?,
+            Some(FirstPayment::Now(now)),
+        ),
+        Due::Later => (
+            today
+                .checked_add(jiff::Span::new().days(40))
+                .map_err(invalid)?,
+            None,
+        ),
+    };
     let recurrence = Recurrence::new(RecurrenceSpec {
         rule: Rule::Monthly { day: 1 },
         at: jiff::civil::time(9, 0, 0, 0),
         time_zone: "UTC".into(),
-        start: today.tomorrow().map_err(invalid)?,
-        first_payment: Some(FirstPayment::Now(now)),
+        start,
+        first_payment,
         end: End::Never,
         business_days: false,
         holidays: vec![],

@@ -5,6 +5,7 @@ pub mod args;
 mod bench;
 mod billing;
 mod demo;
+mod idle;
 mod members;
 mod operate;
 pub mod output;
