@@ -2,17 +2,18 @@
 //!
 //! WAL journal, `synchronous = FULL` (a committed payment survives a power cut), foreign keys on,
 //! a busy timeout, and every writing transaction opened with `BEGIN IMMEDIATE`: a deferred
-//! transaction that reads and then writes fails with SQLITE_BUSY whatever the timeout.
+//! transaction that reads and then writes fails with SQLITE_BUSY whatever the timeout. Every wait
+//! (a connection from the pool, the busy lock, this process's turn to write) is bounded by
+//! [`WAIT_LIMIT`].
 
 use std::str::FromStr;
-use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use crate::config::{Backend, DatabaseUrl};
 use std::sync::Arc;
 
-use crate::store::{Result, StoreError, WriteTx};
+use crate::store::{Result, StoreError, WAIT_LIMIT, WriteTx};
 
 /// Autopay's data in a SQLite file.
 #[derive(Debug, Clone)]
@@ -52,9 +53,10 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(WAIT_LIMIT);
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
+            .acquire_timeout(WAIT_LIMIT)
             .connect_with(options)
             .await
             .map_err(|e| {
@@ -74,7 +76,14 @@ impl SqliteStore {
     }
 
     async fn begin_write(&self) -> Result<WriteTx<sqlx::Sqlite>> {
-        let turn = self.write_turn.clone().lock_owned().await;
+        let turn = tokio::time::timeout(WAIT_LIMIT, self.write_turn.clone().lock_owned())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "the database stayed busy: this process's writes queued for over {}s; try again",
+                    WAIT_LIMIT.as_secs()
+                ))
+            })?;
         let tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")

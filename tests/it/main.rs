@@ -11,3 +11,4 @@ mod secrets;
 mod simulation;
 mod smtp_peer;
 mod store_conformance;
+mod systemd;
