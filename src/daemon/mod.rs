@@ -169,7 +169,8 @@ impl Daemon {
             outcome_policy(&settings),
         )
         .with_health(health.clone());
-        let dispatcher = dispatcher(&settings, store.clone(), clock.clone(), engine.worker_id())?;
+        let dispatcher = dispatcher(&settings, store.clone(), clock.clone(), engine.worker_id())?
+            .with_health(health.clone(), MAIL);
         Ok(Daemon {
             settings,
             clock,

@@ -1,10 +1,21 @@
-//! What running under systemd relies on: every database wait is bounded (so an outage is an
-//! error the loops report, never a stall the watchdog kills).
+//! What running under systemd relies on: every database wait is bounded, and a long mail pass
+//! reports as it goes (so an outage or a slow server is something the loops report, never a
+//! stall the watchdog kills).
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use autopay::clock::Clock;
+use autopay::domain::member::AccountType;
+use autopay::health::Health;
+use autopay::notify::dispatcher::Dispatcher;
+use autopay::notify::mailer::{Mail, Mailer, SendError};
+use autopay::notify::templates::Templates;
 use autopay::store::postgres::PgStore;
 use autopay::store::sqlite::SqliteStore;
-use autopay::store::{StoreError, WAIT_LIMIT};
+use autopay::store::{NewNotification, StoreError, WAIT_LIMIT};
 
+use crate::engine::World;
 use crate::helpers::{Kind, TestDb};
 
 #[tokio::test]
@@ -41,4 +52,59 @@ async fn a_sqlite_lock_is_waited_for_at_most_the_wait_limit() {
         .await
         .unwrap();
     assert_eq!(busy, WAIT_LIMIT.as_millis() as i64);
+}
+
+/// A mail server that takes its time over every message.
+struct SlowMailer(Duration);
+
+#[async_trait::async_trait]
+impl Mailer for SlowMailer {
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+    async fn send(&self, _mail: &Mail) -> Result<(), SendError> {
+        tokio::time::sleep(self.0).await;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_slow_mail_batch_reports_after_every_message_so_it_never_looks_stalled() {
+    let w = World::new(Kind::Sqlite).await;
+    for i in 0..4 {
+        let member = w
+            .member(&format!("A-10020{i}"), AccountType::IndividualFamily)
+            .await;
+        let receipt = NewNotification {
+            kind: "receipt".into(),
+            dedupe_key: format!("receipt:{i}"),
+            member_id: member.id,
+            payload: Templates::sample_payload("receipt"),
+            expires_at: None,
+        };
+        assert!(w.store.enqueue(&receipt, w.clock.now()).await.unwrap());
+    }
+    let health = Arc::new(Health::new());
+    let dispatcher = Dispatcher::new(
+        &w.settings,
+        w.store.clone(),
+        Arc::new(SlowMailer(Duration::from_millis(200))),
+        Arc::new(Templates::builtin()),
+        w.clock.clone(),
+        "test-dispatcher".into(),
+    )
+    .unwrap()
+    .with_health(health.clone(), "mail");
+    health.beat("mail");
+
+    // One pass of four messages takes 800ms; the loop is never silent for 400ms of it.
+    let pass = tokio::spawn(async move { dispatcher.deliver_due().await });
+    while !pass.is_finished() {
+        assert_eq!(
+            health.stalled(Duration::from_millis(400)),
+            Vec::<&str>::new()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pass.await.unwrap().unwrap().sent, 4);
 }
