@@ -7,6 +7,8 @@
 //! returns (`autopay run --drain`). Signals are the caller's: the stop is a future, so tests stop
 //! a daemon the way a SIGTERM does.
 
+pub mod systemd;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
