@@ -5,9 +5,11 @@
 //! runs the worker loop and the mail loop until the stop future resolves, then lets what is in
 //! flight finish within `daemon.shutdown_grace`; [`Daemon::drain`] does all work due now and
 //! returns (`autopay run --drain`). Signals are the caller's: the stop is a future, so tests stop
-//! a daemon the way a SIGTERM does.
+//! a daemon the way a SIGTERM does. Under systemd it says READY, STATUS, WATCHDOG and STOPPING
+//! ([`systemd`], [`watchdog`]).
 
 pub mod systemd;
+pub mod watchdog;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use crate::notify::{housekeeping, mailer, reminders};
 use crate::processor::ProcessorError;
 use crate::shutdown::Shutdown;
 use crate::store::{self, OutcomePolicy, Store, StoreError};
+use systemd::Notifier;
 
 /// Why the daemon could not start, or how it stopped badly.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +152,8 @@ pub struct Daemon {
     dispatcher: Dispatcher,
     /// Every loop reports here; the watchdog and readiness read it.
     health: Arc<Health>,
+    /// Tells systemd how the run goes (does nothing outside systemd).
+    notifier: Arc<Notifier>,
 }
 
 /// The mail loop's name in [`Health`].
@@ -180,7 +185,14 @@ impl Daemon {
             engine,
             dispatcher,
             health,
+            notifier: Arc::new(Notifier::from_env()),
         })
+    }
+
+    /// Notifies `notifier` instead of the service manager named by the environment.
+    pub fn with_notifier(mut self, notifier: Notifier) -> Daemon {
+        self.notifier = Arc::new(notifier);
+        self
     }
 
     /// What the loops report about themselves.
@@ -223,6 +235,13 @@ impl Daemon {
         let wake = Arc::new(Notify::new());
         let grace = self.settings.daemon.shutdown_grace.as_std();
         tracing::info!(worker_id = self.worker_id(), backend = ?self.settings.database.url.backend(), "autopay starting");
+        let _watchdog = watchdog::started(
+            &self.notifier,
+            &self.health,
+            &self.settings,
+            self.worker_id(),
+            &[crate::engine::WORKER, MAIL],
+        );
         let running = self.engine.run(shutdown.clone(), wake);
         let mailing = self.mail_loop(shutdown.clone());
         let both = async { tokio::join!(running, mailing) };
@@ -231,6 +250,7 @@ impl Daemon {
             stop.await;
             tracing::info!("stop requested; finishing what is in flight");
             self.health.set_stopping();
+            watchdog::stopping(&self.notifier, grace);
             shutdown.trigger();
             tokio::time::sleep(grace).await;
         };

@@ -1,9 +1,13 @@
-//! What running under systemd relies on: every database wait is bounded, and a long mail pass
-//! reports as it goes (so an outage or a slow server is something the loops report, never a
-//! stall the watchdog kills).
+//! What running under systemd relies on: the real `autopay run` speaks the notification
+//! protocol (READY, STATUS, WATCHDOG, STOPPING) to a socket the test binds where systemd's would
+//! be; every database wait is bounded, and a long mail pass reports as it goes (so an outage or
+//! a slow server is something the loops report, never a stall the watchdog kills).
 
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use autopay::clock::Clock;
 use autopay::domain::member::AccountType;
@@ -16,7 +20,152 @@ use autopay::store::sqlite::SqliteStore;
 use autopay::store::{NewNotification, StoreError, WAIT_LIMIT};
 
 use crate::engine::World;
-use crate::helpers::{Kind, TestDb};
+use crate::helpers::{Bin, Kind, TestDb};
+
+/// systemd's end of `$NOTIFY_SOCKET`: a datagram socket bound in the test's folder.
+struct Systemd {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl Systemd {
+    fn listen(db: &TestDb) -> Systemd {
+        let path = db.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+        Systemd { socket, path }
+    }
+
+    /// The next notification, one line per assignment, if one comes before `deadline`.
+    fn next(&self, deadline: Instant) -> Option<String> {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        self.socket
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = self.socket.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// Every notification until one has the line `wanted`, which must come within `within`.
+    fn until(&self, wanted: &str, within: Duration, daemon: &mut Daemon) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        let mut heard = Vec::new();
+        while let Some(message) = self.next(deadline) {
+            let done = message.lines().any(|l| l == wanted);
+            heard.push(message);
+            if done {
+                return heard;
+            }
+        }
+        panic!(
+            "no {wanted} within {within:?}; heard {heard:?}\nautopay's log:\n{}",
+            daemon.log()
+        );
+    }
+
+    /// The next `STATUS=` line, which must come within `within`.
+    fn status(&self, within: Duration, daemon: &mut Daemon) -> String {
+        let deadline = Instant::now() + within;
+        while let Some(message) = self.next(deadline) {
+            if let Some(line) = message.lines().find(|l| l.starts_with("STATUS=")) {
+                return line.to_string();
+            }
+        }
+        panic!("no STATUS= within {within:?}\n{}", daemon.log());
+    }
+
+    /// Every notification for `long`.
+    fn during(&self, long: Duration) -> Vec<(Instant, String)> {
+        let deadline = Instant::now() + long;
+        std::iter::from_fn(|| self.next(deadline).map(|m| (Instant::now(), m))).collect()
+    }
+}
+
+/// `autopay run` started by the test, killed if the test ends first.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn sigterm(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) on our own child, not reaped yet, so the pid is still ours.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    }
+
+    /// The exit code, if the process ends within `within`.
+    fn exit_within(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn under_systemd_run_says_ready_pings_the_watchdog_and_says_stopping_on_sigterm() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let systemd = Systemd::listen(&db);
+    let log = db.path().join("autopay.log");
+    let bin = Bin::new(&db)
+        .with_env("NOTIFY_SOCKET", &systemd.path.display().to_string())
+        .with_env("WATCHDOG_USEC", "2000000")
+        // The watchdog lets each loop stay silent for 1s: the idle worker must look sooner.
+        .with_env("AUTOPAY__DAEMON__POLL_INTERVAL", "200ms");
+    let child = bin
+        .command(&["run"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start autopay run");
+    let mut daemon = Daemon { child, log };
+
+    // Start-up (a new SQLite file, created and migrated) ends with READY=1 and the status.
+    let start = systemd.until("READY=1", Duration::from_secs(60), &mut daemon);
+    assert!(
+        start.iter().all(|m| !m.contains("STATUS=stalled")),
+        "{start:?}"
+    );
+    let status = systemd.status(Duration::from_secs(5), &mut daemon);
+    assert!(status.starts_with("STATUS=charging; worker "), "{status}");
+
+    // Pings every second (half of WATCHDOG_USEC) while the loops run.
+    let heard = systemd.during(Duration::from_millis(4500));
+    let pings: Vec<Instant> = heard
+        .iter()
+        .filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1"))
+        .map(|(at, _)| *at)
+        .collect();
+    assert!(
+        pings.len() >= 3,
+        "{} pings in 4.5s: {heard:?}\n{}",
+        pings.len(),
+        daemon.log()
+    );
+
+    // SIGTERM: STOPPING=1 at once, then exit 0 well within daemon.shutdown_grace (45s).
+    daemon.sigterm();
+    systemd.until("STOPPING=1", Duration::from_secs(5), &mut daemon);
+    let code = daemon.exit_within(Duration::from_secs(45));
+    assert_eq!(code, Some(0), "{}", daemon.log());
+}
 
 #[tokio::test]
 async fn every_postgres_statement_is_bounded_and_a_timeout_says_try_again() {
