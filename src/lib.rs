@@ -14,3 +14,4 @@ pub mod processor;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod users;
