@@ -68,7 +68,7 @@ impl From<StoreError> for CliError {
             StoreError::NotFound(_) => exit::NO_INPUT,
             StoreError::Conflict(_) => exit::DATA,
             StoreError::Unavailable(_) | StoreError::Contention(_) => exit::UNAVAILABLE,
-            StoreError::Schema(_) => exit::CONFIG,
+            StoreError::Schema(_) | StoreError::Config(_) => exit::CONFIG,
             StoreError::Internal(_) => exit::SOFTWARE,
         };
         CliError::new(code, e.to_string())

@@ -59,6 +59,10 @@ pub enum StoreError {
     /// The database's schema does not match this binary (exit 78).
     #[error("{0}")]
     Schema(String),
+    /// The database cannot be used as configured, such as a SQLite file another user owns
+    /// (exit 78).
+    #[error("{0}")]
+    Config(String),
     /// Anything else: a bug or a corrupt row (exit 70).
     #[error("{0}")]
     Internal(String),

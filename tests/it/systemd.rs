@@ -257,3 +257,62 @@ async fn a_slow_mail_batch_reports_after_every_message_so_it_never_looks_stalled
     }
     assert_eq!(pass.await.unwrap().unwrap().sent, 4);
 }
+
+/// The owners of every file in `dir`, by name.
+fn owners(dir: &std::path::Path) -> Vec<(String, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().uid(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn root_is_refused_the_daemons_sqlite_database_and_leaves_no_file_behind() {
+    // The daemon's database, owned by its user (uid 65534 here); the test runs as root.
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bin = Bin::new(&db);
+    bin.run(&["migrate"]).ok();
+    let before = owners(db.path());
+    for (name, _) in &before {
+        std::os::unix::fs::chown(db.path().join(name), Some(65534), Some(65534))
+            .expect("chown to uid 65534: this test runs as root, as CI does");
+    }
+    let daemon_user = autopay::users::name(65534);
+
+    for command in [
+        &["status"][..],
+        &["migrate"],
+        &["run", "--drain"],
+        &["member", "list"],
+    ] {
+        let run = bin.run(command).fails_with(78);
+        assert!(
+            run.stderr.contains(&format!("belongs to {daemon_user}"))
+                && run
+                    .stderr
+                    .contains(&format!("sudo -u {daemon_user} autopay")),
+            "{command:?}: {}",
+            run.stderr
+        );
+    }
+    // Nothing root would own was created beside it (a -wal, a ledger, mail).
+    let after = owners(db.path());
+    assert_eq!(after.len(), before.len(), "{after:?}");
+    assert!(after.iter().all(|(_, uid)| *uid == 65534), "{after:?}");
+
+    // A database not created yet, in a folder the daemon's user owns: refused too.
+    for (name, _) in &before {
+        std::fs::remove_file(db.path().join(name)).unwrap();
+    }
+    std::os::unix::fs::chown(db.path(), Some(65534), Some(65534)).unwrap();
+    let run = bin.run(&["run", "--drain"]).fails_with(78);
+    assert!(run.stderr.contains("folder"), "{}", run.stderr);
+    assert!(owners(db.path()).is_empty(), "{:?}", owners(db.path()));
+}
