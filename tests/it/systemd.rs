@@ -9,7 +9,9 @@ use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use autopay::clock::Clock;
+use autopay::clock::{Clock, SystemClock};
+use autopay::daemon::Daemon;
+use autopay::daemon::systemd::{Notifier, socket_address};
 use autopay::domain::member::AccountType;
 use autopay::health::Health;
 use autopay::notify::dispatcher::Dispatcher;
@@ -47,7 +49,7 @@ impl Systemd {
     }
 
     /// Every notification until one has the line `wanted`, which must come within `within`.
-    fn until(&self, wanted: &str, within: Duration, daemon: &mut Daemon) -> Vec<String> {
+    fn until(&self, wanted: &str, within: Duration, daemon: &mut Service) -> Vec<String> {
         let deadline = Instant::now() + within;
         let mut heard = Vec::new();
         while let Some(message) = self.next(deadline) {
@@ -64,7 +66,7 @@ impl Systemd {
     }
 
     /// The next `STATUS=` line, which must come within `within`.
-    fn status(&self, within: Duration, daemon: &mut Daemon) -> String {
+    fn status(&self, within: Duration, daemon: &mut Service) -> String {
         let deadline = Instant::now() + within;
         while let Some(message) = self.next(deadline) {
             if let Some(line) = message.lines().find(|l| l.starts_with("STATUS=")) {
@@ -82,12 +84,12 @@ impl Systemd {
 }
 
 /// `autopay run` started by the test, killed if the test ends first.
-struct Daemon {
+struct Service {
     child: Child,
     log: PathBuf,
 }
 
-impl Daemon {
+impl Service {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -111,7 +113,7 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
+impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -135,7 +137,7 @@ async fn under_systemd_run_says_ready_pings_the_watchdog_and_says_stopping_on_si
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start autopay run");
-    let mut daemon = Daemon { child, log };
+    let mut daemon = Service { child, log };
 
     // Start-up (a new SQLite file, created and migrated) ends with READY=1 and the status.
     let start = systemd.until("READY=1", Duration::from_secs(60), &mut daemon);
@@ -256,6 +258,42 @@ async fn a_slow_mail_batch_reports_after_every_message_so_it_never_looks_stalled
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(pass.await.unwrap().unwrap().sent, 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_run_in_process_tells_the_notifier_it_is_given() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    db.store().await;
+    let socket_path = db.path().join("notify.sock");
+    let systemd = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let addr = socket_address(socket_path.as_os_str()).unwrap();
+    let settings = crate::engine::settings(&[
+        ("AUTOPAY__DATABASE__URL", &db.url),
+        ("AUTOPAY__PROCESSOR__SIMULATED__LATENCY", "0s"),
+    ]);
+    let daemon = Daemon::build(settings, Arc::new(SystemClock))
+        .await
+        .unwrap()
+        .with_notifier(Notifier::to_address(Some(addr), None).unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(daemon.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+
+    let next = || async {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), systemd.recv(&mut buf))
+            .await
+            .expect("a notification within 10s")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next().await, "READY=1");
+    assert!(next().await.starts_with("STATUS=charging; worker "));
+    stop.send(()).unwrap();
+    assert_eq!(next().await, "STOPPING=1");
+    assert!(next().await.starts_with("STATUS=stopping: "));
+    run.await.unwrap().unwrap();
 }
 
 /// The owners of every file in `dir`, by name.
