@@ -69,7 +69,7 @@ impl From<StoreError> for CliError {
             StoreError::NotFound(_) => exit::NO_INPUT,
             StoreError::Conflict(_) => exit::DATA,
             StoreError::Unavailable(_) | StoreError::Contention(_) => exit::UNAVAILABLE,
-            StoreError::Schema(_) => exit::CONFIG,
+            StoreError::Schema(_) | StoreError::Config(_) => exit::CONFIG,
             StoreError::Internal(_) => exit::SOFTWARE,
         };
         CliError::new(code, e.to_string())
@@ -150,10 +150,11 @@ impl From<crate::processor::ProcessorError> for CliError {
 /// `sudo -u autopay` stays named: `cli:autopay (login alice)`). Never `$USER` or `$LOGNAME`,
 /// which any caller sets to anything.
 pub fn operator() -> String {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    let login = login_uid().filter(|uid| *uid != euid).map(user_name);
-    operator_label(&user_name(euid), login.as_deref())
+    let euid = crate::users::effective();
+    let login = login_uid()
+        .filter(|uid| *uid != euid)
+        .map(crate::users::name);
+    operator_label(&crate::users::name(euid), login.as_deref())
 }
 
 /// `cli:NAME` or `cli:NAME (login LOGIN)`, each name escaped ([`output::escape`]) so that an
@@ -175,36 +176,6 @@ fn login_uid() -> Option<libc::uid_t> {
     let text = std::fs::read_to_string("/proc/self/loginuid").ok()?;
     let uid: libc::uid_t = text.trim().parse().ok()?;
     (uid != libc::uid_t::MAX).then_some(uid)
-}
-
-/// The account name of a user id (getpwuid_r), or `uid N` when it has none.
-fn user_name(uid: libc::uid_t) -> String {
-    let mut buf = vec![0u8; 1024];
-    loop {
-        // SAFETY: a zeroed passwd is a valid out-parameter (pointers null, numbers 0).
-        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is to a live local, and `buf.len()` is the buffer's real size.
-        let rc = unsafe {
-            libc::getpwuid_r(
-                uid,
-                &mut entry,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut found,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 || found.is_null() || entry.pw_name.is_null() {
-            return format!("uid {uid}");
-        }
-        // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`, alive here.
-        let name = unsafe { std::ffi::CStr::from_ptr(entry.pw_name) };
-        return name.to_string_lossy().into_owned();
-    }
 }
 
 /// Parses a UUID argument, naming what it should be.
@@ -498,11 +469,11 @@ mod tests {
         );
         // SAFETY: geteuid cannot fail.
         let euid = unsafe { libc::geteuid() };
-        let me = user_name(euid);
+        let me = crate::users::name(euid);
         assert!(!me.is_empty());
         assert!(operator().starts_with(&format!("cli:{me}")));
         assert_eq!(
-            user_name(libc::uid_t::MAX - 1),
+            crate::users::name(libc::uid_t::MAX - 1),
             format!("uid {}", libc::uid_t::MAX - 1)
         );
     }

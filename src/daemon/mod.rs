@@ -5,7 +5,11 @@
 //! runs the worker loop and the mail loop until the stop future resolves, then lets what is in
 //! flight finish within `daemon.shutdown_grace`; [`Daemon::drain`] does all work due now and
 //! returns (`autopay run --drain`). Signals are the caller's: the stop is a future, so tests stop
-//! a daemon the way a SIGTERM does.
+//! a daemon the way a SIGTERM does. Under systemd it says READY, STATUS, WATCHDOG and STOPPING
+//! ([`systemd`], [`watchdog`]).
+
+pub mod systemd;
+pub mod watchdog;
 
 pub mod ticks;
 
@@ -32,6 +36,7 @@ use crate::notify::{housekeeping, mailer, reminders};
 use crate::processor::ProcessorError;
 use crate::shutdown::Shutdown;
 use crate::store::{self, OutcomePolicy, Store, StoreError};
+use systemd::Notifier;
 use ticks::{Body, TickRecord, Ticks};
 
 /// Why the daemon could not start, or how it stopped badly.
@@ -153,6 +158,8 @@ pub struct Daemon {
     dispatcher: Dispatcher,
     /// Every loop reports here; the watchdog and readiness read it.
     health: Arc<Health>,
+    /// Tells systemd how the run goes (does nothing outside systemd).
+    notifier: Arc<Notifier>,
 }
 
 /// The mail loop's name in [`Health`].
@@ -181,7 +188,8 @@ impl Daemon {
             outcome_policy(&settings),
         )
         .with_health(health.clone());
-        let dispatcher = dispatcher(&settings, store.clone(), clock.clone(), engine.worker_id())?;
+        let dispatcher = dispatcher(&settings, store.clone(), clock.clone(), engine.worker_id())?
+            .with_health(health.clone(), MAIL);
         Ok(Daemon {
             settings,
             clock,
@@ -189,7 +197,14 @@ impl Daemon {
             engine,
             dispatcher,
             health,
+            notifier: Arc::new(Notifier::from_env()),
         })
+    }
+
+    /// Notifies `notifier` instead of the service manager named by the environment.
+    pub fn with_notifier(mut self, notifier: Notifier) -> Daemon {
+        self.notifier = Arc::new(notifier);
+        self
     }
 
     /// What the loops report about themselves.
@@ -258,6 +273,13 @@ impl Daemon {
             metrics: crate::metrics::install(),
         });
         tracing::info!(worker_id = self.worker_id(), backend = ?self.settings.database.url.backend(), "autopay starting");
+        let _watchdog = watchdog::started(
+            &self.notifier,
+            &self.health,
+            &self.settings,
+            self.worker_id(),
+            &[crate::engine::WORKER, MAIL],
+        );
         let record = ticks.record().clone();
         let serving = crate::http::serve(listener, http, shutdown.clone());
         let alarms = self.tick_alarms(record, shutdown.clone());
@@ -276,6 +298,7 @@ impl Daemon {
             stop.await;
             tracing::info!("stop requested; finishing what is in flight");
             self.health.set_stopping();
+            watchdog::stopping(&self.notifier, grace);
             shutdown.trigger();
             tokio::time::sleep(grace).await;
         };

@@ -18,6 +18,7 @@ use serde::Serialize;
 pub use charger::ChargeReport;
 pub use operator::RetryOutcome;
 pub use planner::{PlanReport, plan_if_due, plan_step};
+pub use worker::WORKER;
 
 use crate::clock::Clock;
 use crate::domain::schedule::Misfire;

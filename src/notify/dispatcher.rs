@@ -23,6 +23,7 @@ use super::mailer::{Mail, Mailer, SendError};
 use super::templates::{Branding, Templates};
 use crate::clock::Clock;
 use crate::config::Settings;
+use crate::health::Health;
 use crate::limiter::RateLimiter;
 use crate::store::{DeliveryOutcome, Outgoing, Store, StoreError};
 
@@ -66,6 +67,10 @@ pub struct Dispatcher {
     lease: Duration,
     batch: u32,
     limiter: RateLimiter,
+    /// Where a pass reports after each message that its loop is alive (and under which name):
+    /// a batch against a mail server that times out takes one `email.smtp.timeout` per
+    /// message, far longer than the watchdog allows between two reports.
+    health: Option<(Arc<Health>, &'static str)>,
 }
 
 impl Dispatcher {
@@ -117,7 +122,14 @@ impl Dispatcher {
             lease: settings.daemon.lease.as_std(),
             batch: settings.daemon.batch_size,
             limiter: RateLimiter::new(settings.email.max_per_second),
+            health: None,
         })
+    }
+
+    /// Reports to `health`, as loop `name`, after each message a pass handles.
+    pub fn with_health(mut self, health: Arc<Health>, name: &'static str) -> Dispatcher {
+        self.health = Some((health, name));
+        self
     }
 
     /// The delay before attempt `attempts + 1`: the configured ones in turn, then the last one
@@ -265,6 +277,9 @@ impl Dispatcher {
                 .await?
             {
                 tracing::warn!(notification_id = %id, "notification lease taken over; its new holder records it");
+            }
+            if let Some((health, name)) = &self.health {
+                health.beat(name);
             }
         }
         if report.sent > 0 && session_refused.is_none() {

@@ -13,6 +13,7 @@ pub mod sqlite;
 pub mod types;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -34,6 +35,14 @@ pub const SCHEMA_VERSION: i64 = 3;
 /// runs against a database this one migrated.
 pub const MIN_BINARY_SCHEMA: i64 = 1;
 
+/// The longest one wait on the database may take: a connection from the pool (connecting
+/// included), a PostgreSQL statement (`statement_timeout`, lock waits included), a SQLite lock
+/// (`busy_timeout`) or this process's turn at SQLite's single writer. A database that is down or
+/// stuck shows up as an error the loops handle and report, never as a loop that waits for ever:
+/// the systemd watchdog (docs/operations.md) would take that for a hung daemon. `autopay
+/// migrate` alone has no statement limit, since a migration may rightly take long.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
+
 /// What went wrong in the store, sorted by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -50,6 +59,10 @@ pub enum StoreError {
     /// The database's schema does not match this binary (exit 78).
     #[error("{0}")]
     Schema(String),
+    /// The database cannot be used as configured, such as a SQLite file another user owns
+    /// (exit 78).
+    #[error("{0}")]
+    Config(String),
     /// Anything else: a bug or a corrupt row (exit 70).
     #[error("{0}")]
     Internal(String),
@@ -87,6 +100,13 @@ impl StoreError {
                 StoreError::Contention(format!(
                     "the database aborted a transaction while {doing} because it met another ({})",
                     db.message()
+                ))
+            }
+            // query_canceled: statement_timeout ([`WAIT_LIMIT`]) ran out.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
+                StoreError::Unavailable(format!(
+                    "the database did not answer within {}s while {doing}; it is overloaded or a lock is held too long, try again",
+                    WAIT_LIMIT.as_secs()
                 ))
             }
             sqlx::Error::Database(db)

@@ -2,12 +2,11 @@
 //! serialize the read-check-write steps that SQLite's single writer serializes by itself.
 
 use std::str::FromStr;
-use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::config::{Backend, DatabaseUrl};
-use crate::store::{Result, StoreError, WriteTx};
+use crate::store::{Result, StoreError, WAIT_LIMIT, WriteTx};
 
 /// The channel on which writers wake the daemons that LISTEN.
 pub const WAKE_CHANNEL: &str = "autopay_work";
@@ -43,16 +42,24 @@ impl PgStore {
     /// Any fixed number shared by every autopay process: serializes concurrent `migrate` runs.
     const MIGRATION_LOCK_KEY: i64 = 0x0061_7574_6f70_6179;
 
+    /// Opens a pool whose every wait is bounded by [`WAIT_LIMIT`]: the acquire timeout covers
+    /// waiting for a free connection and connecting a new one, and `statement_timeout` (sent at
+    /// connection start-up) every statement, its lock waits included.
     pub async fn open(url: &DatabaseUrl, max_connections: u32) -> Result<PgStore> {
-        let options = PgConnectOptions::from_str(url.expose()).map_err(|e| {
-            StoreError::Unavailable(format!(
-                "database.url {} is not a usable PostgreSQL URL ({e}); write it like postgres://USER@HOST:5432/DB",
-                url.redacted()
-            ))
-        })?;
+        let options = PgConnectOptions::from_str(url.expose())
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "database.url {} is not a usable PostgreSQL URL ({e}); write it like postgres://USER@HOST:5432/DB",
+                    url.redacted()
+                ))
+            })?
+            .options([(
+                "statement_timeout",
+                format!("{}ms", WAIT_LIMIT.as_millis()),
+            )]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(WAIT_LIMIT)
             .connect_with(options)
             .await
             .map_err(|e| {
@@ -119,7 +126,13 @@ impl PgStore {
         }
     }
 
+    /// Waits for any other `migrate` to finish. A migration may rightly run longer than
+    /// [`WAIT_LIMIT`] (an index on a large table), so its transaction has no statement limit.
     async fn lock_for_migration(tx: &mut WriteTx<sqlx::Postgres>) -> Result<()> {
+        sqlx::query("SET LOCAL statement_timeout = 0")
+            .execute(tx.conn())
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "lifting the statement limit for migration"))?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(Self::MIGRATION_LOCK_KEY)
             .execute(tx.conn())

@@ -2,17 +2,19 @@
 //!
 //! WAL journal, `synchronous = FULL` (a committed payment survives a power cut), foreign keys on,
 //! a busy timeout, and every writing transaction opened with `BEGIN IMMEDIATE`: a deferred
-//! transaction that reads and then writes fails with SQLITE_BUSY whatever the timeout.
+//! transaction that reads and then writes fails with SQLITE_BUSY whatever the timeout. Every wait
+//! (a connection from the pool, the busy lock, this process's turn to write) is bounded by
+//! [`WAIT_LIMIT`].
 
+use std::path::Path;
 use std::str::FromStr;
-use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use crate::config::{Backend, DatabaseUrl};
 use std::sync::Arc;
 
-use crate::store::{Result, StoreError, WriteTx};
+use crate::store::{Result, StoreError, WAIT_LIMIT, WriteTx};
 
 /// How often the daemon asks SQLite whether another process wrote.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
@@ -48,8 +50,14 @@ impl SqliteStore {
         ),
     ];
 
-    /// Opens (creating when missing) the file a `sqlite://` URL names.
+    /// Opens (creating when missing) the file a `sqlite://` URL names, after checking that this
+    /// process's user owns it ([`require_owner`]).
     pub async fn open(url: &DatabaseUrl, max_connections: u32) -> Result<SqliteStore> {
+        if let Some(path) = url.sqlite_path()
+            && !url.expose().contains("mode=memory")
+        {
+            require_owner(&path, crate::users::effective())?;
+        }
         create_private(url);
         let options = SqliteConnectOptions::from_str(url.expose())
             .map_err(|e| {
@@ -62,9 +70,10 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(WAIT_LIMIT);
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
+            .acquire_timeout(WAIT_LIMIT)
             .connect_with(options)
             .await
             .map_err(|e| {
@@ -84,7 +93,14 @@ impl SqliteStore {
     }
 
     async fn begin_write(&self) -> Result<WriteTx<sqlx::Sqlite>> {
-        let turn = self.write_turn.clone().lock_owned().await;
+        let turn = tokio::time::timeout(WAIT_LIMIT, self.write_turn.clone().lock_owned())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "the database stayed busy: this process's writes queued for over {}s; try again",
+                    WAIT_LIMIT.as_secs()
+                ))
+            })?;
         let tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -135,6 +151,68 @@ impl SqliteStore {
     }
 }
 
+/// Refuses (exit 78) a SQLite database file that user `euid` does not own: one that exists and
+/// belongs to another user, or a missing one in a folder another user owns. SQLite creates the
+/// `-wal` and `-shm` files beside the database (and the file itself when missing) as whoever
+/// opens it, readable by that user only: root running `autopay migrate` on the daemon's
+/// database would leave files the daemon's user cannot open, and the daemon would stop. A missing
+/// file in a sticky folder anyone may write to (`/tmp`) is allowed: there, each user owns what it
+/// creates and no one else's files are touched. A `-wal` or `-shm` file of the user's own
+/// database that another user owns is refused too, with the `chown` that repairs it. What cannot
+/// be read here (a missing folder, no permission) is left for SQLite to report.
+pub fn require_owner(path: &Path, euid: libc::uid_t) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (what, shown, owner) = match std::fs::metadata(path) {
+        Ok(file) => ("the SQLite database", path.to_path_buf(), file.uid()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let folder = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            match std::fs::metadata(folder) {
+                Ok(f) if f.mode() & 0o1000 != 0 => return Ok(()),
+                Ok(f) => (
+                    "the folder of the new SQLite database",
+                    folder.to_path_buf(),
+                    f.uid(),
+                ),
+                Err(_) => return Ok(()),
+            }
+        }
+        Err(_) => return Ok(()),
+    };
+    let me = crate::users::name(euid);
+    if owner == euid {
+        // SQLite cannot open a database whose -wal or -shm file its user cannot write (one left
+        // by root before this check existed).
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            let side = Path::new(&side);
+            if let Ok(m) = std::fs::metadata(side)
+                && m.uid() != euid
+            {
+                return Err(StoreError::Config(format!(
+                    "{} belongs to {}, not to {me} who owns the database {}: SQLite cannot open the database. With autopay stopped, give it back: chown {me}: {}",
+                    side.display(),
+                    crate::users::name(m.uid()),
+                    path.display(),
+                    side.display()
+                )));
+            }
+        }
+        return Ok(());
+    }
+    let (owner_name, sudo_user) = match crate::users::account(owner) {
+        Some(name) => (name.clone(), name),
+        None => (format!("uid {owner}"), format!("'#{owner}'")),
+    };
+    Err(StoreError::Config(format!(
+        "{what} {} belongs to {owner_name}, and autopay runs as {me}: files SQLite would create there (the -wal and -shm files) would belong to {me}, and {owner_name} (the daemon's user) could no longer open them. Run the command as the owner instead: sudo -u {sudo_user} autopay ...",
+        shown.display()
+    )))
+}
+
 /// Creates a missing database file readable and writable by its owner only (0600), whatever the
 /// umask: it holds members' names, emails and account numbers. SQLite gives the -wal and -shm
 /// files the database file's mode, so they follow. An existing file keeps its mode; any failure
@@ -155,3 +233,86 @@ fn create_private(url: &DatabaseUrl) {
 }
 
 super::shared::shared_store_impl!(SqliteStore, sqlx::Sqlite, "", "");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn owner(path: &Path) -> libc::uid_t {
+        std::fs::metadata(path).unwrap().uid()
+    }
+
+    #[test]
+    fn a_database_file_another_user_owns_is_refused_with_the_owner_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("autopay.db");
+        std::fs::write(&db, b"").unwrap();
+        std::os::unix::fs::chown(&db, Some(65534), Some(65534))
+            .expect("chown to uid 65534: this test runs as root, as CI does");
+        let err = require_owner(&db, crate::users::effective()).unwrap_err();
+        assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+        let nobody = crate::users::name(65534);
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("belongs to {nobody}")),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("sudo -u {nobody} autopay")),
+            "{message}"
+        );
+        assert!(message.contains(&db.display().to_string()), "{message}");
+    }
+
+    #[test]
+    fn a_new_database_in_a_folder_another_user_owns_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = owner(dir.path());
+        let err = require_owner(&dir.path().join("autopay.db"), me + 1).unwrap_err();
+        assert!(err.to_string().contains("folder"), "{err}");
+        // Relative to the working folder when the URL names no folder.
+        let cwd = owner(Path::new("."));
+        assert!(require_owner(Path::new("no-such-autopay.db"), cwd + 1).is_err());
+        assert!(require_owner(Path::new("no-such-autopay.db"), cwd).is_ok());
+    }
+
+    #[test]
+    fn the_owner_and_shared_sticky_folders_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("autopay.db");
+        let me = owner(dir.path());
+        assert!(require_owner(&db, me).is_ok());
+        std::fs::write(&db, b"").unwrap();
+        assert!(require_owner(&db, me).is_ok());
+        // A missing file in a sticky folder anyone writes to: the new file is the user's own.
+        use std::os::unix::fs::PermissionsExt;
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(require_owner(&shared.join("autopay.db"), me + 1).is_ok());
+        // A missing folder is SQLite's to report.
+        assert!(require_owner(&dir.path().join("gone/autopay.db"), me + 1).is_ok());
+    }
+
+    #[test]
+    fn a_wal_file_another_user_left_beside_the_users_own_database_is_refused_with_the_repair() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("autopay.db");
+        std::fs::write(&db, b"").unwrap();
+        let wal = dir.path().join("autopay.db-wal");
+        std::fs::write(&wal, b"").unwrap();
+        std::os::unix::fs::chown(&wal, Some(65534), Some(65534))
+            .expect("chown to uid 65534: this test runs as root, as CI does");
+        let me = crate::users::effective();
+        let message = require_owner(&db, me).unwrap_err().to_string();
+        assert!(
+            message.contains(&format!(
+                "chown {}: {}",
+                crate::users::name(me),
+                wal.display()
+            )),
+            "{message}"
+        );
+    }
+}

@@ -186,6 +186,27 @@ impl Bin {
     }
 
     pub fn run_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Run {
+        let mut child = self.command(args).spawn().expect("run autopay");
+        {
+            let mut input = child.stdin.take().expect("stdin");
+            if let Some(text) = stdin {
+                input.write_all(text.as_bytes()).expect("write stdin");
+            }
+        }
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = child.wait_with_output().expect("autopay finished");
+        Run {
+            code: status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
+    }
+
+    /// The command [`Bin::run`] runs, for a test that starts it itself (a daemon it signals).
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = match &self.umask {
             None => Command::new(env!("CARGO_BIN_EXE_autopay")),
             Some(umask) => {
@@ -210,23 +231,7 @@ impl Bin {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("run autopay");
-        {
-            let mut input = child.stdin.take().expect("stdin");
-            if let Some(text) = stdin {
-                input.write_all(text.as_bytes()).expect("write stdin");
-            }
-        }
-        let Output {
-            status,
-            stdout,
-            stderr,
-        } = child.wait_with_output().expect("autopay finished");
-        Run {
-            code: status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&stderr).into_owned(),
-        }
+        cmd
     }
 }
 

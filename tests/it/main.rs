@@ -12,3 +12,4 @@ mod service;
 mod simulation;
 mod smtp_peer;
 mod store_conformance;
+mod systemd;
