@@ -241,6 +241,9 @@ async fn metrics_text(State(s): State<Arc<HttpState>>) -> Response {
     if let Some(t) = s.health.last_pass() {
         metrics::gauge!(m::PASS_AGE).set(now.duration_since(t).as_secs_f64());
     }
+    for (check, result) in readiness(&s).await.checks {
+        metrics::gauge!(m::READY_CHECK, "check" => check).set(f64::from(u8::from(result == OK)));
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle.render(),

@@ -39,6 +39,9 @@ pub const MAIL_PAUSED: &str = "autopay_mail_paused";
 pub const TICK_AGE: &str = "autopay_tick_age_seconds";
 /// Seconds since this process's worker last completed a pass.
 pub const PASS_AGE: &str = "autopay_worker_pass_age_seconds";
+/// 1 while this process's readiness check (`check`: `database`, `charging`, `mail`, `worker`,
+/// `ticks`, `stopping`) passes, 0 while it fails: `/readyz` as numbers, for alert rules.
+pub const READY_CHECK: &str = "autopay_ready_check";
 
 /// The histogram's buckets, in seconds: a charge takes tens of milliseconds to the timeout.
 const CHARGE_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];

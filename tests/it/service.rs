@@ -267,6 +267,14 @@ async fn a_running_daemon_reports_its_readiness_and_stops_cleanly_on_sigterm() {
         metrics.contains("autopay_charging_paused{by=\"breaker\"} 1"),
         "{metrics}"
     );
+    // /readyz as numbers, one per check, for alert rules.
+    for line in [
+        "autopay_ready_check{check=\"charging\"} 0",
+        "autopay_ready_check{check=\"database\"} 1",
+        "autopay_ready_check{check=\"worker\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from {metrics}");
+    }
     daemon.signal(libc::SIGTERM);
     let exit = daemon.wait(Duration::from_secs(10));
     assert_eq!(exit, Some(0), "SIGTERM exits 0");
