@@ -147,7 +147,12 @@ pub enum MemberCommand {
         time_zone: Option<String>,
     },
     /// List members.
-    List,
+    List {
+        /// Only members whose email address bounces (the mail server refused it for good);
+        /// `member update --email` with a working address clears the flag.
+        #[arg(long)]
+        bouncing: bool,
+    },
     /// Show one member with cards, schedules and credits.
     Show {
         #[arg(value_name = "ACCOUNT")]

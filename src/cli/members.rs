@@ -80,9 +80,12 @@ pub(super) async fn member(ctx: &Context, command: MemberCommand) -> Result<(), 
             say(member.id.to_string());
             Ok(())
         }
-        MemberCommand::List => {
+        MemberCommand::List { bouncing } => {
             let store = ctx.store().await?;
-            let members = store.list_members().await?;
+            let mut members = store.list_members().await?;
+            if bouncing {
+                members.retain(|m| m.email_bouncing);
+            }
             if ctx.json {
                 return output::json(&members);
             }

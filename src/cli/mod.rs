@@ -406,7 +406,13 @@ async fn status(ctx: &Context) -> Result<(), CliError> {
     lines.push(("payments", counts(&report.payments)));
     lines.push(("bills", counts(&report.bills)));
     lines.push(("notifications", counts(&report.notifications)));
-    lines.push(("bouncing emails", report.members_bouncing.to_string()));
+    lines.push((
+        "bouncing emails",
+        match report.members_bouncing {
+            0 => "0".into(),
+            n => format!("{n} (autopay member list --bouncing)"),
+        },
+    ));
     lines.push((
         "due now",
         match activity.oldest_due {

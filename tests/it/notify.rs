@@ -406,6 +406,15 @@ async fn a_refused_recipient_fails_that_notification_and_flags_the_address() {
     );
     assert!(w.store.member_by_id(bad.id).await.unwrap().email_bouncing);
     assert_eq!(w.store.status().await.unwrap().members_bouncing, 1);
+    // The operator finds the member by the flag, and a new address clears it.
+    let bin = Bin::new(&w._db);
+    let listed = bin.run(&["member", "list", "--bouncing"]).ok().stdout;
+    assert!(listed.contains("A-100200"), "{listed}");
+    assert!(!listed.contains("B-100300"), "{listed}");
+    bin.run(&["member", "update", "A-100200", "--email", "ana@example.org"])
+        .ok();
+    let listed = bin.run(&["member", "list", "--bouncing"]).ok().stdout;
+    assert!(!listed.contains("A-100200"), "{listed}");
     // Not retried.
     w.advance(SignedDuration::from_hours(24));
     assert_eq!(dispatcher(&w).drain().await.unwrap().claimed, 0);
