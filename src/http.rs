@@ -226,6 +226,8 @@ async fn metrics_text(State(s): State<Arc<HttpState>>) -> Response {
         }
         metrics::gauge!(m::MAIL_PAUSED)
             .set(f64::from(u8::from(status.control.mail_paused.is_some())));
+        metrics::gauge!(m::BOUNCING).set(status.members_bouncing as f64);
+        metrics::gauge!(m::FINDINGS).set(status.findings_open as f64);
     }
     if let Ok(Ok((count, oldest))) = tokio::time::timeout(DB_WAIT, s.store.due_backlog(now)).await {
         metrics::gauge!(m::DUE_BACKLOG).set(count as f64);

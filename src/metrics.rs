@@ -35,6 +35,11 @@ pub const OUTBOX: &str = "autopay_outbox";
 pub const CHARGING_PAUSED: &str = "autopay_charging_paused";
 /// From the database: 1 while mail is paused after a session refusal.
 pub const MAIL_PAUSED: &str = "autopay_mail_paused";
+/// From the database: members whose address the mail server refused.
+pub const BOUNCING: &str = "autopay_members_bouncing";
+/// From the database: charges `autopay reconcile` could not place that no operator has
+/// acknowledged.
+pub const FINDINGS: &str = "autopay_reconcile_findings";
 /// Seconds since each periodic job last ran in this process (`job`).
 pub const TICK_AGE: &str = "autopay_tick_age_seconds";
 /// Seconds since this process's worker last completed a pass.

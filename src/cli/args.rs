@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     name = "autopay",
     version,
     about = "Charges members' automatic bill payments on schedule and emails them about it",
-    after_help = "Exit codes: 0 ok, 64 usage, 65 bad data, 66 no such member/card/bill/schedule/payment, 69 a service unavailable, 78 bad configuration or database schema."
+    after_help = "Exit codes: 0 ok, 64 usage, 65 bad data, 66 no such member/card/bill/schedule/payment, 69 a service unavailable, 70 internal error, 73 a backup file that exists, 78 bad configuration, database schema or an unreconciled restore, 130 stopped by a second signal."
 )]
 pub struct Cli {
     /// Settings file (TOML) layered over the embedded defaults.
@@ -36,6 +36,27 @@ pub enum Command {
     CheckConfig,
     /// Counts by state, and whether charging or mail is paused.
     Status,
+    /// Copy the SQLite database online to FILE, marked "reconcile required".
+    ///
+    /// The copy is consistent while the daemon runs (SQLite's VACUUM INTO) and readable only by
+    /// this user. A database restored from it is refused by `autopay run` until `autopay
+    /// reconcile` has run. PostgreSQL is backed up with pg_dump instead (docs/operations.md).
+    Backup {
+        /// The new file to write; it must not exist.
+        file: PathBuf,
+    },
+    /// Mark this database as restored from a backup: `run` refuses it until `reconcile`.
+    ///
+    /// For a PostgreSQL database restored with pg_restore (a SQLite copy from `autopay backup`
+    /// carries the mark already). The mark records the newest time the database holds.
+    RestoreMark,
+    /// Teach a restored database what the processor did after its backup.
+    ///
+    /// Every attempt of this installation the processor made since --since is recorded onto its
+    /// payment (approved: the payment succeeds and the member gets the receipt; declined: the
+    /// payment waits for an operator). Charges that fit no payment become findings, shown by
+    /// `status` until acknowledged. Then `run` accepts the database.
+    Reconcile(ReconcileArgs),
     /// Members: billing accounts.
     #[command(subcommand)]
     Member(MemberCommand),
@@ -431,4 +452,22 @@ pub enum PaymentCommand {
         #[arg(long, value_name = "YYYY-MM-DD")]
         until: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// Read the processor's attempts from this time (YYYY-MM-DD, UTC midnight, or an RFC 3339
+    /// time). Default, and the latest allowed: the backup's time less processor.key_retention
+    /// and daemon.lease.
+    #[arg(long, value_name = "DATE")]
+    pub since: Option<String>,
+    /// List every finding (acknowledged ones too) and change nothing.
+    #[arg(long, conflicts_with_all = ["since", "acknowledge"])]
+    pub findings: bool,
+    /// Acknowledge the finding with this id (after refunding or recording the charge).
+    #[arg(long, value_name = "ID", requires = "note", conflicts_with = "since")]
+    pub acknowledge: Option<String>,
+    /// What was done about the finding (kept with it).
+    #[arg(long, value_name = "TEXT", requires = "acknowledge")]
+    pub note: Option<String>,
 }

@@ -9,6 +9,7 @@ mod idle;
 mod members;
 mod operate;
 pub mod output;
+mod restore;
 mod schedules;
 
 use std::ffi::OsString;
@@ -34,6 +35,7 @@ pub mod exit {
     pub const NO_INPUT: u8 = 66;
     pub const UNAVAILABLE: u8 = 69;
     pub const SOFTWARE: u8 = 70;
+    pub const CANT_CREATE: u8 = 73;
     pub const CONFIG: u8 = 78;
 }
 
@@ -278,6 +280,9 @@ async fn dispatch(ctx: &Context, command: Command) -> Result<(), CliError> {
         Command::Migrate => migrate(ctx).await,
         Command::CheckConfig => check_config(ctx),
         Command::Status => status(ctx).await,
+        Command::Backup { file } => restore::backup(ctx, &file).await,
+        Command::RestoreMark => restore::restore_mark(ctx).await,
+        Command::Reconcile(args) => restore::reconcile(ctx, args).await,
         Command::Member(c) => members::member(ctx, c).await,
         Command::Card(c) => members::card(ctx, c).await,
         Command::Bill(c) => billing::bill(ctx, c).await,
@@ -446,6 +451,23 @@ async fn status(ctx: &Context) -> Result<(), CliError> {
                 .join("; ")
         },
     ));
+    if let Some(since) = report.control.reconcile_required_since {
+        lines.push((
+            "restore",
+            format!(
+                "RECONCILE REQUIRED: this database is complete only up to {since}; `autopay run` refuses it until `autopay reconcile` has run"
+            ),
+        ));
+    }
+    if report.findings_open > 0 {
+        lines.push((
+            "findings",
+            format!(
+                "{} charge(s) the processor made that reconcile could not place: `autopay reconcile --findings`, then `autopay reconcile --acknowledge ID --note TEXT` each",
+                report.findings_open
+            ),
+        ));
+    }
     if let Some(n) = report.payments.get("needs_review").filter(|n| **n > 0) {
         lines.push((
             "review",

@@ -188,6 +188,15 @@ impl Daemon {
             outcome_policy(&settings),
         )
         .with_health(health.clone());
+        // A restored database would charge again what the processor charged after its
+        // backup: refuse it until `autopay reconcile` has run.
+        let check = engine.restore_check().await?;
+        if let Some(refusal) = check.refusal() {
+            return Err(DaemonError::Config(refusal));
+        }
+        if let crate::engine::RestoreCheck::Unchecked { why } = &check {
+            tracing::warn!(error.message = %why, "could not compare this database with the processor's recent attempts; the restore check was skipped this start");
+        }
         let dispatcher = dispatcher(&settings, store.clone(), clock.clone(), engine.worker_id())?
             .with_health(health.clone(), MAIL);
         Ok(Daemon {

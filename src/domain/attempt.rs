@@ -71,6 +71,23 @@ pub struct AttemptRef {
     pub first_sent_at: Timestamp,
 }
 
+/// What the processor holds for one attempt, found by its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessorAttempt {
+    /// The key the attempt was sent under: it names the installation, schedule, occurrence
+    /// and attempt number ([`idempotency_key`]).
+    pub idempotency_key: String,
+    pub reference: String,
+    pub payment_id: Uuid,
+    pub schedule_id: Uuid,
+    pub occurrence: String,
+    pub attempt: i64,
+    pub amount: Money,
+    pub approved: bool,
+    pub decline_code: Option<String>,
+    pub created_at: Timestamp,
+}
+
 /// The idempotency key of one attempt: stable if an occurrence is planned again after a
 /// restore, new for every attempt, and distinct between installations sharing a processor.
 pub fn idempotency_key(

@@ -12,6 +12,7 @@ pub mod member;
 pub mod money;
 pub mod notice;
 pub mod payment;
+pub mod reconcile;
 pub mod schedule;
 pub mod status;
 pub mod text;

@@ -75,6 +75,12 @@ pub enum Transition {
     /// resolve it after asking the processor.
     OperatorTake,
     OperatorResolve(Resolution),
+    /// `autopay reconcile` records an attempt the processor made that a restored database did
+    /// not know: an approval ends the payment; a decline leaves it to an operator, since the
+    /// retry plan that followed it was lost with the newer database.
+    Reconciled {
+        approved: bool,
+    },
 }
 
 /// What an operator decides after asking the processor.
@@ -139,6 +145,16 @@ impl PaymentState {
                 Resolution::Failed => S::Failed,
                 Resolution::Cancelled => S::Cancelled,
             },
+            (
+                S::Scheduled | S::RetryWait | S::Processing | S::Unknown | S::NeedsReview,
+                T::Reconciled { approved },
+            ) => {
+                if approved {
+                    S::Succeeded
+                } else {
+                    S::NeedsReview
+                }
+            }
             _ => return None,
         })
     }
@@ -293,6 +309,20 @@ mod tests {
         }
         assert_eq!(S::NeedsReview.next(T::OperatorTake), Some(S::Processing));
         assert_eq!(S::NeedsReview.next(T::OperatorRetry), Some(S::Scheduled));
+    }
+
+    #[test]
+    fn reconcile_settles_only_payments_not_already_ended() {
+        for s in S::ALL {
+            let approved = s.next(T::Reconciled { approved: true });
+            let declined = s.next(T::Reconciled { approved: false });
+            if s.is_terminal() {
+                assert_eq!((approved, declined), (None, None), "{s}");
+            } else {
+                assert_eq!(approved, Some(S::Succeeded), "{s}");
+                assert_eq!(declined, Some(S::NeedsReview), "{s}");
+            }
+        }
     }
 
     #[test]

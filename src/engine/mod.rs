@@ -8,6 +8,7 @@
 mod charger;
 mod operator;
 mod planner;
+mod reconcile;
 mod worker;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use serde::Serialize;
 pub use charger::ChargeReport;
 pub use operator::RetryOutcome;
 pub use planner::{PlanReport, plan_if_due, plan_step};
+pub use reconcile::{ReconcileError, RestoreCheck};
 pub use worker::WORKER;
 
 use crate::clock::Clock;

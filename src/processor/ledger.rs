@@ -184,6 +184,7 @@ macro_rules! sql_backend {
                     account_last4: text("account_last4")?,
                 };
                 let attempt = ProcessorAttempt {
+                    idempotency_key: request.idempotency_key.clone(),
                     reference: text("reference")?,
                     payment_id: request.payment_id,
                     schedule_id: request.schedule_id,

@@ -13,13 +13,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use jiff::Timestamp;
 use serde::Serialize;
-use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::config::{DatabaseUrl, ProcessorKind, ProcessorSettings};
 use crate::domain::attempt::{Answer, LookupAnswer};
 use crate::domain::card::{CardBrand, CardNumber, Expiry, Last4, SecurityCode};
-use crate::domain::money::Money;
 
 /// What the processor knows about a stored card now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -39,7 +37,7 @@ pub struct Tokenized {
     pub fingerprint: Option<String>,
 }
 
-pub use crate::domain::attempt::{AttemptRef, ChargeRequest};
+pub use crate::domain::attempt::{AttemptRef, ChargeRequest, ProcessorAttempt};
 
 /// What a charge call came back with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,20 +93,6 @@ impl ChargeOutcome {
             },
         }
     }
-}
-
-/// What the processor holds for one attempt, found by its metadata.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessorAttempt {
-    pub reference: String,
-    pub payment_id: Uuid,
-    pub schedule_id: Uuid,
-    pub occurrence: String,
-    pub attempt: i64,
-    pub amount: Money,
-    pub approved: bool,
-    pub decline_code: Option<String>,
-    pub created_at: Timestamp,
 }
 
 /// The answer to "did this attempt happen?".

@@ -439,6 +439,7 @@ impl SimulatedProcessor {
         let charge = Charge {
             request: request.clone(),
             attempt: ProcessorAttempt {
+                idempotency_key: request.idempotency_key.clone(),
                 reference: format!("sim_ch_{}", Uuid::now_v7().simple()),
                 payment_id: request.payment_id,
                 schedule_id: request.schedule_id,

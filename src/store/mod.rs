@@ -29,7 +29,7 @@ use crate::domain::payment::PaymentState;
 pub use crate::domain::attempt::{Answer, LookupAnswer};
 
 /// The schema version this binary needs (the highest migration it knows).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 /// The schema version a database records as the oldest binary that may run against it.
 /// Migrations are additive for one release, so the release before this one (schema 1) still
 /// runs against a database this one migrated.
@@ -388,6 +388,32 @@ pub trait Store: Send + Sync {
     async fn next_mail_due(&self) -> Result<Option<Timestamp>>;
     /// Active cards expiring by `by` that a live schedule uses, with their member.
     async fn cards_expiring(&self, by: jiff::civil::Date) -> Result<Vec<(Card, Member)>>;
+
+    /// Writes an online copy of the database to `path` (SQLite's `VACUUM INTO`) and marks the
+    /// copy "reconcile required" as of `at`. PostgreSQL answers `Unsupported`: pg_dump is its
+    /// route.
+    async fn backup_into(&self, path: &std::path::Path, at: Timestamp) -> Result<()>;
+    /// Sets (or, with `None`, clears) the "reconcile required" mark.
+    async fn set_reconcile_mark(&self, since: Option<Timestamp>, audit: &Audit) -> Result<()>;
+    /// The time of the newest record in the database: a restored database is complete up to
+    /// about then.
+    async fn newest_record(&self) -> Result<Option<Timestamp>>;
+    /// Which of `keys` the database knows, as an attempt or as a finding.
+    async fn known_keys(&self, keys: &[String]) -> Result<std::collections::HashSet<String>>;
+    /// Records what the processor says about one attempt that a restored database may not
+    /// know ([`crate::domain::reconcile::decide`]), in one transaction. With `last_try`, an
+    /// approval whose occurrence has no payment becomes a finding; without it, the caller is
+    /// told it is `Unplanned` so that it can plan the schedule first.
+    async fn reconcile_attempt(
+        &self,
+        found: &crate::domain::attempt::ProcessorAttempt,
+        last_try: bool,
+        audit: &Audit,
+    ) -> Result<Reconciled>;
+    /// Findings, oldest first; only those not yet acknowledged with `open_only`.
+    async fn findings(&self, open_only: bool) -> Result<Vec<Finding>>;
+    /// An operator's acknowledgement of a finding, with what was done about it.
+    async fn acknowledge_finding(&self, id: Uuid, note: &str, audit: &Audit) -> Result<Finding>;
 }
 
 /// Opens the store a URL names, every call retried on contention. SQLite files are created when

@@ -38,6 +38,11 @@ impl PgStore {
             "job_runs",
             include_str!("../../migrations/postgres/0003_job_runs.sql"),
         ),
+        (
+            4,
+            "reconcile",
+            include_str!("../../migrations/postgres/0004_reconcile.sql"),
+        ),
     ];
     /// Any fixed number shared by every autopay process: serializes concurrent `migrate` runs.
     const MIGRATION_LOCK_KEY: i64 = 0x0061_7574_6f70_6179;
@@ -83,6 +88,14 @@ impl PgStore {
             .await
             .map_err(|e| StoreError::from_sqlx(e, "starting a write"))?;
         Ok(WriteTx::new(tx, None))
+    }
+
+    /// PostgreSQL is backed up with its own tools (pg_dump); `autopay restore-mark` marks a
+    /// restored database.
+    async fn backup_to(&self, _path: &std::path::Path, _at: jiff::Timestamp) -> Result<()> {
+        Err(StoreError::Config(
+            "autopay backup copies SQLite databases; back up PostgreSQL with pg_dump and, after restoring, run `autopay restore-mark` (docs/operations.md, Backups and restores)".into(),
+        ))
     }
 
     /// Tells every autopay process listening on this database that new work may be due

@@ -36,6 +36,9 @@ pub struct Control {
     pub min_binary_schema: i64,
     pub charging_paused: Option<Pause>,
     pub mail_paused: Option<Pause>,
+    /// Set on a copy `autopay backup` made and by `autopay restore-mark`: the time up to which
+    /// the database is known complete. `run` refuses the database until `reconcile` clears it.
+    pub reconcile_required_since: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +60,8 @@ pub struct StatusReport {
     pub bills: BTreeMap<String, i64>,
     pub notifications: BTreeMap<String, i64>,
     pub members_bouncing: i64,
+    /// Charges `reconcile` could not place that no operator has acknowledged yet.
+    pub findings_open: i64,
 }
 
 /// What is happening now, for `autopay status`.
@@ -540,4 +545,42 @@ pub enum DeliveryOutcome {
         error: String,
         bounce: bool,
     },
+}
+
+/// A charge at the processor that `reconcile` could not place on a payment.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub id: Uuid,
+    pub kind: String,
+    /// What the operator does about it.
+    pub explanation: String,
+    pub idempotency_key: String,
+    pub reference: String,
+    pub payment_id: Option<Uuid>,
+    pub schedule_id: Uuid,
+    pub occurrence: String,
+    pub attempt: i64,
+    #[serde(serialize_with = "money_str")]
+    pub amount: Money,
+    pub charged_at: Timestamp,
+    pub found_at: Timestamp,
+    pub acknowledged_at: Option<Timestamp>,
+    pub acknowledged_by: Option<String>,
+    pub note: Option<String>,
+}
+
+/// What `reconcile` did with one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reconciled {
+    Known,
+    Ignored,
+    /// Recorded onto `payment_id`, which is now in `state`.
+    Recorded {
+        payment_id: Uuid,
+        state: PaymentState,
+    },
+    /// Listed as a finding (now or by an earlier run).
+    Finding,
+    /// No payment yet, but its schedule exists: planning it may create the payment.
+    Unplanned,
 }

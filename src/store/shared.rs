@@ -15,7 +15,7 @@ macro_rules! shared_store_impl {
         use sqlx::Row;
         use uuid::Uuid;
 
-        use crate::domain::attempt::{AttemptRef, CallOutcome, CardLimit, ChargeRequest, SentAttempt, Step as AttemptStep};
+        use crate::domain::attempt::{AttemptRef, CallOutcome, ProcessorAttempt, CardLimit, ChargeRequest, SentAttempt, Step as AttemptStep};
         use crate::domain::card::{CardBrand, Last4};
         use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
         use crate::domain::money::{Currency, Money};
@@ -1205,6 +1205,145 @@ macro_rules! shared_store_impl {
             Ok(state)
         }
 
+        /// Locks a payment's rows in the one order (member, schedule, card, payment) whoever
+        /// holds it: for `reconcile`, which runs while no daemon does.
+        async fn lock_payment(tx: &mut Tx, payment_id: Uuid) -> Result<Option<Locked>> {
+            let owners: Option<(DbId, DbId, DbId)> = sqlx::query_as("SELECT member_id, schedule_id, payment_method_id FROM payments WHERE id = $1")
+                .bind(DbId(payment_id))
+                .fetch_optional(tx.conn())
+                .await
+                .map_err(db_err("reading a payment"))?;
+            let Some((member_id, schedule_id, card_id)) = owners else { return Ok(None) };
+            let member = member_by_id_in(tx, member_id.0).await?;
+            let schedule = schedule_in(tx, schedule_id.0).await?;
+            let card = card_in(tx, card_id.0).await?;
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {PAYMENT_COLS}, credit_applied, unknown_since, lease_expires_at FROM payments WHERE id = $1{}", $for_update
+            )))
+            .bind(DbId(payment_id))
+            .fetch_one(tx.conn())
+            .await
+            .map_err(db_err("reading a payment"))?;
+            let held = held_from(&row)?;
+            let token = Uuid::nil();
+            Ok(Some(Locked { lease: Lease { payment_id, token }, member, schedule, card, held }))
+        }
+
+        fn finding_from(row: &DbRow) -> Result<Finding> {
+            const T: &str = "reconcile_findings";
+            let kind: String = get(row, T, "kind")?;
+            let explanation = [
+                crate::domain::reconcile::FindingKind::NoPayment,
+                crate::domain::reconcile::FindingKind::SecondCharge,
+                crate::domain::reconcile::FindingKind::EndedPayment,
+                crate::domain::reconcile::FindingKind::OtherAttemptOpen,
+            ]
+            .into_iter()
+            .find(|k| k.as_str() == kind)
+            .map(|k| k.explain().to_string())
+            .ok_or_else(|| corrupt(T, "kind", &kind))?;
+            Ok(Finding {
+                id: id(row, T, "id")?,
+                kind,
+                explanation,
+                idempotency_key: get(row, T, "idempotency_key")?,
+                reference: get(row, T, "reference")?,
+                payment_id: get::<Option<DbId>>(row, T, "payment_id")?.map(|i| i.0),
+                schedule_id: id(row, T, "schedule_id")?,
+                occurrence: get(row, T, "occurrence")?,
+                attempt: get(row, T, "attempt")?,
+                amount: Money::from_minor(get(row, T, "amount")?, currency(row, T)?),
+                charged_at: time(row, T, "charged_at")?,
+                found_at: time(row, T, "found_at")?,
+                acknowledged_at: opt_time(row, T, "acknowledged_at")?,
+                acknowledged_by: get(row, T, "acknowledged_by")?,
+                note: get(row, T, "note")?,
+            })
+        }
+
+        const FINDING_COLS: &str = "id, kind, idempotency_key, reference, payment_id, schedule_id, occurrence, attempt, amount, currency, charged_at, found_at, acknowledged_at, acknowledged_by, note";
+
+        /// Lists a charge `reconcile` could not place; a second run finds it listed already.
+        async fn insert_finding(tx: &mut Tx, found: &ProcessorAttempt, kind: crate::domain::reconcile::FindingKind, payment_id: Option<Uuid>, audit: &Audit) -> Result<()> {
+            let done = sqlx::query("INSERT INTO reconcile_findings (id, idempotency_key, kind, reference, payment_id, schedule_id, occurrence, attempt, amount, currency, charged_at, found_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (idempotency_key) DO NOTHING")
+                .bind(DbId(new_id()))
+                .bind(&found.idempotency_key)
+                .bind(kind.as_str())
+                .bind(&found.reference)
+                .bind(payment_id.map(DbId))
+                .bind(DbId(found.schedule_id))
+                .bind(&found.occurrence)
+                .bind(found.attempt)
+                .bind(found.amount.minor())
+                .bind(found.amount.currency().code())
+                .bind(DbTime(found.created_at))
+                .bind(DbTime(audit.at))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("recording a reconcile finding"))?
+                .rows_affected();
+            if done > 0 {
+                event(tx, audit, "reconcile", found.schedule_id, "finding", serde_json::json!({
+                    "kind": kind.as_str(), "reference": found.reference, "attempt": found.attempt,
+                    "occurrence": found.occurrence, "payment_id": payment_id,
+                })).await?;
+            }
+            Ok(())
+        }
+
+        /// Writes (or completes) the history of one attempt the processor reports: the attempt
+        /// row under its key, and the request in the card's history so the card limits count it.
+        async fn record_found_attempt(tx: &mut Tx, l: &Locked, found: &ProcessorAttempt, audit: &Audit) -> Result<()> {
+            let payment = &l.held.payment;
+            let outcome = if found.approved { "approved" } else { "declined" };
+            let existing: Option<DbId> = sqlx::query_scalar("SELECT id FROM payment_attempts WHERE idempotency_key = $1")
+                .bind(&found.idempotency_key)
+                .fetch_optional(tx.conn())
+                .await
+                .map_err(db_err("reading an attempt"))?;
+            if existing.is_some() {
+                sqlx::query("UPDATE payment_attempts SET outcome = $1, decline_code = $2, processor_reference = $3, finished_at = $4, resend_stopped = TRUE WHERE idempotency_key = $5")
+                    .bind(outcome)
+                    .bind(found.decline_code.as_deref())
+                    .bind(&found.reference)
+                    .bind(DbTime(found.created_at))
+                    .bind(&found.idempotency_key)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("recording a reconciled attempt"))?;
+            } else {
+                sqlx::query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at, outcome, decline_code, processor_reference, finished_at, first_sent_at, sends, resend_stopped) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $8, $8, 1, TRUE)")
+                    .bind(DbId(new_id()))
+                    .bind(DbId(payment.id))
+                    .bind(found.attempt)
+                    .bind(DbId(l.card.id))
+                    .bind(&found.idempotency_key)
+                    .bind(found.amount.minor())
+                    .bind(found.amount.currency().code())
+                    .bind(DbTime(found.created_at))
+                    .bind(outcome)
+                    .bind(found.decline_code.as_deref())
+                    .bind(&found.reference)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("recording a reconciled attempt"))?;
+            }
+            sqlx::query("INSERT INTO processor_calls (id, payment_id, attempt, payment_method_id, fingerprint, kind, actor, started_at, outcome, detail, finished_at) VALUES ($1, $2, $3, $4, $5, 'charge', $6, $7, $8, $9, $7)")
+                .bind(DbId(new_id()))
+                .bind(DbId(payment.id))
+                .bind(found.attempt)
+                .bind(DbId(l.card.id))
+                .bind(l.card.fingerprint.as_deref())
+                .bind(&audit.actor)
+                .bind(DbTime(found.created_at))
+                .bind(outcome)
+                .bind(found.decline_code.as_deref().unwrap_or(&found.reference))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("recording a reconciled request"))?;
+            Ok(())
+        }
+
         #[async_trait]
         impl Store for $store {
             fn backend(&self) -> crate::config::Backend {
@@ -1283,7 +1422,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn control(&self) -> Result<Control> {
-                let row = sqlx::query("SELECT installation_id, min_binary_schema, charging_paused_at, charging_paused_by, charging_paused_reason, mail_paused_at, mail_paused_reason FROM control WHERE id = 1")
+                let row = sqlx::query("SELECT installation_id, min_binary_schema, charging_paused_at, charging_paused_by, charging_paused_reason, mail_paused_at, mail_paused_reason, reconcile_required_since FROM control WHERE id = 1")
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(db_err("reading control"))?
@@ -1294,6 +1433,7 @@ macro_rules! shared_store_impl {
                     min_binary_schema: get(&row, T, "min_binary_schema")?,
                     charging_paused: pause_from(opt_time(&row, T, "charging_paused_at")?, get(&row, T, "charging_paused_by")?, get(&row, T, "charging_paused_reason")?),
                     mail_paused: pause_from(opt_time(&row, T, "mail_paused_at")?, None, get(&row, T, "mail_paused_reason")?),
+                    reconcile_required_since: opt_time(&row, T, "reconcile_required_since")?,
                 })
             }
 
@@ -1303,6 +1443,10 @@ macro_rules! shared_store_impl {
                     .fetch_one(&self.pool)
                     .await
                     .map_err(db_err("counting"))?;
+                let findings_open: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM reconcile_findings WHERE acknowledged_at IS NULL")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_err("counting findings"))?;
                 Ok(StatusReport {
                     backend: format!("{:?}", Self::BACKEND).to_lowercase(),
                     schema_version: self.schema_state().await?.applied,
@@ -1313,6 +1457,7 @@ macro_rules! shared_store_impl {
                     bills: counts(&self.pool, "SELECT status AS k, COUNT(*) AS n FROM bills GROUP BY status").await?,
                     notifications: counts(&self.pool, "SELECT state AS k, COUNT(*) AS n FROM notifications GROUP BY state").await?,
                     members_bouncing,
+                    findings_open,
                 })
             }
 
@@ -2984,6 +3129,215 @@ macro_rules! shared_store_impl {
                     }
                 }
                 Ok(out)
+            }
+
+            async fn backup_into(&self, path: &std::path::Path, at: Timestamp) -> Result<()> {
+                $store::backup_to(self, path, at).await
+            }
+
+            async fn set_reconcile_mark(&self, since: Option<Timestamp>, audit: &Audit) -> Result<()> {
+                let mut tx = self.begin_write().await?;
+                sqlx::query("UPDATE control SET reconcile_required_since = $1 WHERE id = 1")
+                    .bind(since.map(DbTime))
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("marking the database"))?;
+                let action = if since.is_some() { "reconcile_required" } else { "reconciled" };
+                event(&mut tx, audit, "control", Uuid::nil(), action, serde_json::json!({ "since": since })).await?;
+                commit(tx).await
+            }
+
+            async fn newest_record(&self) -> Result<Option<Timestamp>> {
+                let mut newest: Option<Timestamp> = None;
+                for sql in ["SELECT MAX(at) FROM events", "SELECT MAX(started_at) FROM payment_attempts"] {
+                    let t: Option<DbTime> = sqlx::query_scalar(sql)
+                        .fetch_one(&self.pool)
+                        .await
+                        .map_err(db_err("finding the newest record"))?;
+                    newest = newest.max(t.map(|t| t.0));
+                }
+                Ok(newest)
+            }
+
+            async fn known_keys(&self, keys: &[String]) -> Result<std::collections::HashSet<String>> {
+                let mut known = std::collections::HashSet::new();
+                for chunk in keys.chunks(500) {
+                    let marks = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+                    let sql = format!(
+                        "SELECT idempotency_key FROM payment_attempts WHERE idempotency_key IN ({marks}) \
+                         UNION SELECT idempotency_key FROM reconcile_findings WHERE idempotency_key IN ({marks})"
+                    );
+                    let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
+                    for k in chunk {
+                        q = q.bind(k);
+                    }
+                    known.extend(q.fetch_all(&self.pool).await.map_err(db_err("comparing attempts with the processor's"))?);
+                }
+                Ok(known)
+            }
+
+            async fn reconcile_attempt(&self, found: &ProcessorAttempt, last_try: bool, audit: &Audit) -> Result<Reconciled> {
+                use crate::domain::reconcile::{decide, Decision, OurPayment, Recorded};
+                let mut tx = self.begin_write().await?;
+                let listed: Option<DbId> = sqlx::query_scalar("SELECT id FROM reconcile_findings WHERE idempotency_key = $1")
+                    .bind(&found.idempotency_key)
+                    .fetch_optional(tx.conn())
+                    .await
+                    .map_err(db_err("reading findings"))?;
+                if listed.is_some() {
+                    return Ok(Reconciled::Finding);
+                }
+                // The payment the attempt was made for: by its id, or (planned again after the
+                // restore under another id) by its schedule and occurrence, which the key names.
+                let payment_id: Option<DbId> = sqlx::query_scalar("SELECT id FROM payments WHERE id = $1 OR (schedule_id = $2 AND occurrence = $3) ORDER BY CASE WHEN id = $1 THEN 0 ELSE 1 END LIMIT 1")
+                    .bind(DbId(found.payment_id))
+                    .bind(DbId(found.schedule_id))
+                    .bind(&found.occurrence)
+                    .fetch_optional(tx.conn())
+                    .await
+                    .map_err(db_err("finding the attempt's payment"))?;
+                let locked = match payment_id {
+                    Some(pid) => lock_payment(&mut tx, pid.0).await?,
+                    None => None,
+                };
+                let ours = match &locked {
+                    None => None,
+                    Some(l) => {
+                        let outcome: Option<Option<String>> = sqlx::query_scalar("SELECT outcome FROM payment_attempts WHERE idempotency_key = $1")
+                            .bind(&found.idempotency_key)
+                            .fetch_optional(tx.conn())
+                            .await
+                            .map_err(db_err("reading an attempt"))?;
+                        Some(OurPayment {
+                            state: l.held.payment.state,
+                            attempt: l.held.payment.attempt,
+                            reference: l.held.payment.processor_reference.clone(),
+                            recorded: outcome.map(|o| match o.as_deref() {
+                                Some("approved") => Recorded::Approved,
+                                Some("declined") => Recorded::Declined,
+                                _ => Recorded::Open,
+                            }),
+                        })
+                    }
+                };
+                let decision = decide(found, ours.as_ref());
+                let done = match (decision, &locked) {
+                    (Decision::Known, _) => Reconciled::Known,
+                    (Decision::Ignore, _) => Reconciled::Ignored,
+                    (Decision::Finding(crate::domain::reconcile::FindingKind::NoPayment), _) if !last_try => {
+                        let schedule: Option<DbId> = sqlx::query_scalar("SELECT id FROM schedules WHERE id = $1")
+                            .bind(DbId(found.schedule_id))
+                            .fetch_optional(tx.conn())
+                            .await
+                            .map_err(db_err("reading a schedule"))?;
+                        if schedule.is_some() {
+                            return Ok(Reconciled::Unplanned);
+                        }
+                        insert_finding(&mut tx, found, crate::domain::reconcile::FindingKind::NoPayment, None, audit).await?;
+                        Reconciled::Finding
+                    }
+                    (Decision::Finding(kind), l) => {
+                        insert_finding(&mut tx, found, kind, l.as_ref().map(|l| l.held.payment.id), audit).await?;
+                        Reconciled::Finding
+                    }
+                    (Decision::Record { .. }, None) => {
+                        return Err(StoreError::Internal("reconcile decided to record onto a payment it did not find".into()));
+                    }
+                    (Decision::Record { moves_to }, Some(l)) => {
+                        record_found_attempt(&mut tx, l, found, audit).await?;
+                        let payment = &l.held.payment;
+                        let state = match moves_to {
+                            None => payment.state,
+                            Some(PaymentState::Succeeded) => {
+                                // The money moved at the amount the processor reports; credit the
+                                // lost attempt reserved is not known, so none is used.
+                                sqlx::query("UPDATE payments SET attempt = $1, amount = $2, credit_applied = 0 WHERE id = $3")
+                                    .bind(found.attempt)
+                                    .bind(found.amount.minor())
+                                    .bind(DbId(payment.id))
+                                    .execute(tx.conn())
+                                    .await
+                                    .map_err(db_err("recording a reconciled success"))?;
+                                let mut settled = Locked {
+                                    lease: l.lease,
+                                    member: l.member.clone(),
+                                    schedule: l.schedule.clone(),
+                                    card: l.card.clone(),
+                                    held: Held {
+                                        payment: Payment { attempt: found.attempt, amount: Some(found.amount), ..payment.clone() },
+                                        credit_applied: 0,
+                                        unknown_since: None,
+                                        lease_expires_at: None,
+                                    },
+                                };
+                                settled.lease.payment_id = payment.id;
+                                settle_success(&mut tx, &settled, PaymentState::Succeeded, &found.reference, audit).await?;
+                                PaymentState::Succeeded
+                            }
+                            Some(state) => {
+                                let reason = format!(
+                                    "reconcile: the processor declined attempt {} ({}) after the backup this database was restored from; retry it with `autopay payment retry` or resolve it",
+                                    found.attempt, found.decline_code.as_deref().unwrap_or("no code")
+                                );
+                                sqlx::query("UPDATE payments SET state = $1, attempt = $2, amount = $3, credit_applied = 0, decline_code = $4, reason = $5, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $6 WHERE id = $7")
+                                    .bind(state.as_str())
+                                    .bind(found.attempt)
+                                    .bind(found.amount.minor())
+                                    .bind(found.decline_code.as_deref())
+                                    .bind(&reason)
+                                    .bind(DbTime(audit.at))
+                                    .bind(DbId(payment.id))
+                                    .execute(tx.conn())
+                                    .await
+                                    .map_err(db_err("recording a reconciled decline"))?;
+                                state
+                            }
+                        };
+                        event(&mut tx, audit, "payment", payment.id, "reconciled", serde_json::json!({
+                            "attempt": found.attempt, "approved": found.approved, "reference": found.reference,
+                            "from": payment.state.as_str(), "to": state.as_str(),
+                        })).await?;
+                        Reconciled::Recorded { payment_id: payment.id, state }
+                    }
+                };
+                commit(tx).await?;
+                Ok(done)
+            }
+
+            async fn findings(&self, open_only: bool) -> Result<Vec<Finding>> {
+                let filter = if open_only { " WHERE acknowledged_at IS NULL" } else { "" };
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {FINDING_COLS} FROM reconcile_findings{filter} ORDER BY charged_at, id")))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err("reading findings"))?;
+                rows.iter().map(finding_from).collect()
+            }
+
+            async fn acknowledge_finding(&self, id: Uuid, note: &str, audit: &Audit) -> Result<Finding> {
+                let mut tx = self.begin_write().await?;
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {FINDING_COLS} FROM reconcile_findings WHERE id = $1{}", $for_update)))
+                    .bind(DbId(id))
+                    .fetch_optional(tx.conn())
+                    .await
+                    .map_err(db_err("reading a finding"))?
+                    .ok_or_else(|| StoreError::NotFound(format!("no finding has id {id}; list them with `autopay reconcile --findings`")))?;
+                let finding = finding_from(&row)?;
+                if let Some(at) = finding.acknowledged_at {
+                    return Err(StoreError::Conflict(format!(
+                        "finding {id} was acknowledged at {at} by {}; nothing changed", finding.acknowledged_by.as_deref().unwrap_or("someone")
+                    )));
+                }
+                sqlx::query("UPDATE reconcile_findings SET acknowledged_at = $1, acknowledged_by = $2, note = $3 WHERE id = $4")
+                    .bind(DbTime(audit.at))
+                    .bind(&audit.actor)
+                    .bind(note)
+                    .bind(DbId(id))
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("acknowledging a finding"))?;
+                event(&mut tx, audit, "reconcile", id, "acknowledged", serde_json::json!({ "note": note })).await?;
+                commit(tx).await?;
+                Ok(Finding { acknowledged_at: Some(audit.at), acknowledged_by: Some(audit.actor.clone()), note: Some(note.to_string()), ..finding })
             }
         }
     };

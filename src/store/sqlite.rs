@@ -48,6 +48,11 @@ impl SqliteStore {
             "job_runs",
             include_str!("../../migrations/sqlite/0003_job_runs.sql"),
         ),
+        (
+            4,
+            "reconcile",
+            include_str!("../../migrations/sqlite/0004_reconcile.sql"),
+        ),
     ];
 
     /// Opens (creating when missing) the file a `sqlite://` URL names, after checking that this
@@ -107,6 +112,53 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::from_sqlx(e, "starting a write"))?;
         Ok(WriteTx::new(tx, Some(turn)))
+    }
+
+    /// `autopay backup`: an online copy by `VACUUM INTO` (consistent, taken under a read
+    /// transaction while the daemon keeps writing), into a new file only this user can read,
+    /// then marked "reconcile required" as of `at`, the moment the copy was complete.
+    async fn backup_to(&self, path: &Path, at: jiff::Timestamp) -> Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| {
+                StoreError::Config(format!(
+                    "cannot create the backup file {}: {e}; name a new file in a folder this user can write",
+                    path.display()
+                ))
+            })?;
+        let copied = async {
+            sqlx::query("VACUUM INTO $1")
+                .bind(path.to_string_lossy().into_owned())
+                .execute(&self.pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "copying the database"))?;
+            let copy = SqliteConnectOptions::new()
+                .filename(path)
+                .journal_mode(SqliteJournalMode::Delete)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(WAIT_LIMIT);
+            let mut conn = sqlx::ConnectOptions::connect(&copy)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "opening the backup"))?;
+            sqlx::query("UPDATE control SET reconcile_required_since = $1 WHERE id = 1")
+                .bind(crate::store::types::DbTime(at))
+                .execute(&mut conn)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "marking the backup"))?;
+            sqlx::Connection::close(conn)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "closing the backup"))
+        }
+        .await;
+        if copied.is_err() {
+            // A half-written copy must never be mistaken for a backup.
+            let _ = std::fs::remove_file(path);
+        }
+        copied
     }
 
     /// Other processes are told nothing: [`SqliteStore::watch_changes`] sees their commits.

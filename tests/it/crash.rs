@@ -279,7 +279,18 @@ async fn three_daemons_killed_and_frozen_charge_every_payment_once_and_send_ever
             // While three daemons share the database, each answers on its own port. The frozen
             // one may be stopped now; the other two must answer.
             for d in [&steady, &killed] {
-                let (code, body) = get(d.port, "/healthz").unwrap_or((0, String::new()));
+                // The killed one may have just been started again: it answers once it has
+                // checked the database and the processor.
+                let deadline = Instant::now() + Duration::from_secs(15);
+                let (code, body) = loop {
+                    match get(d.port, "/healthz") {
+                        Some(answer) => break answer,
+                        None if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(100))
+                        }
+                        None => break (0, String::new()),
+                    }
+                };
                 assert_eq!(code, 200, "{} /healthz: {body}", d.name);
                 let (code, body) = get(d.port, "/metrics").unwrap_or((0, String::new()));
                 assert_eq!(code, 200, "{} /metrics", d.name);

@@ -7,6 +7,7 @@ mod exactly_once;
 mod helpers;
 mod hostile;
 mod notify;
+mod restore;
 mod secrets;
 mod service;
 mod simulation;

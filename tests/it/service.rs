@@ -272,6 +272,8 @@ async fn a_running_daemon_reports_its_readiness_and_stops_cleanly_on_sigterm() {
         "autopay_ready_check{check=\"charging\"} 0",
         "autopay_ready_check{check=\"database\"} 1",
         "autopay_ready_check{check=\"worker\"} 1",
+        "autopay_members_bouncing 0",
+        "autopay_reconcile_findings 0",
     ] {
         assert!(metrics.contains(line), "{line} missing from {metrics}");
     }

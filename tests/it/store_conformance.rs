@@ -652,3 +652,4 @@ crate::helpers::on_both!(
     payments_are_listed_by_member_and_state,
     queued_mail_goes_to_the_address_the_member_has_when_it_is_sent,
 );
+
