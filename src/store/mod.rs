@@ -364,6 +364,9 @@ pub trait Store: Send + Sync {
     /// Deletes outbox rows that are done (sent, failed or expired) since before `before`: they
     /// hold names and addresses, and `email.keep_sent` says how long they are kept.
     async fn prune_notifications(&self, before: Timestamp) -> Result<u64>;
+    /// Deletes the periodic-job rows of workers that last ran before `before`: every process
+    /// has a worker id of its own, so each restart adds rows.
+    async fn prune_job_runs(&self, before: Timestamp) -> Result<u64>;
     /// Calls `changed` whenever the database may hold new work written by another process or
     /// host (a payment added by the command line, a notification queued elsewhere), until
     /// `stop` fires: PostgreSQL LISTEN/NOTIFY, or SQLite's `data_version` checked every 200 ms.

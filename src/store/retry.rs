@@ -143,6 +143,7 @@ retried! {
     fn set_mail_pause(reason: Option<&str>, now: Timestamp) -> ();
     fn schedules_due_between(after: Timestamp, until: Timestamp) -> Vec<Schedule>;
     fn prune_notifications(before: Timestamp) -> u64;
+    fn prune_job_runs(before: Timestamp) -> u64;
     fn next_mail_due() -> Option<Timestamp>;
     fn due_backlog(now: Timestamp) -> (i64, Option<Timestamp>);
     fn database_clock() -> Option<Timestamp>;

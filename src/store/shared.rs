@@ -3110,6 +3110,18 @@ macro_rules! shared_store_impl {
                 Ok(done)
             }
 
+            async fn prune_job_runs(&self, before: Timestamp) -> Result<u64> {
+                let mut tx = self.begin_write().await?;
+                let done = sqlx::query("DELETE FROM job_runs WHERE last_run < $1")
+                    .bind(DbTime(before))
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("deleting old job runs"))?
+                    .rows_affected();
+                commit(tx).await?;
+                Ok(done)
+            }
+
             async fn cards_expiring(&self, by: jiff::civil::Date) -> Result<Vec<(Card, Member)>> {
                 let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
                     "SELECT {} FROM payment_methods p WHERE p.status = 'active' AND (p.exp_year * 100 + p.exp_month) <= $1 \

@@ -651,5 +651,41 @@ crate::helpers::on_both!(
     closing_a_member_cancels_every_live_schedule,
     payments_are_listed_by_member_and_state,
     queued_mail_goes_to_the_address_the_member_has_when_it_is_sent,
+    housekeeping_deletes_the_job_runs_of_workers_gone_for_a_week,
 );
 
+/// Every process is a worker of its own, so each restart adds job rows: housekeeping deletes
+/// those of workers gone for a week, and status still shows each job's last run.
+async fn housekeeping_deletes_the_job_runs_of_workers_gone_for_a_week(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let store = db.store().await;
+    let t0: jiff::Timestamp = "2026-12-01T00:00:00Z".parse().unwrap();
+    let later = t0 + jiff::SignedDuration::from_hours(24 * 8);
+    store
+        .record_job_run("planner", "old-host-1", t0)
+        .await
+        .unwrap();
+    store
+        .record_job_run("planner", "new-host-2", later)
+        .await
+        .unwrap();
+    let settings = crate::engine::settings(&[]);
+    autopay::notify::housekeeping::prune(store.as_ref(), &settings, later)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.prune_job_runs(t0).await.unwrap(),
+        0,
+        "already deleted"
+    );
+    let activity = store.activity(later, t0).await.unwrap();
+    assert_eq!(activity.jobs.get("planner"), Some(&later));
+    // One row was left: the live worker's.
+    assert_eq!(
+        store
+            .prune_job_runs(later + jiff::SignedDuration::from_secs(1))
+            .await
+            .unwrap(),
+        1
+    );
+}
