@@ -29,6 +29,18 @@ pub(super) async fn backup(ctx: &Context, file: &Path) -> Result<(), CliError> {
             "autopay backup copies SQLite databases; back up PostgreSQL with pg_dump and, after restoring, run `autopay restore-mark` (docs/operations.md, Backups and restores)",
         ));
     }
+    if file
+        .parent()
+        .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
+    {
+        return Err(CliError::new(
+            exit::CANT_CREATE,
+            format!(
+                "the folder of {} does not exist; create it, or name a file in an existing folder",
+                file.display()
+            ),
+        ));
+    }
     if file.exists() {
         return Err(CliError::new(
             exit::CANT_CREATE,
@@ -58,7 +70,7 @@ pub(super) async fn backup(ctx: &Context, file: &Path) -> Result<(), CliError> {
 pub(super) async fn restore_mark(ctx: &Context) -> Result<(), CliError> {
     let store = ctx.store().await?;
     // The database is complete up to its newest record: nothing after that can be in it.
-    let since = store.newest_record().await?.unwrap_or_else(|| ctx.now());
+    let since = store.newest_attempt().await?.unwrap_or_else(|| ctx.now());
     store.set_reconcile_mark(Some(since), &ctx.audit()).await?;
     tracing::warn!(%since, "database marked as restored");
     if ctx.json {
@@ -149,6 +161,12 @@ pub(super) async fn reconcile(ctx: &Context, args: ReconcileArgs) -> Result<(), 
     );
     if ctx.json {
         return output::json(&report);
+    }
+    if report.nothing_to_do {
+        say(
+            "nothing to reconcile: this database is not marked as restored, and the processor made no charge for this installation that it does not know. If it was restored from a backup, run `autopay restore-mark` first",
+        );
+        return Ok(());
     }
     say(output::fields(&[
         (

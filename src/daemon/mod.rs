@@ -194,8 +194,12 @@ impl Daemon {
         if let Some(refusal) = check.refusal() {
             return Err(DaemonError::Config(refusal));
         }
-        if let crate::engine::RestoreCheck::Unchecked { why } = &check {
-            tracing::warn!(error.message = %why, "could not compare this database with the processor's recent attempts; the restore check was skipped this start");
+        if let crate::engine::RestoreCheck::Unchecked { why } = check {
+            return Err(DaemonError::Processor(ProcessorError::Unavailable(
+                format!(
+                    "cannot compare this database with the processor's recent charges ({why}); autopay does not charge from a database it cannot check, so it starts once the processor answers"
+                ),
+            )));
         }
         let dispatcher = dispatcher(&settings, store.clone(), clock.clone(), engine.worker_id())?
             .with_health(health.clone(), MAIL);

@@ -66,16 +66,35 @@ pub fn since(requested: Option<Timestamp>, latest: Timestamp) -> Result<Timestam
     }
 }
 
-/// The attempts the processor holds that the database knows neither as an attempt nor as a
-/// finding: any one of them means the database is older than the processor's history.
+/// The charges the processor made that the database knows neither as an attempt nor as a
+/// finding: any one of them means the database is older than the processor's history, and
+/// would charge again. (A decline it does not know moved no money.)
 pub fn unknown_to_us<'a>(
     found: &'a [ProcessorAttempt],
     known: &std::collections::HashSet<String>,
 ) -> Vec<&'a ProcessorAttempt> {
     found
         .iter()
-        .filter(|a| !known.contains(&a.idempotency_key))
+        .filter(|a| a.approved && !known.contains(&a.idempotency_key))
         .collect()
+}
+
+/// Where the start check reads the processor's history from: the key retention, or further
+/// back to just before the newest attempt the database knows, so that a restore is caught
+/// however long ago its last charge was.
+pub fn check_since(
+    now: Timestamp,
+    newest_attempt: Option<Timestamp>,
+    key_retention: Duration,
+    lease: Duration,
+) -> Timestamp {
+    let retention = SignedDuration::try_from(key_retention).unwrap_or(SignedDuration::MAX);
+    let from_now = now.checked_sub(retention).unwrap_or(Timestamp::MIN);
+    let lease = SignedDuration::try_from(lease).unwrap_or(SignedDuration::MAX);
+    match newest_attempt {
+        Some(t) => from_now.min(t.checked_sub(lease).unwrap_or(Timestamp::MIN)),
+        None => from_now,
+    }
 }
 
 /// What the database holds for the payment an attempt belongs to.
@@ -88,6 +107,9 @@ pub struct OurPayment {
     pub reference: Option<String>,
     /// The outcome our attempt row under the same key records, if there is one.
     pub recorded: Option<Recorded>,
+    /// Whether the payment's current attempt was sent and has no final answer: it may still
+    /// charge.
+    pub current_in_flight: bool,
 }
 
 /// An outcome the database recorded for an attempt.
@@ -171,6 +193,9 @@ pub fn decide(found: &ProcessorAttempt, ours: Option<&OurPayment>) -> Decision {
         (Some(Recorded::Approved), true) | (Some(Recorded::Declined), false) => {
             return Decision::Known;
         }
+        // The database recorded money that the processor says never moved: the processor is
+        // the truth about money, but a recorded success is never undone by a machine.
+        (Some(Recorded::Approved), false) => return Decision::Known,
         _ => {}
     }
     if found.approved {
@@ -184,7 +209,9 @@ pub fn decide(found: &ProcessorAttempt, ours: Option<&OurPayment>) -> Decision {
         if p.state.is_terminal() {
             return Decision::Finding(FindingKind::EndedPayment);
         }
-        if p.state.reserves() && p.attempt != found.attempt {
+        // An older attempt approved while a newer one may still charge: two charges are
+        // possible, and only a person can tell.
+        if found.attempt < p.attempt && p.current_in_flight {
             return Decision::Finding(FindingKind::OtherAttemptOpen);
         }
         Decision::Record {
@@ -205,6 +232,9 @@ pub fn decide(found: &ProcessorAttempt, ours: Option<&OurPayment>) -> Decision {
 /// What one `reconcile` run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReconcileReport {
+    /// The database carries no mark and the processor knows no charge it does not: nothing
+    /// was read or changed.
+    pub nothing_to_do: bool,
     pub since: Option<Timestamp>,
     /// Attempts of this installation the processor listed.
     pub listed: u64,
@@ -259,6 +289,7 @@ mod tests {
             attempt,
             reference: None,
             recorded: None,
+            current_in_flight: state.reserves(),
         }
     }
 
@@ -353,6 +384,53 @@ mod tests {
     }
 
     #[test]
+    fn a_decline_then_an_approved_retry_ends_in_success_not_a_finding() {
+        // The decline of attempt 1 was recorded first: the payment waits for review at
+        // attempt 1, whose answer is known.
+        let mut reviewed = payment(S::NeedsReview, 1);
+        reviewed.current_in_flight = false;
+        assert_eq!(
+            decide(&found(2, true), Some(&reviewed)),
+            Decision::Record {
+                moves_to: Some(S::Succeeded)
+            }
+        );
+        // A backup taken while attempt 1 was in flight, which the processor never got: the
+        // approval of attempt 2 ends the payment, and nothing sends attempt 1 again.
+        assert_eq!(
+            decide(&found(2, true), Some(&payment(S::Processing, 1))),
+            Decision::Record {
+                moves_to: Some(S::Succeeded)
+            }
+        );
+    }
+
+    #[test]
+    fn only_unknown_approvals_betray_a_restore_and_the_check_reaches_back_to_the_last_attempt() {
+        let declined = found(1, false);
+        let approved = found(2, true);
+        let all = [declined, approved.clone()];
+        let known = std::collections::HashSet::new();
+        assert_eq!(unknown_to_us(&all, &known), vec![&approved]);
+        let now: Timestamp = "2026-12-10T00:00:00Z".parse().unwrap();
+        let day = Duration::from_secs(24 * 3600);
+        let lease = Duration::from_secs(300);
+        assert_eq!(
+            check_since(now, None, day, lease),
+            "2026-12-09T00:00:00Z".parse().unwrap()
+        );
+        assert_eq!(
+            check_since(
+                now,
+                Some("2026-12-01T00:00:00Z".parse().unwrap()),
+                day,
+                lease
+            ),
+            "2026-11-30T23:55:00Z".parse().unwrap()
+        );
+    }
+
+    #[test]
     fn what_the_database_already_records_is_known() {
         let mut done = payment(S::Succeeded, 1);
         done.reference = Some("ch_1".into());
@@ -360,6 +438,9 @@ mod tests {
         let mut declined = payment(S::RetryWait, 2);
         declined.recorded = Some(Recorded::Declined);
         assert_eq!(decide(&found(1, false), Some(&declined)), Decision::Known);
+        // A recorded success is never rewritten as a decline.
+        done.recorded = Some(Recorded::Approved);
+        assert_eq!(decide(&found(1, false), Some(&done)), Decision::Known);
     }
 
     #[test]

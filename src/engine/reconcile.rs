@@ -31,7 +31,7 @@ impl RestoreCheck {
                 "this database is a backup or a restore, complete only up to {since}; run `autopay reconcile` before `autopay run`, so that nothing charged after that is charged again"
             )),
             RestoreCheck::Unknown { count, newest } => Some(format!(
-                "this database looks restored: the processor recorded {count} charge attempt(s) of this installation that it does not know, the newest at {newest}; run `autopay reconcile` before `autopay run`"
+                "this database looks restored: the processor made {count} charge(s) for this installation that this database does not know, the newest at {newest}; run `autopay reconcile` before `autopay run`"
             )),
         }
     }
@@ -49,21 +49,36 @@ pub enum ReconcileError {
 }
 
 impl Engine {
-    /// Compares the processor's attempts within its key retention with the database's: run at
-    /// start, so that a database restored without the mark is refused too.
+    /// Compares the processor's charges with the database's, from within the key retention or
+    /// just before the newest attempt the database knows, whichever is earlier: run at start,
+    /// so that a database restored without the mark is refused too. The processor gets
+    /// `processor.timeout` to answer.
     pub async fn restore_check(&self) -> Result<RestoreCheck, StoreError> {
         let control = self.store.control().await?;
         if let Some(since) = control.reconcile_required_since {
             return Ok(RestoreCheck::Marked { since });
         }
-        let now = self.clock.now();
-        let window = jiff::SignedDuration::try_from(self.policy.keys.key_retention)
-            .unwrap_or(jiff::SignedDuration::MAX);
-        let since = now.checked_sub(window).unwrap_or(Timestamp::MIN);
-        let found = match self.processor.list_attempts(since).await {
-            Ok(found) => rules::ours(found, control.installation_id),
-            Err(e) => {
-                return Ok(RestoreCheck::Unchecked { why: e.to_string() });
+        let since = rules::check_since(
+            self.clock.now(),
+            self.store.newest_attempt().await?,
+            self.policy.keys.key_retention,
+            self.config.lease,
+        );
+        let listed = tokio::time::timeout(
+            self.config.processor_timeout,
+            self.processor.list_attempts(since),
+        )
+        .await;
+        let found = match listed {
+            Ok(Ok(found)) => rules::ours(found, control.installation_id),
+            Ok(Err(e)) => return Ok(RestoreCheck::Unchecked { why: e.to_string() }),
+            Err(_) => {
+                return Ok(RestoreCheck::Unchecked {
+                    why: format!(
+                        "no answer within processor.timeout ({:?})",
+                        self.config.processor_timeout
+                    ),
+                });
             }
         };
         let keys: Vec<String> = found.iter().map(|a| a.idempotency_key.clone()).collect();
@@ -86,11 +101,27 @@ impl Engine {
         requested: Option<Timestamp>,
     ) -> Result<ReconcileReport, ReconcileError> {
         let control = self.store.control().await?;
+        if control.reconcile_required_since.is_none() {
+            // Unmarked: reconcile only what the start check would refuse, never a database a
+            // daemon may be charging from.
+            match self.restore_check().await? {
+                RestoreCheck::Unknown { .. } | RestoreCheck::Marked { .. } => {}
+                RestoreCheck::Clean => {
+                    return Ok(ReconcileReport {
+                        nothing_to_do: true,
+                        ..ReconcileReport::default()
+                    });
+                }
+                RestoreCheck::Unchecked { why } => {
+                    return Err(ProcessorError::Unavailable(why).into());
+                }
+            }
+        }
         let backup_at = match control.reconcile_required_since {
             Some(t) => t,
             None => self
                 .store
-                .newest_record()
+                .newest_attempt()
                 .await?
                 .unwrap_or_else(|| self.clock.now()),
         };

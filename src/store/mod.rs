@@ -34,6 +34,9 @@ pub const SCHEMA_VERSION: i64 = 4;
 /// Migrations are additive for one release, so the release before this one (schema 1) still
 /// runs against a database this one migrated.
 pub const MIN_BINARY_SCHEMA: i64 = 1;
+/// The schema version that brought the "reconcile required" mark: a marked database requires a
+/// binary at least this new.
+pub const RECONCILE_SCHEMA: i64 = 4;
 
 /// The longest one wait on the database may take: a connection from the pool (connecting
 /// included), a PostgreSQL statement (`statement_timeout`, lock waits included), a SQLite lock
@@ -396,11 +399,14 @@ pub trait Store: Send + Sync {
     /// copy "reconcile required" as of `at`. PostgreSQL answers `Unsupported`: pg_dump is its
     /// route.
     async fn backup_into(&self, path: &std::path::Path, at: Timestamp) -> Result<()>;
-    /// Sets (or, with `None`, clears) the "reconcile required" mark.
+    /// Sets (or, with `None`, clears) the "reconcile required" mark. A mark already set is never
+    /// moved later. While it is set, the database requires a binary that knows the mark
+    /// ([`RECONCILE_SCHEMA`]), so that rolling back to an older release cannot run it.
     async fn set_reconcile_mark(&self, since: Option<Timestamp>, audit: &Audit) -> Result<()>;
-    /// The time of the newest record in the database: a restored database is complete up to
-    /// about then.
-    async fn newest_record(&self) -> Result<Option<Timestamp>>;
+    /// When the newest charge request the database records was made: a restored database is
+    /// complete up to about then. Audit events are not counted: commands run after a restore
+    /// write them too.
+    async fn newest_attempt(&self) -> Result<Option<Timestamp>>;
     /// Which of `keys` the database knows, as an attempt or as a finding.
     async fn known_keys(&self, keys: &[String]) -> Result<std::collections::HashSet<String>>;
     /// Records what the processor says about one attempt that a restored database may not

@@ -152,7 +152,7 @@ retried! {
     fn cards_expiring(by: jiff::civil::Date) -> Vec<(Card, Member)>;
     fn backup_into(path: &std::path::Path, at: Timestamp) -> ();
     fn set_reconcile_mark(since: Option<Timestamp>, audit: &Audit) -> ();
-    fn newest_record() -> Option<Timestamp>;
+    fn newest_attempt() -> Option<Timestamp>;
     fn known_keys(keys: &[String]) -> std::collections::HashSet<String>;
     fn reconcile_attempt(found: &crate::domain::attempt::ProcessorAttempt, last_try: bool, audit: &Audit) -> Reconciled;
     fn findings(open_only: bool) -> Vec<Finding>;

@@ -1225,6 +1225,11 @@ macro_rules! shared_store_impl {
             .await
             .map_err(db_err("reading a payment"))?;
             let held = held_from(&row)?;
+            if held.payment.card_id != card.id {
+                return Err(StoreError::Contention(format!(
+                    "payment {payment_id} moved to another card while it was being reconciled; run reconcile again"
+                )));
+            }
             let token = Uuid::nil();
             Ok(Some(Locked { lease: Lease { payment_id, token }, member, schedule, card, held }))
         }
@@ -1302,6 +1307,16 @@ macro_rules! shared_store_impl {
                 .await
                 .map_err(db_err("reading an attempt"))?;
             if existing.is_some() {
+                // Its request is in the card's history already, unfinished: finish it.
+                sqlx::query("UPDATE processor_calls SET outcome = $1, detail = $2, finished_at = $3 WHERE payment_id = $4 AND attempt = $5 AND kind = 'charge' AND outcome IS NULL")
+                    .bind(outcome)
+                    .bind(found.decline_code.as_deref().unwrap_or(&found.reference))
+                    .bind(DbTime(found.created_at))
+                    .bind(DbId(payment.id))
+                    .bind(found.attempt)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("recording a reconciled request"))?;
                 sqlx::query("UPDATE payment_attempts SET outcome = $1, decline_code = $2, processor_reference = $3, finished_at = $4, resend_stopped = TRUE WHERE idempotency_key = $5")
                     .bind(outcome)
                     .bind(found.decline_code.as_deref())
@@ -1328,19 +1343,21 @@ macro_rules! shared_store_impl {
                     .await
                     .map_err(db_err("recording a reconciled attempt"))?;
             }
-            sqlx::query("INSERT INTO processor_calls (id, payment_id, attempt, payment_method_id, fingerprint, kind, actor, started_at, outcome, detail, finished_at) VALUES ($1, $2, $3, $4, $5, 'charge', $6, $7, $8, $9, $7)")
-                .bind(DbId(new_id()))
-                .bind(DbId(payment.id))
-                .bind(found.attempt)
-                .bind(DbId(l.card.id))
-                .bind(l.card.fingerprint.as_deref())
-                .bind(&audit.actor)
-                .bind(DbTime(found.created_at))
-                .bind(outcome)
-                .bind(found.decline_code.as_deref().unwrap_or(&found.reference))
-                .execute(tx.conn())
-                .await
-                .map_err(db_err("recording a reconciled request"))?;
+            if existing.is_none() {
+                sqlx::query("INSERT INTO processor_calls (id, payment_id, attempt, payment_method_id, fingerprint, kind, actor, started_at, outcome, detail, finished_at) VALUES ($1, $2, $3, $4, $5, 'charge', $6, $7, $8, $9, $7)")
+                    .bind(DbId(new_id()))
+                    .bind(DbId(payment.id))
+                    .bind(found.attempt)
+                    .bind(DbId(l.card.id))
+                    .bind(l.card.fingerprint.as_deref())
+                    .bind(&audit.actor)
+                    .bind(DbTime(found.created_at))
+                    .bind(outcome)
+                    .bind(found.decline_code.as_deref().unwrap_or(&found.reference))
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("recording a reconciled request"))?;
+            }
             Ok(())
         }
 
@@ -3149,19 +3166,24 @@ macro_rules! shared_store_impl {
 
             async fn set_reconcile_mark(&self, since: Option<Timestamp>, audit: &Audit) -> Result<()> {
                 let mut tx = self.begin_write().await?;
-                sqlx::query("UPDATE control SET reconcile_required_since = $1 WHERE id = 1")
-                    .bind(since.map(DbTime))
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("marking the database"))?;
+                match since {
+                    Some(t) => sqlx::query("UPDATE control SET reconcile_required_since = CASE WHEN reconcile_required_since IS NOT NULL AND reconcile_required_since < $1 THEN reconcile_required_since ELSE $1 END, min_binary_schema = CASE WHEN min_binary_schema < $2 THEN $2 ELSE min_binary_schema END WHERE id = 1")
+                        .bind(DbTime(t))
+                        .bind(RECONCILE_SCHEMA),
+                    None => sqlx::query("UPDATE control SET reconcile_required_since = NULL, min_binary_schema = $1 WHERE id = 1")
+                        .bind(MIN_BINARY_SCHEMA),
+                }
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("marking the database"))?;
                 let action = if since.is_some() { "reconcile_required" } else { "reconciled" };
                 event(&mut tx, audit, "control", Uuid::nil(), action, serde_json::json!({ "since": since })).await?;
                 commit(tx).await
             }
 
-            async fn newest_record(&self) -> Result<Option<Timestamp>> {
+            async fn newest_attempt(&self) -> Result<Option<Timestamp>> {
                 let mut newest: Option<Timestamp> = None;
-                for sql in ["SELECT MAX(at) FROM events", "SELECT MAX(started_at) FROM payment_attempts"] {
+                for sql in ["SELECT MAX(started_at) FROM payment_attempts", "SELECT MAX(started_at) FROM processor_calls"] {
                     let t: Option<DbTime> = sqlx::query_scalar(sql)
                         .fetch_one(&self.pool)
                         .await
@@ -3220,7 +3242,14 @@ macro_rules! shared_store_impl {
                             .fetch_optional(tx.conn())
                             .await
                             .map_err(db_err("reading an attempt"))?;
+                        let in_flight: Option<i64> = sqlx::query_scalar("SELECT attempt FROM payment_attempts WHERE payment_id = $1 AND attempt = $2 AND first_sent_at IS NOT NULL AND outcome IS NULL")
+                            .bind(DbId(l.held.payment.id))
+                            .bind(l.held.payment.attempt)
+                            .fetch_optional(tx.conn())
+                            .await
+                            .map_err(db_err("reading an attempt"))?;
                         Some(OurPayment {
+                            current_in_flight: in_flight.is_some(),
                             state: l.held.payment.state,
                             attempt: l.held.payment.attempt,
                             reference: l.held.payment.processor_reference.clone(),
@@ -3283,7 +3312,9 @@ macro_rules! shared_store_impl {
                                     },
                                 };
                                 settled.lease.payment_id = payment.id;
-                                settle_success(&mut tx, &settled, PaymentState::Succeeded, &found.reference, audit).await?;
+                                // The receipt and the allocations carry the moment the money moved.
+                                let charged = Audit { actor: audit.actor.clone(), at: found.created_at };
+                                settle_success(&mut tx, &settled, PaymentState::Succeeded, &found.reference, &charged).await?;
                                 PaymentState::Succeeded
                             }
                             Some(state) => {

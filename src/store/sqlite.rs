@@ -144,8 +144,9 @@ impl SqliteStore {
             let mut conn = sqlx::ConnectOptions::connect(&copy)
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "opening the backup"))?;
-            sqlx::query("UPDATE control SET reconcile_required_since = $1 WHERE id = 1")
+            sqlx::query("UPDATE control SET reconcile_required_since = $1, min_binary_schema = CASE WHEN min_binary_schema < $2 THEN $2 ELSE min_binary_schema END WHERE id = 1")
                 .bind(crate::store::types::DbTime(at))
+                .bind(crate::store::RECONCILE_SCHEMA)
                 .execute(&mut conn)
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "marking the backup"))?;

@@ -106,7 +106,7 @@ async fn restore(w: &World, backup: &Backup) -> (Arc<dyn Store>, Option<TestDb>)
                 String::from_utf8_lossy(&out.stderr)
             );
             let store = autopay::store::open(&db.database_url(), 4).await.unwrap();
-            let newest = store.newest_record().await.unwrap();
+            let newest = store.newest_attempt().await.unwrap();
             store.set_reconcile_mark(newest, &w.audit()).await.unwrap();
             (store, Some(db))
         }
@@ -179,10 +179,10 @@ async fn an_older_backup_restored_is_refused_until_reconciled_and_then_charges_n
 
     // The restore: the old copy comes back, marked, and is refused.
     let (restored, _restored_db) = restore(&w, &backup).await;
-    assert_eq!(
-        restored.control().await.unwrap().reconcile_required_since,
-        Some(backup_at)
-    );
+    let control = restored.control().await.unwrap();
+    assert_eq!(control.reconcile_required_since, Some(backup_at));
+    // While marked, the release before this one (which knows no mark) refuses it.
+    assert_eq!(control.min_binary_schema, autopay::store::RECONCILE_SCHEMA);
     let engine = engine_over(&w, restored.clone());
     let check = engine.restore_check().await.unwrap();
     assert_eq!(check, RestoreCheck::Marked { since: backup_at });
@@ -216,7 +216,27 @@ async fn an_older_backup_restored_is_refused_until_reconciled_and_then_charges_n
     );
     assert_eq!(report.findings, 1, "{report:?}");
     assert_eq!(engine.restore_check().await.unwrap(), RestoreCheck::Clean);
-    // A second run over the same window changes nothing.
+    assert_eq!(
+        restored.control().await.unwrap().min_binary_schema,
+        autopay::store::MIN_BINARY_SCHEMA
+    );
+    // Unmarked and clean, reconcile reads and changes nothing (a daemon may be charging).
+    let idle = engine.reconcile(None).await.unwrap();
+    assert!(idle.nothing_to_do, "{idle:?}");
+    // Marked again (a mark is never moved later), a second run over the same window changes
+    // nothing.
+    restored
+        .set_reconcile_mark(Some(backup_at), &w.audit())
+        .await
+        .unwrap();
+    restored
+        .set_reconcile_mark(Some(w.clock.now()), &w.audit())
+        .await
+        .unwrap();
+    assert_eq!(
+        restored.control().await.unwrap().reconcile_required_since,
+        Some(backup_at)
+    );
     let twice = engine
         .reconcile(Some("2026-11-30T00:00:00Z".parse().unwrap()))
         .await
@@ -311,6 +331,9 @@ fn the_command_line_backs_up_refuses_a_restored_copy_and_reconciles_it() {
     let out = bin.run(&["backup", copy.to_str().unwrap()]).ok().stdout;
     assert!(out.contains("reconcile required"), "{out}");
     bin.run(&["backup", copy.to_str().unwrap()]).fails_with(73);
+    let nowhere = db.path().join("no-such-folder/copy.db");
+    bin.run(&["backup", nowhere.to_str().unwrap()])
+        .fails_with(73);
     bin.run(&["run", "--drain"]).ok();
     assert_eq!(ledger_charges(db.path()), 1);
 
