@@ -83,6 +83,13 @@ pub(super) fn parse(e: &Email, c: &mut Checker) -> EmailSettings {
     }
     let max_age = c.dur("email.max_age", &e.max_age);
     let email_retry = c.durs("email.retry_delays", &e.retry_delays);
+    if email_retry.is_empty() {
+        c.problem(
+            "email.retry_delays",
+            "[]",
+            "at least one wait, such as [\"1m\", \"5m\", \"30m\"]: a message that fails for a while is tried again after each, the last one repeating".to_string(),
+        );
+    }
     let max_per_second = c.int("email.max_per_second", &e.max_per_second, 1, 10_000);
     let keep_sent = c.dur("email.keep_sent", &e.keep_sent);
     let smtp = smtp::parse(&e.smtp, c, transport);

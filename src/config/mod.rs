@@ -162,6 +162,13 @@ impl Settings {
         let daemon = daemon::parse(&r.daemon, &mut c);
         let http = http::parse(&r.http, &mut c);
         check_across_sections(&mut c, &processor, &daemon);
+        if http.ready_grace <= daemon.poll_interval {
+            c.problem(
+                "http.ready_grace",
+                &http.ready_grace.to_string(),
+                format!("longer than daemon.poll_interval ({}): an idle loop completes one pass per poll, and must not look stalled", daemon.poll_interval),
+            );
+        }
 
         if !c.problems.is_empty() {
             return Err(ConfigError::Invalid(c.problems));
@@ -444,14 +451,23 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_mail_retry_list_is_refused_rather_than_replaced() {
+        let p = problems(load(Some("[email]\nretry_delays = []\n"), &[]));
+        let p = p.iter().find(|p| p.key == "email.retry_delays").unwrap();
+        assert!(p.expected.contains("at least one wait"), "{p:?}");
+    }
+
+    #[test]
     fn unsafe_timing_is_refused() {
         let p = problems(load(
             None,
             &[
                 ("AUTOPAY__DAEMON__LEASE", "40s"),
                 ("AUTOPAY__DAEMON__SHUTDOWN_GRACE", "5s"),
+                ("AUTOPAY__HTTP__READY_GRACE", "30s"),
             ],
         ));
+        assert!(p.iter().any(|p| p.key == "http.ready_grace"));
         assert!(p.iter().any(|p| p.key == "daemon.lease"));
         assert!(p.iter().any(|p| p.key == "daemon.shutdown_grace"));
     }
