@@ -267,6 +267,25 @@ pub fn member_with_card(bin: &Bin) -> String {
     add_card(bin, "A-100200", "4242424242424242").ok().id()
 }
 
+/// Adds a monthly schedule of `amount` on `card` for A-100200 whose first payment is due now.
+pub fn schedule_due_now(bin: &Bin, card: &str, amount: &str) -> Run {
+    bin.run(&[
+        "schedule",
+        "add",
+        "--account",
+        "A-100200",
+        "--card",
+        card,
+        "--monthly",
+        "--day",
+        "1",
+        "--amount",
+        amount,
+        "--first-payment",
+        "now",
+    ])
+}
+
 /// Runs each story (an `async fn(Kind)`) as two tests, `sqlite::NAME` and `postgres::NAME`: one
 /// suite, unchanged, on both backends.
 macro_rules! on_both {

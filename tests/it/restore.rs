@@ -15,7 +15,7 @@ use autopay::store::Store;
 use jiff::SignedDuration;
 
 use crate::engine::{World, usd};
-use crate::helpers::{Bin, Kind, TestDb, member_with_card, on_both};
+use crate::helpers::{Bin, Kind, TestDb, member_with_card, on_both, schedule_due_now};
 
 on_both!(an_older_backup_restored_is_refused_until_reconciled_and_then_charges_nobody_twice);
 
@@ -310,22 +310,7 @@ fn the_command_line_backs_up_refuses_a_restored_copy_and_reconciles_it() {
     let bin = Bin::new(&db);
     bin.run(&["migrate"]).ok();
     let card = member_with_card(&bin);
-    bin.run(&[
-        "schedule",
-        "add",
-        "--account",
-        "A-100200",
-        "--card",
-        &card,
-        "--monthly",
-        "--day",
-        "1",
-        "--amount",
-        "42.00",
-        "--first-payment",
-        "now",
-    ])
-    .ok();
+    schedule_due_now(&bin, &card, "42.00").ok();
     // Backed up before the first payment is charged; then charged.
     let copy = db.path().join("before-charge.db");
     let out = bin.run(&["backup", copy.to_str().unwrap()]).ok().stdout;

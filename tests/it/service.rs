@@ -11,7 +11,7 @@ use autopay::domain::schedule::{End, FirstPayment, Recurrence, RecurrenceSpec, R
 use autopay::domain::status::{AuthorizedVia, ScheduleKind};
 use autopay::store::{Audit, NewSchedule, Store};
 
-use crate::helpers::{Bin, Daemon, Kind, TestDb, get, member_with_card, on_both};
+use crate::helpers::{Bin, Daemon, Kind, TestDb, get, member_with_card, on_both, schedule_due_now};
 
 /// The settings a test daemon runs with: its database, no processor latency, mail to files in
 /// its folder, quiet logs.
@@ -80,22 +80,7 @@ async fn a_payment_the_command_line_adds_is_claimed_by_an_idle_daemon_within_a_s
     wait_ready(&daemon);
     // Idle: nothing due, the worker asleep until the poll interval (30 s).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    bin.run(&[
-        "schedule",
-        "add",
-        "--account",
-        "A-100200",
-        "--card",
-        &card,
-        "--monthly",
-        "--day",
-        "1",
-        "--amount",
-        "20.00",
-        "--first-payment",
-        "now",
-    ])
-    .ok();
+    schedule_due_now(&bin, &card, "20.00").ok();
     let took = until(Duration::from_secs(1), || claimed(&store)).await;
     assert!(
         took < Duration::from_secs(1),
@@ -304,22 +289,7 @@ async fn sighup_is_ignored_and_a_second_stop_signal_exits_130_at_once() {
         200,
         "alive after SIGHUP"
     );
-    bin.run(&[
-        "schedule",
-        "add",
-        "--account",
-        "A-100200",
-        "--card",
-        &card,
-        "--monthly",
-        "--day",
-        "1",
-        "--amount",
-        "20.00",
-        "--first-payment",
-        "now",
-    ])
-    .ok();
+    schedule_due_now(&bin, &card, "20.00").ok();
     until(Duration::from_secs(2), || async {
         store
             .list_payments(None, None)
