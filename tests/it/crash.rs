@@ -21,139 +21,17 @@
 //! `AUTOPAY_CRASH_SEED` replays a run's chaos (every run prints its seed).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use autopay::clock::{Clock, SystemClock};
-use autopay::domain::card::{CardNumber, Expiry, SecurityCode};
-use autopay::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
-use autopay::domain::money::{Currency, Money};
-use autopay::domain::payment::AmountRule;
-use autopay::domain::schedule::{End, FirstPayment, Recurrence, RecurrenceSpec, Rule};
-use autopay::domain::status::{AuthorizedVia, ScheduleKind};
-use autopay::processor::Processor;
-use autopay::processor::simulated::SimulatedProcessor;
-use autopay::store::{Audit, NewBill, NewCard, NewMember, NewSchedule, Store};
 use sqlx::Row;
 
-use crate::helpers::{Daemon, Kind, Rng, TestDb, env_number, get};
+use crate::helpers::{Daemon, Kind, Rng, TestDb, env_number, get, load_due_payments};
 use crate::smtp_peer::{PeerOptions, SmtpPeer};
 
 /// `processor.timeout` in the run; the lease is the shortest the settings allow with it.
 const TIMEOUT_SECS: u64 = 1;
 const LEASE_SECS: u64 = TIMEOUT_SECS * 2 + 30;
-/// Schedules per member: each member pays with one card, and a card must never hold the 15
-/// unsettled requests the networks allow.
-const PER_MEMBER: usize = 5;
-
-/// Members, cards, bills and schedules whose first payment is due now; their setup emails are
-/// marked sent (they are not what this test watches).
-async fn load(store: Arc<dyn Store>, payments: usize) {
-    let clock = SystemClock;
-    let processor = SimulatedProcessor::in_memory(Arc::new(SystemClock), Duration::ZERO);
-    let number = CardNumber::parse("4242424242424242").unwrap();
-    let code = SecurityCode::parse("123", number.brand()).unwrap();
-    let members = payments.div_ceil(PER_MEMBER);
-    let mut tasks = tokio::task::JoinSet::new();
-    let token = processor
-        .tokenize(&number, &code, Expiry::new(12, 2035).unwrap())
-        .await
-        .unwrap();
-    for m in 0..members {
-        let store = store.clone();
-        let token = token.clone();
-        let count = PER_MEMBER.min(payments - m * PER_MEMBER);
-        tasks.spawn(async move {
-            let audit = Audit {
-                actor: "crash-test".into(),
-                at: clock.now(),
-            };
-            let member = store
-                .add_member(
-                    &NewMember {
-                        account_number: AccountNumber::parse(&format!("C-{m:06}")).unwrap(),
-                        account_type: AccountType::EmployerGroup,
-                        name: MemberName::parse("Crash Test Group").unwrap(),
-                        email: EmailAddress::parse(&format!("member{m}@example.org")).unwrap(),
-                        time_zone: "UTC".into(),
-                    },
-                    &audit,
-                )
-                .await
-                .unwrap();
-            let card = store
-                .add_card(
-                    &NewCard {
-                        member_id: member.id,
-                        processor: "simulated".into(),
-                        processor_token: token.token.clone(),
-                        brand: token.details.brand,
-                        last4: token.details.last4,
-                        expiry: token.details.expiry,
-                        fingerprint: None,
-                    },
-                    &audit,
-                )
-                .await
-                .unwrap();
-            // Owed more than the payments bring, so each charge pays a bill.
-            store
-                .add_bills(
-                    &[NewBill {
-                        member_id: member.id,
-                        reference: "CRASH-1".into(),
-                        amount_due: Money::from_minor(1_000_000, Currency::USD),
-                        due_date: jiff::civil::date(2026, 12, 1),
-                        origin: "crash test".into(),
-                    }],
-                    &audit,
-                )
-                .await
-                .unwrap();
-            let today = audit.at.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
-            for i in 0..count {
-                let recurrence = Recurrence::new(RecurrenceSpec {
-                    rule: Rule::Monthly { day: 1 },
-                    at: jiff::civil::time(9, 0, 0, 0),
-                    time_zone: "UTC".into(),
-                    start: today.checked_add(jiff::Span::new().days(40)).unwrap(),
-                    first_payment: Some(FirstPayment::Now(audit.at)),
-                    end: End::Never,
-                    business_days: false,
-                    holidays: vec![],
-                })
-                .unwrap();
-                let first = recurrence.occurrences().next().unwrap();
-                store
-                    .add_schedule(
-                        &NewSchedule {
-                            member_id: member.id,
-                            card_id: card.id,
-                            kind: ScheduleKind::Recurring,
-                            recurrence,
-                            amount: AmountRule::Fixed {
-                                amount: Money::from_minor(100 + i as i64, Currency::USD),
-                            },
-                            currency: Currency::USD,
-                            next_run_at: Some(first.due_at),
-                            next_occurrence: Some(first.key),
-                            authorized_via: AuthorizedVia::Cli,
-                            terms_version: "crash".into(),
-                        },
-                        &audit,
-                    )
-                    .await
-                    .unwrap();
-            }
-        });
-        while tasks.len() >= 8 {
-            tasks.join_next().await.unwrap().unwrap();
-        }
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.unwrap();
-    }
-}
 
 /// Payments by state.
 async fn states(pool: &sqlx::PgPool) -> BTreeMap<String, i64> {
@@ -193,7 +71,7 @@ async fn three_daemons_killed_and_frozen_charge_every_payment_once_and_send_ever
     let db = TestDb::new(Kind::Postgres).await;
     let ledger = TestDb::new(Kind::Postgres).await;
     let store = db.store().await;
-    load(store.clone(), payments).await;
+    load_due_payments(store.clone(), payments, SystemClock.now(), Duration::ZERO).await;
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     sqlx::query(
         "UPDATE notifications SET state = 'sent', sent_at = created_at WHERE kind = 'setup'",

@@ -469,3 +469,135 @@ impl Drop for Daemon {
         self.kill();
     }
 }
+
+/// Schedules per member in [`load_due_payments`]: each member pays with one card, and a card
+/// must never hold the 15 unsettled requests the networks allow.
+pub const PER_MEMBER: usize = 5;
+
+/// Adds `payments` schedules through the store, five per member (one card each, owing more than
+/// the payments bring, so each charge pays a bill), whose first payments fall due one after
+/// another: the k-th at `first_due + k * every` (all at once when `every` is zero). Each member's
+/// schedules are spread over the run: member m's i-th falls due at k = i * members + m.
+pub async fn load_due_payments(
+    store: Arc<dyn Store>,
+    payments: usize,
+    first_due: jiff::Timestamp,
+    every: Duration,
+) {
+    use autopay::clock::{Clock, SystemClock};
+    use autopay::domain::card::{CardNumber, Expiry, SecurityCode};
+    use autopay::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
+    use autopay::domain::money::{Currency, Money};
+    use autopay::domain::payment::AmountRule;
+    use autopay::domain::schedule::{End, FirstPayment, Recurrence, RecurrenceSpec, Rule};
+    use autopay::domain::status::{AuthorizedVia, ScheduleKind};
+    use autopay::processor::Processor;
+    use autopay::processor::simulated::SimulatedProcessor;
+    use autopay::store::{Audit, NewBill, NewCard, NewMember, NewSchedule};
+
+    let processor = SimulatedProcessor::in_memory(Arc::new(SystemClock), Duration::ZERO);
+    let number = CardNumber::parse("4242424242424242").unwrap();
+    let code = SecurityCode::parse("123", number.brand()).unwrap();
+    let members = payments.div_ceil(PER_MEMBER);
+    let every = jiff::SignedDuration::try_from(every).expect("a spacing that fits");
+    let mut tasks = tokio::task::JoinSet::new();
+    let token = processor
+        .tokenize(&number, &code, Expiry::new(12, 2035).unwrap())
+        .await
+        .unwrap();
+    for m in 0..members {
+        let store = store.clone();
+        let token = token.clone();
+        let count = PER_MEMBER.min(payments - m * PER_MEMBER);
+        tasks.spawn(async move {
+            let audit = Audit {
+                actor: "test-load".into(),
+                at: SystemClock.now(),
+            };
+            let member = store
+                .add_member(
+                    &NewMember {
+                        account_number: AccountNumber::parse(&format!("C-{m:06}")).unwrap(),
+                        account_type: AccountType::EmployerGroup,
+                        name: MemberName::parse("Test Group").unwrap(),
+                        email: EmailAddress::parse(&format!("member{m}@example.org")).unwrap(),
+                        time_zone: "UTC".into(),
+                    },
+                    &audit,
+                )
+                .await
+                .unwrap();
+            let card = store
+                .add_card(
+                    &NewCard {
+                        member_id: member.id,
+                        processor: "simulated".into(),
+                        processor_token: token.token.clone(),
+                        brand: token.details.brand,
+                        last4: token.details.last4,
+                        expiry: token.details.expiry,
+                        fingerprint: None,
+                    },
+                    &audit,
+                )
+                .await
+                .unwrap();
+            store
+                .add_bills(
+                    &[NewBill {
+                        member_id: member.id,
+                        reference: "LOAD-1".into(),
+                        amount_due: Money::from_minor(1_000_000, Currency::USD),
+                        due_date: jiff::civil::date(2026, 12, 1),
+                        origin: "test load".into(),
+                    }],
+                    &audit,
+                )
+                .await
+                .unwrap();
+            let today = audit.at.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
+            for i in 0..count {
+                let k = i32::try_from(i * members + m).expect("a payment index that fits");
+                let due = first_due.checked_add(every * k).unwrap();
+                let recurrence = Recurrence::new(RecurrenceSpec {
+                    rule: Rule::Monthly { day: 1 },
+                    at: jiff::civil::time(9, 0, 0, 0),
+                    time_zone: "UTC".into(),
+                    start: today.checked_add(jiff::Span::new().days(40)).unwrap(),
+                    first_payment: Some(FirstPayment::Now(due)),
+                    end: End::Never,
+                    business_days: false,
+                    holidays: vec![],
+                })
+                .unwrap();
+                let first = recurrence.occurrences().next().unwrap();
+                store
+                    .add_schedule(
+                        &NewSchedule {
+                            member_id: member.id,
+                            card_id: card.id,
+                            kind: ScheduleKind::Recurring,
+                            recurrence,
+                            amount: AmountRule::Fixed {
+                                amount: Money::from_minor(100 + i as i64, Currency::USD),
+                            },
+                            currency: Currency::USD,
+                            next_run_at: Some(first.due_at),
+                            next_occurrence: Some(first.key),
+                            authorized_via: AuthorizedVia::Cli,
+                            terms_version: "load".into(),
+                        },
+                        &audit,
+                    )
+                    .await
+                    .unwrap();
+            }
+        });
+        while tasks.len() >= 8 {
+            tasks.join_next().await.unwrap().unwrap();
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+}
