@@ -4,6 +4,7 @@ mod cli;
 mod crash;
 mod engine;
 mod exactly_once;
+mod faults;
 mod helpers;
 mod hostile;
 mod notify;
