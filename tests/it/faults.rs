@@ -6,9 +6,16 @@
 //!   due, then starts it again. The daemon stays up and alive, `/readyz` names the database while
 //!   it is down and turns green by itself, and every payment is charged once (the simulated
 //!   processor's ledger, a SQLite file, is the truth) and receipted once.
+//! - **SMTP down, then a wrong password.** The aiosmtpd peer is stopped, then started again, then
+//!   restarted demanding another password, then with the daemon's. Charging never waits for mail.
+//!   An unreachable server is a temporary failure: mail is retried on `email.retry_delays` and
+//!   readiness stays green. A refused password pauses mail (`/readyz`, `autopay status`), and
+//!   the first message delivered afterwards lifts the pause. Every notification arrives, each
+//!   under one Message-ID however many copies.
 //!
-//! The test never touches the machine's shared PostgreSQL service: it runs its own cluster. A
-//! missing `initdb`, `pg_ctl` or `runuser` fails the test with what to install, never a skip.
+//! Neither test touches the machine's shared PostgreSQL service: the first runs its own cluster
+//! and the second runs on SQLite. A missing `initdb`, `pg_ctl` or `runuser` fails the first with
+//! what to install, never a skip (and the SMTP peer says what it lacks the same way).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -24,7 +31,8 @@ use autopay::store::{self, Store};
 use mail_parser::MessageParser;
 use sqlx::Row;
 
-use crate::helpers::{Bin, Daemon, free_port, get, load_due_payments};
+use crate::helpers::{Bin, Daemon, Kind, TestDb, free_port, get, load_due_payments};
+use crate::smtp_peer::{PeerOptions, SmtpPeer};
 
 /// Where Debian and Ubuntu install each PostgreSQL version's server binaries.
 const PG_LIB: &str = "/usr/lib/postgresql";
@@ -556,4 +564,314 @@ async fn charge_in_flight(store: &Arc<dyn Store>) -> Option<uuid::Uuid> {
         }
     }
     None
+}
+
+const USER: &str = "autopay";
+const PASSWORD: &str = "the-right-mail-pw";
+/// Payments in the SMTP test: one falls due every 1.5 s from two seconds after the start, so
+/// receipts are written before, during and after each fault.
+const MAIL_PAYMENTS: usize = 30;
+/// How long the SMTP server stays down.
+const SMTP_DOWN: Duration = Duration::from_secs(15);
+/// How long it refuses the daemon's password.
+const SMTP_REFUSING: Duration = Duration::from_secs(6);
+
+/// The value of one series on `/metrics` (0 when absent).
+fn metric(d: &Daemon, series: &str) -> f64 {
+    get(d.port, "/metrics")
+        .and_then(|(_, body)| {
+            body.lines().find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_down_then_refusing_the_password_never_holds_charging_and_every_notification_arrives_under_one_message_id()
+ {
+    let started = Instant::now();
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bin = Bin::new(&db);
+    bin.run(&["migrate"]).ok();
+    let store = db.store().await;
+    let mut peer = SmtpPeer::start(PeerOptions {
+        starttls: true,
+        wrapper: false,
+        auth: Some((USER.into(), PASSWORD.into())),
+    });
+    let first_due = SystemClock
+        .now()
+        .checked_add(jiff::SignedDuration::from_secs(2))
+        .unwrap();
+    load_due_payments(
+        store.clone(),
+        MAIL_PAYMENTS,
+        first_due,
+        Duration::from_millis(1500),
+    )
+    .await;
+    let port = peer.port.to_string();
+    let ca = peer.ca_pem.display().to_string();
+    let env = settings(&[
+        ("AUTOPAY__DATABASE__URL", &db.url),
+        ("AUTOPAY__LOG__FORMAT", "json"),
+        ("AUTOPAY__LOG__LEVEL", "info"),
+        ("AUTOPAY__PROCESSOR__SIMULATED__LATENCY", "20ms"),
+        ("AUTOPAY__DAEMON__POLL_INTERVAL", "1s"),
+        ("AUTOPAY__REMINDERS__DAYS_BEFORE", "0"),
+        ("AUTOPAY__REMINDERS__CARD_EXPIRY_DAYS", "0"),
+        ("AUTOPAY__EMAIL__TRANSPORT", "smtp"),
+        ("AUTOPAY__EMAIL__SMTP__HOST", "127.0.0.1"),
+        ("AUTOPAY__EMAIL__SMTP__PORT", &port),
+        ("AUTOPAY__EMAIL__SMTP__TLS", "required"),
+        ("AUTOPAY__EMAIL__SMTP__CA_FILE", &ca),
+        ("AUTOPAY__EMAIL__SMTP__USERNAME", USER),
+        ("AUTOPAY__EMAIL__SMTP__PASSWORD", PASSWORD),
+        ("AUTOPAY__EMAIL__SMTP__TIMEOUT", "5s"),
+        ("AUTOPAY__EMAIL__RETRY_DELAYS", "1s,2s"),
+        ("AUTOPAY__EMAIL__MAX_PER_SECOND", "1000"),
+    ]);
+    let mut daemon = Daemon::start("smtp-faults", &env, db.path());
+    let log = || daemon_log(db.path(), "smtp-faults");
+    eventually(Duration::from_secs(20), "the daemon ready", || async {
+        readyz(&daemon).0 == 200
+    })
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "three receipts delivered",
+        || async {
+            outbox(&store, Some("receipt"))
+                .await
+                .get("sent")
+                .copied()
+                .unwrap_or(0)
+                >= 3
+        },
+    )
+    .await;
+
+    // 1. The server goes away. Charging goes on; mail waits and is retried (a refused
+    // connection is a temporary failure, not a pause): readiness stays green.
+    peer.stop();
+    let down = Instant::now();
+    let charged_at_stop = payments_in(&store, PaymentState::Succeeded).await;
+    let received_at_stop = peer.received().len();
+    eprintln!(
+        "{:?}: SMTP stopped; {charged_at_stop} charged, {received_at_stop} messages received",
+        started.elapsed()
+    );
+    while down.elapsed() < SMTP_DOWN {
+        assert_eq!(healthz(&daemon), 200, "/healthz with the mail server down");
+        let (code, json) = readyz(&daemon);
+        assert_eq!(
+            (code, json["checks"]["mail"].as_str()),
+            (200, Some("ok")),
+            "an unreachable mail server is retried, not a pause: {json}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let charged_while_down = payments_in(&store, PaymentState::Succeeded).await - charged_at_stop;
+    assert!(
+        charged_while_down >= 5,
+        "charging waited for mail: {charged_while_down} charged in {SMTP_DOWN:?}"
+    );
+    let waiting: Vec<_> = store
+        .notifications(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.state != "sent")
+        .collect();
+    assert!(
+        waiting.len() >= charged_while_down,
+        "the receipts of the payments charged while the server was down wait: {} unsent",
+        waiting.len()
+    );
+    assert!(
+        waiting.iter().any(|n| n.attempts >= 3),
+        "they are retried on email.retry_delays: {waiting:?}"
+    );
+    assert_eq!(
+        outbox(&store, None).await.get("failed"),
+        None,
+        "nothing fails"
+    );
+    let status = bin.run(&["status", "--json"]).ok().json();
+    assert!(status["control"]["mail_paused"].is_null(), "{status}");
+    assert!(
+        status["notifications"]["pending"].as_i64().unwrap_or(0) > 0,
+        "autopay status shows the waiting mail: {status}"
+    );
+    assert!(
+        metric(&daemon, "autopay_mail_total{outcome=\"retry\"}") >= 3.0,
+        "/metrics counts the retries"
+    );
+
+    // 2. The server is back: mail resumes by itself.
+    peer.restart();
+    let back = Instant::now();
+    let waited: BTreeSet<uuid::Uuid> = waiting.iter().map(|n| n.id).collect();
+    eventually(
+        Duration::from_secs(20),
+        "the mail that waited delivered after the server came back",
+        || async {
+            store
+                .notifications(None)
+                .await
+                .unwrap_or_default()
+                .iter()
+                .filter(|n| waited.contains(&n.id))
+                .all(|n| n.state == "sent")
+        },
+    )
+    .await;
+    eprintln!(
+        "{:?}: {} waiting messages delivered {:?} after the server came back",
+        started.elapsed(),
+        waited.len(),
+        back.elapsed()
+    );
+
+    // 3. The server now demands another password: mail pauses with the reason; charging goes on.
+    peer.restart_with_auth(Some((USER.into(), "a-new-password".into())));
+    let refusing = Instant::now();
+    let charged_at_refusal = payments_in(&store, PaymentState::Succeeded).await;
+    assert!(
+        charged_at_refusal + 3 <= MAIL_PAYMENTS,
+        "the test's timeline slipped: only {} payments are left to fall due while the password \
+         is refused",
+        MAIL_PAYMENTS - charged_at_refusal
+    );
+    let received_at_refusal = peer.received().len();
+    eventually(
+        Duration::from_secs(15),
+        "mail paused after the server refused the password",
+        || async { store.control().await.is_ok_and(|c| c.mail_paused.is_some()) },
+    )
+    .await;
+    let reason = store.control().await.unwrap().mail_paused.unwrap().reason;
+    assert!(reason.contains("authentication refused"), "{reason}");
+    assert!(reason.contains("535"), "{reason}");
+    assert!(!reason.contains(PASSWORD), "no password in the reason");
+    let (code, json) = readyz(&daemon);
+    assert_eq!(code, 503, "{json}");
+    let mail = json["checks"]["mail"].as_str().unwrap_or_default();
+    assert!(
+        mail.starts_with("paused since") && mail.contains("authentication refused"),
+        "/readyz names the mail pause and why: {json}"
+    );
+    assert_eq!(json["checks"]["database"], "ok", "{json}");
+    let status = bin.run(&["status"]).ok().stdout;
+    assert!(
+        status.contains("PAUSED") && status.contains("authentication refused"),
+        "{status}"
+    );
+    assert_eq!(metric(&daemon, "autopay_mail_paused"), 1.0);
+    tokio::time::sleep(SMTP_REFUSING.saturating_sub(refusing.elapsed())).await;
+    assert!(
+        payments_in(&store, PaymentState::Succeeded).await > charged_at_refusal,
+        "charging waited for mail"
+    );
+    assert_eq!(
+        peer.received().len(),
+        received_at_refusal,
+        "nothing is delivered without the password"
+    );
+    assert_eq!(
+        outbox(&store, None).await.get("failed"),
+        None,
+        "nothing fails"
+    );
+    assert_eq!(daemon.wait(Duration::ZERO), None, "the daemon runs on");
+
+    // 4. The password is right again: the pause lifts with the first message delivered.
+    peer.restart_with_auth(Some((USER.into(), PASSWORD.into())));
+    let fixed = Instant::now();
+    eventually(
+        Duration::from_secs(20),
+        "mail running and ready again",
+        || async {
+            store.control().await.is_ok_and(|c| c.mail_paused.is_none()) && readyz(&daemon).0 == 200
+        },
+    )
+    .await;
+    eprintln!(
+        "{:?}: mail resumed {:?} after the password was right again",
+        started.elapsed(),
+        fixed.elapsed()
+    );
+
+    // Everything charged, everything delivered.
+    eventually(
+        Duration::from_secs(60),
+        "every payment charged and every notification sent",
+        || async {
+            payments_in(&store, PaymentState::Succeeded).await == MAIL_PAYMENTS
+                && outbox(&store, None)
+                    .await
+                    .keys()
+                    .all(|state| state == "sent")
+        },
+    )
+    .await;
+    eprintln!("{:?}: all delivered", started.elapsed());
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(
+        daemon.wait(Duration::from_secs(15)),
+        Some(0),
+        "SIGTERM exits 0\n{}",
+        log()
+    );
+
+    // Every notification arrived, and every copy of one carries its one Message-ID.
+    let notifications = store.notifications(None).await.unwrap();
+    let payments = store.list_payments(None, None).await.unwrap();
+    let receipts: BTreeSet<String> = notifications
+        .iter()
+        .filter(|n| n.kind == "receipt")
+        .map(|n| n.dedupe_key.clone())
+        .collect();
+    let wanted: BTreeSet<String> = payments
+        .iter()
+        .map(|p| format!("receipt:{}", p.id))
+        .collect();
+    assert_eq!(receipts, wanted, "one receipt per payment");
+    let received = peer.received();
+    let mut copies: BTreeMap<String, usize> = BTreeMap::new();
+    for message in &received {
+        let parsed = MessageParser::default()
+            .parse(&message.raw)
+            .expect("a parsable message");
+        let id = parsed.message_id().expect("a Message-ID").to_string();
+        *copies.entry(id).or_default() += 1;
+        assert!(
+            message.tls && message.authenticated,
+            "{:?}",
+            message.rcpt_tos
+        );
+    }
+    let expected: BTreeSet<String> = notifications
+        .iter()
+        .map(|n| format!("{}@example.org", n.id))
+        .collect();
+    let delivered: BTreeSet<String> = copies.keys().cloned().collect();
+    assert_eq!(
+        delivered, expected,
+        "each notification arrives under its own one Message-ID"
+    );
+    assert_eq!(delivered.len(), notifications.len());
+    let repeated = copies.values().filter(|n| **n > 1).count();
+    eprintln!(
+        "{:?}: {} notifications ({} receipts) arrived in {} messages, {repeated} more than once",
+        started.elapsed(),
+        notifications.len(),
+        receipts.len(),
+        received.len()
+    );
 }

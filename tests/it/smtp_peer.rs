@@ -116,6 +116,15 @@ impl SmtpPeer {
         self.spawn(port);
     }
 
+    /// Starts the server again on the same port, certificates and maildir, now demanding this
+    /// user name and password (None: no AUTH): the operator changed the account under a client.
+    pub fn restart_with_auth(&mut self, auth: Option<(String, String)>) {
+        self.stop();
+        self.opts.auth = auth;
+        let port = self.port;
+        self.spawn(port);
+    }
+
     /// Every message accepted so far, oldest first.
     pub fn received(&self) -> Vec<Received> {
         let mut numbers: Vec<u64> = std::fs::read_dir(&self.maildir)
