@@ -31,7 +31,10 @@ use autopay::store::{self, Store};
 use mail_parser::MessageParser;
 use sqlx::Row;
 
-use crate::helpers::{Bin, Daemon, Kind, TestDb, free_port, get, load_due_payments};
+use crate::helpers::{
+    Bin, Daemon, Kind, TestDb, free_port, get, load_due_payments, member_with_card,
+    schedule_due_now,
+};
 use crate::smtp_peer::{PeerOptions, SmtpPeer};
 
 /// Where Debian and Ubuntu install each PostgreSQL version's server binaries.
@@ -353,7 +356,10 @@ async fn postgres_restarted_mid_run_leaves_the_daemon_up_and_every_payment_charg
         // The shortest the settings allow: a claim the outage orphaned is taken over soon.
         ("AUTOPAY__DAEMON__LEASE", "36s"),
         ("AUTOPAY__DAEMON__SHUTDOWN_GRACE", "5s"),
-        ("AUTOPAY__DAEMON__POLL_INTERVAL", "1s"),
+        // The default poll, and the planner's backstop hourly: a payment the command line adds
+        // after the outage is claimed at once only if the daemon LISTENs again.
+        ("AUTOPAY__DAEMON__POLL_INTERVAL", "30s"),
+        ("AUTOPAY__DAEMON__PLANNER_CRON", "0 0 * * * *"),
         ("AUTOPAY__PAYMENTS__BREAKER_MIN_ATTEMPTS", "1000000"),
         ("AUTOPAY__REMINDERS__DAYS_BEFORE", "0"),
         ("AUTOPAY__REMINDERS__CARD_EXPIRY_DAYS", "0"),
@@ -449,14 +455,70 @@ async fn postgres_restarted_mid_run_leaves_the_daemon_up_and_every_payment_charg
     );
     assert_eq!(daemon.wait(Duration::ZERO), None, "the same daemon runs on");
 
+    // It listens again: once the worker is idle (nothing due for a while, the charges in flight
+    // answered; the claims the outage orphaned expire later), a payment the command line adds is
+    // claimed within a second or two, not at the next poll (30 s).
+    let idle = || async {
+        let soon = SystemClock
+            .now()
+            .checked_add(jiff::SignedDuration::from_secs(5))
+            .unwrap();
+        store
+            .next_wakeup()
+            .await
+            .is_ok_and(|at| at.is_none_or(|at| at > soon))
+    };
+    eventually(
+        Duration::from_secs(30),
+        "nothing due for five seconds",
+        idle,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(idle().await, "nothing fell due meanwhile");
+    let known: BTreeSet<uuid::Uuid> = store
+        .list_payments(None, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    let card = member_with_card(&bin);
+    schedule_due_now(&bin, &card, "20.00").ok();
+    let added = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "the payment the command line added claimed",
+        || async {
+            store
+                .list_payments(None, None)
+                .await
+                .unwrap_or_default()
+                .iter()
+                .any(|p| !known.contains(&p.id) && p.state != PaymentState::Scheduled)
+        },
+    )
+    .await;
+    let claimed = added.elapsed();
+    eprintln!(
+        "{:?}: a payment the command line added was claimed {claimed:?} later",
+        started.elapsed()
+    );
+    assert!(
+        claimed < Duration::from_secs(2),
+        "claimed {claimed:?} after the command line wrote it: the daemon did not LISTEN again\n{}",
+        log()
+    );
+    let total = PG_PAYMENTS + 1;
+
     // Everything settles: payments charged in flight or claimed when the database went are
     // settled by lookup once their claim expires.
     eventually(
         Duration::from_secs(75),
         "every payment succeeded and every receipt sent",
         || async {
-            payments_in(&store, PaymentState::Succeeded).await == PG_PAYMENTS
-                && outbox(&store, Some("receipt")).await.get("sent") == Some(&PG_PAYMENTS)
+            payments_in(&store, PaymentState::Succeeded).await == total
+                && outbox(&store, Some("receipt")).await.get("sent") == Some(&total)
         },
     )
     .await;
@@ -471,7 +533,7 @@ async fn postgres_restarted_mid_run_leaves_the_daemon_up_and_every_payment_charg
 
     // The ledger: exactly one approved charge per payment, the one each payment records.
     let payments = store.list_payments(None, None).await.unwrap();
-    assert_eq!(payments.len(), PG_PAYMENTS);
+    assert_eq!(payments.len(), total);
     let ledger_pool = sqlx::SqlitePool::connect(&format!("{ledger_url}?mode=ro"))
         .await
         .unwrap();
@@ -514,7 +576,7 @@ async fn postgres_restarted_mid_run_leaves_the_daemon_up_and_every_payment_charg
         .map(|p| format!("receipt:{}", p.id))
         .collect();
     assert_eq!(keys, wanted, "one receipt per payment");
-    assert_eq!(receipts.len(), PG_PAYMENTS);
+    assert_eq!(receipts.len(), total);
     let mut files: BTreeSet<String> = BTreeSet::new();
     for entry in std::fs::read_dir(work.path().join("mail")).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
@@ -543,7 +605,7 @@ async fn postgres_restarted_mid_run_leaves_the_daemon_up_and_every_payment_charg
         "payment {in_flight}, in flight when the database went: {calls:?}"
     );
     eprintln!(
-        "{:?}: {PG_PAYMENTS} payments charged once each; {} receipt files ({resent} written more than once)",
+        "{:?}: {total} payments charged once each; {} receipt files ({resent} written more than once)",
         started.elapsed(),
         files.len()
     );
