@@ -272,6 +272,36 @@ fn healthz(d: &Daemon) -> u16 {
     get(d.port, "/healthz").map_or(0, |(code, _)| code)
 }
 
+/// The daemon's working folder, where its logs go: kept when the test fails, and named, so that
+/// the logs can be read.
+struct Workdir(Option<tempfile::TempDir>);
+
+impl Workdir {
+    fn new() -> Workdir {
+        Workdir(Some(tempfile::tempdir().expect("a temporary folder")))
+    }
+
+    fn path(&self) -> &Path {
+        self.0
+            .as_ref()
+            .expect("the folder lives as long as the test")
+            .path()
+    }
+}
+
+impl Drop for Workdir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.0.take()
+        {
+            eprintln!(
+                "the daemon's folder and logs are kept in {}",
+                dir.keep().display()
+            );
+        }
+    }
+}
+
 /// What the daemon logged (its stderr), for a failure's message.
 fn daemon_log(dir: &Path, name: &str) -> String {
     let log = std::fs::read_to_string(dir.join(format!("{name}-1.err"))).unwrap_or_default();
@@ -319,7 +349,7 @@ async fn postgres_restarted_mid_run_leaves_the_daemon_up_and_every_payment_charg
     let started = Instant::now();
     let cluster = PgCluster::start();
     let url = cluster.create_database("autopay").await;
-    let work = tempfile::tempdir().unwrap();
+    let work = Workdir::new();
     let bin = Bin {
         url: url.clone(),
         cwd: work.path().to_path_buf(),
@@ -698,8 +728,9 @@ async fn smtp_down_then_refusing_the_password_never_holds_charging_and_every_not
         ("AUTOPAY__EMAIL__RETRY_DELAYS", "1s,2s"),
         ("AUTOPAY__EMAIL__MAX_PER_SECOND", "1000"),
     ]);
-    let mut daemon = Daemon::start("smtp-faults", &env, db.path());
-    let log = || daemon_log(db.path(), "smtp-faults");
+    let work = Workdir::new();
+    let mut daemon = Daemon::start("smtp-faults", &env, work.path());
+    let log = || daemon_log(work.path(), "smtp-faults");
     eventually(Duration::from_secs(20), "the daemon ready", || async {
         readyz(&daemon).0 == 200
     })
