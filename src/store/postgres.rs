@@ -43,6 +43,11 @@ impl PgStore {
             "reconcile",
             include_str!("../../migrations/postgres/0004_reconcile.sql"),
         ),
+        (
+            5,
+            "card_expiry_index",
+            include_str!("../../migrations/postgres/0005_card_expiry_index.sql"),
+        ),
     ];
     /// Any fixed number shared by every autopay process: serializes concurrent `migrate` runs.
     const MIGRATION_LOCK_KEY: i64 = 0x0061_7574_6f70_6179;

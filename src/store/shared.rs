@@ -3141,11 +3141,12 @@ macro_rules! shared_store_impl {
 
             async fn cards_expiring(&self, by: jiff::civil::Date) -> Result<Vec<(Card, Member)>> {
                 let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {} FROM payment_methods p WHERE p.status = 'active' AND (p.exp_year * 100 + p.exp_month) <= $1 \
+                    "SELECT {} FROM payment_methods p WHERE p.status = 'active' AND p.exp_year <= $1 AND (p.exp_year < $1 OR p.exp_month <= $2) \
                      AND EXISTS (SELECT 1 FROM schedules s WHERE s.payment_method_id = p.id AND s.status = 'active') ORDER BY p.id",
                     CARD_COLS.split(", ").map(|c| format!("p.{c}")).collect::<Vec<_>>().join(", ")
                 )))
-                .bind(i64::from(by.year()) * 100 + i64::from(by.month()))
+                .bind(i64::from(by.year()))
+                .bind(i64::from(by.month()))
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db_err("finding expiring cards"))?;

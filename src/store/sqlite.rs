@@ -53,6 +53,11 @@ impl SqliteStore {
             "reconcile",
             include_str!("../../migrations/sqlite/0004_reconcile.sql"),
         ),
+        (
+            5,
+            "card_expiry_index",
+            include_str!("../../migrations/sqlite/0005_card_expiry_index.sql"),
+        ),
     ];
 
     /// Opens (creating when missing) the file a `sqlite://` URL names, after checking that this

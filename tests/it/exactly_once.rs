@@ -1088,10 +1088,32 @@ async fn the_scans_have_their_indexes_and_a_quiet_reminder_scan_takes_no_write_l
                 .unwrap()
         }
     };
-    for index in ["schedules_method", "events_entity_id"] {
+    for index in [
+        "schedules_method",
+        "events_entity_id",
+        "payment_methods_expiry",
+    ] {
         assert!(
             names.iter().any(|n| n == index),
             "{index} missing: {names:?}"
+        );
+    }
+    if kind == Kind::Sqlite {
+        // The card-expiry scan reads the cards that expire soon, not every card.
+        let pool = sqlx::SqlitePool::connect(db.expose()).await.unwrap();
+        let plan: Vec<String> = sqlx::query(
+            "EXPLAIN QUERY PLAN SELECT p.id FROM payment_methods p WHERE p.status = 'active' \
+             AND p.exp_year <= 2027 AND (p.exp_year < 2027 OR p.exp_month <= 1)",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| sqlx::Row::get::<String, _>(row, "detail"))
+        .collect();
+        assert!(
+            plan.iter().any(|d| d.contains("payment_methods_expiry")),
+            "{plan:?}"
         );
     }
     w.clock.set("2026-12-29T15:00:00Z".parse().unwrap());
