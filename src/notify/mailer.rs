@@ -420,6 +420,18 @@ fn enhanced_code(text: &str) -> Option<(u8, u16, u16)> {
 pub fn classify(stage: Stage, failure: &Failure) -> SendError {
     let at = stage.as_str();
     let (code, text) = match failure {
+        // A server that cannot be reached refuses autopay as a whole, like a refused
+        // session: mail pauses (and says why) until it answers again.
+        Failure::Timeout if stage == Stage::Connect => {
+            return SendError::Session(
+                "the mail server did not answer within email.smtp.timeout; check that it runs, and email.smtp.host and email.smtp.port".into(),
+            );
+        }
+        Failure::Network(text) if stage == Stage::Connect => {
+            return SendError::Session(format!(
+                "cannot reach the mail server ({text}); check that it runs, and email.smtp.host and email.smtp.port"
+            ));
+        }
         Failure::Timeout => {
             return SendError::Transient(format!(
                 "no answer from the mail server within email.smtp.timeout at {at}"
@@ -622,12 +634,16 @@ mod tests {
     }
 
     #[test]
-    fn failures_without_a_reply_retry_unless_tls_or_the_setup_is_at_fault() {
-        for stage in [Stage::Connect, Stage::RcptTo, Stage::EndOfData] {
+    fn failures_without_a_reply_retry_mid_session_and_pause_when_the_server_cannot_be_reached() {
+        for stage in [Stage::RcptTo, Stage::EndOfData] {
             assert_eq!(kind(&classify(stage, &Failure::Timeout)), "retry");
-            let dropped = Failure::Network("connection refused".into());
+            let dropped = Failure::Network("connection reset".into());
             assert_eq!(kind(&classify(stage, &dropped)), "retry");
         }
+        // A server that cannot be reached at all pauses mail until it answers.
+        let refused = Failure::Network("connection refused".into());
+        assert_eq!(kind(&classify(Stage::Connect, &refused)), "pause");
+        assert_eq!(kind(&classify(Stage::Connect, &Failure::Timeout)), "pause");
         let tls = Failure::Tls("the certificate or handshake was refused: UnknownIssuer".into());
         assert_eq!(kind(&classify(Stage::Connect, &tls)), "pause");
         let no_auth = Failure::Unsupported("No compatible authentication mechanism".into());

@@ -3023,9 +3023,26 @@ macro_rules! shared_store_impl {
                         .bind(reason)
                         .execute(&self.pool)
                         .await,
-                    None => sqlx::query("UPDATE control SET mail_paused_at = NULL, mail_paused_reason = NULL WHERE id = 1 AND mail_paused_at IS NOT NULL")
-                        .execute(&self.pool)
-                        .await,
+                    None => {
+                        let mut tx = self.begin_write().await?;
+                        let lifted = sqlx::query("UPDATE control SET mail_paused_at = NULL, mail_paused_reason = NULL WHERE id = 1 AND mail_paused_at IS NOT NULL")
+                            .execute(tx.conn())
+                            .await
+                            .map_err(db_err("recording the mail pause"))?
+                            .rows_affected();
+                        if lifted > 0 {
+                            // What waited through the pause backed off message by message; the
+                            // server answers again, so it all goes now.
+                            sqlx::query("UPDATE notifications SET next_attempt_at = $1 WHERE state = 'pending' AND next_attempt_at > $1")
+                                .bind(DbTime(now))
+                                .execute(tx.conn())
+                                .await
+                                .map_err(db_err("resuming the waiting mail"))?;
+                            $store::wake_others(&mut tx).await?;
+                        }
+                        commit(tx).await?;
+                        return Ok(());
+                    }
                 }
                 .map_err(db_err("recording the mail pause"))?;
                 Ok(())

@@ -592,6 +592,55 @@ async fn the_server_down_for_a_while_loses_nothing() {
 }
 
 #[tokio::test]
+async fn an_unreachable_server_pauses_mail_and_when_it_answers_everything_that_waited_goes_at_once()
+{
+    let mut peer = peer();
+    let w = world_for(&peer, PASSWORD).await;
+    let m = member_at(
+        &w,
+        "A-100200",
+        "ana@example.org",
+        "Ana",
+        AccountType::IndividualFamily,
+    )
+    .await;
+    peer.stop();
+    for i in 0..3 {
+        enqueue(
+            &w,
+            &m,
+            "receipt",
+            &format!("receipt:{i}"),
+            Templates::sample_payload("receipt"),
+        )
+        .await;
+    }
+    let down = dispatcher(&w).drain().await.unwrap();
+    assert!(down.paused, "{down:?}");
+    assert_eq!((down.sent, down.failed), (0, 0), "{down:?}");
+    let pause = w.store.control().await.unwrap().mail_paused.unwrap();
+    assert!(
+        pause.reason.contains("cannot reach the mail server"),
+        "{pause:?}"
+    );
+    // The server is back. The three that waited are not due again for a while; a new receipt
+    // is due now: the first delivery lifts the pause and everything goes.
+    peer.restart();
+    enqueue(
+        &w,
+        &m,
+        "receipt",
+        "receipt:new",
+        Templates::sample_payload("receipt"),
+    )
+    .await;
+    let up = dispatcher(&w).drain().await.unwrap();
+    assert_eq!(up.sent, 4, "{up:?}");
+    assert!(w.store.control().await.unwrap().mail_paused.is_none());
+    assert_eq!(peer.received().len(), 4);
+}
+
+#[tokio::test]
 async fn hostile_values_in_every_field_cannot_inject_headers_or_markup() {
     let peer = peer();
     let w = world_for(&peer, PASSWORD).await;
