@@ -488,12 +488,9 @@ pub async fn load_due_payments(
     use autopay::domain::card::{CardNumber, Expiry, SecurityCode};
     use autopay::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
     use autopay::domain::money::{Currency, Money};
-    use autopay::domain::payment::AmountRule;
-    use autopay::domain::schedule::{End, FirstPayment, Recurrence, RecurrenceSpec, Rule};
-    use autopay::domain::status::{AuthorizedVia, ScheduleKind};
     use autopay::processor::Processor;
     use autopay::processor::simulated::SimulatedProcessor;
-    use autopay::store::{Audit, NewBill, NewCard, NewMember, NewSchedule};
+    use autopay::store::{Audit, NewBill, NewCard, NewMember};
 
     let processor = SimulatedProcessor::in_memory(Arc::new(SystemClock), Duration::ZERO);
     let number = CardNumber::parse("4242424242424242").unwrap();
@@ -555,42 +552,17 @@ pub async fn load_due_payments(
                 )
                 .await
                 .unwrap();
-            let today = audit.at.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
             for i in 0..count {
                 let k = i32::try_from(i * members + m).expect("a payment index that fits");
                 let due = first_due.checked_add(every * k).unwrap();
-                let recurrence = Recurrence::new(RecurrenceSpec {
-                    rule: Rule::Monthly { day: 1 },
-                    at: jiff::civil::time(9, 0, 0, 0),
-                    time_zone: "UTC".into(),
-                    start: today.checked_add(jiff::Span::new().days(40)).unwrap(),
-                    first_payment: Some(FirstPayment::Now(due)),
-                    end: End::Never,
-                    business_days: false,
-                    holidays: vec![],
-                })
-                .unwrap();
-                let first = recurrence.occurrences().next().unwrap();
-                store
-                    .add_schedule(
-                        &NewSchedule {
-                            member_id: member.id,
-                            card_id: card.id,
-                            kind: ScheduleKind::Recurring,
-                            recurrence,
-                            amount: AmountRule::Fixed {
-                                amount: Money::from_minor(100 + i as i64, Currency::USD),
-                            },
-                            currency: Currency::USD,
-                            next_run_at: Some(first.due_at),
-                            next_occurrence: Some(first.key),
-                            authorized_via: AuthorizedVia::Cli,
-                            terms_version: "load".into(),
-                        },
-                        &audit,
-                    )
-                    .await
-                    .unwrap();
+                schedule_first_due(
+                    store.as_ref(),
+                    (member.id, card.id),
+                    due,
+                    Money::from_minor(100 + i as i64, Currency::USD),
+                    &audit,
+                )
+                .await;
             }
         });
         while tasks.len() >= 8 {
@@ -600,4 +572,52 @@ pub async fn load_due_payments(
     while let Some(done) = tasks.join_next().await {
         done.unwrap();
     }
+}
+
+/// Adds a monthly schedule for `member_card` (member id, card id) whose first payment falls due
+/// at `due` and whose monthly dates start 40 days later, the way a test needs one payment at a
+/// time of its choosing.
+pub async fn schedule_first_due(
+    store: &dyn Store,
+    (member_id, card_id): (uuid::Uuid, uuid::Uuid),
+    due: jiff::Timestamp,
+    amount: autopay::domain::money::Money,
+    audit: &autopay::store::Audit,
+) -> autopay::store::Schedule {
+    use autopay::domain::payment::AmountRule;
+    use autopay::domain::schedule::{End, FirstPayment, Recurrence, RecurrenceSpec, Rule};
+    use autopay::domain::status::{AuthorizedVia, ScheduleKind};
+    use autopay::store::NewSchedule;
+
+    let today = due.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
+    let recurrence = Recurrence::new(RecurrenceSpec {
+        rule: Rule::Monthly { day: 1 },
+        at: jiff::civil::time(9, 0, 0, 0),
+        time_zone: "UTC".into(),
+        start: today.checked_add(jiff::Span::new().days(40)).unwrap(),
+        first_payment: Some(FirstPayment::Now(due)),
+        end: End::Never,
+        business_days: false,
+        holidays: vec![],
+    })
+    .unwrap();
+    let first = recurrence.occurrences().next().unwrap();
+    store
+        .add_schedule(
+            &NewSchedule {
+                member_id,
+                card_id,
+                kind: ScheduleKind::Recurring,
+                recurrence,
+                amount: AmountRule::Fixed { amount },
+                currency: amount.currency(),
+                next_run_at: Some(first.due_at),
+                next_occurrence: Some(first.key),
+                authorized_via: AuthorizedVia::Cli,
+                terms_version: "load".into(),
+            },
+            audit,
+        )
+        .await
+        .unwrap()
 }

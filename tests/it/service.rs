@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 use autopay::clock::{Clock, SystemClock};
 use autopay::domain::member::AccountNumber;
-use autopay::domain::payment::{AmountRule, PaymentState};
-use autopay::domain::schedule::{End, FirstPayment, Recurrence, RecurrenceSpec, Rule};
-use autopay::domain::status::{AuthorizedVia, ScheduleKind};
-use autopay::store::{Audit, NewSchedule, Store};
+use autopay::domain::payment::PaymentState;
+use autopay::store::{Audit, Store};
 
-use crate::helpers::{Bin, Daemon, Kind, TestDb, get, member_with_card, on_both, schedule_due_now};
+use crate::helpers::{
+    Bin, Daemon, Kind, TestDb, get, member_with_card, on_both, schedule_due_now, schedule_first_due,
+};
 
 /// The settings a test daemon runs with: its database, no processor latency, mail to files in
 /// its folder, quiet logs.
@@ -111,42 +111,17 @@ async fn a_payment_that_falls_due_on_an_idle_daemon_is_claimed_within_a_second_o
         .now()
         .checked_add(jiff::SignedDuration::from_secs(3))
         .unwrap();
-    let today = due.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
-    let recurrence = Recurrence::new(RecurrenceSpec {
-        rule: Rule::Monthly { day: 1 },
-        at: jiff::civil::time(9, 0, 0, 0),
-        time_zone: "UTC".into(),
-        start: today.checked_add(jiff::Span::new().days(40)).unwrap(),
-        first_payment: Some(FirstPayment::Now(due)),
-        end: End::Never,
-        business_days: false,
-        holidays: vec![],
-    })
-    .unwrap();
-    let first = recurrence.occurrences().next().unwrap();
-    store
-        .add_schedule(
-            &NewSchedule {
-                member_id: member.id,
-                card_id: card.id,
-                kind: ScheduleKind::Recurring,
-                recurrence,
-                amount: AmountRule::Fixed {
-                    amount: autopay::domain::money::Money::parse("5.00", card_currency()).unwrap(),
-                },
-                currency: card_currency(),
-                next_run_at: Some(first.due_at),
-                next_occurrence: Some(first.key),
-                authorized_via: AuthorizedVia::Cli,
-                terms_version: "t1".into(),
-            },
-            &Audit {
-                actor: "test".into(),
-                at: SystemClock.now(),
-            },
-        )
-        .await
-        .unwrap();
+    schedule_first_due(
+        store.as_ref(),
+        (member.id, card.id),
+        due,
+        autopay::domain::money::Money::parse("5.00", card_currency()).unwrap(),
+        &Audit {
+            actor: "test".into(),
+            at: SystemClock.now(),
+        },
+    )
+    .await;
     let wait = Duration::try_from(due.duration_since(SystemClock.now())).unwrap_or_default();
     tokio::time::sleep(wait).await;
     let took = until(Duration::from_secs(1), || claimed(&store)).await;
