@@ -205,7 +205,14 @@ async fn metrics_text(State(s): State<Arc<HttpState>>) -> Response {
             .into_response();
     };
     let now = s.clock.now();
-    if let Ok(Ok(status)) = tokio::time::timeout(DB_WAIT, s.store.status()).await {
+    // The three reads wait at once: a scrape during a database outage answers within one
+    // DB_WAIT, well inside a scraper's timeout.
+    let (status, backlog, ready) = tokio::join!(
+        tokio::time::timeout(DB_WAIT, s.store.status()),
+        tokio::time::timeout(DB_WAIT, s.store.due_backlog(now)),
+        readiness(&s),
+    );
+    if let Ok(Ok(status)) = status {
         for state in crate::domain::payment::PaymentState::ALL {
             let n = status.payments.get(state.as_str()).copied().unwrap_or(0);
             metrics::gauge!(m::PAYMENTS_BY_STATE, "state" => state.as_str()).set(n as f64);
@@ -229,7 +236,7 @@ async fn metrics_text(State(s): State<Arc<HttpState>>) -> Response {
         metrics::gauge!(m::BOUNCING).set(status.members_bouncing as f64);
         metrics::gauge!(m::FINDINGS).set(status.findings_open as f64);
     }
-    if let Ok(Ok((count, oldest))) = tokio::time::timeout(DB_WAIT, s.store.due_backlog(now)).await {
+    if let Ok(Ok((count, oldest))) = backlog {
         metrics::gauge!(m::DUE_BACKLOG).set(count as f64);
         let age = oldest.map_or(0.0, |t| now.duration_since(t).as_secs_f64().max(0.0));
         metrics::gauge!(m::OLDEST_DUE_SECONDS).set(age);
@@ -243,7 +250,7 @@ async fn metrics_text(State(s): State<Arc<HttpState>>) -> Response {
     if let Some(t) = s.health.last_pass() {
         metrics::gauge!(m::PASS_AGE).set(now.duration_since(t).as_secs_f64());
     }
-    for (check, result) in readiness(&s).await.checks {
+    for (check, result) in ready.checks {
         metrics::gauge!(m::READY_CHECK, "check" => check).set(f64::from(u8::from(result == OK)));
     }
     (

@@ -450,6 +450,16 @@ async fn postgres_restarted_mid_run_leaves_the_daemon_up_and_every_payment_charg
             let (code, json) = readyz(&daemon);
             if code != 200 {
                 seen_not_ready = Some((code, json));
+                // A scrape waits on the database once, not once per read: it answers well
+                // inside a scraper's 10 s timeout.
+                let asked = Instant::now();
+                let (code, _) = get(daemon.port, "/metrics").unwrap_or((0, String::new()));
+                assert_eq!(code, 200, "/metrics while the database is down");
+                assert!(
+                    asked.elapsed() < Duration::from_secs(6),
+                    "/metrics took {:?} while the database was down",
+                    asked.elapsed()
+                );
             }
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
