@@ -89,6 +89,18 @@ async fn enqueue(w: &World, member: &Member, kind: &str, key: &str, payload: ser
     assert!(w.store.enqueue(&n, w.clock.now()).await.unwrap());
 }
 
+/// Queues a receipt with the sample payload under `key`.
+async fn receipt(w: &World, member: &Member, key: &str) {
+    enqueue(
+        w,
+        member,
+        "receipt",
+        key,
+        Templates::sample_payload("receipt"),
+    )
+    .await;
+}
+
 fn parse(raw: &[u8]) -> mail_parser::Message<'_> {
     MessageParser::default()
         .parse(raw)
@@ -343,14 +355,7 @@ async fn a_temporary_refusal_is_retried_and_delivered_once() {
         AccountType::IndividualFamily,
     )
     .await;
-    enqueue(
-        &w,
-        &m,
-        "receipt",
-        "receipt:1",
-        Templates::sample_payload("receipt"),
-    )
-    .await;
+    receipt(&w, &m, "receipt:1").await;
     let first = dispatcher(&w).drain().await.unwrap();
     assert_eq!((first.sent, first.retrying), (0, 1));
     assert!(peer.received().is_empty());
@@ -382,22 +387,8 @@ async fn a_refused_recipient_fails_that_notification_and_flags_the_address() {
         AccountType::IndividualFamily,
     )
     .await;
-    enqueue(
-        &w,
-        &bad,
-        "receipt",
-        "receipt:bad",
-        Templates::sample_payload("receipt"),
-    )
-    .await;
-    enqueue(
-        &w,
-        &good,
-        "receipt",
-        "receipt:good",
-        Templates::sample_payload("receipt"),
-    )
-    .await;
+    receipt(&w, &bad, "receipt:bad").await;
+    receipt(&w, &good, "receipt:good").await;
     let report = dispatcher(&w).drain().await.unwrap();
     assert_eq!(
         (report.sent, report.failed, report.paused),
@@ -434,14 +425,7 @@ async fn a_wrong_password_pauses_mail_and_loses_nothing() {
     )
     .await;
     for i in 0..3 {
-        enqueue(
-            &wrong,
-            &m,
-            "receipt",
-            &format!("receipt:{i}"),
-            Templates::sample_payload("receipt"),
-        )
-        .await;
+        receipt(&wrong, &m, &format!("receipt:{i}")).await;
     }
     let report = dispatcher(&wrong).drain().await.unwrap();
     assert!(report.paused, "{report:?}");
@@ -484,14 +468,7 @@ async fn relay_denied_and_an_untrusted_certificate_pause_mail_without_failing_an
         AccountType::IndividualFamily,
     )
     .await;
-    enqueue(
-        &w,
-        &m,
-        "receipt",
-        "receipt:relay",
-        Templates::sample_payload("receipt"),
-    )
-    .await;
+    receipt(&w, &m, "receipt:relay").await;
     let report = dispatcher(&w).drain().await.unwrap();
     assert_eq!(
         (report.paused, report.failed, report.retrying),
@@ -529,14 +506,7 @@ async fn relay_denied_and_an_untrusted_certificate_pause_mail_without_failing_an
         AccountType::IndividualFamily,
     )
     .await;
-    enqueue(
-        &untrusted,
-        &m,
-        "receipt",
-        "receipt:tls",
-        Templates::sample_payload("receipt"),
-    )
-    .await;
+    receipt(&untrusted, &m, "receipt:tls").await;
     let report = dispatcher(&untrusted).drain().await.unwrap();
     assert_eq!((report.paused, report.failed), (true, 0), "{report:?}");
     let reason = untrusted
@@ -565,14 +535,7 @@ async fn the_server_down_for_a_while_loses_nothing() {
     .await;
     peer.stop();
     for i in 0..4 {
-        enqueue(
-            &w,
-            &m,
-            "receipt",
-            &format!("receipt:{i}"),
-            Templates::sample_payload("receipt"),
-        )
-        .await;
+        receipt(&w, &m, &format!("receipt:{i}")).await;
     }
     let down = dispatcher(&w).drain().await.unwrap();
     assert_eq!(
@@ -606,14 +569,7 @@ async fn an_unreachable_server_pauses_mail_and_when_it_answers_everything_that_w
     .await;
     peer.stop();
     for i in 0..3 {
-        enqueue(
-            &w,
-            &m,
-            "receipt",
-            &format!("receipt:{i}"),
-            Templates::sample_payload("receipt"),
-        )
-        .await;
+        receipt(&w, &m, &format!("receipt:{i}")).await;
     }
     let down = dispatcher(&w).drain().await.unwrap();
     assert!(down.paused, "{down:?}");
@@ -626,14 +582,7 @@ async fn an_unreachable_server_pauses_mail_and_when_it_answers_everything_that_w
     // The server is back. The three that waited are not due again for a while; a new receipt
     // is due now: the first delivery lifts the pause and everything goes.
     peer.restart();
-    enqueue(
-        &w,
-        &m,
-        "receipt",
-        "receipt:new",
-        Templates::sample_payload("receipt"),
-    )
-    .await;
+    receipt(&w, &m, "receipt:new").await;
     let up = dispatcher(&w).drain().await.unwrap();
     assert_eq!(up.sent, 4, "{up:?}");
     assert!(w.store.control().await.unwrap().mail_paused.is_none());
@@ -863,7 +812,7 @@ async fn a_message_refused_as_spam_fails_alone_without_pausing_mail_or_flagging_
         (&policy, "receipt:policy"),
         (&good, "receipt:good"),
     ] {
-        enqueue(&w, m, "receipt", key, Templates::sample_payload("receipt")).await;
+        receipt(&w, m, key).await;
     }
     let report = dispatcher(&w).drain().await.unwrap();
     // "554 5.7.1 rejected as spam" after the data and "550 5.7.1" for one recipient are about
@@ -915,14 +864,7 @@ async fn a_sender_refused_at_mail_from_pauses_mail_and_fails_nothing() {
     )
     .await;
     for i in 0..2 {
-        enqueue(
-            &w,
-            &m,
-            "receipt",
-            &format!("receipt:{i}"),
-            Templates::sample_payload("receipt"),
-        )
-        .await;
+        receipt(&w, &m, &format!("receipt:{i}")).await;
     }
     let report = dispatcher(&w).drain().await.unwrap();
     assert_eq!(
