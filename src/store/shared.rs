@@ -1361,6 +1361,17 @@ macro_rules! shared_store_impl {
             Ok(())
         }
 
+        /// Runs a housekeeping `DELETE` whose one parameter is the cut-off time; returns how many
+        /// rows went.
+        async fn delete_before(tx: &mut Tx, sql: &'static str, before: Timestamp, doing: &'static str) -> Result<u64> {
+            Ok(sqlx::query(sql)
+                .bind(DbTime(before))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err(doing))?
+                .rows_affected())
+        }
+
         #[async_trait]
         impl Store for $store {
             fn backend(&self) -> crate::config::Backend {
@@ -3134,24 +3145,14 @@ macro_rules! shared_store_impl {
 
             async fn prune_notifications(&self, before: Timestamp) -> Result<u64> {
                 let mut tx = self.begin_write().await?;
-                let done = sqlx::query("DELETE FROM notifications WHERE (state = 'sent' AND sent_at < $1) OR (state IN ('failed', 'expired') AND created_at < $1)")
-                    .bind(DbTime(before))
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("deleting old notifications"))?
-                    .rows_affected();
+                let done = delete_before(&mut tx, "DELETE FROM notifications WHERE (state = 'sent' AND sent_at < $1) OR (state IN ('failed', 'expired') AND created_at < $1)", before, "deleting old notifications").await?;
                 commit(tx).await?;
                 Ok(done)
             }
 
             async fn prune_job_runs(&self, before: Timestamp) -> Result<u64> {
                 let mut tx = self.begin_write().await?;
-                let done = sqlx::query("DELETE FROM job_runs WHERE last_run < $1")
-                    .bind(DbTime(before))
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("deleting old job runs"))?
-                    .rows_affected();
+                let done = delete_before(&mut tx, "DELETE FROM job_runs WHERE last_run < $1", before, "deleting old job runs").await?;
                 commit(tx).await?;
                 Ok(done)
             }
