@@ -5,7 +5,6 @@
 //! comes back, and what autopay stores, is a token plus what may be shown (brand, last four,
 //! expiry).
 
-mod ledger;
 pub mod simulated;
 
 use std::sync::Arc;

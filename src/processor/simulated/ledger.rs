@@ -20,9 +20,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use uuid::Uuid;
 
-use super::{ChargeRequest, ProcessorAttempt, ProcessorError};
 use crate::config::{Backend, DatabaseUrl, redact_url};
 use crate::domain::money::{Currency, Money};
+use crate::processor::{ChargeRequest, ProcessorAttempt, ProcessorError};
 use crate::store::types::{DbId, DbTime};
 
 /// One ledger row: the request as it was first made under its key, and what came of it.

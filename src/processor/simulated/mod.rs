@@ -34,11 +34,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod ledger;
+
 use async_trait::async_trait;
 use jiff::Timestamp;
 use uuid::Uuid;
 
-use super::ledger::{Charge, ChargeLedger};
+use self::ledger::{Charge, ChargeLedger};
 use super::{
     AttemptRef, CardDetails, ChargeOutcome, ChargeRequest, Lookup, Processor, ProcessorAttempt,
     ProcessorError, Tokenized,
