@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::attempt::ProcessorAttempt;
 use super::payment::{PaymentState, Transition};
+use super::spelled_enum;
 
 /// The installation an idempotency key names, when it is one of autopay's keys
 /// (`autopay:{installation}:...`).
@@ -121,29 +122,21 @@ pub enum Recorded {
     Open,
 }
 
-/// Why a charge at the processor fits no payment and needs a person.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FindingKind {
-    /// No payment of this database is for its schedule and occurrence.
-    NoPayment,
-    /// The payment succeeded under another confirmation: the member was charged twice.
-    SecondCharge,
-    /// The payment ended without a charge (failed, skipped, cancelled or missed).
-    EndedPayment,
-    /// Another attempt of the payment is in flight or awaiting review.
-    OtherAttemptOpen,
+spelled_enum! {
+    /// Why a charge at the processor fits no payment and needs a person.
+    pub enum FindingKind ("finding kind") {
+        /// No payment of this database is for its schedule and occurrence.
+        NoPayment => "no_payment",
+        /// The payment succeeded under another confirmation: the member was charged twice.
+        SecondCharge => "second_charge",
+        /// The payment ended without a charge (failed, skipped, cancelled or missed).
+        EndedPayment => "ended_payment",
+        /// Another attempt of the payment is in flight or awaiting review.
+        OtherAttemptOpen => "other_attempt_open",
+    }
 }
 
 impl FindingKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FindingKind::NoPayment => "no_payment",
-            FindingKind::SecondCharge => "second_charge",
-            FindingKind::EndedPayment => "ended_payment",
-            FindingKind::OtherAttemptOpen => "other_attempt_open",
-        }
-    }
-
     /// What the operator reads in `status` and `reconcile`.
     pub fn explain(self) -> &'static str {
         match self {

@@ -538,12 +538,12 @@ macro_rules! shared_store_impl {
             held: Held,
         }
 
-        /// Locks a claimed payment's rows in order; None when `lease` no longer holds it in one
-        /// of `states`.
-        async fn lock_leased(tx: &mut Tx, lease: &Lease, states: &[PaymentState]) -> Result<Option<Locked>> {
+        /// Locks the member, schedule and card of a payment, in the one order every transaction
+        /// follows; None when there is no such payment. The payment itself is locked after them.
+        async fn lock_owners(tx: &mut Tx, payment_id: Uuid) -> Result<Option<(Member, Schedule, Card)>> {
             // Read without a lock only to learn which rows to lock first.
             let owners: Option<(DbId, DbId, DbId)> = sqlx::query_as("SELECT member_id, schedule_id, payment_method_id FROM payments WHERE id = $1")
-                .bind(DbId(lease.payment_id))
+                .bind(DbId(payment_id))
                 .fetch_optional(tx.conn())
                 .await
                 .map_err(db_err("reading a payment"))?;
@@ -551,6 +551,13 @@ macro_rules! shared_store_impl {
             let member = member_by_id_in(tx, member_id.0).await?;
             let schedule = schedule_in(tx, schedule_id.0).await?;
             let card = card_in(tx, card_id.0).await?;
+            Ok(Some((member, schedule, card)))
+        }
+
+        /// Locks a claimed payment's rows in order; None when `lease` no longer holds it in one
+        /// of `states`.
+        async fn lock_leased(tx: &mut Tx, lease: &Lease, states: &[PaymentState]) -> Result<Option<Locked>> {
+            let Some((member, schedule, card)) = lock_owners(tx, lease.payment_id).await? else { return Ok(None) };
             let Some(held) = leased_payment(tx, lease, states).await? else { return Ok(None) };
             if held.payment.card_id != card.id {
                 // Only an unclaimed payment is moved to another card, so the lease is gone.
@@ -1208,15 +1215,7 @@ macro_rules! shared_store_impl {
         /// Locks a payment's rows in the one order (member, schedule, card, payment) whoever
         /// holds it: for `reconcile`, which runs while no daemon does.
         async fn lock_payment(tx: &mut Tx, payment_id: Uuid) -> Result<Option<Locked>> {
-            let owners: Option<(DbId, DbId, DbId)> = sqlx::query_as("SELECT member_id, schedule_id, payment_method_id FROM payments WHERE id = $1")
-                .bind(DbId(payment_id))
-                .fetch_optional(tx.conn())
-                .await
-                .map_err(db_err("reading a payment"))?;
-            let Some((member_id, schedule_id, card_id)) = owners else { return Ok(None) };
-            let member = member_by_id_in(tx, member_id.0).await?;
-            let schedule = schedule_in(tx, schedule_id.0).await?;
-            let card = card_in(tx, card_id.0).await?;
+            let Some((member, schedule, card)) = lock_owners(tx, payment_id).await? else { return Ok(None) };
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT {PAYMENT_COLS}, credit_applied, unknown_since, lease_expires_at FROM payments WHERE id = $1{}", $for_update
             )))
@@ -1236,21 +1235,11 @@ macro_rules! shared_store_impl {
 
         fn finding_from(row: &DbRow) -> Result<Finding> {
             const T: &str = "reconcile_findings";
-            let kind: String = get(row, T, "kind")?;
-            let explanation = [
-                crate::domain::reconcile::FindingKind::NoPayment,
-                crate::domain::reconcile::FindingKind::SecondCharge,
-                crate::domain::reconcile::FindingKind::EndedPayment,
-                crate::domain::reconcile::FindingKind::OtherAttemptOpen,
-            ]
-            .into_iter()
-            .find(|k| k.as_str() == kind)
-            .map(|k| k.explain().to_string())
-            .ok_or_else(|| corrupt(T, "kind", &kind))?;
+            let kind = parsed(T, "kind", get::<String>(row, T, "kind")?.parse::<crate::domain::reconcile::FindingKind>())?;
             Ok(Finding {
                 id: id(row, T, "id")?,
-                kind,
-                explanation,
+                kind: kind.as_str().to_string(),
+                explanation: kind.explain().to_string(),
                 idempotency_key: get(row, T, "idempotency_key")?,
                 reference: get(row, T, "reference")?,
                 payment_id: get::<Option<DbId>>(row, T, "payment_id")?.map(|i| i.0),
@@ -3281,7 +3270,7 @@ macro_rules! shared_store_impl {
                     }
                 };
                 let decision = decide(found, ours.as_ref());
-                let done = match (decision, &locked) {
+                let done = match (decision, locked) {
                     (Decision::Known, _) => Reconciled::Known,
                     (Decision::Ignore, _) => Reconciled::Ignored,
                     (Decision::Finding(crate::domain::reconcile::FindingKind::NoPayment), _) if !last_try => {
@@ -3303,37 +3292,27 @@ macro_rules! shared_store_impl {
                     (Decision::Record { .. }, None) => {
                         return Err(StoreError::Internal("reconcile decided to record onto a payment it did not find".into()));
                     }
-                    (Decision::Record { moves_to }, Some(l)) => {
-                        record_found_attempt(&mut tx, l, found, audit).await?;
-                        let payment = &l.held.payment;
+                    (Decision::Record { moves_to }, Some(mut l)) => {
+                        record_found_attempt(&mut tx, &l, found, audit).await?;
+                        let (payment_id, from) = (l.held.payment.id, l.held.payment.state);
                         let state = match moves_to {
-                            None => payment.state,
+                            None => from,
                             Some(PaymentState::Succeeded) => {
                                 // The money moved at the amount the processor reports; credit the
                                 // lost attempt reserved is not known, so none is used.
                                 sqlx::query("UPDATE payments SET attempt = $1, amount = $2, credit_applied = 0 WHERE id = $3")
                                     .bind(found.attempt)
                                     .bind(found.amount.minor())
-                                    .bind(DbId(payment.id))
+                                    .bind(DbId(payment_id))
                                     .execute(tx.conn())
                                     .await
                                     .map_err(db_err("recording a reconciled success"))?;
-                                let mut settled = Locked {
-                                    lease: l.lease,
-                                    member: l.member.clone(),
-                                    schedule: l.schedule.clone(),
-                                    card: l.card.clone(),
-                                    held: Held {
-                                        payment: Payment { attempt: found.attempt, amount: Some(found.amount), ..payment.clone() },
-                                        credit_applied: 0,
-                                        unknown_since: None,
-                                        lease_expires_at: None,
-                                    },
-                                };
-                                settled.lease.payment_id = payment.id;
+                                l.held.payment.attempt = found.attempt;
+                                l.held.payment.amount = Some(found.amount);
+                                l.held.credit_applied = 0;
                                 // The receipt and the allocations carry the moment the money moved.
                                 let charged = Audit { actor: audit.actor.clone(), at: found.created_at };
-                                settle_success(&mut tx, &settled, PaymentState::Succeeded, &found.reference, &charged).await?;
+                                settle_success(&mut tx, &l, PaymentState::Succeeded, &found.reference, &charged).await?;
                                 PaymentState::Succeeded
                             }
                             Some(state) => {
@@ -3348,18 +3327,18 @@ macro_rules! shared_store_impl {
                                     .bind(found.decline_code.as_deref())
                                     .bind(&reason)
                                     .bind(DbTime(audit.at))
-                                    .bind(DbId(payment.id))
+                                    .bind(DbId(payment_id))
                                     .execute(tx.conn())
                                     .await
                                     .map_err(db_err("recording a reconciled decline"))?;
                                 state
                             }
                         };
-                        event(&mut tx, audit, "payment", payment.id, "reconciled", serde_json::json!({
+                        event(&mut tx, audit, "payment", payment_id, "reconciled", serde_json::json!({
                             "attempt": found.attempt, "approved": found.approved, "reference": found.reference,
-                            "from": payment.state.as_str(), "to": state.as_str(),
+                            "from": from.as_str(), "to": state.as_str(),
                         })).await?;
-                        Reconciled::Recorded { payment_id: payment.id, state }
+                        Reconciled::Recorded { payment_id, state }
                     }
                 };
                 commit(tx).await?;
