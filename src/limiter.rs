@@ -1,41 +1,82 @@
-//! A token bucket shared by every worker of one process: the processor's
+//! A rate limit shared by every worker of one process: the processor's
 //! `processor.max_requests_per_second`, and the mail dispatcher's `email.max_per_second`.
+//!
+//! The limit is a promise about any sliding one-second window: at most `per_second` grants in
+//! it. A grant waits until the `per_second`-th grant before it is a full second old (a log of
+//! the last `per_second` grant times). On top, bursts are at most a tenth of the limit (a token
+//! bucket of that size, refilled at the limit's rate), so a backlog is spread over the second
+//! rather than sent at once.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+const WINDOW: Duration = Duration::from_secs(1);
+
 #[derive(Debug)]
 pub struct RateLimiter {
-    per_second: f64,
-    state: Mutex<(f64, Instant)>,
+    per_second: u32,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// The times of the last `per_second` grants, oldest first.
+    granted: VecDeque<Instant>,
+    /// Burst tokens and when they were last refilled.
+    tokens: f64,
+    refilled: Instant,
 }
 
 impl RateLimiter {
     pub fn new(per_second: u32) -> RateLimiter {
-        let per_second = f64::from(per_second.max(1));
+        let per_second = per_second.max(1);
         RateLimiter {
             per_second,
-            state: Mutex::new((per_second, Instant::now())),
+            state: Mutex::new(State {
+                granted: VecDeque::with_capacity(per_second.min(100_000) as usize),
+                tokens: f64::from(Self::burst_of(per_second)),
+                refilled: Instant::now(),
+            }),
         }
     }
 
-    /// Waits for one request's token. A burst of up to one second's worth passes at once.
+    /// The largest burst: a tenth of the limit, at least one.
+    fn burst_of(per_second: u32) -> u32 {
+        (per_second / 10).max(1)
+    }
+
+    /// Waits for one request's turn.
     pub async fn acquire(&self) {
+        let rate = f64::from(self.per_second);
+        let burst = f64::from(Self::burst_of(self.per_second));
         loop {
             let wait = {
-                let mut state = self.state.lock().await;
-                let (tokens, last) = &mut *state;
+                let mut s = self.state.lock().await;
                 let now = Instant::now();
-                *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second)
-                    .min(self.per_second);
-                *last = now;
-                if *tokens >= 1.0 {
-                    *tokens -= 1.0;
+                s.tokens =
+                    (s.tokens + now.duration_since(s.refilled).as_secs_f64() * rate).min(burst);
+                s.refilled = now;
+                let window_full = s.granted.len() >= self.per_second as usize;
+                // The grant that would leave the window if this one were made now.
+                let window_wait = match s.granted.front() {
+                    Some(oldest) if window_full => {
+                        (*oldest + WINDOW).saturating_duration_since(now)
+                    }
+                    _ => Duration::ZERO,
+                };
+                if s.tokens >= 1.0 && window_wait.is_zero() {
+                    s.tokens -= 1.0;
+                    if window_full {
+                        s.granted.pop_front();
+                    }
+                    s.granted.push_back(now);
                     return;
                 }
-                Duration::from_secs_f64((1.0 - *tokens) / self.per_second)
+                let token_wait = Duration::from_secs_f64(((1.0 - s.tokens) / rate).max(0.0));
+                token_wait.max(window_wait).max(Duration::from_micros(100))
             };
             tokio::time::sleep(wait).await;
         }
@@ -46,16 +87,55 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
+    /// The most grants in any window of one second, from their times.
+    fn most_in_a_second(times: &[Instant]) -> usize {
+        let mut most = 0;
+        for (i, t) in times.iter().enumerate() {
+            let n = times[i..].iter().take_while(|u| **u < *t + WINDOW).count();
+            most = most.max(n);
+        }
+        most
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn requests_beyond_the_rate_wait_for_their_token() {
+    async fn requests_beyond_the_rate_wait_for_their_turn() {
         let limiter = RateLimiter::new(10);
         let start = Instant::now();
+        let mut times = Vec::new();
         for _ in 0..30 {
             limiter.acquire().await;
+            times.push(Instant::now());
         }
-        // 10 pass at once, the other 20 at 10 per second.
+        // One at once, then ten a second: 29 more take 2.9 s.
         let took = start.elapsed();
-        assert!(took >= Duration::from_millis(1900), "{took:?}");
-        assert!(took <= Duration::from_millis(2100), "{took:?}");
+        assert!(took >= Duration::from_millis(2800), "{took:?}");
+        assert!(took <= Duration::from_millis(3100), "{took:?}");
+        assert!(most_in_a_second(&times) <= 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_sliding_second_holds_more_than_the_limit_and_bursts_are_a_tenth() {
+        for limit in [1, 7, 25, 100, 500] {
+            let limiter = std::sync::Arc::new(RateLimiter::new(limit));
+            // Idle long enough for any bucket to be full, then a crowd of concurrent callers.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..(limit * 3) {
+                let l = limiter.clone();
+                tasks.spawn(async move {
+                    l.acquire().await;
+                    Instant::now()
+                });
+            }
+            let mut times: Vec<Instant> = tasks.join_all().await;
+            times.sort();
+            assert!(most_in_a_second(&times) <= limit as usize, "limit {limit}");
+            let first = times[0];
+            let burst = times.iter().take_while(|t| **t == first).count();
+            assert!(
+                burst <= (limit as usize / 10).max(1),
+                "limit {limit}: burst {burst}"
+            );
+        }
     }
 }
