@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod notify;
 pub mod processor;
 pub mod shutdown;
+pub mod sqltypes;
 pub mod store;
 pub mod telemetry;
 pub mod users;

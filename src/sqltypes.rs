@@ -1,6 +1,7 @@
-//! Column types shared by both backends, so that one SQL text and one set of binds serve SQLite
-//! and PostgreSQL: ids are `uuid` in PostgreSQL and text in SQLite, instants `timestamptz` and
-//! fixed-width RFC 3339 text (whose text order is time order), dates `date` and `YYYY-MM-DD`.
+//! SQL column codecs, shared by the store and the simulated processor's ledger so that one SQL
+//! text and one set of binds serve SQLite and PostgreSQL: ids are `uuid` in PostgreSQL and text
+//! in SQLite, instants `timestamptz` and fixed-width RFC 3339 text (whose text order is time
+//! order), dates `date` and `YYYY-MM-DD`.
 
 use jiff::Timestamp;
 use jiff::civil::Date;

@@ -218,6 +218,10 @@ pub enum CardCommand {
         /// A processor token instead of a number.
         #[arg(long, value_name = "TOKEN")]
         token: Option<String>,
+        /// The version of the terms the member agreed to when they asked for the card to be
+        /// kept for automatic payments, recorded with the card's consent.
+        #[arg(long, value_name = "V")]
+        terms_version: Option<String>,
     },
     /// List a member's cards.
     List {

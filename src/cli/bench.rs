@@ -325,12 +325,21 @@ pub(super) async fn load(
             )
             .await?;
         let token = processor
-            .tokenize(&number, &code, expiry)
+            .tokenize(&super::members::owner(&member), &number, &code, expiry)
             .await
             .map_err(|e| CliError::internal(format!("the simulated processor: {e}")))?;
         let card = store
             .add_card(
-                &super::members::new_card(member.id, processor.name(), token),
+                &super::members::new_card(
+                    member.id,
+                    processor,
+                    token,
+                    crate::store::Consent {
+                        at: audit.at,
+                        via: "cli".into(),
+                        terms_version: Some("bench".into()),
+                    },
+                ),
                 &audit,
             )
             .await?;

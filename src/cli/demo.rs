@@ -139,12 +139,21 @@ pub(super) async fn seed(ctx: &Context, store: &dyn Store) -> Result<(), CliErro
         let expiry =
             Expiry::new(12, u16::try_from(today.year() + 3).map_err(invalid)?).map_err(invalid)?;
         let token = processor
-            .tokenize(&number, &code, expiry)
+            .tokenize(&super::members::owner(&member), &number, &code, expiry)
             .await
             .map_err(|e| CliError::new(super::exit::UNAVAILABLE, e.to_string()))?;
         let card = store
             .add_card(
-                &super::members::new_card(member.id, processor.name(), token),
+                &super::members::new_card(
+                    member.id,
+                    processor.as_ref(),
+                    token,
+                    crate::store::Consent {
+                        at: audit.at,
+                        via: "cli".into(),
+                        terms_version: Some("demo".into()),
+                    },
+                ),
                 &audit,
             )
             .await?;

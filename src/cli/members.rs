@@ -10,19 +10,35 @@ use super::output::{self, Table, say};
 use super::{CliError, Context, parse_id};
 use crate::domain::card::{CardNumber, Expiry, SecurityCode};
 use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
-use crate::processor::Tokenized;
-use crate::store::{Card, MemberChange, NewCard, NewMember};
+use crate::processor::{CardOwner, Processor, ProcessorError, Tokenized};
+use crate::store::{Card, Consent, Member, MemberChange, NewCard, NewMember};
 
-/// The card row for a token the processor issued.
-pub(super) fn new_card(member_id: uuid::Uuid, processor: &str, card: Tokenized) -> NewCard {
+/// Whose card is saved: the member, with the processor's customer they already have.
+pub(super) fn owner(member: &Member) -> CardOwner {
+    CardOwner {
+        member_id: member.id,
+        customer: member.processor_customer_id.clone(),
+    }
+}
+
+/// The card row for a token the processor issued, saved under `consent`.
+pub(super) fn new_card(
+    member_id: uuid::Uuid,
+    processor: &dyn Processor,
+    card: Tokenized,
+    consent: Consent,
+) -> NewCard {
     NewCard {
         member_id,
-        processor: processor.to_string(),
+        processor: processor.name().to_string(),
         processor_token: card.token,
         brand: card.details.brand,
         last4: card.details.last4,
         expiry: card.details.expiry,
         fingerprint: card.fingerprint,
+        customer: card.customer,
+        processor_mode: processor.mode().map(str::to_string),
+        consent,
     }
 }
 
@@ -361,12 +377,23 @@ fn forbid_core_dumps() {
     }
 }
 
+/// A processor's refusal of a card: the card or token (65), the processor unreachable (69), or
+/// its settings (78).
+fn token_error(e: &ProcessorError) -> CliError {
+    match e {
+        ProcessorError::Rejected(m) => CliError::data(format!("--token: {m}")),
+        ProcessorError::Unavailable(m) => CliError::new(super::exit::UNAVAILABLE, m.clone()),
+        ProcessorError::Config(m) => CliError::new(super::exit::CONFIG, m.clone()),
+    }
+}
+
 pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliError> {
     match command {
         CardCommand::Add {
             account: acct,
             exp,
             token,
+            terms_version,
         } => {
             let acct = account(&acct)?;
             let store = ctx.store().await?;
@@ -374,6 +401,7 @@ pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliE
             let tz = TimeZone::get(&member.time_zone).unwrap_or(TimeZone::UTC);
             let today = ctx.now().to_zoned_datetime(tz).date();
             let processor = ctx.processor().await?;
+            let owner = owner(&member);
             let tokenized = match (exp, token) {
                 (_, Some(token)) => {
                     let token = token.trim().to_string();
@@ -382,19 +410,16 @@ pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliE
                     processor
                         .check_token(&token)
                         .map_err(|e| CliError::data(format!("--token: {e}")))?;
-                    let details = processor
-                        .card_details(&token)
+                    let adopted = processor
+                        .adopt(&owner, &token)
                         .await
-                        .map_err(|e| CliError::data(format!("--token: {e}")))?;
-                    details
+                        .map_err(|e| token_error(&e))?;
+                    adopted
+                        .details
                         .expiry
                         .check_not_expired(today)
                         .map_err(|e| CliError::data(format!("--token: {e}")))?;
-                    Tokenized {
-                        token,
-                        details,
-                        fingerprint: None,
-                    }
+                    adopted
                 }
                 (Some(exp), None) => {
                     let expiry =
@@ -406,10 +431,13 @@ pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliE
                         .check(number.brand())
                         .map_err(|e| CliError::data(e.to_string()))?;
                     processor
-                        .tokenize(&number, &code, expiry)
+                        .tokenize(&owner, &number, &code, expiry)
                         .await
-                        .map_err(|e| {
-                            CliError::data(format!("the processor refused the card: {e}"))
+                        .map_err(|e| match e {
+                            ProcessorError::Rejected(_) => {
+                                CliError::data(format!("the processor refused the card: {e}"))
+                            }
+                            other => token_error(&other),
                         })?
                 }
                 (None, None) => {
@@ -423,7 +451,15 @@ pub(super) async fn card(ctx: &Context, command: CardCommand) -> Result<(), CliE
                 .accepted_brands
                 .check(tokenized.details.brand)
                 .map_err(|e| CliError::data(e.to_string()))?;
-            let new = new_card(member.id, processor.name(), tokenized);
+            let consent = Consent {
+                at: ctx.now(),
+                via: "cli".into(),
+                terms_version: terms_version
+                    .map(|v| super::billing::free_text(&v, 40))
+                    .transpose()
+                    .map_err(|e| CliError::data(format!("--terms-version: {e}")))?,
+            };
+            let new = new_card(member.id, processor.as_ref(), tokenized, consent);
             let card = store.add_card(&new, &ctx.audit()).await?;
             tracing::info!(member_id = %member.id, card_id = %card.id, "card added");
             if ctx.json {

@@ -125,10 +125,12 @@ impl Context {
     }
 
     pub async fn processor(&self) -> Result<Arc<dyn Processor>, CliError> {
+        let installation = self.store().await?.control().await?.installation_id;
         crate::processor::open(
             &self.settings.processor,
             &self.settings.database.url,
             self.clock.clone(),
+            installation,
         )
         .await
         .map_err(CliError::from)

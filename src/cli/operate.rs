@@ -301,7 +301,7 @@ pub(super) async fn resolve(
         Lookup::Found(found) if !found.approved && resolution == Resolution::Succeeded => {
             Some(CliError::data(format!(
                 "the processor recorded this attempt as declined ({}); resolve it --as failed",
-                found.decline_code.unwrap_or_default()
+                found.decline_code().unwrap_or_default()
             )))
         }
         Lookup::NotFound if resolution == Resolution::Succeeded => Some(CliError::data(

@@ -109,6 +109,23 @@ impl Checker {
         out
     }
 
+    /// The text of a credential file (a relative path is under systemd's credentials folder,
+    /// when there is one), or the problem recorded.
+    pub(super) fn read_credential(&mut self, file_key: &str, file: &str) -> Option<String> {
+        let path = std::path::Path::new(file.trim());
+        let path = match &self.credentials {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(content) => Some(content),
+            Err(e) => {
+                self.problem(file_key, file, format!("a readable file ({e})"));
+                None
+            }
+        }
+    }
+
     /// A secret given inline or in a file (the file wins, for systemd credentials).
     pub(super) fn secret(
         &mut self,
@@ -117,13 +134,8 @@ impl Checker {
         file: &str,
     ) -> Option<SecretString> {
         if !file.trim().is_empty() {
-            let path = std::path::Path::new(file.trim());
-            let path = match &self.credentials {
-                Some(dir) if path.is_relative() => dir.join(path),
-                _ => path.to_path_buf(),
-            };
-            match std::fs::read_to_string(&path) {
-                Ok(content) => {
+            match self.read_credential(file_key, file) {
+                Some(content) => {
                     let first = content.lines().next().unwrap_or("").trim_end().to_string();
                     if first.is_empty() {
                         self.problem(
@@ -136,10 +148,7 @@ impl Checker {
                         Some(SecretString::from(first))
                     }
                 }
-                Err(e) => {
-                    self.problem(file_key, file, format!("a readable file ({e})"));
-                    None
-                }
+                None => None,
             }
         } else if inline.is_empty() {
             None

@@ -42,7 +42,10 @@ pub use http::HttpSettings;
 pub use log::{LogFormat, LogSettings};
 pub use org::OrgSettings;
 pub use payments::{Misfire, PaymentSettings};
-pub use processor::{Ledger, ProcessorKind, ProcessorSettings, SimulatedSettings, StripeSettings};
+pub use processor::{
+    Ledger, MIN_API_VERSION, ProcessorKind, ProcessorSettings, SimulatedSettings, StripeMode,
+    StripeSettings,
+};
 pub use reminders::ReminderSettings;
 pub use secrets::{is_secret_key, redact_secrets};
 pub use url::{Backend, DatabaseUrl, redact_url};
@@ -455,6 +458,39 @@ mod tests {
         let p = problems(load(Some("[email]\nretry_delays = []\n"), &[]));
         let p = p.iter().find(|p| p.key == "email.retry_delays").unwrap();
         assert!(p.expected.contains("at least one wait"), "{p:?}");
+    }
+
+    #[test]
+    fn stripe_settings_are_checked_with_the_processor_s_own_rules() {
+        let p = problems(load(
+            Some(
+                "[processor]\nkind = \"stripe\"\nkey_retention = \"48h\"\nlookup_window = \"1h\"\n[processor.stripe]\nsecret_key = \"sk_test_x\"\npublishable_key = \"pk_live_y\"\nwebhook_tolerance = \"2h\"\n",
+            ),
+            &[],
+        ));
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "processor.key_retention",
+            "processor.stripe.publishable_key",
+            "processor.stripe.webhook_tolerance",
+        ] {
+            assert!(keys.contains(&key), "{key}: {p:?}");
+        }
+        // A good set passes, and the key is never shown.
+        let s = load(
+            Some(
+                "[processor]\nkind = \"stripe\"\n[processor.stripe]\nsecret_key = \"rk_live_x\"\nwebhook_secret = [\"whsec_a\", \"whsec_b\"]\n",
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.processor.stripe.mode, Some(StripeMode::Live));
+        assert_eq!(s.processor.stripe.webhook_secrets.len(), 2);
+        let shown = serde_json::to_string(&s).unwrap();
+        assert!(
+            !shown.contains("rk_live_x") && !shown.contains("whsec_a"),
+            "{shown}"
+        );
     }
 
     #[test]

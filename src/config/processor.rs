@@ -11,7 +11,7 @@ mod simulated;
 mod stripe;
 
 pub use simulated::{Ledger, Simulated, SimulatedSettings};
-pub use stripe::{Stripe, StripeSettings};
+pub use stripe::{MIN_API_VERSION, Stripe, StripeMode, StripeSettings};
 
 section!(Processor {
     kind: String,
@@ -24,6 +24,9 @@ section!(Processor {
     simulated: Simulated,
     stripe: Stripe,
 });
+
+/// How long Stripe keeps an idempotency key.
+pub const STRIPE_KEY_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -72,6 +75,13 @@ pub(super) fn parse(pr: &Processor, c: &mut Checker) -> ProcessorSettings {
         1,
         100_000,
     );
+    if kind == ProcessorKind::Stripe && key_retention.0 > STRIPE_KEY_RETENTION {
+        c.problem(
+            "processor.key_retention",
+            &key_retention.to_string(),
+            "at most 24h with processor.kind = \"stripe\": Stripe keeps an idempotency key for 24 hours, and a key resent after it forgot would charge again",
+        );
+    }
     let simulated = simulated::parse(&pr.simulated, c);
     let stripe = stripe::parse(&pr.stripe, c, kind);
     ProcessorSettings {

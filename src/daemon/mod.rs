@@ -56,6 +56,40 @@ pub enum DaemonError {
     Grace(String),
 }
 
+/// Refuses to start when active cards were saved with another processor, or in the other mode
+/// of this one (a Stripe test card under a live key): none of them could be charged, and each
+/// payment on them would fail for a reason the member cannot fix.
+pub async fn refuse_foreign_cards(
+    store: &dyn Store,
+    processor: &dyn crate::processor::Processor,
+) -> Result<(), DaemonError> {
+    let foreign: Vec<String> = store
+        .card_processors()
+        .await?
+        .into_iter()
+        .filter(|g| {
+            g.processor != processor.name()
+                || (g.mode.is_some() && g.mode.as_deref() != processor.mode())
+        })
+        .map(|g| match g.mode {
+            Some(mode) => format!("{} {} ({mode} mode)", g.cards, g.processor),
+            None => format!("{} {}", g.cards, g.processor),
+        })
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    Err(DaemonError::Config(format!(
+        "the database holds active cards this processor cannot charge: {} card(s), and processor.kind is {}{}; set processor.kind (and the key's mode) back to the one those cards were saved with, or have those members add their cards again and remove the old ones (`autopay card remove`)",
+        foreign.join(", "),
+        processor.name(),
+        processor
+            .mode()
+            .map(|m| format!(" ({m} mode)"))
+            .unwrap_or_default()
+    )))
+}
+
 /// What a run did: its passes, the reminders it wrote and the mail it delivered.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunSummary {
@@ -92,6 +126,10 @@ pub fn outcome_policy(s: &Settings) -> OutcomePolicy {
         keys: key_policy(s),
         max_amount_individual_family: s.payments.max_amount_individual_family,
         max_amount_employer_group: s.payments.max_amount_employer_group,
+        min_charge: match s.processor.kind {
+            crate::config::ProcessorKind::Simulated => |_| None,
+            crate::config::ProcessorKind::Stripe => crate::processor::stripe::minimum_charge,
+        },
     }
 }
 
@@ -176,9 +214,19 @@ impl Daemon {
     /// templates and the mail transport, and wires the engine and the dispatcher.
     pub async fn build(settings: Settings, clock: Arc<dyn Clock>) -> Result<Daemon, DaemonError> {
         let store = open_store(&settings, clock.now()).await?;
-        let processor =
-            crate::processor::open(&settings.processor, &settings.database.url, clock.clone())
-                .await?;
+        let installation = store
+            .control()
+            .await
+            .map_err(DaemonError::from)?
+            .installation_id;
+        let processor = crate::processor::open(
+            &settings.processor,
+            &settings.database.url,
+            clock.clone(),
+            installation,
+        )
+        .await?;
+        refuse_foreign_cards(store.as_ref(), processor.as_ref()).await?;
         let health = Arc::new(Health::new());
         let engine = Engine::new(
             store.clone(),

@@ -39,6 +39,7 @@ use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::decline::DeclineSignal;
 use super::money::Money;
 use super::spelled_enum;
 
@@ -60,6 +61,10 @@ pub struct ChargeRequest {
     pub occurrence: String,
     pub attempt: i64,
     pub account_last4: String,
+    /// The processor's customer the token belongs to, when the processor keeps customers
+    /// (Stripe). Absent from requests stored before it was kept, which then read as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
 }
 
 /// What a lookup needs to find one attempt at the processor.
@@ -67,7 +72,11 @@ pub struct ChargeRequest {
 pub struct AttemptRef {
     pub payment_id: Uuid,
     pub attempt: i64,
+    /// The processor's customer the charge was made for, when the processor keeps customers:
+    /// a lookup lists that customer's charges.
+    pub customer: Option<String>,
     pub idempotency_key: String,
+    /// When the first request was written: no charge of the attempt is older.
     pub first_sent_at: Timestamp,
 }
 
@@ -84,8 +93,16 @@ pub struct ProcessorAttempt {
     pub attempt: i64,
     pub amount: Money,
     pub approved: bool,
-    pub decline_code: Option<String>,
+    /// What the processor said about a declined attempt.
+    pub decline: Option<DeclineSignal>,
     pub created_at: Timestamp,
+}
+
+impl ProcessorAttempt {
+    /// The processor's decline code of a declined attempt.
+    pub fn decline_code(&self) -> Option<&str> {
+        self.decline.as_ref().map(|d| d.code.as_str())
+    }
 }
 
 /// The idempotency key of one attempt: stable if an occurrence is planned again after a
@@ -205,7 +222,7 @@ pub enum Answer {
         reference: String,
     },
     Declined {
-        code: String,
+        signal: DeclineSignal,
         reference: Option<String>,
     },
     /// A timeout, a dropped connection, a 5xx: money may have moved. `replayed` when the
@@ -223,6 +240,11 @@ pub enum Answer {
     Mismatch {
         detail: String,
     },
+    /// The processor refused autopay's credentials (401, 403) before looking at the request:
+    /// nothing was charged, and nothing will be until an operator fixes the settings.
+    Refused {
+        detail: String,
+    },
 }
 
 /// The processor's answer to "did this attempt happen?".
@@ -231,7 +253,7 @@ pub enum LookupAnswer {
     Found {
         approved: bool,
         reference: String,
-        decline_code: Option<String>,
+        decline: Option<DeclineSignal>,
     },
     NotFound,
     /// The processor could not answer now.
@@ -247,7 +269,7 @@ pub enum Step {
     Charged { reference: String },
     /// The card was declined: the decline rules decide what follows.
     Declined {
-        code: String,
+        signal: DeclineSignal,
         reference: Option<String>,
     },
     /// Send the stored request again, same key, now.
@@ -264,6 +286,10 @@ pub enum Step {
     },
     /// Only an operator can decide now.
     Review { reason: String },
+    /// The processor refused autopay's credentials on the attempt's first request: the request
+    /// did nothing, so the attempt is forgotten, the payment released untouched, and charging
+    /// paused until an operator fixes the settings and resumes it.
+    Release { reason: String },
 }
 
 /// What follows a charge request's answer.
@@ -277,11 +303,24 @@ pub fn after_send(
         Answer::Approved { reference } => Step::Charged {
             reference: reference.clone(),
         },
-        Answer::Declined { code, reference } => Step::Declined {
-            code: code.clone(),
+        Answer::Declined { signal, reference } => Step::Declined {
+            signal: signal.clone(),
             reference: reference.clone(),
         },
         Answer::Busy { .. } => Step::WaitAndResend,
+        // Only a first request may be forgotten: after an earlier unknown answer the key may
+        // have charged, and only a lookup can tell.
+        Answer::Refused { detail } if attempt.sends <= 1 => Step::Release {
+            reason: format!("the processor refused autopay's credentials: {detail}"),
+        },
+        Answer::Refused { detail } => Step::Unknown {
+            look_at: policy.look_at(now),
+            unknown_cycles: attempt.unknown_cycles,
+            stop_resending: attempt.resend_stopped,
+            reason: format!(
+                "the processor refused autopay's credentials on a resend; settled by lookup once they work: {detail}"
+            ),
+        },
         Answer::Mismatch { detail } => Step::Review {
             reason: format!(
                 "the processor refused the idempotency key as used with other parameters: {detail}"
@@ -318,16 +357,16 @@ pub fn after_send(
     }
 }
 
-fn found(approved: bool, reference: &str, decline_code: &Option<String>) -> Step {
+fn found(approved: bool, reference: &str, decline: &Option<DeclineSignal>) -> Step {
     if approved {
         Step::Charged {
             reference: reference.to_string(),
         }
     } else {
         Step::Declined {
-            code: decline_code
+            signal: decline
                 .clone()
-                .unwrap_or_else(|| "generic_decline".into()),
+                .unwrap_or_else(|| DeclineSignal::code("generic_decline")),
             reference: Some(reference.to_string()),
         }
     }
@@ -346,8 +385,8 @@ pub fn after_lookup(
         LookupAnswer::Found {
             approved,
             reference,
-            decline_code,
-        } => found(*approved, reference, decline_code),
+            decline,
+        } => found(*approved, reference, decline),
         LookupAnswer::NotFound if !policy.may_resend(attempt.first_sent_at, now) => Step::Review {
             reason: "the processor has no record of this attempt and its key is past the resend window; `autopay payment retry` starts a new attempt once the processor has forgotten the key".into(),
         },
@@ -416,8 +455,8 @@ pub fn operator_after_lookup(
         LookupAnswer::Found {
             approved,
             reference,
-            decline_code,
-        } => OperatorStep::Record(found(*approved, reference, decline_code)),
+            decline,
+        } => OperatorStep::Record(found(*approved, reference, decline)),
         LookupAnswer::NotFound if now > policy.key_dead_after(attempt.first_sent_at) => {
             OperatorStep::NewAttempt
         }
@@ -437,6 +476,8 @@ spelled_enum! {
         /// 409, 429, or a request never written.
         Busy => "busy",
         Mismatch => "mismatch",
+        /// 401 or 403: the credentials were refused before the request was read.
+        Refused => "refused",
         Found => "found",
         NotFound => "not_found",
         /// A lookup that got no answer.
@@ -453,6 +494,7 @@ impl CallOutcome {
             Answer::Unknown { .. } => CallOutcome::Unknown,
             Answer::Busy { .. } => CallOutcome::Busy,
             Answer::Mismatch { .. } => CallOutcome::Mismatch,
+            Answer::Refused { .. } => CallOutcome::Refused,
         }
     }
 
@@ -639,7 +681,7 @@ mod tests {
         assert!(matches!(
             after_send(
                 &Answer::Declined {
-                    code: "insufficient_funds".into(),
+                    signal: DeclineSignal::code("insufficient_funds"),
                     reference: None
                 },
                 &a,
@@ -798,7 +840,7 @@ mod tests {
         let approved = LookupAnswer::Found {
             approved: true,
             reference: "ch_9".into(),
-            decline_code: None,
+            decline: None,
         };
         assert_eq!(
             after_lookup(&approved, &a, &p, now),

@@ -41,6 +41,8 @@ pub struct ChargeFacts<'a> {
     pub reserved: &'a [Reservation],
     /// `payments.max_amount_*` for the member's account type.
     pub max_amount: Money,
+    /// The smallest charge the processor makes in this currency (Stripe: 0.50 USD).
+    pub min_charge: Money,
 }
 
 /// What an attempt does.
@@ -57,6 +59,9 @@ pub enum ChargePlan {
     CoveredByCredit { credit_used: Money },
     /// More than one charge may be: failed with `over_limit`, and the member told.
     OverLimit { amount: Money, max: Money },
+    /// Less than the processor's smallest charge: not sent; skipped with `below_minimum`, the
+    /// bills stay owed, and the member told.
+    BelowMinimum { amount: Money, min: Money },
 }
 
 /// Decides what an attempt charges.
@@ -85,6 +90,12 @@ pub fn plan_charge(f: &ChargeFacts<'_>) -> Result<ChargePlan, MoneyError> {
     let charge = gross.checked_sub(credit_used)?;
     if !charge.is_positive() {
         return Ok(ChargePlan::CoveredByCredit { credit_used });
+    }
+    if charge.minor() < f.min_charge.minor() {
+        return Ok(ChargePlan::BelowMinimum {
+            amount: charge,
+            min: f.min_charge,
+        });
     }
     let max = f.max_amount.min(c.max_charge());
     if charge.minor() > max.minor() {
@@ -172,7 +183,8 @@ pub enum DeclineStep {
     DisableCard,
 }
 
-/// Decides what a decline of attempt `attempt` leads to. `requests_on_card` counts the card's
+/// Decides what a decline of attempt `attempt` leads to: a soft decline retries after the next
+/// of the policy's delays, or after the network's wait when that is longer. `requests_on_card` counts the card's
 /// requests in the last 30 days, this one included.
 pub fn after_decline(
     decline: &Decline,
@@ -185,6 +197,14 @@ pub fn after_decline(
         DeclineAction::DisableCard => DeclineStep::DisableCard,
         DeclineAction::RetryLater => policy
             .next_attempt_at(attempt, requests_on_card, now)
+            .map(|at| {
+                // The network's own wait (Mastercard 24 to 30), when it is the longer one.
+                let network = decline
+                    .wait_at_least
+                    .and_then(|w| now.checked_add(w).ok())
+                    .unwrap_or(at);
+                at.max(network)
+            })
             .map_or(DeclineStep::Fail, DeclineStep::RetryAt),
         _ => DeclineStep::Fail,
     }
@@ -239,6 +259,7 @@ mod tests {
             credits,
             reserved,
             max_amount: usd("5000"),
+            min_charge: Money::from_minor(1, USD),
         }
     }
 
@@ -369,20 +390,77 @@ mod tests {
     }
 
     #[test]
+    fn an_amount_under_the_processor_s_minimum_is_not_charged() {
+        let mut f = facts(
+            AmountRule::Fixed {
+                amount: usd("0.30"),
+            },
+            &[],
+            &[],
+            &[],
+        );
+        f.min_charge = usd("0.50");
+        assert_eq!(
+            plan_charge(&f).unwrap(),
+            ChargePlan::BelowMinimum {
+                amount: usd("0.30"),
+                min: usd("0.50")
+            }
+        );
+        f.rule = AmountRule::Fixed {
+            amount: usd("0.50"),
+        };
+        assert!(matches!(
+            plan_charge(&f).unwrap(),
+            ChargePlan::Charge { .. }
+        ));
+    }
+
+    #[test]
     fn a_soft_decline_retries_until_the_delays_or_the_card_limit_run_out() {
         let policy = RetryPolicy::new(vec![Duration::from_secs(86_400)]);
         let now: Timestamp = "2026-12-01T09:00:00Z".parse().unwrap();
-        let soft = super::super::decline::classify("insufficient_funds", None);
+        let soft = super::super::decline::classify_code("insufficient_funds");
         assert!(matches!(
             after_decline(&soft, 1, 1, &policy, now),
             DeclineStep::RetryAt(_)
         ));
         assert_eq!(after_decline(&soft, 2, 2, &policy, now), DeclineStep::Fail);
         assert_eq!(after_decline(&soft, 1, 15, &policy, now), DeclineStep::Fail);
-        let lost = super::super::decline::classify("lost_card", None);
+        let lost = super::super::decline::classify_code("lost_card");
         assert_eq!(
             after_decline(&lost, 1, 1, &policy, now),
             DeclineStep::DisableCard
+        );
+    }
+
+    #[test]
+    fn a_network_wait_longer_than_the_delay_sets_the_retry() {
+        use super::super::card::CardBrand;
+        use super::super::decline::{DeclineSignal, classify};
+        let policy = RetryPolicy::new(vec![Duration::from_secs(86_400)]);
+        let now: Timestamp = "2026-12-01T09:00:00Z".parse().unwrap();
+        let advised = |advice: &str| {
+            classify(&DeclineSignal {
+                network_advice_code: Some(advice.into()),
+                brand: Some(CardBrand::MasterCard),
+                ..DeclineSignal::code("insufficient_funds")
+            })
+        };
+        // 24: one hour, shorter than the day's delay, which stands.
+        assert_eq!(
+            after_decline(&advised("24"), 1, 1, &policy, now),
+            DeclineStep::RetryAt("2026-12-02T09:00:00Z".parse().unwrap())
+        );
+        // 30: ten days.
+        assert_eq!(
+            after_decline(&advised("30"), 1, 1, &policy, now),
+            DeclineStep::RetryAt("2026-12-11T09:00:00Z".parse().unwrap())
+        );
+        // No delay left: the payment fails, whatever the network's wait.
+        assert_eq!(
+            after_decline(&advised("30"), 2, 2, &policy, now),
+            DeclineStep::Fail
         );
     }
 
@@ -412,7 +490,7 @@ mod tests {
             let credits: Vec<Money> = credits.iter().map(|m| Money::from_minor(*m, USD)).collect();
             let reserved: Vec<Reservation> = held.iter().map(|(a, c)| Reservation { amount: Money::from_minor(*a, USD), credit: Money::from_minor(*c, USD) }).collect();
             let rule = fixed.map_or(AmountRule::Balance, |m| AmountRule::Fixed { amount: Money::from_minor(m, USD) });
-            let f = ChargeFacts { currency: USD, rule, outstanding: &outstanding, credits: &credits, reserved: &reserved, max_amount: usd("5000") };
+            let f = ChargeFacts { currency: USD, rule, outstanding: &outstanding, credits: &credits, reserved: &reserved, max_amount: usd("5000"), min_charge: Money::from_minor(1, USD) };
             let free_credit = (credits.iter().map(|m| m.minor()).sum::<i64>() - reserved.iter().map(|r| r.credit.minor()).sum::<i64>()).max(0);
             match plan_charge(&f).unwrap() {
                 ChargePlan::Charge { amount, credit_used } => {
@@ -428,7 +506,7 @@ mod tests {
                 ChargePlan::CoveredByCredit { credit_used } => {
                     prop_assert!(credit_used.is_positive() && credit_used.minor() <= free_credit);
                 }
-                ChargePlan::NothingOwed | ChargePlan::OverLimit { .. } => {}
+                ChargePlan::NothingOwed | ChargePlan::OverLimit { .. } | ChargePlan::BelowMinimum { .. } => {}
             }
         }
 

@@ -17,8 +17,9 @@
 use std::time::Duration;
 
 use jiff::Timestamp;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use super::card::CardBrand;
 use super::spelled_enum;
 use DeclineAction::{DisableCard, FailPayment, RetryLater};
 
@@ -410,11 +411,10 @@ pub const DECLINE_CODES: &[DeclineRow] = &[
 ];
 
 /// Network advice codes, which decide the action whatever the decline code says, except that
-/// they never soften a [`DeclineAction::DisableCard`] row. The spellings come from three sources
-/// and do not collide: Mastercard's Merchant Advice Codes (01, 02, 03, 21), Visa's category 1
-/// ("issuer will never approve") response codes, and Stripe's `advice_code` words. A Visa
-/// response code outside category 1 is not advice and must not be passed as such (Visa's 01,
-/// 02, 03 and 21 would be read as Mastercard advice).
+/// they never soften a [`DeclineAction::DisableCard`] row. The spellings come from three sources,
+/// each read only where it applies ([`DeclineSignal`]): Mastercard's Merchant Advice Codes (01,
+/// 02, 03, 21, 24 to 30) only for a Mastercard, Visa's category 1 ("issuer will never approve")
+/// response codes only for a Visa card, and Stripe's `advice_code` words for any card.
 pub const ADVICE_CODES: &[DeclineRow] = &[
     // Mastercard Merchant Advice Codes. 01: the card was replaced; the stored details will not
     // work again, and autopay cannot fetch the new ones, so the member must add them.
@@ -441,6 +441,49 @@ pub const ADVICE_CODES: &[DeclineRow] = &[
         DisableCard,
         STOPPED,
         "Mastercard advice 21: payment cancellation, cardholder stopped recurring payments",
+    ),
+    // Mastercard 24 to 30: try again, but not before the wait each names ([`mastercard_wait`]).
+    row(
+        "24",
+        RetryLater,
+        NOT_NOW,
+        "Mastercard advice 24: retry after 1 hour",
+    ),
+    row(
+        "25",
+        RetryLater,
+        NOT_NOW,
+        "Mastercard advice 25: retry after 24 hours",
+    ),
+    row(
+        "26",
+        RetryLater,
+        NOT_NOW,
+        "Mastercard advice 26: retry after 2 days",
+    ),
+    row(
+        "27",
+        RetryLater,
+        NOT_NOW,
+        "Mastercard advice 27: retry after 4 days",
+    ),
+    row(
+        "28",
+        RetryLater,
+        NOT_NOW,
+        "Mastercard advice 28: retry after 6 days",
+    ),
+    row(
+        "29",
+        RetryLater,
+        NOT_NOW,
+        "Mastercard advice 29: retry after 8 days",
+    ),
+    row(
+        "30",
+        RetryLater,
+        NOT_NOW,
+        "Mastercard advice 30: retry after 10 days",
     ),
     // Visa category 1 response codes: the card is lost, stolen, closed or its authorization
     // revoked (disable), or this transaction, card number or issuer is invalid (fail: a person
@@ -544,6 +587,45 @@ const UNKNOWN: DeclineRow = row(
 /// Decline codes come from outside; this bounds what is stored and logged.
 const MAX_CODE_CHARS: usize = 64;
 
+/// Everything a processor said about one decline: its own decline code, its advice word, and
+/// the card network's advice and response codes, with the brand of the card that was charged
+/// (the network codes mean something only for their own network).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclineSignal {
+    /// The processor's decline code (Stripe's `decline_code`, or its error `code`).
+    pub code: String,
+    /// The processor's own advice (Stripe's `advice_code`): read for every brand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advice_code: Option<String>,
+    /// The network's advice (Stripe's `network_advice_code`): read only for a Mastercard, as
+    /// Mastercard's Merchant Advice Code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_advice_code: Option<String>,
+    /// The network's response code (Stripe's `network_decline_code`): read only for a Visa
+    /// card, and only when it is one of Visa's category 1 codes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_decline_code: Option<String>,
+    /// The brand of the card charged, when the processor or the stored card says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brand: Option<CardBrand>,
+}
+
+impl DeclineSignal {
+    /// A decline with nothing but the processor's code.
+    pub fn code(code: impl Into<String>) -> DeclineSignal {
+        DeclineSignal {
+            code: code.into(),
+            ..DeclineSignal::default()
+        }
+    }
+
+    /// The same signal, with `brand` filled in when the processor did not say.
+    pub fn or_brand(mut self, brand: CardBrand) -> DeclineSignal {
+        self.brand.get_or_insert(brand);
+        self
+    }
+}
+
 /// A classified decline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decline {
@@ -555,6 +637,8 @@ pub struct Decline {
     pub member_reason: &'static str,
     /// What happened, for operators.
     pub operator_reason: &'static str,
+    /// The earliest a retry may be made, when the network named one (Mastercard 24 to 30).
+    pub wait_at_least: Option<Duration>,
 }
 
 fn find(table: &'static [DeclineRow], code: &str) -> Option<&'static DeclineRow> {
@@ -562,14 +646,83 @@ fn find(table: &'static [DeclineRow], code: &str) -> Option<&'static DeclineRow>
     table.iter().find(|r| r.code.eq_ignore_ascii_case(code))
 }
 
-/// Classifies a decline by its code and, when the processor gave one, the network's advice
-/// code. An unknown code fails the payment, unless known advice says otherwise; unknown advice
-/// is ignored. Advice decides the action when it differs from the code's, and then its reasons
-/// are the ones given (they explain that action), except that nothing softens a code that
-/// disables the card.
-pub fn classify(code: &str, advice: Option<&str>) -> Decline {
-    let by_code = find(DECLINE_CODES, code);
-    let by_advice = advice.and_then(|a| find(ADVICE_CODES, a));
+/// Mastercard's Merchant Advice Codes autopay reads.
+const MASTERCARD_ADVICE: &[&str] = &[
+    "01", "02", "03", "21", "24", "25", "26", "27", "28", "29", "30",
+];
+/// Visa's category 1 response codes: the issuer will never approve.
+const VISA_CATEGORY_1: &[&str] = &[
+    "04", "07", "12", "14", "15", "41", "43", "46", "57", "R0", "R1", "R3",
+];
+/// Stripe's `advice_code` words.
+const PROCESSOR_ADVICE: &[&str] = &["confirm_card_data", "do_not_try_again", "try_again_later"];
+
+/// The wait Mastercard's advice 24 to 30 asks for before a retry.
+pub fn mastercard_wait(advice: &str) -> Option<Duration> {
+    const HOUR: u64 = 3600;
+    let hours = match advice.trim() {
+        "24" => 1,
+        "25" => 24,
+        "26" => 2 * 24,
+        "27" => 4 * 24,
+        "28" => 6 * 24,
+        "29" => 8 * 24,
+        "30" => 10 * 24,
+        _ => return None,
+    };
+    Some(Duration::from_secs(hours * HOUR))
+}
+
+fn advice_in(
+    value: Option<&str>,
+    spellings: &[&str],
+    applies: bool,
+) -> Option<&'static DeclineRow> {
+    let value = value?.trim();
+    let known = spellings.iter().any(|s| s.eq_ignore_ascii_case(value));
+    (applies && known)
+        .then(|| find(ADVICE_CODES, value))
+        .flatten()
+}
+
+fn severity(action: DeclineAction) -> u8 {
+    match action {
+        RetryLater => 0,
+        FailPayment => 1,
+        DisableCard => 2,
+    }
+}
+
+/// Classifies a decline by its code and the advice that applies to the card's brand. An
+/// unknown code fails the payment, unless known advice says otherwise; advice that is unknown
+/// or meant for another network is ignored. When several advice codes apply, the strictest
+/// speaks. Advice decides the action when it differs from the code's, and then its reasons are
+/// the ones given (they explain that action), except that nothing softens a code that disables
+/// the card.
+pub fn classify(signal: &DeclineSignal) -> Decline {
+    let brand = signal.brand;
+    let mastercard = advice_in(
+        signal.network_advice_code.as_deref(),
+        MASTERCARD_ADVICE,
+        brand == Some(CardBrand::MasterCard),
+    );
+    let visa = advice_in(
+        signal.network_decline_code.as_deref(),
+        VISA_CATEGORY_1,
+        brand == Some(CardBrand::Visa),
+    );
+    let processor = advice_in(signal.advice_code.as_deref(), PROCESSOR_ADVICE, true);
+    let by_advice = [mastercard, visa, processor]
+        .into_iter()
+        .flatten()
+        .reduce(|a, b| {
+            if severity(b.action) > severity(a.action) {
+                b
+            } else {
+                a
+            }
+        });
+    let by_code = find(DECLINE_CODES, &signal.code);
     let chosen = match (by_code, by_advice) {
         // Nothing softens a card that must not be tried again; and advice that agrees with the
         // code adds nothing, while the code's words are the more precise.
@@ -579,8 +732,16 @@ pub fn classify(code: &str, advice: Option<&str>) -> Decline {
         (None, Some(a)) => a,
         (None, None) => &UNKNOWN,
     };
+    let wait_at_least = match (chosen.action, mastercard) {
+        (RetryLater, Some(_)) => signal
+            .network_advice_code
+            .as_deref()
+            .and_then(mastercard_wait),
+        _ => None,
+    };
     Decline {
-        code: code
+        code: signal
+            .code
             .trim()
             .chars()
             .filter(|c| !c.is_control())
@@ -589,7 +750,13 @@ pub fn classify(code: &str, advice: Option<&str>) -> Decline {
         action: chosen.action,
         member_reason: chosen.member_reason,
         operator_reason: chosen.operator_reason,
+        wait_at_least,
     }
+}
+
+/// Classifies a decline of which only the processor's code is known.
+pub fn classify_code(code: &str) -> Decline {
+    classify(&DeclineSignal::code(code))
 }
 
 /// The card networks allow at most this many attempts on one card in [`NETWORK_WINDOW`].
@@ -664,6 +831,25 @@ mod tests {
 
     const DOC: &str = include_str!("../../docs/declines.md");
 
+    /// A decline carrying `advice` where a processor would put it: Mastercard's codes as a
+    /// Mastercard's network advice, Visa's as a Visa card's response code, words as Stripe's
+    /// advice.
+    fn signal(code: &str, advice: Option<&str>) -> DeclineSignal {
+        let mut s = DeclineSignal::code(code);
+        let Some(a) = advice else { return s };
+        let t = a.trim();
+        if MASTERCARD_ADVICE.contains(&t) {
+            s.brand = Some(CardBrand::MasterCard);
+            s.network_advice_code = Some(a.into());
+        } else if VISA_CATEGORY_1.iter().any(|v| v.eq_ignore_ascii_case(t)) {
+            s.brand = Some(CardBrand::Visa);
+            s.network_decline_code = Some(a.into());
+        } else {
+            s.advice_code = Some(a.into());
+        }
+        s
+    }
+
     fn at(s: &str) -> Timestamp {
         s.parse().unwrap()
     }
@@ -687,7 +873,7 @@ mod tests {
     #[test]
     fn every_row_classifies_to_its_action_and_reasons() {
         for r in DECLINE_CODES {
-            let d = classify(r.code, None);
+            let d = classify_code(r.code);
             assert_eq!(d.action, r.action, "{}", r.code);
             assert_eq!(d.code, r.code);
             assert_eq!(d.member_reason, r.member_reason, "{}", r.code);
@@ -795,7 +981,7 @@ mod tests {
             "generic_decline",
             "approve_with_id",
         ] {
-            assert_eq!(classify(code, None).action, RetryLater, "{code}");
+            assert_eq!(classify_code(code).action, RetryLater, "{code}");
         }
         for code in [
             "incorrect_cvc",
@@ -806,7 +992,7 @@ mod tests {
             "card_not_supported",
             "transaction_not_allowed",
         ] {
-            assert_eq!(classify(code, None).action, FailPayment, "{code}");
+            assert_eq!(classify_code(code).action, FailPayment, "{code}");
         }
         for code in [
             "lost_card",
@@ -824,34 +1010,34 @@ mod tests {
             "restricted_card",
             "new_account_information_available",
         ] {
-            assert_eq!(classify(code, None).action, DisableCard, "{code}");
+            assert_eq!(classify_code(code).action, DisableCard, "{code}");
         }
     }
 
     #[test]
     fn lost_and_stolen_cards_are_told_as_a_plain_decline() {
         for code in ["lost_card", "stolen_card", "fraudulent", "pickup_card"] {
-            assert_eq!(classify(code, None).member_reason, NOT_AGAIN, "{code}");
+            assert_eq!(classify_code(code).member_reason, NOT_AGAIN, "{code}");
         }
     }
 
     #[test]
     fn unknown_codes_fail_the_payment_for_a_person_to_look() {
         for code in ["", "   ", "card_declined", "something_new", "05"] {
-            let d = classify(code, None);
+            let d = classify_code(code);
             assert_eq!(d.action, FailPayment, "{code:?}");
             assert_eq!(d.member_reason, UNKNOWN.member_reason);
         }
-        assert_eq!(classify("something_new", None).code, "something_new");
+        assert_eq!(classify_code("something_new").code, "something_new");
     }
 
     #[test]
     fn codes_match_ignoring_case_and_surrounding_space() {
-        let d = classify("  Lost_Card\n", None);
+        let d = classify_code("  Lost_Card\n");
         assert_eq!(d.action, DisableCard);
         assert_eq!(d.code, "Lost_Card");
         assert_eq!(
-            classify("generic_decline", Some(" r0 ")).action,
+            classify(&signal("generic_decline", Some(" r0 "))).action,
             DisableCard
         );
     }
@@ -859,7 +1045,7 @@ mod tests {
     #[test]
     fn a_stored_code_is_bounded_and_free_of_control_characters() {
         let long = format!("x\u{1b}[31m{}", "y".repeat(200));
-        let d = classify(&long, None);
+        let d = classify_code(&long);
         assert_eq!(d.code.chars().count(), MAX_CODE_CHARS);
         assert!(!d.code.chars().any(char::is_control));
     }
@@ -871,6 +1057,13 @@ mod tests {
             ("02", RetryLater),
             ("03", DisableCard),
             ("21", DisableCard),
+            ("24", RetryLater),
+            ("25", RetryLater),
+            ("26", RetryLater),
+            ("27", RetryLater),
+            ("28", RetryLater),
+            ("29", RetryLater),
+            ("30", RetryLater),
             ("04", DisableCard),
             ("07", DisableCard),
             ("12", FailPayment),
@@ -891,10 +1084,10 @@ mod tests {
         for (advice, action) in expected {
             // A soft, a hard and an unknown code: the advice decides all three.
             for code in ["generic_decline", "incorrect_cvc", "never_heard_of_it"] {
-                let d = classify(code, Some(advice));
+                let d = classify(&signal(code, Some(advice)));
                 assert_eq!(d.action, action, "{code} + {advice}");
                 assert_eq!(d.code, code);
-                if d.action != classify(code, None).action || code == "never_heard_of_it" {
+                if d.action != classify_code(code).action || code == "never_heard_of_it" {
                     let row = find(ADVICE_CODES, advice).unwrap();
                     assert_eq!(d.member_reason, row.member_reason, "{code} + {advice}");
                     assert_eq!(d.operator_reason, row.operator_reason, "{code} + {advice}");
@@ -904,8 +1097,89 @@ mod tests {
     }
 
     #[test]
+    fn network_codes_are_read_only_for_their_own_brand() {
+        let on = |brand, advice: &str, response: &str| {
+            classify(&DeclineSignal {
+                code: "generic_decline".into(),
+                network_advice_code: Some(advice.into()),
+                network_decline_code: Some(response.into()),
+                brand,
+                ..DeclineSignal::default()
+            })
+            .action
+        };
+        // Mastercard's 21 (stop recurring) and Visa's R1 (revoked) disable only their own cards.
+        assert_eq!(on(Some(CardBrand::MasterCard), "21", ""), DisableCard);
+        assert_eq!(on(Some(CardBrand::Visa), "21", ""), RetryLater);
+        assert_eq!(on(Some(CardBrand::Discover), "21", ""), RetryLater);
+        assert_eq!(on(None, "21", ""), RetryLater);
+        assert_eq!(on(Some(CardBrand::Visa), "", "R1"), DisableCard);
+        assert_eq!(on(Some(CardBrand::MasterCard), "", "R1"), RetryLater);
+        // A Visa response code outside category 1 is not advice, even on a Visa card; and a
+        // category 1 code given as network advice is not read as one.
+        assert_eq!(on(Some(CardBrand::Visa), "", "05"), RetryLater);
+        assert_eq!(on(Some(CardBrand::Visa), "41", ""), RetryLater);
+        // Stripe's own advice applies to every brand.
+        let words = classify(&DeclineSignal {
+            advice_code: Some("do_not_try_again".into()),
+            brand: Some(CardBrand::Discover),
+            ..DeclineSignal::code("generic_decline")
+        });
+        assert_eq!(words.action, DisableCard);
+    }
+
+    #[test]
+    fn the_strictest_applicable_advice_speaks() {
+        let d = classify(&DeclineSignal {
+            code: "generic_decline".into(),
+            advice_code: Some("try_again_later".into()),
+            network_advice_code: Some("03".into()),
+            brand: Some(CardBrand::MasterCard),
+            ..DeclineSignal::default()
+        });
+        assert_eq!(d.action, DisableCard);
+        assert_eq!(
+            d.operator_reason,
+            find(ADVICE_CODES, "03").unwrap().operator_reason
+        );
+    }
+
+    #[test]
+    fn mastercard_24_to_30_set_the_earliest_retry() {
+        let hours = |n: u64| Some(Duration::from_secs(n * 3600));
+        for (advice, wait) in [
+            ("24", hours(1)),
+            ("25", hours(24)),
+            ("26", hours(48)),
+            ("27", hours(96)),
+            ("28", hours(144)),
+            ("29", hours(192)),
+            ("30", hours(240)),
+        ] {
+            let d = classify(&signal("insufficient_funds", Some(advice)));
+            assert_eq!(d.action, RetryLater, "{advice}");
+            assert_eq!(d.wait_at_least, wait, "{advice}");
+            // The same code on a Visa card is not Mastercard's advice.
+            let visa = classify(&DeclineSignal {
+                brand: Some(CardBrand::Visa),
+                ..signal("insufficient_funds", Some(advice))
+            });
+            assert_eq!(visa.wait_at_least, None, "{advice}");
+        }
+        // A card that must be disabled waits for nothing.
+        assert_eq!(
+            classify(&signal("lost_card", Some("30"))).wait_at_least,
+            None
+        );
+        assert_eq!(
+            classify(&signal("insufficient_funds", Some("02"))).wait_at_least,
+            None
+        );
+    }
+
+    #[test]
     fn advice_agreeing_with_the_code_keeps_the_code_s_own_words() {
-        let d = classify("insufficient_funds", Some("02"));
+        let d = classify(&signal("insufficient_funds", Some("02")));
         assert_eq!(d.action, RetryLater);
         assert_eq!(
             d.member_reason,
@@ -919,7 +1193,7 @@ mod tests {
     fn advice_never_softens_a_card_that_must_be_disabled() {
         for r in DECLINE_CODES.iter().filter(|r| r.action == DisableCard) {
             for a in ADVICE_CODES {
-                let d = classify(r.code, Some(a.code));
+                let d = classify(&signal(r.code, Some(a.code)));
                 assert_eq!(d.action, DisableCard, "{} + {}", r.code, a.code);
                 assert_eq!(d.member_reason, r.member_reason);
             }
@@ -930,7 +1204,10 @@ mod tests {
     fn unknown_or_empty_advice_is_ignored() {
         for advice in ["", "99", "retry_please", "\u{0}"] {
             for r in DECLINE_CODES {
-                assert_eq!(classify(r.code, Some(advice)), classify(r.code, None));
+                assert_eq!(
+                    classify(&signal(r.code, Some(advice))),
+                    classify_code(r.code)
+                );
             }
         }
     }
@@ -1043,7 +1320,7 @@ mod tests {
 
         #[test]
         fn any_code_gets_an_action_and_words(code in "\\PC{0,80}", advice in proptest::option::of("\\PC{0,8}")) {
-            let d = classify(&code, advice.as_deref());
+            let d = classify(&signal(&code, advice.as_deref()));
             prop_assert!(!d.member_reason.is_empty());
             prop_assert!(d.code.chars().count() <= MAX_CODE_CHARS);
         }

@@ -271,7 +271,8 @@ mod tests {
             attempt,
             amount: Money::from_minor(12_500, Currency::USD),
             approved,
-            decline_code: (!approved).then(|| "insufficient_funds".into()),
+            decline: (!approved)
+                .then(|| crate::domain::decline::DeclineSignal::code("insufficient_funds")),
             created_at: "2026-12-01T14:00:00Z".parse().unwrap(),
         }
     }

@@ -266,9 +266,13 @@ impl Engine {
                 metrics::counter!(crate::metrics::PROCESSOR_ERRORS, "kind" => "mismatch")
                     .increment(1)
             }
-            ChargeOutcome::Declined { code, .. } => {
-                let class = crate::domain::decline::classify(code, None).action;
+            ChargeOutcome::Declined { signal, .. } => {
+                let class = crate::domain::decline::classify(signal).action;
                 metrics::counter!(crate::metrics::DECLINES, "class" => class.as_str()).increment(1);
+            }
+            ChargeOutcome::Refused { .. } => {
+                metrics::counter!(crate::metrics::PROCESSOR_ERRORS, "kind" => "refused")
+                    .increment(1)
             }
             ChargeOutcome::Approved { .. } => {}
         }
@@ -297,9 +301,35 @@ impl Engine {
                             FIRST_BUSY_WAIT,
                         ));
                     }
-                    self.store
+                    // A processor that names its wait (Retry-After) gets at least that.
+                    if let (
+                        ChargeOutcome::Busy {
+                            retry_after: Some(wait),
+                            ..
+                        },
+                        Some((deadline, next)),
+                    ) = (&outcome, busy)
+                    {
+                        busy = Some((deadline, next.max(*wait)));
+                    }
+                    if let ChargeOutcome::Refused { detail } = &outcome {
+                        tracing::error!(detail = %detail, "the processor refused autopay's credentials; charging pauses until `autopay charging resume`");
+                    }
+                    let next = self
+                        .store
                         .record_charge(&lease, Some(call), &answer, &self.policy, &self.audit())
-                        .await?
+                        .await?;
+                    if let (
+                        ChargeOutcome::Approved {
+                            network_transaction_id: Some(ntid),
+                            ..
+                        },
+                        Next::Moved(_),
+                    ) = (&outcome, &next)
+                    {
+                        self.keep_network_transaction_id(lease, ntid).await;
+                    }
+                    next
                 }
                 Next::WaitAndResend => {
                     let (deadline, wait) = busy.unwrap_or((
@@ -326,6 +356,18 @@ impl Engine {
                 }
                 rest => return Ok(rest),
             };
+        }
+    }
+
+    /// Keeps the network transaction id of a card's first successful charge. The charge is
+    /// already recorded; a failure here loses only this reference, so it is logged, not raised.
+    async fn keep_network_transaction_id(&self, lease: Lease, ntid: &str) {
+        if let Err(e) = self
+            .store
+            .keep_network_transaction_id(lease.payment_id, ntid)
+            .await
+        {
+            tracing::warn!(payment_id = %lease.payment_id, error = %e, "could not keep the card's network transaction id");
         }
     }
 

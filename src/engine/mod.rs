@@ -93,6 +93,9 @@ impl Engine {
         policy: OutcomePolicy,
     ) -> Engine {
         let limiter = Arc::new(RateLimiter::new(config.max_requests_per_second));
+        // A processor whose one call may be several requests (Stripe's paged lists) counts
+        // each request after the first against the same limit.
+        processor.share_limiter(limiter.clone());
         Engine {
             store,
             processor,

@@ -64,10 +64,10 @@ impl Engine {
             self.policy.keys.key_retention,
             self.config.lease,
         );
-        let listed = tokio::time::timeout(
-            self.config.processor_timeout,
-            self.processor.list_attempts(since),
-        )
+        let listed = tokio::time::timeout(self.config.processor_timeout, async {
+            self.limiter.acquire().await;
+            self.processor.list_attempts(since).await
+        })
         .await;
         let found = match listed {
             Ok(Ok(found)) => rules::ours(found, control.installation_id),
@@ -128,6 +128,7 @@ impl Engine {
         let latest =
             rules::latest_since(backup_at, self.policy.keys.key_retention, self.config.lease);
         let since = rules::since(requested, latest)?;
+        self.limiter.acquire().await;
         let mut found = rules::ours(
             self.processor.list_attempts(since).await?,
             control.installation_id,

@@ -6,6 +6,7 @@
 //! expiry).
 
 pub mod simulated;
+pub mod stripe;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use crate::clock::Clock;
 use crate::config::{DatabaseUrl, ProcessorKind, ProcessorSettings};
 use crate::domain::attempt::{Answer, LookupAnswer};
 use crate::domain::card::{CardBrand, CardNumber, Expiry, Last4, SecurityCode};
+use crate::domain::decline::DeclineSignal;
 
 /// What the processor knows about a stored card now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -34,6 +36,17 @@ pub struct Tokenized {
     /// The processor's fingerprint of the card number, when it gives one: the same card added
     /// twice has the same fingerprint, and the card networks' limits count per card.
     pub fingerprint: Option<String>,
+    /// The processor's customer the card is saved to, when the processor keeps customers; a
+    /// member's first card creates it, and the member keeps it.
+    pub customer: Option<String>,
+}
+
+/// Whose card is being saved: the member, and the processor's customer for them when one was
+/// made before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardOwner {
+    pub member_id: uuid::Uuid,
+    pub customer: Option<String>,
 }
 
 pub use crate::domain::attempt::{AttemptRef, ChargeRequest, ProcessorAttempt};
@@ -43,48 +56,54 @@ pub use crate::domain::attempt::{AttemptRef, ChargeRequest, ProcessorAttempt};
 pub enum ChargeOutcome {
     Approved {
         reference: String,
+        /// The card network's id of the charge, when the processor gives it: the card keeps
+        /// the first one as its stored-credential reference.
+        network_transaction_id: Option<String>,
     },
     Declined {
-        code: String,
+        /// The processor's decline code with the network's advice and the card's brand.
+        signal: DeclineSignal,
         message: String,
         /// The processor's record of the declined charge, when it made one.
         reference: Option<String>,
     },
     /// The call did not say whether money moved: a timeout, a dropped connection, a 5xx.
     /// `replayed` when the processor replayed a stored server error for this key.
-    Unknown {
-        detail: String,
-        replayed: bool,
-    },
+    Unknown { detail: String, replayed: bool },
     /// Nothing was decided: "key in use" (409), a rate limit (429), or a connection that failed
-    /// before the request was written. Send the same request again after a wait.
+    /// before the request was written. Send the same request again after a wait, at least
+    /// `retry_after` when the processor named one.
     Busy {
         detail: String,
+        retry_after: Option<std::time::Duration>,
     },
+    /// The processor refused autopay's credentials (401, 403) before reading the request.
+    Refused { detail: String },
     /// The same key was used with other parameters: an operator must look.
-    IdempotencyMismatch {
-        detail: String,
-    },
+    IdempotencyMismatch { detail: String },
 }
 
 impl ChargeOutcome {
     /// The answer the unknown-outcome rule reads.
     pub fn answer(&self) -> Answer {
         match self {
-            ChargeOutcome::Approved { reference } => Answer::Approved {
+            ChargeOutcome::Approved { reference, .. } => Answer::Approved {
                 reference: reference.clone(),
             },
             ChargeOutcome::Declined {
-                code, reference, ..
+                signal, reference, ..
             } => Answer::Declined {
-                code: code.clone(),
+                signal: signal.clone(),
                 reference: reference.clone(),
             },
             ChargeOutcome::Unknown { detail, replayed } => Answer::Unknown {
                 detail: detail.clone(),
                 replayed: *replayed,
             },
-            ChargeOutcome::Busy { detail } => Answer::Busy {
+            ChargeOutcome::Busy { detail, .. } => Answer::Busy {
+                detail: detail.clone(),
+            },
+            ChargeOutcome::Refused { detail } => Answer::Refused {
                 detail: detail.clone(),
             },
             ChargeOutcome::IdempotencyMismatch { detail } => Answer::Mismatch {
@@ -97,7 +116,7 @@ impl ChargeOutcome {
 /// The answer to "did this attempt happen?".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    Found(ProcessorAttempt),
+    Found(Box<ProcessorAttempt>),
     NotFound,
     /// The processor could not answer now; ask again later.
     Unknown {
@@ -112,7 +131,7 @@ impl Lookup {
             Lookup::Found(found) => LookupAnswer::Found {
                 approved: found.approved,
                 reference: found.reference.clone(),
-                decline_code: found.decline_code.clone(),
+                decline: found.decline.clone(),
             },
             Lookup::NotFound => LookupAnswer::NotFound,
             Lookup::Unknown { detail } => LookupAnswer::Unknown {
@@ -136,20 +155,24 @@ pub enum ProcessorError {
     Config(String),
 }
 
-/// Opens the processor `processor.kind` names, as every command and the daemon use it.
+/// Opens the processor `processor.kind` names, as every command and the daemon use it, for the
+/// installation whose charges it makes (Stripe reads only its own).
 pub async fn open(
     settings: &ProcessorSettings,
     autopay_db: &DatabaseUrl,
     clock: Arc<dyn Clock>,
+    installation: uuid::Uuid,
 ) -> Result<Arc<dyn Processor>, ProcessorError> {
     match settings.kind {
         ProcessorKind::Simulated => Ok(Arc::new(
             simulated::SimulatedProcessor::open(&settings.simulated, autopay_db, clock, None)
                 .await?,
         )),
-        ProcessorKind::Stripe => Err(ProcessorError::Config(
-            "processor.kind = \"stripe\" is not available in this release of autopay; set processor.kind = \"simulated\"".into(),
-        )),
+        ProcessorKind::Stripe => Ok(Arc::new(stripe::StripeProcessor::new(
+            &settings.stripe,
+            settings.timeout.as_std(),
+            installation,
+        )?)),
     }
 }
 
@@ -158,13 +181,34 @@ pub async fn open(
 pub trait Processor: Send + Sync {
     /// The name stored beside each token ("simulated", "stripe").
     fn name(&self) -> &'static str;
-    /// Exchanges a card number and security code for a token. Neither is kept.
+    /// `test` or `live`, for a processor whose keys have modes: a card saved in one mode
+    /// cannot be charged in the other. `None` for a processor without modes.
+    fn mode(&self) -> Option<&'static str> {
+        None
+    }
+    /// Exchanges a card number and security code for a token saved for `owner`. Neither is
+    /// kept.
     async fn tokenize(
         &self,
+        owner: &CardOwner,
         number: &CardNumber,
         security_code: &SecurityCode,
         expiry: Expiry,
     ) -> Result<Tokenized, ProcessorError>;
+    /// Takes a token a member portal collected (`card add --token`), once [`check_token`]
+    /// passed: refuses a card saved for someone else, saves it for `owner`, and reads what may
+    /// be shown. The default reads the details of a token that needs no saving.
+    ///
+    /// [`check_token`]: Processor::check_token
+    async fn adopt(&self, owner: &CardOwner, token: &str) -> Result<Tokenized, ProcessorError> {
+        let details = self.card_details(token).await?;
+        Ok(Tokenized {
+            token: token.to_string(),
+            details,
+            fingerprint: None,
+            customer: owner.customer.clone(),
+        })
+    }
     /// Refuses a token handed in from outside (`card add --token`) that does not have the shape
     /// of this processor's tokens, before it is looked up, logged or stored: a card number pasted
     /// as a token, or text that is no token at all. The message never repeats the token. The
@@ -179,6 +223,10 @@ pub trait Processor: Send + Sync {
     async fn charge(&self, request: &ChargeRequest) -> ChargeOutcome;
     /// Looks up one attempt: by its metadata (payment and attempt number) or its key.
     async fn find_attempt(&self, attempt: &AttemptRef) -> Lookup;
+    /// Hands over the process's rate limit (`processor.max_requests_per_second`). The caller
+    /// takes one turn per call; a processor whose one call may be several requests takes a
+    /// turn for each request after the first. The default ignores it.
+    fn share_limiter(&self, _limiter: Arc<crate::limiter::RateLimiter>) {}
     /// Every charge this installation made since `since`, for `reconcile`.
     async fn list_attempts(
         &self,

@@ -10,7 +10,6 @@ mod records;
 pub mod retry;
 mod shared;
 pub mod sqlite;
-pub mod types;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +28,7 @@ use crate::domain::payment::PaymentState;
 pub use crate::domain::attempt::{Answer, LookupAnswer};
 
 /// The schema version this binary needs (the highest migration it knows).
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 /// The schema version a database records as the oldest binary that may run against it.
 /// Migrations are additive for one release, so the release before this one (schema 1) still
 /// runs against a database this one migrated.
@@ -423,6 +422,17 @@ pub trait Store: Send + Sync {
     async fn findings(&self, open_only: bool) -> Result<Vec<Finding>>;
     /// An operator's acknowledgement of a finding, with what was done about it.
     async fn acknowledge_finding(&self, id: Uuid, note: &str, audit: &Audit) -> Result<Finding>;
+    /// Keeps the network transaction id of a payment's charge on its card, when the card has
+    /// none yet (the first successful charge's is the one the networks ask for). Whether it was
+    /// kept.
+    async fn keep_network_transaction_id(
+        &self,
+        payment_id: Uuid,
+        network_transaction_id: &str,
+    ) -> Result<bool>;
+    /// How many active cards each processor (and mode) holds: the daemon refuses to start
+    /// with cards it cannot charge.
+    async fn card_processors(&self) -> Result<Vec<CardProcessor>>;
 }
 
 /// Opens the store a URL names, every call retried on contention. SQLite files are created when

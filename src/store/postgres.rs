@@ -48,6 +48,11 @@ impl PgStore {
             "card_expiry_index",
             include_str!("../../migrations/postgres/0005_card_expiry_index.sql"),
         ),
+        (
+            6,
+            "stored_credentials",
+            include_str!("../../migrations/postgres/0006_stored_credentials.sql"),
+        ),
     ];
     /// Any fixed number shared by every autopay process: serializes concurrent `migrate` runs.
     const MIGRATION_LOCK_KEY: i64 = 0x0061_7574_6f70_6179;

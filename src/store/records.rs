@@ -150,6 +150,31 @@ pub struct Card {
     pub status: CardStatus,
     pub status_reason: Option<String>,
     pub created_at: Timestamp,
+    /// The card network's id of the card's first successful charge (stored credentials).
+    pub network_transaction_id: Option<String>,
+    /// The consent the card was saved under; `None` for cards saved before it was kept.
+    pub consent: Option<Consent>,
+    /// `test` or `live`, for a processor whose keys have modes.
+    pub processor_mode: Option<String>,
+}
+
+/// Active cards of one processor and mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CardProcessor {
+    pub processor: String,
+    pub mode: Option<String>,
+    pub cards: i64,
+}
+
+/// The member's consent to keep a card for automatic payments: the card networks'
+/// stored-credential framework asks that a merchant keep it for charges made without them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Consent {
+    pub at: Timestamp,
+    /// Through what it was given: `cli` (an operator, on the member's word), `api`, `portal`.
+    pub via: String,
+    /// The version of the terms the member agreed to, when one was given.
+    pub terms_version: Option<String>,
 }
 
 impl Card {
@@ -169,6 +194,11 @@ pub struct NewCard {
     pub expiry: Expiry,
     /// The processor's fingerprint of the number, when it gives one.
     pub fingerprint: Option<String>,
+    /// The processor's customer the card is saved to; a member without one takes it.
+    pub customer: Option<String>,
+    /// `test` or `live`, for a processor whose keys have modes.
+    pub processor_mode: Option<String>,
+    pub consent: Consent,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -459,6 +489,16 @@ pub struct OutcomePolicy {
     pub keys: crate::domain::attempt::KeyPolicy,
     pub max_amount_individual_family: Money,
     pub max_amount_employer_group: Money,
+    /// The processor's smallest charge per currency; `None` where it has none of its own (then
+    /// one minor unit).
+    pub min_charge: fn(crate::domain::money::Currency) -> Option<Money>,
+}
+
+impl OutcomePolicy {
+    /// The smallest amount one charge may be in `currency`.
+    pub fn min_charge(&self, currency: crate::domain::money::Currency) -> Money {
+        (self.min_charge)(currency).unwrap_or_else(|| Money::from_minor(1, currency))
+    }
 }
 
 /// Charge requests and their outcomes over a window, for the circuit breaker.

@@ -18,6 +18,7 @@ macro_rules! shared_store_impl {
         use crate::domain::attempt::{AttemptRef, CallOutcome, ProcessorAttempt, CardLimit, ChargeRequest, SentAttempt, Step as AttemptStep};
         use crate::domain::card::{CardBrand, Last4};
         use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
+        use crate::domain::decline::DeclineSignal;
         use crate::domain::money::{Currency, Money};
         use crate::domain::notice::{
             BillPaid, CardDisabled, Declined, Notice, Receipt, ScheduleChange as ScheduleChangeNotice,
@@ -26,14 +27,14 @@ macro_rules! shared_store_impl {
         use crate::domain::payment::{AmountRule, PaymentState, Transition};
         use crate::domain::schedule::{OccurrenceKey, Recurrence};
         use crate::domain::status::{BillStatus, CardStatus, MemberStatus, ScheduleStatus};
-        use crate::store::types::{DbDate, DbId, DbTime};
+        use crate::sqltypes::{DbDate, DbId, DbTime};
         use crate::store::*;
 
         type DbRow = <$db as sqlx::Database>::Row;
         type Tx = crate::store::WriteTx<$db>;
 
         const MEMBER_COLS: &str = "id, account_number, account_type, name, email, time_zone, reminders, email_bouncing, processor_customer_id, status, created_at, updated_at";
-        const CARD_COLS: &str = "id, member_id, processor, processor_token, fingerprint, brand, last4, exp_month, exp_year, status, status_reason, created_at";
+        const CARD_COLS: &str = "id, member_id, processor, processor_token, fingerprint, brand, last4, exp_month, exp_year, status, status_reason, created_at, network_transaction_id, consent_at, consent_via, consent_terms_version, processor_mode";
         const BILL_COLS: &str = "id, member_id, reference, amount_due, amount_paid, currency, due_date, status, created_at, updated_at";
         const CREDIT_COLS: &str = "id, member_id, amount, remaining, currency, source, reason, created_at";
         const SCHEDULE_COLS: &str = "id, member_id, payment_method_id, kind, recurrence, amount_rule, fixed_amount, currency, time_zone, next_run_at, next_occurrence, status, status_reason, consecutive_failures, version, authorized_at, authorized_via, authorized_by, terms_version, cancelled_at, cancelled_by, created_at, updated_at";
@@ -124,6 +125,16 @@ macro_rules! shared_store_impl {
                 status: parsed(T, "status", get::<String>(row, T, "status")?.parse::<CardStatus>())?,
                 status_reason: get(row, T, "status_reason")?,
                 created_at: time(row, T, "created_at")?,
+                network_transaction_id: get(row, T, "network_transaction_id")?,
+                consent: match get::<Option<DbTime>>(row, T, "consent_at")? {
+                    None => None,
+                    Some(at) => Some(Consent {
+                        at: at.0,
+                        via: get::<Option<String>>(row, T, "consent_via")?.unwrap_or_default(),
+                        terms_version: get(row, T, "consent_terms_version")?,
+                    }),
+                },
+                processor_mode: get(row, T, "processor_mode")?,
             })
         }
 
@@ -617,6 +628,7 @@ macro_rules! shared_store_impl {
                 reference: AttemptRef {
                     payment_id: held.payment.id,
                     attempt: held.payment.attempt,
+                    customer: row.request.as_ref().and_then(|r| r.customer.clone()),
                     idempotency_key: row.key.clone(),
                     first_sent_at: row.first_sent_at,
                 },
@@ -645,15 +657,29 @@ macro_rules! shared_store_impl {
             Ok(())
         }
 
+        /// The advice that came with a declined attempt's code, for `payment show`.
+        async fn record_advice(tx: &mut Tx, payment: &Payment, signal: &DeclineSignal) -> Result<()> {
+            sqlx::query("UPDATE payment_attempts SET advice_code = $1, network_advice_code = $2, network_decline_code = $3 WHERE payment_id = $4 AND attempt = $5")
+                .bind(signal.advice_code.as_deref())
+                .bind(signal.network_advice_code.as_deref())
+                .bind(signal.network_decline_code.as_deref())
+                .bind(DbId(payment.id))
+                .bind(payment.attempt)
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("recording a decline's advice"))?;
+            Ok(())
+        }
+
         /// A card's limits before one more request: every charge request that could have reached
         /// the network and was not approved (declined, unknown, or still in flight; a busy answer
-        /// never reached it), per fingerprint when the processor gave one. Approvals do not
+        /// or a refusal of the credentials never reached it), per fingerprint when the processor gave one. Approvals do not
         /// count: the networks limit retrying a card that declines, not paying with one that
         /// works. Returns the check and the card's counted requests in the last 30 days.
         async fn card_limit(tx: &mut Tx, card: &Card, now: Timestamp) -> Result<(CardLimit, u32)> {
             let (month, day) = crate::domain::attempt::card_limit_windows(now);
             let sql = |by: &str| format!(
-                "SELECT started_at, outcome FROM processor_calls WHERE {by} = $1 AND kind = 'charge' AND started_at > $2 AND (outcome IS NULL OR outcome NOT IN ('busy', 'approved'))"
+                "SELECT started_at, outcome FROM processor_calls WHERE {by} = $1 AND kind = 'charge' AND started_at > $2 AND (outcome IS NULL OR outcome NOT IN ('busy', 'approved', 'refused'))"
             );
             let rows: Vec<(DbTime, Option<String>)> = match &card.fingerprint {
                 Some(fp) => sqlx::query_as(sqlx::AssertSqlSafe(sql("fingerprint")))
@@ -969,11 +995,13 @@ macro_rules! shared_store_impl {
 
         /// A decline: a retry with a new key when it is soft and tries are left, otherwise a
         /// failure (and a disabled card when the bank says never again); the member is told.
-        async fn apply_decline(tx: &mut Tx, l: &Locked, code: &str, reference: Option<&str>, policy: &OutcomePolicy, audit: &Audit) -> Result<PaymentState> {
+        async fn apply_decline(tx: &mut Tx, l: &Locked, signal: &DeclineSignal, reference: Option<&str>, policy: &OutcomePolicy, audit: &Audit) -> Result<PaymentState> {
             use crate::domain::charge::DeclineStep;
             let payment = &l.held.payment;
-            finish_attempt(tx, payment, "declined", Some(code), reference, audit.at).await?;
-            let decline = crate::domain::decline::classify(code, None);
+            let signal = signal.clone().or_brand(l.card.brand);
+            finish_attempt(tx, payment, "declined", Some(&signal.code), reference, audit.at).await?;
+            record_advice(tx, payment, &signal).await?;
+            let decline = crate::domain::decline::classify(&signal);
             let (_, requests) = card_limit(tx, &l.card, audit.at).await?;
             let next = crate::domain::charge::after_decline(
                 &decline,
@@ -1183,8 +1211,8 @@ macro_rules! shared_store_impl {
                     settle_success(tx, l, state, &reference, audit).await?;
                     Ok(Next::Moved(state))
                 }
-                AttemptStep::Declined { code, reference } => {
-                    Ok(Next::Moved(apply_decline(tx, l, &code, reference.as_deref(), policy, audit).await?))
+                AttemptStep::Declined { signal, reference } => {
+                    Ok(Next::Moved(apply_decline(tx, l, &signal, reference.as_deref(), policy, audit).await?))
                 }
                 AttemptStep::Resend => prepare_resend(tx, l, row, by, policy, audit).await,
                 AttemptStep::WaitAndResend => Ok(Next::WaitAndResend),
@@ -1193,6 +1221,39 @@ macro_rules! shared_store_impl {
                     Ok(Next::Moved(state))
                 }
                 AttemptStep::Review { reason } => Ok(Next::Moved(send_to_review(tx, payment, &reason, audit).await?)),
+                AttemptStep::Release { reason } => {
+                    // The request did nothing: the attempt is forgotten (the next claim begins
+                    // it afresh, with the same key), the payment goes back untouched, and
+                    // charging stops until an operator has fixed the credentials.
+                    sqlx::query("DELETE FROM payment_attempts WHERE payment_id = $1 AND attempt = $2")
+                        .bind(DbId(payment.id))
+                        .bind(payment.attempt)
+                        .execute(tx.conn())
+                        .await
+                        .map_err(db_err("forgetting a refused attempt"))?;
+                    let state = step(payment.state, Transition::Release)?;
+                    sqlx::query("UPDATE payments SET state = $1, amount = NULL, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $3")
+                        .bind(state.as_str())
+                        .bind(DbTime(audit.at))
+                        .bind(DbId(payment.id))
+                        .execute(tx.conn())
+                        .await
+                        .map_err(db_err("releasing a payment"))?;
+                    event(tx, audit, "payment", payment.id, "released", serde_json::json!({ "reason": reason })).await?;
+                    let paused = sqlx::query("UPDATE control SET charging_paused_at = $1, charging_paused_by = $2, charging_paused_reason = $3 WHERE id = 1 AND charging_paused_at IS NULL")
+                        .bind(DbTime(audit.at))
+                        .bind(&audit.actor)
+                        .bind(&reason)
+                        .execute(tx.conn())
+                        .await
+                        .map_err(db_err("pausing charging"))?
+                        .rows_affected();
+                    if paused > 0 {
+                        let installation: DbId = sqlx::query_scalar("SELECT installation_id FROM control WHERE id = 1").fetch_one(tx.conn()).await.map_err(db_err("reading control"))?;
+                        event(tx, audit, "control", installation.0, "charging_paused", serde_json::json!({ "reason": reason })).await?;
+                    }
+                    Ok(Next::Released)
+                }
             }
         }
 
@@ -1299,7 +1360,7 @@ macro_rules! shared_store_impl {
                 // Its request is in the card's history already, unfinished: finish it.
                 sqlx::query("UPDATE processor_calls SET outcome = $1, detail = $2, finished_at = $3 WHERE payment_id = $4 AND attempt = $5 AND kind = 'charge' AND outcome IS NULL")
                     .bind(outcome)
-                    .bind(found.decline_code.as_deref().unwrap_or(&found.reference))
+                    .bind(found.decline_code().unwrap_or(&found.reference))
                     .bind(DbTime(found.created_at))
                     .bind(DbId(payment.id))
                     .bind(found.attempt)
@@ -1308,7 +1369,7 @@ macro_rules! shared_store_impl {
                     .map_err(db_err("recording a reconciled request"))?;
                 sqlx::query("UPDATE payment_attempts SET outcome = $1, decline_code = $2, processor_reference = $3, finished_at = $4, resend_stopped = TRUE WHERE idempotency_key = $5")
                     .bind(outcome)
-                    .bind(found.decline_code.as_deref())
+                    .bind(found.decline_code())
                     .bind(&found.reference)
                     .bind(DbTime(found.created_at))
                     .bind(&found.idempotency_key)
@@ -1326,7 +1387,7 @@ macro_rules! shared_store_impl {
                     .bind(found.amount.currency().code())
                     .bind(DbTime(found.created_at))
                     .bind(outcome)
-                    .bind(found.decline_code.as_deref())
+                    .bind(found.decline_code())
                     .bind(&found.reference)
                     .execute(tx.conn())
                     .await
@@ -1342,7 +1403,7 @@ macro_rules! shared_store_impl {
                     .bind(&audit.actor)
                     .bind(DbTime(found.created_at))
                     .bind(outcome)
-                    .bind(found.decline_code.as_deref().unwrap_or(&found.reference))
+                    .bind(found.decline_code().unwrap_or(&found.reference))
                     .execute(tx.conn())
                     .await
                     .map_err(db_err("recording a reconciled request"))?;
@@ -1630,8 +1691,18 @@ macro_rules! shared_store_impl {
                     Some("active") => {}
                     Some(_) => return Err(StoreError::Conflict(format!("member {} is closed; a closed member cannot add cards", new.member_id))),
                 }
+                if let Some(customer) = &new.customer {
+                    // A member's first card at a processor that keeps customers makes theirs.
+                    sqlx::query("UPDATE members SET processor_customer_id = $1, updated_at = $2 WHERE id = $3 AND processor_customer_id IS NULL")
+                        .bind(customer)
+                        .bind(DbTime(audit.at))
+                        .bind(DbId(new.member_id))
+                        .execute(tx.conn())
+                        .await
+                        .map_err(db_err("keeping the member's processor customer"))?;
+                }
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO payment_methods (id, member_id, processor, processor_token, brand, last4, exp_month, exp_year, status, created_at, updated_at, fingerprint) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'active', $9, $9, $10) RETURNING {CARD_COLS}"
+                    "INSERT INTO payment_methods (id, member_id, processor, processor_token, brand, last4, exp_month, exp_year, status, created_at, updated_at, fingerprint, processor_mode, consent_at, consent_via, consent_terms_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'active', $9, $9, $10, $11, $12, $13, $14) RETURNING {CARD_COLS}"
                 )))
                 .bind(DbId(new_id()))
                 .bind(DbId(new.member_id))
@@ -1643,6 +1714,10 @@ macro_rules! shared_store_impl {
                 .bind(i64::from(new.expiry.year()))
                 .bind(DbTime(audit.at))
                 .bind(new.fingerprint.as_deref())
+                .bind(new.processor_mode.as_deref())
+                .bind(DbTime(new.consent.at))
+                .bind(&new.consent.via)
+                .bind(new.consent.terms_version.as_deref())
                 .fetch_one(tx.conn())
                 .await
                 .map_err(|e| {
@@ -2466,6 +2541,7 @@ macro_rules! shared_store_impl {
                     credits: &credits,
                     reserved: &reserved,
                     max_amount,
+                    min_charge: policy.min_charge(cur),
                 })
                 .map_err(money_err)?;
                 let (amount, credit_used) = match plan {
@@ -2492,6 +2568,16 @@ macro_rules! shared_store_impl {
                         let reason = format!("the amount due, {}, is more than automatic payments may charge at once ({})", amount.display_with_code(), max.display_with_code());
                         settle_without_charge(&mut tx, payment, state, "over_limit", Some(amount.minor()), Some("over_limit"), audit).await?;
                         let n = declined_notice(&l, "over_limit", &reason, Some(amount), None);
+                        notify_notice(&mut tx, &n, &l.member, audit.at).await?;
+                        commit(tx).await?;
+                        return Ok(Next::Moved(state));
+                    }
+                    ChargePlan::BelowMinimum { amount, min } => {
+                        // Not sent: the processor would refuse it. The bills stay owed.
+                        let state = step(payment.state, Transition::NothingOwed)?;
+                        let reason = format!("the amount due, {}, is less than the smallest card payment we can make ({}); please pay it online or by phone", amount.display_with_code(), min.display_with_code());
+                        settle_without_charge(&mut tx, payment, state, "below_minimum", Some(amount.minor()), Some("below_minimum"), audit).await?;
+                        let n = declined_notice(&l, "below_minimum", &reason, Some(amount), None);
                         notify_notice(&mut tx, &n, &l.member, audit.at).await?;
                         commit(tx).await?;
                         return Ok(Next::Moved(state));
@@ -2556,6 +2642,7 @@ macro_rules! shared_store_impl {
                     occurrence: payment.occurrence.clone(),
                     attempt: payment.attempt,
                     account_last4: l.member.account_number.last4(),
+                    customer: l.member.processor_customer_id.clone(),
                 };
                 sqlx::query("UPDATE payments SET amount = $1, credit_applied = $2, updated_at = $3 WHERE id = $4")
                     .bind(amount.minor())
@@ -2625,8 +2712,8 @@ macro_rules! shared_store_impl {
                 if let Some(call) = call {
                     let detail = match answer {
                         Answer::Approved { .. } => None,
-                        Answer::Declined { code, .. } => Some(code.as_str()),
-                        Answer::Unknown { detail, .. } | Answer::Busy { detail } | Answer::Mismatch { detail } => Some(detail.as_str()),
+                        Answer::Declined { signal, .. } => Some(signal.code.as_str()),
+                        Answer::Unknown { detail, .. } | Answer::Busy { detail } | Answer::Mismatch { detail } | Answer::Refused { detail } => Some(detail.as_str()),
                     };
                     finish_call(&mut tx, call, CallOutcome::of(answer), detail, audit.at).await?;
                 }
@@ -2670,9 +2757,11 @@ macro_rules! shared_store_impl {
                             settle_success(&mut tx, &l, state, &reference, audit).await?;
                             Next::Moved(state)
                         }
-                        OperatorStep::Record(AttemptStep::Declined { code, reference }) => {
-                            finish_attempt(&mut tx, payment, "declined", Some(&code), reference.as_deref(), audit.at).await?;
-                            let decline = crate::domain::decline::classify(&code, None);
+                        OperatorStep::Record(AttemptStep::Declined { signal, reference }) => {
+                            let signal = signal.or_brand(l.card.brand);
+                            finish_attempt(&mut tx, payment, "declined", Some(&signal.code), reference.as_deref(), audit.at).await?;
+                            record_advice(&mut tx, payment, &signal).await?;
+                            let decline = crate::domain::decline::classify(&signal);
                             if decline.action == crate::domain::decline::DeclineAction::DisableCard {
                                 // The bank said never again: no new attempt on this card.
                                 let state = step(payment.state, Transition::OperatorResolve(crate::domain::payment::Resolution::Failed))?;
@@ -3318,13 +3407,13 @@ macro_rules! shared_store_impl {
                             Some(state) => {
                                 let reason = format!(
                                     "reconcile: the processor declined attempt {} ({}) after the backup this database was restored from; retry it with `autopay payment retry` or resolve it",
-                                    found.attempt, found.decline_code.as_deref().unwrap_or("no code")
+                                    found.attempt, found.decline_code().unwrap_or("no code")
                                 );
                                 sqlx::query("UPDATE payments SET state = $1, attempt = $2, amount = $3, credit_applied = 0, decline_code = $4, reason = $5, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $6 WHERE id = $7")
                                     .bind(state.as_str())
                                     .bind(found.attempt)
                                     .bind(found.amount.minor())
-                                    .bind(found.decline_code.as_deref())
+                                    .bind(found.decline_code())
                                     .bind(&reason)
                                     .bind(DbTime(audit.at))
                                     .bind(DbId(payment_id))
@@ -3379,6 +3468,27 @@ macro_rules! shared_store_impl {
                 event(&mut tx, audit, "reconcile", id, "acknowledged", serde_json::json!({ "note": note })).await?;
                 commit(tx).await?;
                 Ok(Finding { acknowledged_at: Some(audit.at), acknowledged_by: Some(audit.actor.clone()), note: Some(note.to_string()), ..finding })
+            }
+
+            async fn keep_network_transaction_id(&self, payment_id: Uuid, network_transaction_id: &str) -> Result<bool> {
+                let mut tx = self.begin_write().await?;
+                let done = sqlx::query("UPDATE payment_methods SET network_transaction_id = $1 WHERE network_transaction_id IS NULL AND id = (SELECT payment_method_id FROM payments WHERE id = $2)")
+                    .bind(network_transaction_id)
+                    .bind(DbId(payment_id))
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("keeping a card's network transaction id"))?
+                    .rows_affected() > 0;
+                commit(tx).await?;
+                Ok(done)
+            }
+
+            async fn card_processors(&self) -> Result<Vec<CardProcessor>> {
+                let rows: Vec<(String, Option<String>, i64)> = sqlx::query_as("SELECT processor, processor_mode, COUNT(*) FROM payment_methods WHERE status = 'active' GROUP BY processor, processor_mode ORDER BY processor, processor_mode")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err("counting cards by processor"))?;
+                Ok(rows.into_iter().map(|(processor, mode, cards)| CardProcessor { processor, mode, cards }).collect())
             }
         }
     };

@@ -58,6 +58,11 @@ impl SqliteStore {
             "card_expiry_index",
             include_str!("../../migrations/sqlite/0005_card_expiry_index.sql"),
         ),
+        (
+            6,
+            "stored_credentials",
+            include_str!("../../migrations/sqlite/0006_stored_credentials.sql"),
+        ),
     ];
 
     /// Opens (creating when missing) the file a `sqlite://` URL names, after checking that this
@@ -150,7 +155,7 @@ impl SqliteStore {
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "opening the backup"))?;
             sqlx::query("UPDATE control SET reconcile_required_since = $1, min_binary_schema = CASE WHEN min_binary_schema < $2 THEN $2 ELSE min_binary_schema END WHERE id = 1")
-                .bind(crate::store::types::DbTime(at))
+                .bind(crate::sqltypes::DbTime(at))
                 .bind(crate::store::RECONCILE_SCHEMA)
                 .execute(&mut conn)
                 .await

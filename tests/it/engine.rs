@@ -17,8 +17,8 @@ use autopay::domain::status::{
     AuthorizedVia, BillStatus, CardStatus, ScheduleKind, ScheduleStatus,
 };
 use autopay::engine::Engine;
-use autopay::processor::Processor;
 use autopay::processor::simulated::SimulatedProcessor;
+use autopay::processor::{CardOwner, Processor};
 use autopay::store::{
     Answer, Audit, Card, ClaimRules, Lease, LookupAnswer, Member, NewBill, NewCard, NewMember,
     NewSchedule, Next, OutcomePolicy, Schedule, Settler, Store, Work,
@@ -112,7 +112,15 @@ impl World {
         let code = SecurityCode::parse("123", n.brand()).unwrap();
         let t = self
             .processor
-            .tokenize(&n, &code, Expiry::new(12, 2030).unwrap())
+            .tokenize(
+                &CardOwner {
+                    member_id: member.id,
+                    customer: None,
+                },
+                &n,
+                &code,
+                Expiry::new(12, 2030).unwrap(),
+            )
             .await
             .unwrap();
         self.store
@@ -125,6 +133,13 @@ impl World {
                     last4: t.details.last4,
                     expiry: t.details.expiry,
                     fingerprint: t.fingerprint,
+                    customer: None,
+                    processor_mode: None,
+                    consent: autopay::store::Consent {
+                        at: self.audit().at,
+                        via: "cli".into(),
+                        terms_version: None,
+                    },
                 },
                 &self.audit(),
             )
@@ -313,6 +328,16 @@ async fn a_due_payment_is_charged_once_pays_its_bills_and_leaves_a_receipt(kind:
         bills.iter().all(|b| b.status == BillStatus::Paid),
         "{bills:?}"
     );
+    // The card keeps the network's id of its first successful charge (stored credentials).
+    let kept = w.store.card(card.id).await.unwrap();
+    assert_eq!(
+        kept.network_transaction_id.as_deref(),
+        p.processor_reference
+            .as_deref()
+            .map(|r| r.replace("sim_ch_", "sim_ntid_"))
+            .as_deref()
+    );
+    assert_eq!(kept.consent.map(|c| c.via).as_deref(), Some("cli"));
     let allocations = w.store.allocations(p.id).await.unwrap();
     let allocated: i64 = allocations.iter().map(|a| a.amount.minor()).sum();
     assert_eq!((allocations.len(), allocated), (2, 12_500));
@@ -697,13 +722,13 @@ async fn an_operator_retry_and_resolve_follow_the_state_machine(kind: Kind) {
 }
 
 async fn every_row_of_the_decline_tables_moves_the_payment_as_documented(kind: Kind) {
-    use autopay::domain::decline::{DECLINE_CODES, DeclineAction, classify};
+    use autopay::domain::decline::{DECLINE_CODES, DeclineAction, DeclineSignal, classify_code};
     let w = World::new(kind).await;
     let policy = outcome_policy(&w.settings);
-    // The processor's answer carries the decline code; the network's advice code reaches the
-    // table once a processor reports it (the Stripe adapter), so its rows are checked in
-    // domain::decline's own tests.
-    let rows = DECLINE_CODES.iter().map(|r| (r, classify(r.code, None)));
+    // Each decline code alone; the network's advice on top is checked in
+    // domain::decline's own tests and, through the store, in
+    // `network_advice_for_the_card_s_brand_decides_the_decline`.
+    let rows = DECLINE_CODES.iter().map(|r| (r, classify_code(r.code)));
     for (i, (row, decline)) in rows.enumerate() {
         assert_eq!(decline.action, row.action, "{}", row.code);
         let m = w
@@ -721,7 +746,7 @@ async fn every_row_of_the_decline_tables_moves_the_payment_as_documented(kind: K
             .await;
         let (lease, call) = w.started("w").await;
         let answer = Answer::Declined {
-            code: decline.code.clone(),
+            signal: DeclineSignal::code(decline.code.clone()),
             reference: None,
         };
         let moved = w
@@ -763,6 +788,52 @@ async fn every_row_of_the_decline_tables_moves_the_payment_as_documented(kind: K
             row.code
         );
     }
+}
+
+async fn network_advice_for_the_card_s_brand_decides_the_decline(kind: Kind) {
+    use autopay::domain::decline::DeclineSignal;
+    let w = World::new(kind).await;
+    let policy = outcome_policy(&w.settings);
+    // Mastercard's advice 21 (the cardholder stopped recurring payments) with a soft code: the
+    // processor did not name the brand, so the stored card's decides whether 21 is read.
+    let advised = Answer::Declined {
+        signal: DeclineSignal {
+            network_advice_code: Some("21".into()),
+            ..DeclineSignal::code("generic_decline")
+        },
+        reference: None,
+    };
+    let mut outcomes = Vec::new();
+    for (i, number) in ["5555555555554444", "4242424242424242"].iter().enumerate() {
+        let m = w
+            .member(&format!("N-{i:06}"), AccountType::IndividualFamily)
+            .await;
+        let card = w.card(&m, number).await;
+        w.schedule_now(
+            &m,
+            &card,
+            AmountRule::Fixed {
+                amount: usd("10.00"),
+            },
+        )
+        .await;
+        let (lease, call) = w.started("w").await;
+        let moved = w
+            .store
+            .record_charge(&lease, Some(call), &advised, &policy, &w.audit())
+            .await
+            .unwrap();
+        outcomes.push((moved, w.store.card(card.id).await.unwrap().status));
+    }
+    assert_eq!(
+        outcomes,
+        vec![
+            // The Mastercard is disabled: the member stopped recurring payments with the bank.
+            (Next::Moved(PaymentState::Failed), CardStatus::Disabled),
+            // On a Visa card, 21 is not advice: the soft decline waits for its retry.
+            (Next::Moved(PaymentState::RetryWait), CardStatus::Active),
+        ]
+    );
 }
 
 async fn suspend_after_failures_in_a_row_suspends_the_schedule(kind: Kind) {
@@ -1060,6 +1131,7 @@ crate::helpers::on_both!(
     a_balance_over_the_account_types_limit_fails_and_the_member_is_told,
     an_operator_retry_and_resolve_follow_the_state_machine,
     every_row_of_the_decline_tables_moves_the_payment_as_documented,
+    network_advice_for_the_card_s_brand_decides_the_decline,
     suspend_after_failures_in_a_row_suspends_the_schedule,
     downtime_coalesces_missed_occurrences_into_one_charge,
     an_operator_resolves_an_unknown_payment_and_retries_a_missed_one,

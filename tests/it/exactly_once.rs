@@ -19,8 +19,8 @@ use autopay::domain::status::{BillStatus, ScheduleStatus};
 use autopay::engine::RetryOutcome;
 use autopay::processor::simulated::SimulatedProcessor;
 use autopay::processor::{
-    AttemptRef, CardDetails, ChargeOutcome, ChargeRequest, Lookup, Processor, ProcessorAttempt,
-    ProcessorError, Tokenized,
+    AttemptRef, CardDetails, CardOwner, ChargeOutcome, ChargeRequest, Lookup, Processor,
+    ProcessorAttempt, ProcessorError, Tokenized,
 };
 use autopay::store::{Member, Next, Resolve, Settler, StoreError};
 use jiff::{SignedDuration, Timestamp};
@@ -70,11 +70,14 @@ impl Processor for Flaky {
     }
     async fn tokenize(
         &self,
+        owner: &CardOwner,
         number: &CardNumber,
         security_code: &SecurityCode,
         expiry: Expiry,
     ) -> Result<Tokenized, ProcessorError> {
-        self.inner.tokenize(number, security_code, expiry).await
+        self.inner
+            .tokenize(owner, number, security_code, expiry)
+            .await
     }
     async fn card_details(&self, token: &str) -> Result<CardDetails, ProcessorError> {
         self.inner.card_details(token).await
@@ -387,9 +390,11 @@ async fn busy_answers_are_resent_replayed_errors_are_looked_up_and_a_refused_key
     let flaky = Flaky::new(w.processor.clone());
     flaky.then(ChargeOutcome::Busy {
         detail: "429 rate limited".into(),
+        retry_after: None,
     });
     flaky.then(ChargeOutcome::Busy {
         detail: "409 key in use".into(),
+        retry_after: None,
     });
     let engine = w.engine_with(flaky.clone());
     engine.drain().await.unwrap();
@@ -941,7 +946,8 @@ async fn amounts_past_the_caps_are_refused_with_65_and_nothing_is_stored() {
 }
 
 /// Item 19: settings that did nothing were accepted. The cron and http keys work now (the
-/// service release); what still cannot work is refused.
+/// service release), and so does processor.kind = "stripe" (with a key); what still cannot work
+/// is refused.
 #[tokio::test]
 async fn settings_that_cannot_work_are_refused_by_check_config() {
     let db = TestDb::new(Kind::Sqlite).await;
@@ -949,7 +955,11 @@ async fn settings_that_cannot_work_are_refused_by_check_config() {
         ("AUTOPAY__DAEMON__PLANNER_CRON", "0 * * * *", "six fields"),
         ("AUTOPAY__DAEMON__TICK_ALARM", "soon", "daemon.tick_alarm"),
         ("AUTOPAY__HTTP__LISTEN", "everywhere", "http.listen"),
-        ("AUTOPAY__PROCESSOR__KIND", "stripe", "not in this release"),
+        (
+            "AUTOPAY__PROCESSOR__KIND",
+            "stripe",
+            "processor.stripe.secret_key",
+        ),
         ("AUTOPAY__PROCESSOR__LOOKUP_WINDOW", "23h", "key_retention"),
     ] {
         let run = Bin::new(&db)

@@ -499,7 +499,15 @@ pub async fn load_due_payments(
     let every = jiff::SignedDuration::try_from(every).expect("a spacing that fits");
     let mut tasks = tokio::task::JoinSet::new();
     let token = processor
-        .tokenize(&number, &code, Expiry::new(12, 2035).unwrap())
+        .tokenize(
+            &autopay::processor::CardOwner {
+                member_id: uuid::Uuid::nil(),
+                customer: None,
+            },
+            &number,
+            &code,
+            Expiry::new(12, 2035).unwrap(),
+        )
         .await
         .unwrap();
     for m in 0..members {
@@ -534,6 +542,13 @@ pub async fn load_due_payments(
                         last4: token.details.last4,
                         expiry: token.details.expiry,
                         fingerprint: None,
+                        customer: None,
+                        processor_mode: None,
+                        consent: autopay::store::Consent {
+                            at: audit.at,
+                            via: "cli".into(),
+                            terms_version: None,
+                        },
                     },
                     &audit,
                 )

@@ -14,4 +14,6 @@ mod service;
 mod simulation;
 mod smtp_peer;
 mod store_conformance;
+mod stripe;
+mod stripe_peer;
 mod systemd;

@@ -11,7 +11,7 @@ use autopay::domain::schedule::{End, Recurrence, RecurrenceSpec, Rule};
 use autopay::domain::status::{
     AuthorizedVia, BillStatus, CardStatus, MemberStatus, ScheduleKind, ScheduleStatus,
 };
-use autopay::store::types::{DbId, DbTime};
+use autopay::sqltypes::{DbId, DbTime};
 use autopay::store::{
     self, Audit, Card, Member, MemberChange, NewBill, NewCard, NewMember, NewSchedule, Schedule,
     ScheduleChange, ScheduleResume, Store, StoreError,
@@ -58,6 +58,13 @@ async fn card(store: &dyn Store, member: &Member, token: &str) -> Card {
                 last4: Last4::parse("4242").unwrap(),
                 expiry: Expiry::new(12, 2030).unwrap(),
                 fingerprint: None,
+                customer: None,
+                processor_mode: None,
+                consent: autopay::store::Consent {
+                    at: audit().at,
+                    via: "cli".into(),
+                    terms_version: None,
+                },
             },
             &audit(),
         )

@@ -21,9 +21,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use uuid::Uuid;
 
 use crate::config::{Backend, DatabaseUrl, redact_url};
+use crate::domain::decline::DeclineSignal;
 use crate::domain::money::{Currency, Money};
 use crate::processor::{ChargeRequest, ProcessorAttempt, ProcessorError};
-use crate::store::types::{DbId, DbTime};
+use crate::sqltypes::{DbId, DbTime};
 
 /// One ledger row: the request as it was first made under its key, and what came of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +183,7 @@ macro_rules! sql_backend {
                     occurrence: text("occurrence")?,
                     attempt: int("attempt")?,
                     account_last4: text("account_last4")?,
+                    customer: None,
                 };
                 let attempt = ProcessorAttempt {
                     idempotency_key: request.idempotency_key.clone(),
@@ -194,9 +196,10 @@ macro_rules! sql_backend {
                     approved: row
                         .try_get::<bool, _>("approved")
                         .map_err(|e| e.to_string())?,
-                    decline_code: row
+                    decline: row
                         .try_get::<Option<String>, _>("decline_code")
-                        .map_err(|e| e.to_string())?,
+                        .map_err(|e| e.to_string())?
+                        .map(DeclineSignal::code),
                     created_at: row
                         .try_get::<DbTime, _>("created_at")
                         .map_err(|e| e.to_string())?
@@ -235,7 +238,7 @@ macro_rules! sql_backend {
                     .bind(&r.token)
                     .bind(&r.account_last4)
                     .bind(a.approved)
-                    .bind(&a.decline_code)
+                    .bind(a.decline.as_ref().map(|d| d.code.as_str()))
                     .bind(DbTime(a.created_at))
                     .execute(&mut *tx)
                     .await?;

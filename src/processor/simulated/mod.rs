@@ -42,12 +42,13 @@ use uuid::Uuid;
 
 use self::ledger::{Charge, ChargeLedger};
 use super::{
-    AttemptRef, CardDetails, ChargeOutcome, ChargeRequest, Lookup, Processor, ProcessorAttempt,
-    ProcessorError, Tokenized,
+    AttemptRef, CardDetails, CardOwner, ChargeOutcome, ChargeRequest, Lookup, Processor,
+    ProcessorAttempt, ProcessorError, Tokenized,
 };
 use crate::clock::Clock;
 use crate::config::{Backend, DatabaseUrl, Ledger, SimulatedSettings};
 use crate::domain::card::{CardBrand, CardNumber, Expiry, Last4, SecurityCode};
+use crate::domain::decline::DeclineSignal;
 use crate::domain::spelled_enum;
 
 spelled_enum! {
@@ -415,7 +416,7 @@ impl SimulatedProcessor {
     /// The charge itself, once the call has reached the processor.
     async fn charge_reached(&self, request: &ChargeRequest) -> ChargeOutcome {
         match self.ledger.by_key(&request.idempotency_key).await {
-            Ok(Some(stored)) => return answer_for(&stored, request),
+            Ok(Some(stored)) => return answer_for(&stored, request, self.today()),
             Ok(None) => {}
             Err(e) => return unreachable_ledger(e),
         }
@@ -423,7 +424,7 @@ impl SimulatedProcessor {
             Ok(t) => t,
             Err(e) => {
                 return ChargeOutcome::Declined {
-                    code: "invalid_token".into(),
+                    signal: DeclineSignal::code("invalid_token"),
                     message: e.to_string(),
                     reference: None,
                 };
@@ -449,14 +450,14 @@ impl SimulatedProcessor {
                 attempt: request.attempt,
                 amount: request.amount,
                 approved: token.outcome == Outcome::Approve,
-                decline_code: token.outcome.decline_code().map(str::to_string),
+                decline: token.outcome.decline_code().map(DeclineSignal::code),
                 created_at,
             },
         };
         // A concurrent call with the same key may have recorded first: answer with what is
         // stored, as a real processor would.
         match self.ledger.record(&charge).await {
-            Ok(stored) => answer_for(&stored, request),
+            Ok(stored) => answer_for(&stored, request, self.today()),
             Err(e) => unreachable_ledger(e),
         }
     }
@@ -470,6 +471,7 @@ impl Processor for SimulatedProcessor {
 
     async fn tokenize(
         &self,
+        _owner: &CardOwner,
         number: &CardNumber,
         _security_code: &SecurityCode,
         expiry: Expiry,
@@ -488,6 +490,7 @@ impl Processor for SimulatedProcessor {
             token: token.encode(&nonce()),
             details,
             fingerprint: None,
+            customer: None,
         })
     }
 
@@ -551,7 +554,7 @@ impl Processor for SimulatedProcessor {
             .by_attempt(attempt.payment_id, attempt.attempt)
             .await
         {
-            Ok(Some(found)) => Lookup::Found(found),
+            Ok(Some(found)) => Lookup::Found(Box::new(found)),
             Ok(None) => Lookup::NotFound,
             Err(e) => Lookup::Unknown {
                 detail: e.to_string(),
@@ -570,7 +573,7 @@ impl Processor for SimulatedProcessor {
 
 /// The answer for a request whose key the ledger holds: the first result when the parameters
 /// are the same, an idempotency error naming what differs when they are not.
-fn answer_for(stored: &Charge, request: &ChargeRequest) -> ChargeOutcome {
+fn answer_for(stored: &Charge, request: &ChargeRequest, today: jiff::civil::Date) -> ChargeOutcome {
     let (s, r) = (&stored.request, request);
     let differs: Vec<&str> = [
         ("token", s.token != r.token),
@@ -592,7 +595,7 @@ fn answer_for(stored: &Charge, request: &ChargeRequest) -> ChargeOutcome {
             ),
         };
     }
-    outcome_of(&stored.attempt)
+    outcome_of(&stored.attempt, &stored.request.token, today)
 }
 
 fn unreachable_ledger(e: ProcessorError) -> ChargeOutcome {
@@ -602,16 +605,28 @@ fn unreachable_ledger(e: ProcessorError) -> ChargeOutcome {
     }
 }
 
-fn outcome_of(attempt: &ProcessorAttempt) -> ChargeOutcome {
-    match &attempt.decline_code {
+/// The answer a stored charge gives: a decline names the brand of the card it was made on, and
+/// an approval a network transaction id derived from the charge (the same on every replay).
+fn outcome_of(attempt: &ProcessorAttempt, token: &str, today: jiff::civil::Date) -> ChargeOutcome {
+    match &attempt.decline {
         None => ChargeOutcome::Approved {
             reference: attempt.reference.clone(),
+            network_transaction_id: Some(format!(
+                "sim_ntid_{}",
+                attempt.reference.trim_start_matches("sim_ch_")
+            )),
         },
-        Some(code) => ChargeOutcome::Declined {
-            code: code.clone(),
-            message: format!("the card was declined ({code})"),
-            reference: Some(attempt.reference.clone()),
-        },
+        Some(decline) => {
+            let mut signal = decline.clone();
+            if let Ok(t) = SimToken::decode(token, today) {
+                signal = signal.or_brand(t.details.brand);
+            }
+            ChargeOutcome::Declined {
+                message: format!("the card was declined ({})", signal.code),
+                signal,
+                reference: Some(attempt.reference.clone()),
+            }
+        }
     }
 }
 
@@ -632,8 +647,16 @@ mod tests {
         AttemptRef {
             payment_id,
             attempt,
+            customer: None,
             idempotency_key: format!("k{attempt}"),
             first_sent_at: Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    fn owner() -> CardOwner {
+        CardOwner {
+            member_id: Uuid::nil(),
+            customer: None,
         }
     }
 
@@ -690,7 +713,7 @@ mod tests {
     async fn tokenize(p: &SimulatedProcessor, number: &str) -> Tokenized {
         let n = CardNumber::parse(number).unwrap();
         let cvc = SecurityCode::parse("123", n.brand()).unwrap();
-        p.tokenize(&n, &cvc, Expiry::new(4, 2030).unwrap())
+        p.tokenize(&owner(), &n, &cvc, Expiry::new(4, 2030).unwrap())
             .await
             .unwrap()
     }
@@ -705,6 +728,7 @@ mod tests {
             occurrence: "2026-12-01".into(),
             attempt: 1,
             account_last4: "0001".into(),
+            customer: None,
         }
     }
 
@@ -718,7 +742,7 @@ mod tests {
 
     fn reference(outcome: &ChargeOutcome) -> String {
         match outcome {
-            ChargeOutcome::Approved { reference } => reference.clone(),
+            ChargeOutcome::Approved { reference, .. } => reference.clone(),
             other => panic!("expected an approval, got {other:?}"),
         }
     }
@@ -751,7 +775,7 @@ mod tests {
         second.attempt = 2;
         assert!(matches!(
             p.charge(&second).await,
-            ChargeOutcome::Declined { code, .. } if code == "lost_card"
+            ChargeOutcome::Declined { signal, .. } if signal.code == "lost_card"
         ));
 
         match p.find_attempt(&attempt_ref(payment, 1)).await {
@@ -770,7 +794,7 @@ mod tests {
         match p.find_attempt(&attempt_ref(payment, 2)).await {
             Lookup::Found(a) => {
                 assert!(!a.approved);
-                assert_eq!(a.decline_code.as_deref(), Some("lost_card"));
+                assert_eq!(a.decline_code(), Some("lost_card"));
             }
             other => panic!("expected the second attempt, got {other:?}"),
         }
@@ -973,7 +997,7 @@ mod tests {
         let p = processor();
         let lost = tokenize(&p, "4000000000009987").await;
         assert!(
-            matches!(p.charge(&request(&lost.token, "a")).await, ChargeOutcome::Declined { code, .. } if code == "lost_card")
+            matches!(p.charge(&request(&lost.token, "a")).await, ChargeOutcome::Declined { signal, .. } if signal.code == "lost_card")
         );
         let slow = tokenize(&p, "4000000000008880").await;
         let mut timeout = request(&slow.token, "b");

@@ -1,0 +1,456 @@
+//! The Stripe adapter against a real Stripe-API peer: localstripe behind a layer that plays
+//! Stripe's idempotency keys and drops requests and answers (tests/stripe/peer.py). Every test
+//! runs the `autopay` binary, as an operator would, with `processor.kind = "stripe"`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::helpers::{Bin, Kind, Run, TestDb};
+use crate::stripe_peer::{StripePeer, TEST_KEY};
+
+/// The settings that point autopay at `peer`, with timings short enough for a test: an unknown
+/// outcome is looked up three seconds later.
+fn stripe_bin(db: &TestDb, peer: &StripePeer) -> Bin {
+    Bin::new(db).run(&["migrate"]).ok();
+    Bin::new(db)
+        .with_env("AUTOPAY__PROCESSOR__KIND", "stripe")
+        .with_env("AUTOPAY__PROCESSOR__STRIPE__API_BASE", &peer.api_base())
+        .with_env("AUTOPAY__PROCESSOR__STRIPE__SECRET_KEY", TEST_KEY)
+        .with_env("AUTOPAY__PROCESSOR__TIMEOUT", "2s")
+        .with_env("AUTOPAY__PROCESSOR__SETTLE_DELAY", "3s")
+        .with_env("AUTOPAY__PAYMENTS__BREAKER_MIN_ATTEMPTS", "1000000")
+}
+
+/// A member with a card (its number typed on standard input); returns the card id.
+fn member_with_card(bin: &Bin, account: &str, number: &str) -> String {
+    bin.run(&[
+        "member",
+        "add",
+        "--account",
+        account,
+        "--name",
+        "Ana Díaz",
+        "--email",
+        "ana@example.org",
+        "--type",
+        "individual-family",
+        "--time-zone",
+        "America/New_York",
+    ])
+    .ok();
+    bin.run_with_stdin(
+        &[
+            "card",
+            "add",
+            "--account",
+            account,
+            "--exp",
+            "12/2030",
+            "--terms-version",
+            "2026-11",
+        ],
+        Some(&format!("{number}\n123\n")),
+    )
+    .ok()
+    .id()
+}
+
+/// A monthly schedule of `amount` whose first payment is due now.
+fn schedule_now(bin: &Bin, account: &str, card: &str, amount: &str) -> String {
+    bin.run(&[
+        "schedule",
+        "add",
+        "--account",
+        account,
+        "--card",
+        card,
+        "--monthly",
+        "--day",
+        "1",
+        "--amount",
+        amount,
+        "--first-payment",
+        "now",
+    ])
+    .ok()
+    .id()
+}
+
+fn payments(bin: &Bin) -> Vec<serde_json::Value> {
+    bin.run(&["payment", "list", "--json"])
+        .ok()
+        .json()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn state_of(account_payments: &[serde_json::Value], schedule: &str) -> String {
+    account_payments
+        .iter()
+        .find(|p| p["schedule_id"] == schedule)
+        .map(|p| p["state"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+/// Runs `run --drain` until every payment rests (no `processing`, `unknown` or `scheduled`),
+/// waiting out the settle delay between runs; returns the last run.
+fn drain_until_settled(bin: &Bin) -> Run {
+    let mut last = bin.run(&["run", "--drain"]).ok();
+    for _ in 0..8 {
+        let open = payments(bin).iter().any(|p| {
+            matches!(
+                p["state"].as_str(),
+                Some("processing" | "unknown" | "scheduled")
+            )
+        });
+        if !open {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(3500));
+        last = bin.run(&["run", "--drain"]).ok();
+    }
+    last
+}
+
+async fn posts_to_payment_intents(peer: &StripePeer) -> i64 {
+    peer.stats().await["by_route"]["POST /v1/payment_intents"]
+        .as_i64()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn due_payments_are_charged_and_declines_recorded_through_stripe() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let peer = StripePeer::start();
+    let bin = stripe_bin(&db, &peer);
+    let good = member_with_card(&bin, "A-100200", "4242424242424242");
+    let bad = member_with_card(&bin, "A-100201", "4000000000000341");
+    let paid = schedule_now(&bin, "A-100200", &good, "30.00");
+    let declined = schedule_now(&bin, "A-100201", &bad, "45.00");
+    bin.run(&["run", "--drain"]).ok();
+
+    let all = payments(&bin);
+    assert_eq!(state_of(&all, &paid), "succeeded", "{all:#?}");
+    // localstripe's decline carries no decline code: Stripe's generic decline, retried later.
+    assert_eq!(state_of(&all, &declined), "retry_wait", "{all:#?}");
+    let p = all.iter().find(|p| p["schedule_id"] == paid).unwrap();
+    let reference = p["processor_reference"].as_str().unwrap();
+    assert!(reference.starts_with("pi_"), "{reference}");
+    let d = all.iter().find(|p| p["schedule_id"] == declined).unwrap();
+    assert_eq!(d["decline_code"], "generic_decline");
+
+    // One PaymentIntent per payment: the approved one with the attempt's metadata.
+    let pis = peer.payment_intents().await;
+    assert_eq!(pis.len(), 2, "{pis:#?}");
+    let approved = pis.iter().find(|pi| pi["id"] == reference).unwrap();
+    assert_eq!(approved["status"], "succeeded");
+    assert_eq!(approved["amount"], 3000);
+    assert_eq!(approved["metadata"]["payment_id"], p["id"]);
+    assert_eq!(approved["metadata"]["attempt"], "1");
+    assert_eq!(approved["metadata"]["account_last4"], "0200");
+    let keys: Vec<&String> = approved["metadata"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "account_last4",
+            "attempt",
+            "installation_id",
+            "occurrence",
+            "payment_id",
+            "schedule_id"
+        ]
+    );
+
+    // Each member's Customer carries only the installation and member ids: no name, email or
+    // description leaves the plan.
+    let customers = peer.api_get("/v1/customers?limit=100").await;
+    let customers = customers["data"].as_array().unwrap();
+    assert_eq!(customers.len(), 2);
+    for c in customers {
+        let keys: Vec<&String> = c["metadata"].as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["installation_id", "member_id"]);
+        assert!(c["email"].is_null() && c["name"].is_null() && c["description"].is_null());
+    }
+    // The card keeps Stripe's PaymentMethod, the test mode and the consent it was saved under.
+    let cards = bin
+        .run(&["card", "list", "--account", "A-100200", "--json"])
+        .ok()
+        .json();
+    assert_eq!(cards[0]["processor"], "stripe");
+    assert_eq!(cards[0]["processor_mode"], "test");
+    assert_eq!(cards[0]["consent"]["via"], "cli");
+    assert_eq!(cards[0]["consent"]["terms_version"], "2026-11");
+    assert!(
+        !cards.to_string().contains("pm_"),
+        "the token is never shown: {cards}"
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_answer_is_settled_by_lookup_without_a_second_payment_intent() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let peer = StripePeer::start();
+    // list_filters stays at its default (true): the peer's refusal of the filters is detected
+    // and the whole list paged instead.
+    let bin = stripe_bin(&db, &peer);
+    let card = member_with_card(&bin, "A-100200", "4242424242424242");
+    let s = schedule_now(&bin, "A-100200", &card, "30.00");
+    peer.faults(serde_json::json!({"rules": [
+        {"mode": "drop_answer", "path_prefix": "/v1/payment_intents", "method": "POST"}
+    ]}))
+    .await;
+    bin.run(&["run", "--drain"]).ok();
+    assert_eq!(state_of(&payments(&bin), &s), "unknown");
+    let run = drain_until_settled(&bin);
+    assert_eq!(state_of(&payments(&bin), &s), "succeeded", "{}", run.stderr);
+    assert_eq!(peer.payment_intents().await.len(), 1);
+    assert_eq!(posts_to_payment_intents(&peer).await, 1, "never sent again");
+    assert!(
+        run.stderr.contains("refuses list filters"),
+        "the refusal was detected: {}",
+        run.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_request_is_resent_with_its_key_and_charged_once() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let peer = StripePeer::start_with_list_filters();
+    let bin = stripe_bin(&db, &peer);
+    let card = member_with_card(&bin, "A-100200", "4242424242424242");
+    let s = schedule_now(&bin, "A-100200", &card, "30.00");
+    peer.faults(serde_json::json!({"rules": [
+        {"mode": "drop_request", "path_prefix": "/v1/payment_intents", "method": "POST"}
+    ]}))
+    .await;
+    bin.run(&["run", "--drain"]).ok();
+    assert_eq!(state_of(&payments(&bin), &s), "unknown");
+    drain_until_settled(&bin);
+    assert_eq!(state_of(&payments(&bin), &s), "succeeded");
+    let pis = peer.payment_intents().await;
+    assert_eq!(pis.len(), 1, "{pis:#?}");
+    assert_eq!(
+        posts_to_payment_intents(&peer).await,
+        2,
+        "the lost request, then its resend"
+    );
+}
+
+#[tokio::test]
+async fn a_replayed_server_error_is_never_resent_again_and_charges_nothing() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let peer = StripePeer::start_with_list_filters();
+    let bin = stripe_bin(&db, &peer);
+    let card = member_with_card(&bin, "A-100200", "4242424242424242");
+    let s = schedule_now(&bin, "A-100200", &card, "30.00");
+    peer.faults(serde_json::json!({"rules": [
+        {"mode": "status_500", "path_prefix": "/v1/payment_intents", "method": "POST"}
+    ]}))
+    .await;
+    bin.run(&["run", "--drain"]).ok();
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(3500));
+        bin.run(&["run", "--drain"]).ok();
+    }
+    // The 500 left nothing at Stripe; the lookup found nothing and the same request went once
+    // more, which Stripe answered by replaying the stored 500. A replayed error is never resent:
+    // lookups alone settle it (here: still nothing, so the payment waits for them).
+    assert_eq!(posts_to_payment_intents(&peer).await, 2);
+    assert_eq!(peer.stats().await["replayed"], 1);
+    assert!(peer.payment_intents().await.is_empty());
+    assert_eq!(state_of(&payments(&bin), &s), "unknown");
+}
+
+#[tokio::test]
+async fn a_burst_of_charges_stays_under_the_rate_limit() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let peer = StripePeer::start_with_list_filters();
+    let bin = stripe_bin(&db, &peer).with_env("AUTOPAY__PROCESSOR__MAX_REQUESTS_PER_SECOND", "4");
+    for i in 0..12 {
+        let account = format!("A-1003{i:02}");
+        let card = member_with_card(&bin, &account, "4242424242424242");
+        schedule_now(&bin, &account, &card, "10.00");
+    }
+    let reset = reqwest::Client::new()
+        .delete(format!("{}/_proxy/stats", peer.api_base()))
+        .send()
+        .await
+        .unwrap();
+    assert!(reset.status().is_success());
+    bin.run(&["run", "--drain"]).ok();
+    let stats = peer.stats().await;
+    assert_eq!(stats["by_route"]["POST /v1/payment_intents"], 12);
+    assert!(
+        stats["max_in_one_second"].as_i64().unwrap() <= 4,
+        "no second held more than the limit: {stats}"
+    );
+    let succeeded: HashMap<String, usize> = peer.succeeded_by_payment().await;
+    assert_eq!(succeeded.len(), 12);
+}
+
+#[tokio::test]
+async fn refused_credentials_release_the_payment_untouched_and_pause_charging() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let peer = StripePeer::start_with_list_filters();
+    let bin = stripe_bin(&db, &peer);
+    let card = member_with_card(&bin, "A-100200", "4242424242424242");
+    let s = schedule_now(&bin, "A-100200", &card, "30.00");
+    peer.faults(serde_json::json!({"rules": [
+        {"mode": "status_401", "path_prefix": "/v1/payment_intents", "method": "POST"}
+    ]}))
+    .await;
+    let run = bin.run(&["run", "--drain"]).ok();
+    assert!(
+        run.stderr.contains("refused autopay's credentials"),
+        "{}",
+        run.stderr
+    );
+    let all = payments(&bin);
+    assert_eq!(
+        state_of(&all, &s),
+        "scheduled",
+        "released untouched: {all:#?}"
+    );
+    let status = bin.run(&["status", "--json"]).ok().json();
+    assert!(
+        status.to_string().contains("refused autopay's credentials"),
+        "charging is paused with the reason: {status}"
+    );
+    // Nothing more is sent until an operator resumes; then the payment is charged once.
+    bin.run(&["run", "--drain"]).ok();
+    assert_eq!(posts_to_payment_intents(&peer).await, 1);
+    bin.run(&["charging", "resume"]).ok();
+    bin.run(&["run", "--drain"]).ok();
+    assert_eq!(state_of(&payments(&bin), &s), "succeeded");
+    assert_eq!(peer.succeeded_by_payment().await.len(), 1);
+}
+
+#[tokio::test]
+async fn an_amount_under_stripe_s_minimum_is_skipped_and_stays_owed() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let peer = StripePeer::start_with_list_filters();
+    let bin = stripe_bin(&db, &peer);
+    let card = member_with_card(&bin, "A-100200", "4242424242424242");
+    let s = schedule_now(&bin, "A-100200", &card, "0.30");
+    bin.run(&["run", "--drain"]).ok();
+    let all = payments(&bin);
+    let p = all.iter().find(|p| p["schedule_id"] == s).unwrap();
+    assert_eq!(p["state"], "skipped");
+    assert_eq!(p["decline_code"], "below_minimum");
+    assert_eq!(posts_to_payment_intents(&peer).await, 0, "never sent");
+}
+
+#[tokio::test]
+async fn tokens_from_a_portal_are_checked_against_the_member_s_customer() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let peer = StripePeer::start_with_list_filters();
+    let bin = stripe_bin(&db, &peer);
+    member_with_card(&bin, "A-100200", "4242424242424242");
+    let member = bin
+        .run(&["member", "show", "A-100200", "--json"])
+        .ok()
+        .json();
+    let card_form = [
+        ("type", "card"),
+        ("card[number]", "5555555555554444"),
+        ("card[exp_month]", "4"),
+        ("card[exp_year]", "2031"),
+        ("card[cvc]", "123"),
+    ];
+    // A PaymentMethod saved to nobody is attached to the member's Customer and added.
+    let loose = peer.api_post("/v1/payment_methods", &card_form).await;
+    let loose_id = loose["id"].as_str().unwrap();
+    let added = bin
+        .run(&[
+            "card",
+            "add",
+            "--account",
+            "A-100200",
+            "--token",
+            loose_id,
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(added["last4"], "4444");
+    let attached = peer
+        .api_get(&format!("/v1/payment_methods/{loose_id}"))
+        .await;
+    assert!(attached["customer"].as_str().unwrap().starts_with("cus_"));
+    // One saved to someone else's Customer is refused, and nothing is stored.
+    let stranger = peer.api_post("/v1/customers", &[]).await;
+    let theirs = peer.api_post("/v1/payment_methods", &card_form).await;
+    let theirs_id = theirs["id"].as_str().unwrap();
+    peer.api_post(
+        &format!("/v1/payment_methods/{theirs_id}/attach"),
+        &[("customer", stranger["id"].as_str().unwrap())],
+    )
+    .await;
+    let refused = bin
+        .run(&["card", "add", "--account", "A-100200", "--token", theirs_id])
+        .fails_with(65);
+    assert!(
+        refused.stderr.contains("another Stripe customer"),
+        "{}",
+        refused.stderr
+    );
+    // A SetupIntent must have succeeded for this member's Customer.
+    let customer = attached["customer"].as_str().unwrap();
+    let pm = peer.api_post("/v1/payment_methods", &card_form).await;
+    let si = peer
+        .api_post(
+            "/v1/setup_intents",
+            &[("customer", customer), ("usage", "off_session")],
+        )
+        .await;
+    let si_id = si["id"].as_str().unwrap();
+    let unconfirmed = bin
+        .run(&["card", "add", "--account", "A-100200", "--token", si_id])
+        .fails_with(65);
+    assert!(
+        unconfirmed.stderr.contains("not succeeded"),
+        "{}",
+        unconfirmed.stderr
+    );
+    peer.api_post(
+        &format!("/v1/setup_intents/{si_id}/confirm"),
+        &[("payment_method", pm["id"].as_str().unwrap())],
+    )
+    .await;
+    bin.run(&["card", "add", "--account", "A-100200", "--token", si_id])
+        .ok();
+    let cards = bin
+        .run(&["card", "list", "--account", "A-100200", "--json"])
+        .ok()
+        .json();
+    assert_eq!(cards.as_array().unwrap().len(), 3, "{cards}");
+    assert!(member.to_string().contains("A-100200"));
+}
+
+#[tokio::test]
+async fn a_live_key_never_sends_a_card_number_and_other_processors_cards_stop_the_daemon() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let peer = StripePeer::start_with_list_filters();
+    // A card saved with the simulated processor...
+    let simulated = Bin::new(&db);
+    simulated.run(&["migrate"]).ok();
+    crate::helpers::member_with_card(&simulated);
+    // ...cannot be charged by Stripe: the daemon refuses to start, saying how to fix it.
+    let bin = stripe_bin(&db, &peer);
+    let run = bin.run(&["run", "--drain"]).fails_with(78);
+    assert!(run.stderr.contains("1 simulated"), "{}", run.stderr);
+    assert_eq!(peer.stats().await["requests"], 0);
+    // Under a live key, a typed number is refused before anything is sent.
+    let live = stripe_bin(&db, &peer)
+        .with_env("AUTOPAY__PROCESSOR__STRIPE__SECRET_KEY", "sk_live_autopay");
+    let refused = live
+        .run_with_stdin(
+            &["card", "add", "--account", "A-100200", "--exp", "12/2030"],
+            Some("4242424242424242\n123\n"),
+        )
+        .fails_with(65);
+    assert!(refused.stderr.contains("--token"), "{}", refused.stderr);
+    assert!(!refused.stderr.contains("4242424242424242"));
+    assert_eq!(peer.stats().await["requests"], 0);
+}
