@@ -9,6 +9,11 @@
 //! - `GET /metrics`: Prometheus text format (src/metrics.rs names each metric). The gauges read
 //!   from the database at each scrape are the same on every host.
 //!
+//! - `POST /webhooks/stripe`: Stripe's events, with processor.kind = "stripe" and a webhook
+//!   secret set (404 otherwise); bodies over [`WEBHOOK_MAX_BODY`] are refused (413). What is
+//!   done with each is in src/daemon/webhooks.rs. Only this path is meant to be reachable from
+//!   outside, through the plan's TLS proxy.
+//!
 //! No answer waits on the database for more than [`DB_WAIT`]: a database outage turns
 //! readiness red, never hangs a probe.
 
@@ -18,10 +23,11 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Serialize;
 
 use crate::clock::Clock;
@@ -45,7 +51,12 @@ pub struct HttpState {
     pub tick_alarm: Duration,
     /// None when another recorder was installed first (tests): `/metrics` then says so.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Stripe's webhooks, when the Stripe adapter is in use.
+    pub webhooks: Option<Arc<crate::daemon::webhooks::Webhooks>>,
 }
+
+/// The largest webhook body accepted: Stripe's events are a few KiB.
+pub const WEBHOOK_MAX_BODY: usize = 64 * 1024;
 
 /// The routes, for the server and for tests.
 pub fn router(state: Arc<HttpState>) -> Router {
@@ -53,7 +64,27 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route(
+            "/webhooks/stripe",
+            post(stripe_webhook).layer(DefaultBodyLimit::max(WEBHOOK_MAX_BODY)),
+        )
         .with_state(state)
+}
+
+async fn stripe_webhook(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(webhooks) = &s.webhooks else {
+        return (StatusCode::NOT_FOUND, "webhooks are off\n").into_response();
+    };
+    let signature = headers
+        .get("Stripe-Signature")
+        .and_then(|v| v.to_str().ok());
+    let (status, text) = webhooks.handle(signature, &body).await;
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, format!("{text}\n")).into_response()
 }
 
 /// Binds `listen` and serves until `shutdown`. The bound address is returned once listening

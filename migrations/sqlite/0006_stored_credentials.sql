@@ -11,6 +11,9 @@ ALTER TABLE payment_methods ADD COLUMN consent_at TEXT;
 ALTER TABLE payment_methods ADD COLUMN consent_via TEXT;
 ALTER TABLE payment_methods ADD COLUMN consent_terms_version TEXT;
 ALTER TABLE payment_methods ADD COLUMN processor_mode TEXT CHECK (processor_mode IN ('test', 'live'));
+-- When the processor's copy of the card's details was last read (before an expiry notice: the
+-- networks' card updater may have renewed it).
+ALTER TABLE payment_methods ADD COLUMN details_checked_at TEXT;
 
 -- A declined attempt keeps the advice that came with its decline code.
 ALTER TABLE payment_attempts ADD COLUMN advice_code TEXT;

@@ -470,6 +470,24 @@ async fn status(ctx: &Context) -> Result<(), CliError> {
             ),
         ));
     }
+    let refunds = report
+        .processor_events
+        .get("charge.refunded")
+        .copied()
+        .unwrap_or(0);
+    let disputes = report
+        .processor_events
+        .get("charge.dispute.created")
+        .copied()
+        .unwrap_or(0);
+    if refunds + disputes > 0 {
+        lines.push((
+            "disputes",
+            format!(
+                "the processor reported {refunds} refund(s) and {disputes} dispute(s) of autopay's charges; no balance was changed: see each payment's events (`autopay payment show`) and correct bills with `autopay bill adjust`"
+            ),
+        ));
+    }
     if let Some(n) = report.payments.get("needs_review").filter(|n| **n > 0) {
         lines.push((
             "review",

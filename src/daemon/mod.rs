@@ -10,6 +10,7 @@
 
 pub mod systemd;
 pub mod watchdog;
+pub mod webhooks;
 
 pub mod ticks;
 
@@ -198,6 +199,8 @@ pub struct Daemon {
     health: Arc<Health>,
     /// Tells systemd how the run goes (does nothing outside systemd).
     notifier: Arc<Notifier>,
+    /// The Stripe adapter, for `POST /webhooks/stripe`, when processor.kind = "stripe".
+    stripe: Option<Arc<crate::processor::stripe::StripeProcessor>>,
 }
 
 /// The mail loop's name in [`Health`].
@@ -219,13 +222,30 @@ impl Daemon {
             .await
             .map_err(DaemonError::from)?
             .installation_id;
-        let processor = crate::processor::open(
-            &settings.processor,
-            &settings.database.url,
-            clock.clone(),
-            installation,
-        )
-        .await?;
+        // Stripe's webhooks need the adapter itself, beside the engine's view of it.
+        let (processor, stripe) = match settings.processor.kind {
+            crate::config::ProcessorKind::Stripe => {
+                let stripe = Arc::new(crate::processor::stripe::StripeProcessor::new(
+                    &settings.processor.stripe,
+                    settings.processor.timeout.as_std(),
+                    installation,
+                )?);
+                (
+                    stripe.clone() as Arc<dyn crate::processor::Processor>,
+                    Some(stripe),
+                )
+            }
+            crate::config::ProcessorKind::Simulated => (
+                crate::processor::open(
+                    &settings.processor,
+                    &settings.database.url,
+                    clock.clone(),
+                    installation,
+                )
+                .await?,
+                None,
+            ),
+        };
         refuse_foreign_cards(store.as_ref(), processor.as_ref()).await?;
         let health = Arc::new(Health::new());
         let engine = Engine::new(
@@ -259,6 +279,7 @@ impl Daemon {
             dispatcher,
             health,
             notifier: Arc::new(Notifier::from_env()),
+            stripe,
         })
     }
 
@@ -286,6 +307,13 @@ impl Daemon {
     pub async fn drain(&self) -> Result<RunSummary, DaemonError> {
         let pass = self.engine.drain().await?;
         let now = self.clock.now();
+        reminders::refresh_expiring(
+            self.store.as_ref(),
+            self.engine.processor.as_ref(),
+            &self.settings,
+            now,
+        )
+        .await?;
         let reminders = reminders::scan(self.store.as_ref(), &self.settings, now).await?;
         housekeeping::prune(self.store.as_ref(), &self.settings, now).await?;
         let mail = self.dispatcher.drain().await?;
@@ -332,6 +360,16 @@ impl Daemon {
             ready_grace: self.settings.http.ready_grace.as_std(),
             tick_alarm: self.settings.daemon.tick_alarm.as_std(),
             metrics: crate::metrics::install(),
+            webhooks: self.stripe.clone().map(|processor| {
+                Arc::new(webhooks::Webhooks {
+                    store: self.store.clone(),
+                    processor,
+                    clock: self.clock.clone(),
+                    policy: outcome_policy(&self.settings),
+                    lease: self.settings.daemon.lease.as_std(),
+                    wake: work_wake.clone(),
+                })
+            }),
         });
         tracing::info!(worker_id = self.worker_id(), backend = ?self.settings.database.url.backend(), "autopay starting");
         let _watchdog = watchdog::started(
@@ -401,19 +439,31 @@ impl Daemon {
                 }
             })
         });
-        let (store, settings, clock) = (
+        let (store, settings, clock, processor) = (
             self.store.clone(),
             Arc::new(self.settings.clone()),
             self.clock.clone(),
+            self.engine.processor.clone(),
         );
         let scans: Body = Arc::new(move || {
-            let (store, settings, clock, written) = (
+            let (store, settings, clock, written, processor) = (
                 store.clone(),
                 settings.clone(),
                 clock.clone(),
                 written.clone(),
+                processor.clone(),
             );
             Box::pin(async move {
+                if let Err(e) = reminders::refresh_expiring(
+                    store.as_ref(),
+                    processor.as_ref(),
+                    &settings,
+                    clock.now(),
+                )
+                .await
+                {
+                    tracing::error!(error.message = %e, job = REMINDERS, "reading expiring cards back from the processor failed; their notices go as before");
+                }
                 match reminders::scan(store.as_ref(), &settings, clock.now()).await {
                     Ok(n) => {
                         written.fetch_add(n, Ordering::Relaxed);

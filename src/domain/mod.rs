@@ -8,6 +8,7 @@ pub mod card;
 pub mod charge;
 pub mod cron;
 pub mod decline;
+pub mod dispute;
 pub mod member;
 pub mod money;
 pub mod notice;

@@ -7,7 +7,8 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::config::Settings;
 use crate::domain::notice::{CardExpiring, Reminder};
-use crate::store::{NewNotification, Store, StoreError};
+use crate::processor::Processor;
+use crate::store::{Audit, NewNotification, Store, StoreError};
 
 fn earliest(a: Timestamp, b: Option<Timestamp>) -> Timestamp {
     b.map_or(a, |b| a.min(b))
@@ -99,6 +100,72 @@ pub async fn scan_card_expiry(
         }
     }
     Ok(written)
+}
+
+/// How many cards one reminders run reads back from the processor at most.
+const REFRESH_LIMIT: u32 = 200;
+
+/// Before card-expiring notices are written: reads back from the processor each card that is
+/// about to be reminded about (at most once a day per card), since the networks' card updater
+/// may have renewed it there. A renewed card takes its new expiry and needs no notice. A card
+/// the processor cannot answer about now keeps its details (the notice goes as before).
+/// Returns how many cards were read.
+pub async fn refresh_expiring(
+    store: &dyn Store,
+    processor: &dyn Processor,
+    settings: &Settings,
+    now: Timestamp,
+) -> Result<u64, StoreError> {
+    let days = settings.reminders.card_expiry_days;
+    if days == 0 {
+        return Ok(0);
+    }
+    let today = now.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
+    let by = today
+        .checked_add(jiff::Span::new().days(i64::from(days)))
+        .unwrap_or(today);
+    let day_ago = now
+        .checked_sub(SignedDuration::from_hours(24))
+        .unwrap_or(now);
+    let tokens = store
+        .cards_to_refresh(processor.name(), by, day_ago, REFRESH_LIMIT)
+        .await?;
+    let expired = crate::domain::decline::classify_code("expired_card").member_reason;
+    let audit = Audit {
+        actor: "card-updater".into(),
+        at: now,
+    };
+    let mut read = 0;
+    for token in tokens {
+        let details = match tokio::time::timeout(
+            settings.processor.timeout.as_std(),
+            processor.card_details(&token),
+        )
+        .await
+        {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not read a card back from the processor before its expiry notice");
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "the processor did not answer about a card before its expiry notice"
+                );
+                continue;
+            }
+        };
+        let reenable = details
+            .expiry
+            .check_not_expired(today)
+            .is_ok()
+            .then_some(expired);
+        store
+            .refresh_card(processor.name(), &token, &details, reenable, &audit)
+            .await?;
+        read += 1;
+    }
+    Ok(read)
 }
 
 /// Both scans; returns how many reminders were new.

@@ -141,6 +141,30 @@ impl Lookup {
     }
 }
 
+/// What a processor's notification (a webhook) says, once autopay has read the object it names
+/// again from the processor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessorEvent {
+    /// An attempt's outcome is known.
+    Settled(Box<ProcessorAttempt>),
+    /// A saved card's details changed (the networks' card updater).
+    CardUpdated { token: String, details: CardDetails },
+    /// A charge was refunded, in part or in full (`amount`: refunded so far).
+    Refunded {
+        payment_id: uuid::Uuid,
+        reference: String,
+        amount: crate::domain::money::Money,
+    },
+    /// The cardholder disputed a charge, for `reason` (the processor's spelling).
+    Disputed {
+        payment_id: uuid::Uuid,
+        reference: String,
+        reason: String,
+    },
+    /// Nothing for this installation to act on, and why.
+    Ignored { why: String },
+}
+
 /// Why the processor refused a request outright.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProcessorError {

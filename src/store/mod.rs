@@ -433,6 +433,51 @@ pub trait Store: Send + Sync {
     /// How many active cards each processor (and mode) holds: the daemon refuses to start
     /// with cards it cannot charge.
     async fn card_processors(&self) -> Result<Vec<CardProcessor>>;
+    /// Whether a processor webhook event was handled already.
+    async fn webhook_seen(&self, id: &str) -> Result<bool>;
+    /// Records a handled webhook event; false when it was recorded before.
+    async fn record_webhook(
+        &self,
+        id: &str,
+        kind: &str,
+        outcome: &str,
+        at: Timestamp,
+    ) -> Result<bool>;
+    /// Brings the lookup of an `unknown` payment's attempt forward to `at` (the processor said
+    /// it has an answer), and wakes the workers. False when the payment is no longer waiting
+    /// on that attempt.
+    async fn settle_soon(&self, payment_id: Uuid, attempt: i64, at: Timestamp) -> Result<bool>;
+    /// Writes the processor's details onto every card with this token (and when they were
+    /// read), and re-enables one that was disabled with `reenable_reason` (expiry) only; an
+    /// audit event when anything changed. Returns the cards after.
+    async fn refresh_card(
+        &self,
+        processor: &str,
+        token: &str,
+        details: &crate::processor::CardDetails,
+        reenable_reason: Option<&str>,
+        audit: &Audit,
+    ) -> Result<Vec<Card>>;
+    /// Tokens of `processor`'s active cards that expire by `by`, pay an active schedule, and
+    /// whose details were not read since `checked_before`; at most `limit`.
+    async fn cards_to_refresh(
+        &self,
+        processor: &str,
+        by: jiff::civil::Date,
+        checked_before: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<String>>;
+    /// Records a refund or dispute (`what`) of a payment's charge as an audit event, and does
+    /// what a dispute's `action` asks to the payment's card and its schedules. No payment state
+    /// or balance changes.
+    async fn record_processor_event(
+        &self,
+        payment_id: Uuid,
+        what: &str,
+        detail: &serde_json::Value,
+        action: crate::domain::dispute::DisputeAction,
+        audit: &Audit,
+    ) -> Result<()>;
 }
 
 /// Opens the store a URL names, every call retried on contention. SQLite files are created when

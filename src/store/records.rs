@@ -62,6 +62,9 @@ pub struct StatusReport {
     pub members_bouncing: i64,
     /// Charges `reconcile` could not place that no operator has acknowledged yet.
     pub findings_open: i64,
+    /// Refunds and disputes the processor reported (`charge.refunded`,
+    /// `charge.dispute.created`), ever.
+    pub processor_events: BTreeMap<String, i64>,
 }
 
 /// What is happening now, for `autopay status`.

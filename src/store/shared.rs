@@ -1525,6 +1525,7 @@ macro_rules! shared_store_impl {
                     .fetch_one(&self.pool)
                     .await
                     .map_err(db_err("counting findings"))?;
+                let processor_events = counts(&self.pool, "SELECT type AS k, COUNT(*) AS n FROM webhook_events WHERE type IN ('charge.refunded', 'charge.dispute.created') GROUP BY type").await?;
                 Ok(StatusReport {
                     backend: format!("{:?}", Self::BACKEND).to_lowercase(),
                     schema_version: self.schema_state().await?.applied,
@@ -1536,6 +1537,7 @@ macro_rules! shared_store_impl {
                     notifications: counts(&self.pool, "SELECT state AS k, COUNT(*) AS n FROM notifications GROUP BY state").await?,
                     members_bouncing,
                     findings_open,
+                    processor_events,
                 })
             }
 
@@ -3230,7 +3232,10 @@ macro_rules! shared_store_impl {
 
             async fn prune_job_runs(&self, before: Timestamp) -> Result<u64> {
                 let mut tx = self.begin_write().await?;
-                let done = delete_before(&mut tx, "DELETE FROM job_runs WHERE last_run < $1", before, "deleting old job runs").await?;
+                let mut done = delete_before(&mut tx, "DELETE FROM job_runs WHERE last_run < $1", before, "deleting old job runs").await?;
+                // Handled webhook events are kept while the processor may deliver them again
+                // (Stripe: three days); refunds and disputes stay, for `status`.
+                done += delete_before(&mut tx, "DELETE FROM webhook_events WHERE received_at < $1 AND type NOT IN ('charge.refunded', 'charge.dispute.created')", before, "deleting old webhook events").await?;
                 commit(tx).await?;
                 Ok(done)
             }
@@ -3481,6 +3486,125 @@ macro_rules! shared_store_impl {
                     .rows_affected() > 0;
                 commit(tx).await?;
                 Ok(done)
+            }
+
+            async fn webhook_seen(&self, id: &str) -> Result<bool> {
+                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_events WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_err("reading webhook events"))?;
+                Ok(n > 0)
+            }
+
+            async fn record_webhook(&self, id: &str, kind: &str, outcome: &str, at: Timestamp) -> Result<bool> {
+                let mut tx = self.begin_write().await?;
+                let added = sqlx::query("INSERT INTO webhook_events (id, type, received_at, outcome) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING")
+                    .bind(id)
+                    .bind(kind)
+                    .bind(DbTime(at))
+                    .bind(outcome)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("recording a webhook event"))?
+                    .rows_affected() > 0;
+                commit(tx).await?;
+                Ok(added)
+            }
+
+            async fn settle_soon(&self, payment_id: Uuid, attempt: i64, at: Timestamp) -> Result<bool> {
+                let mut tx = self.begin_write().await?;
+                let moved = sqlx::query("UPDATE payments SET next_attempt_at = $1 WHERE id = $2 AND attempt = $3 AND state = 'unknown' AND (next_attempt_at IS NULL OR next_attempt_at > $1)")
+                    .bind(DbTime(at))
+                    .bind(DbId(payment_id))
+                    .bind(attempt)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("bringing a lookup forward"))?
+                    .rows_affected() > 0;
+                if moved {
+                    $store::wake_others(&mut tx).await?;
+                }
+                commit(tx).await?;
+                Ok(moved)
+            }
+
+            async fn refresh_card(&self, processor: &str, token: &str, details: &crate::processor::CardDetails, reenable_reason: Option<&str>, audit: &Audit) -> Result<Vec<Card>> {
+                let mut tx = self.begin_write().await?;
+                let ids: Vec<DbId> = sqlx::query_scalar("SELECT id FROM payment_methods WHERE processor = $1 AND processor_token = $2 AND status IN ('active', 'disabled') ORDER BY id")
+                    .bind(processor)
+                    .bind(token)
+                    .fetch_all(tx.conn())
+                    .await
+                    .map_err(db_err("finding a card by its token"))?;
+                let mut cards = Vec::new();
+                for id in ids {
+                    let card = card_in(&mut tx, id.0).await?;
+                    // Only a card disabled because it expired comes back: never one disabled as
+                    // lost, stolen or revoked.
+                    let reenable = card.status == CardStatus::Disabled && reenable_reason.is_some() && card.status_reason.as_deref() == reenable_reason;
+                    let changed = card.brand != details.brand || card.last4 != details.last4 || card.exp_month != details.expiry.month() || card.exp_year != details.expiry.year();
+                    sqlx::query("UPDATE payment_methods SET brand = $1, last4 = $2, exp_month = $3, exp_year = $4, status = CASE WHEN $5 THEN 'active' ELSE status END, status_reason = CASE WHEN $5 THEN NULL ELSE status_reason END, details_checked_at = $6, updated_at = CASE WHEN $7 THEN $6 ELSE updated_at END WHERE id = $8")
+                        .bind(details.brand.as_str())
+                        .bind(details.last4.as_str())
+                        .bind(i64::from(details.expiry.month()))
+                        .bind(i64::from(details.expiry.year()))
+                        .bind(reenable)
+                        .bind(DbTime(audit.at))
+                        .bind(changed || reenable)
+                        .bind(id)
+                        .execute(tx.conn())
+                        .await
+                        .map_err(db_err("refreshing a card"))?;
+                    if changed || reenable {
+                        event(&mut tx, audit, "card", card.id, "refreshed", serde_json::json!({
+                            "brand": details.brand.as_str(), "last4": details.last4.as_str(),
+                            "exp_month": details.expiry.month(), "exp_year": details.expiry.year(), "reenabled": reenable,
+                        })).await?;
+                    }
+                    cards.push(card_in(&mut tx, id.0).await?);
+                }
+                commit(tx).await?;
+                Ok(cards)
+            }
+
+            async fn cards_to_refresh(&self, processor: &str, by: jiff::civil::Date, checked_before: Timestamp, limit: u32) -> Result<Vec<String>> {
+                sqlx::query_scalar("SELECT DISTINCT p.processor_token FROM payment_methods p WHERE p.processor = $1 AND p.status = 'active' AND p.exp_year <= $2 AND (p.exp_year < $2 OR p.exp_month <= $3) \
+                     AND (p.details_checked_at IS NULL OR p.details_checked_at < $4) \
+                     AND EXISTS (SELECT 1 FROM schedules s WHERE s.payment_method_id = p.id AND s.status = 'active') ORDER BY p.processor_token LIMIT $5")
+                    .bind(processor)
+                    .bind(i64::from(by.year()))
+                    .bind(i64::from(by.month()))
+                    .bind(DbTime(checked_before))
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err("finding cards to refresh"))
+            }
+
+            async fn record_processor_event(&self, payment_id: Uuid, what: &str, detail: &serde_json::Value, action: crate::domain::dispute::DisputeAction, audit: &Audit) -> Result<()> {
+                use crate::domain::dispute::{DisputeAction, member_reason};
+                let mut tx = self.begin_write().await?;
+                let Some((member, _, card)) = lock_owners(&mut tx, payment_id).await? else {
+                    return Err(StoreError::NotFound(format!("no payment has id {payment_id}")));
+                };
+                event(&mut tx, audit, "payment", payment_id, what, detail.clone()).await?;
+                match action {
+                    DisputeAction::Record => {}
+                    DisputeAction::DisableCard => disable_card(&mut tx, &card, member_reason(action), &member, audit).await?,
+                    DisputeAction::SuspendSchedules => {
+                        let schedules: Vec<DbId> = sqlx::query_scalar("SELECT id FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused') ORDER BY id")
+                            .bind(DbId(card.id))
+                            .fetch_all(tx.conn())
+                            .await
+                            .map_err(db_err("reading the card's schedules"))?;
+                        for s in schedules {
+                            suspend_schedule(&mut tx, s.0, member_reason(action), &member, audit).await?;
+                        }
+                    }
+                }
+                commit(tx).await?;
+                Ok(())
             }
 
             async fn card_processors(&self) -> Result<Vec<CardProcessor>> {

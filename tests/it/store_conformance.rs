@@ -659,7 +659,98 @@ crate::helpers::on_both!(
     payments_are_listed_by_member_and_state,
     queued_mail_goes_to_the_address_the_member_has_when_it_is_sent,
     housekeeping_deletes_the_job_runs_of_workers_gone_for_a_week,
+    a_refreshed_card_takes_its_new_details_and_only_an_expired_one_comes_back,
 );
+
+/// The card networks' updater (Stripe's `payment_method.automatically_updated`): the new
+/// details land on the card; a card disabled because it expired is enabled again, one disabled
+/// as lost is not.
+async fn a_refreshed_card_takes_its_new_details_and_only_an_expired_one_comes_back(kind: Kind) {
+    let (db, store) = setup(kind).await;
+    let m = member(store.as_ref(), "A-100200").await;
+    let expired = card(store.as_ref(), &m, "sim_expired").await;
+    let lost = card(store.as_ref(), &m, "sim_lost").await;
+    let expired_reason = autopay::domain::decline::classify_code("expired_card").member_reason;
+    let lost_reason = autopay::domain::decline::classify_code("lost_card").member_reason;
+    for (c, reason) in [(&expired, expired_reason), (&lost, lost_reason)] {
+        let sql =
+            "UPDATE payment_methods SET status = 'disabled', status_reason = $1 WHERE id = $2";
+        match kind {
+            Kind::Sqlite => {
+                let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+                sqlx::query(sql)
+                    .bind(reason)
+                    .bind(DbId(c.id))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            Kind::Postgres => {
+                let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+                sqlx::query(sql)
+                    .bind(reason)
+                    .bind(DbId(c.id))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let details = autopay::processor::CardDetails {
+        brand: CardBrand::Visa,
+        last4: Last4::parse("1881").unwrap(),
+        expiry: Expiry::new(4, 2032).unwrap(),
+    };
+    let after = store
+        .refresh_card(
+            "simulated",
+            "sim_expired",
+            &details,
+            Some(expired_reason),
+            &audit(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].status, CardStatus::Active);
+    assert_eq!(
+        (
+            after[0].last4.as_str(),
+            after[0].exp_month,
+            after[0].exp_year
+        ),
+        ("1881", 4, 2032)
+    );
+    let after = store
+        .refresh_card(
+            "simulated",
+            "sim_lost",
+            &details,
+            Some(expired_reason),
+            &audit(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        after[0].status,
+        CardStatus::Disabled,
+        "a lost card stays disabled"
+    );
+    assert_eq!(after[0].exp_year, 2032);
+    assert!(
+        store
+            .refresh_card(
+                "simulated",
+                "sim_nobody",
+                &details,
+                Some(expired_reason),
+                &audit()
+            )
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
 
 /// Every process is a worker of its own, so each restart adds job rows: housekeeping deletes
 /// those of workers gone for a week, and status still shows each job's last run.

@@ -454,3 +454,266 @@ async fn a_live_key_never_sends_a_card_number_and_other_processors_cards_stop_th
     assert!(!refused.stderr.contains("4242424242424242"));
     assert_eq!(peer.stats().await["requests"], 0);
 }
+
+const WEBHOOK_SECRET: &str = "whsec_autopay_test";
+
+/// A `Stripe-Signature` header for `body`, signed at `t` with `secret`.
+fn signature(secret: &str, t: i64, body: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&key, format!("{t}.{body}").as_bytes());
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("t={t},v1={hex}")
+}
+
+fn event(id: &str, kind: &str, object: &str) -> String {
+    serde_json::json!({
+        "id": id, "object": "event", "type": kind, "livemode": false,
+        "created": 1, "data": {"object": {"id": object}},
+    })
+    .to_string()
+}
+
+/// POSTs a webhook to a daemon: the status and the answer's text.
+async fn deliver(port: u16, signature: Option<&str>, body: &str) -> (u16, String) {
+    let mut r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/webhooks/stripe"))
+        .header("Content-Type", "application/json")
+        .body(body.to_string());
+    if let Some(s) = signature {
+        r = r.header("Stripe-Signature", s);
+    }
+    let answer = r.send().await.expect("the daemon answers");
+    let status = answer.status().as_u16();
+    (status, answer.text().await.unwrap_or_default())
+}
+
+fn now_secs() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+#[tokio::test]
+async fn signed_webhooks_settle_a_lost_answer_at_once_and_bad_ones_are_refused() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let peer = StripePeer::start_with_list_filters();
+    // A lookup would wait a minute: only the webhook can settle the payment sooner.
+    let bin = stripe_bin(&db, &peer)
+        .with_env("AUTOPAY__PROCESSOR__SETTLE_DELAY", "60s")
+        .with_env("AUTOPAY__PROCESSOR__STRIPE__WEBHOOK_SECRET", WEBHOOK_SECRET);
+    let card = member_with_card(&bin, "A-100200", "4242424242424242");
+    let s = schedule_now(&bin, "A-100200", &card, "30.00");
+    peer.faults(serde_json::json!({"rules": [
+        {"mode": "drop_answer", "path_prefix": "/v1/payment_intents", "method": "POST"}
+    ]}))
+    .await;
+    let mut env = bin.env.clone();
+    env.push(("AUTOPAY__DATABASE__URL".into(), db.url.clone()));
+    env.push(("AUTOPAY__DAEMON__POLL_INTERVAL".into(), "1s".into()));
+    let logs = tempfile::tempdir().unwrap();
+    let mut daemon = crate::helpers::Daemon::start("webhooks", &env, logs.path());
+    let url = format!("http://127.0.0.1:{}/webhooks/stripe", daemon.port);
+    peer.send_webhooks_to(
+        &url,
+        WEBHOOK_SECRET,
+        &["payment_intent.succeeded", "payment_intent.payment_failed"],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let mut state = String::new();
+    while started.elapsed() < Duration::from_secs(20) {
+        state = state_of(&payments(&bin), &s);
+        if state == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        state, "succeeded",
+        "settled by the webhook, not the 60 s lookup"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(peer.payment_intents().await.len(), 1);
+    assert_eq!(posts_to_payment_intents(&peer).await, 1);
+
+    let port = daemon.port;
+    let body = event("evt_direct_1", "payment_intent.succeeded", "pi_none");
+    // A bad signature, a stale one, none at all: 400, nothing done.
+    let (code, _) = deliver(
+        port,
+        Some(&signature("whsec_wrong", now_secs(), &body)),
+        &body,
+    )
+    .await;
+    assert_eq!(code, 400);
+    let (code, text) = deliver(
+        port,
+        Some(&signature(WEBHOOK_SECRET, now_secs() - 600, &body)),
+        &body,
+    )
+    .await;
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("webhook_tolerance"), "{text}");
+    assert_eq!(deliver(port, None, &body).await.0, 400);
+    // A body over 64 KiB is refused before anything else.
+    let big = "x".repeat(70 * 1024);
+    assert_eq!(
+        deliver(
+            port,
+            Some(&signature(WEBHOOK_SECRET, now_secs(), &big)),
+            &big
+        )
+        .await
+        .0,
+        413
+    );
+    // A valid event twice: handled once (its object does not exist: nothing to do), then a
+    // duplicate.
+    let signed = signature(WEBHOOK_SECRET, now_secs(), &body);
+    assert_eq!(
+        deliver(port, Some(&signed), &body).await,
+        (200, "ignored\n".into())
+    );
+    assert_eq!(
+        deliver(port, Some(&signed), &body).await,
+        (200, "duplicate: already handled\n".into())
+    );
+
+    // A refund and a dispute of the charge: recorded, no balance changes; the fraud dispute
+    // disables the card.
+    let reference = payments(&bin)
+        .iter()
+        .find(|p| p["schedule_id"] == s)
+        .and_then(|p| p["processor_reference"].as_str().map(str::to_string))
+        .unwrap();
+    let pi = peer
+        .api_get(&format!("/v1/payment_intents/{reference}"))
+        .await;
+    let charge = pi["latest_charge"]["id"]
+        .as_str()
+        .or(pi["latest_charge"].as_str())
+        .unwrap()
+        .to_string();
+    peer.api_post(
+        "/v1/refunds",
+        &[("charge", charge.as_str()), ("amount", "500")],
+    )
+    .await;
+    let body = event("evt_refund_1", "charge.refunded", &charge);
+    let (code, text) = deliver(
+        port,
+        Some(&signature(WEBHOOK_SECRET, now_secs(), &body)),
+        &body,
+    )
+    .await;
+    assert_eq!((code, text.as_str()), (200, "refund\n"));
+    let dispute = reqwest::Client::new()
+        .post(format!("{}/_proxy/disputes", peer.api_base()))
+        .body(serde_json::json!({"payment_intent": reference, "charge": charge, "reason": "fraudulent"}).to_string())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dispute: serde_json::Value = serde_json::from_str(&dispute).unwrap();
+    let body = event(
+        "evt_dispute_1",
+        "charge.dispute.created",
+        dispute["id"].as_str().unwrap(),
+    );
+    let (code, text) = deliver(
+        port,
+        Some(&signature(WEBHOOK_SECRET, now_secs(), &body)),
+        &body,
+    )
+    .await;
+    assert_eq!((code, text.as_str()), (200, "dispute\n"));
+    let cards = bin
+        .run(&["card", "list", "--account", "A-100200", "--json"])
+        .ok()
+        .json();
+    assert_eq!(cards[0]["status"], "disabled", "{cards}");
+    let status = bin.run(&["status"]).ok();
+    assert!(
+        status.stdout.contains("1 refund(s) and 1 dispute(s)"),
+        "{}",
+        status.stdout
+    );
+    let paid = payments(&bin);
+    assert_eq!(
+        state_of(&paid, &s),
+        "succeeded",
+        "a refund changes no payment"
+    );
+    // The card networks' updater: the card's details are read back from Stripe.
+    let pm = pi["payment_method"].as_str().unwrap();
+    let body = event("evt_pm_1", "payment_method.automatically_updated", pm);
+    let (code, text) = deliver(
+        port,
+        Some(&signature(WEBHOOK_SECRET, now_secs(), &body)),
+        &body,
+    )
+    .await;
+    assert_eq!((code, text.as_str()), (200, "card_refreshed\n"));
+    let cards = bin
+        .run(&["card", "list", "--account", "A-100200", "--json"])
+        .ok()
+        .json();
+    assert_eq!(
+        cards[0]["status"], "disabled",
+        "a card disabled after a fraud dispute stays so"
+    );
+    daemon.stop();
+}
+
+#[tokio::test]
+async fn a_card_renewed_at_stripe_is_read_back_before_an_expiry_notice() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let peer = StripePeer::start_with_list_filters();
+    let bin = stripe_bin(&db, &peer).with_env("AUTOPAY__REMINDERS__CARD_EXPIRY_DAYS", "45");
+    let first = member_with_card(&bin, "A-100200", "4242424242424242");
+    let second = member_with_card(&bin, "A-100201", "5555555555554444");
+    for (account, card) in [("A-100200", &first), ("A-100201", &second)] {
+        schedule_now(&bin, account, card, "10.00");
+    }
+    bin.run(&["run", "--drain"]).ok();
+    // The local copies say both cards expire this month; Stripe holds 12/2030 for them (the
+    // networks' updater renewed them there).
+    let this_month = jiff::Timestamp::now()
+        .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+        .date();
+    let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE payment_methods SET exp_month = $1, exp_year = $2")
+        .bind(i64::from(this_month.month()))
+        .bind(i64::from(this_month.year()))
+        .execute(&pool)
+        .await
+        .unwrap();
+    bin.run(&["run", "--drain"]).ok();
+    let card = |account: &str| {
+        bin.run(&["card", "list", "--account", account, "--json"])
+            .ok()
+            .json()[0]
+            .clone()
+    };
+    assert_eq!(card("A-100200")["exp_year"], 2030, "read back from Stripe");
+    assert_eq!(card("A-100201")["exp_year"], 2030);
+    let notices: Vec<String> =
+        sqlx::query_scalar("SELECT kind FROM notifications WHERE kind = 'card_expiring'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(
+        notices.is_empty(),
+        "no notice for a card Stripe renewed: {notices:?}"
+    );
+    // Read at most once a day: a second run asks Stripe nothing more.
+    bin.run(&["run", "--drain"]).ok();
+    let after = peer.stats().await["by_route"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("GET /v1/payment_methods/"))
+        .map(|(_, n)| n.as_i64().unwrap())
+        .sum::<i64>();
+    assert_eq!(after, 2, "each card read once");
+}

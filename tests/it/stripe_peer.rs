@@ -138,6 +138,20 @@ impl StripePeer {
             .expect("a JSON answer")
     }
 
+    /// Has localstripe send signed events of `events` to `url`.
+    pub async fn send_webhooks_to(&self, url: &str, secret: &str, events: &[&str]) {
+        let mut form = vec![("url", url), ("secret", secret)];
+        form.extend(events.iter().map(|e| ("events[]", *e)));
+        let r = self
+            .http
+            .post(self.url("/_config/webhooks/autopay"))
+            .form(&form)
+            .send()
+            .await
+            .expect("configure the peer's webhooks");
+        assert!(r.status().is_success(), "{:?}", r.text().await);
+    }
+
     /// Every PaymentIntent the peer holds, oldest first.
     pub async fn payment_intents(&self) -> Vec<serde_json::Value> {
         let mut all = Vec::new();

@@ -117,6 +117,7 @@ class Proxy:
         self.reset()
 
     def reset(self):
+        self.disputes = {}  # id -> dispute filed through POST /_proxy/disputes
         self.keys = {}  # (api key, Idempotency-Key) -> entry; entry['status'] None: in progress
         self.faults = parse_faults({})
         self.rng = random.Random(0)
@@ -207,6 +208,16 @@ async def control(request):
             return json_answer({'error': {'type': 'invalid_request_error',
                                           'message': str(e)}}, 400)
         return json_answer(proxy.faults)
+    if route == ('POST', '/_proxy/disputes'):
+        # localstripe has no disputes: a test files one here, and GET /v1/disputes/{id}
+        # answers it as Stripe would (only the fields a client reads).
+        d = json.loads(await request.read() or b'{}')
+        dispute = {'id': 'dp_' + request_id()[4:], 'object': 'dispute',
+                   'charge': d.get('charge'), 'payment_intent': d.get('payment_intent'),
+                   'reason': d.get('reason', 'general'), 'status': 'needs_response',
+                   'amount': d.get('amount', 0), 'livemode': False}
+        proxy.disputes[dispute['id']] = dispute
+        return json_answer(dispute)
     if route == ('GET', '/_proxy/faults'):
         return json_answer(proxy.faults)
     if route == ('GET', '/_proxy/stats'):
@@ -233,6 +244,16 @@ async def stripe_layer(request, handler):
         return resp
 
     proxy.count(method, path)
+    if method == 'GET' and path.startswith('/v1/disputes/'):
+        if get_api_key(request) is None:
+            return json_answer({'error': {'type': 'invalid_request_error',
+                                          'message': 'Invalid API Key provided'}}, 401)
+        dispute = proxy.disputes.get(path.rsplit('/', 1)[-1])
+        if dispute is None:
+            return json_answer({'error': {'type': 'invalid_request_error',
+                                          'code': 'resource_missing',
+                                          'message': 'No such dispute'}}, 404)
+        return json_answer(dispute, headers={'Request-Id': rid})
     fault = proxy.pick_fault(method, path) or {'mode': None}
     mode = fault['mode']
     if mode == 'drop_request':

@@ -7,6 +7,7 @@
 //! Every request pins `processor.stripe.api_version`, is form-encoded, and carries the secret
 //! key only in its Authorization header. Nothing here logs a request body or the key.
 
+pub mod webhook;
 mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,6 +89,10 @@ pub struct StripeProcessor {
     raw_numbers: bool,
     /// The process's rate limit, for the pages of a list after its first.
     limiter: OnceLock<Arc<RateLimiter>>,
+    /// Webhook signing secrets (old and new during a rotation) and how old a signed
+    /// timestamp may be.
+    webhook_secrets: Vec<SecretString>,
+    webhook_tolerance: Duration,
 }
 
 /// The error of a call that never got an answer.
@@ -139,6 +144,8 @@ impl StripeProcessor {
             installation,
             raw_numbers,
             limiter: OnceLock::new(),
+            webhook_secrets: settings.webhook_secrets.clone(),
+            webhook_tolerance: settings.webhook_tolerance.as_std(),
         })
     }
 
