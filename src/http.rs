@@ -4,7 +4,8 @@
 //!   `http.ready_grace`; 503 naming the loops that have not.
 //! - `GET /readyz`: ready to charge. 200 when the database answers, the worker completed a pass
 //!   within `http.ready_grace`, no periodic job missed a fire time by more than
-//!   `daemon.tick_alarm`, charging is not paused by the circuit breaker, mail is not paused, and
+//!   `daemon.tick_alarm`, charging is not paused by the circuit breaker (or a processor that
+//!   refused autopay's credentials), mail is not paused, and
 //!   the process is not stopping; 503 otherwise. The JSON body gives every check's result.
 //! - `GET /metrics`: Prometheus text format (src/metrics.rs names each metric). The gauges read
 //!   from the database at each scrape are the same on every host.
@@ -155,6 +156,12 @@ pub async fn readiness(s: &HttpState) -> Readiness {
                         p.since, p.reason
                     )
                 }
+                Some(p) if p.by.as_deref() == Some("processor") => {
+                    format!(
+                        "paused since {} because the processor refused autopay's credentials: {}",
+                        p.since, p.reason
+                    )
+                }
                 // An operator's pause is deliberate: the daemon is still as ready as it is asked
                 // to be.
                 _ => OK.to_string(),
@@ -252,14 +259,18 @@ async fn metrics_text(State(s): State<Arc<HttpState>>) -> Response {
             let n = status.notifications.get(state).copied().unwrap_or(0);
             metrics::gauge!(m::OUTBOX, "state" => state).set(n as f64);
         }
+        // Automatic pauses by name; anyone else's is an operator's.
         let paused_by = |by: &str| {
-            status
-                .control
-                .charging_paused
-                .as_ref()
-                .is_some_and(|p| (p.by.as_deref() == Some("breaker")) == (by == "breaker"))
+            status.control.charging_paused.as_ref().is_some_and(|p| {
+                let automatic = matches!(p.by.as_deref(), Some("breaker" | "processor"));
+                if automatic {
+                    p.by.as_deref() == Some(by)
+                } else {
+                    by == "operator"
+                }
+            })
         };
-        for by in ["operator", "breaker"] {
+        for by in ["operator", "breaker", "processor"] {
             metrics::gauge!(m::CHARGING_PAUSED, "by" => by).set(f64::from(u8::from(paused_by(by))));
         }
         metrics::gauge!(m::MAIL_PAUSED)

@@ -14,7 +14,8 @@ pub const PAYMENTS: &str = "autopay_payments_total";
 pub const DECLINES: &str = "autopay_declines_total";
 /// How long each charge request took, rate-limit wait included.
 pub const CHARGE_SECONDS: &str = "autopay_charge_request_seconds";
-/// Charge requests that came back without an answer, by kind (`unknown`, `busy`, `mismatch`).
+/// Charge requests that came back without an answer, by kind (`unknown`, `busy`, `mismatch`,
+/// `refused`: the processor refused autopay's credentials).
 pub const PROCESSOR_ERRORS: &str = "autopay_processor_errors_total";
 /// How long each request waited for the processor's rate limit.
 pub const RATE_LIMIT_WAIT: &str = "autopay_rate_limit_wait_seconds";
@@ -31,7 +32,8 @@ pub const DUE_BACKLOG: &str = "autopay_due_backlog";
 pub const OLDEST_DUE_SECONDS: &str = "autopay_oldest_due_age_seconds";
 /// From the database: notifications by state (`state`).
 pub const OUTBOX: &str = "autopay_outbox";
-/// From the database: 1 while charging is paused (`by`: `operator` or `breaker`).
+/// From the database: 1 while charging is paused (`by`: `operator`, `breaker`, or `processor`
+/// when the processor refused autopay's credentials).
 pub const CHARGING_PAUSED: &str = "autopay_charging_paused";
 /// From the database: 1 while mail is paused after a session refusal.
 pub const MAIL_PAUSED: &str = "autopay_mail_paused";

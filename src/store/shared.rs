@@ -40,6 +40,9 @@ macro_rules! shared_store_impl {
         const SCHEDULE_COLS: &str = "id, member_id, payment_method_id, kind, recurrence, amount_rule, fixed_amount, currency, time_zone, next_run_at, next_occurrence, status, status_reason, consecutive_failures, version, authorized_at, authorized_via, authorized_by, terms_version, cancelled_at, cancelled_by, created_at, updated_at";
         const PAYMENT_COLS: &str = "id, schedule_id, member_id, occurrence, due_at, amount, currency, state, attempt, payment_method_id, schedule_version, next_attempt_at, processor_reference, decline_code, reason, created_at, updated_at";
 
+        /// Who paused charging when the processor refused autopay's credentials: readiness and
+        /// alerts treat it like the circuit breaker (not an operator's deliberate pause).
+        const PAUSED_BY_PROCESSOR: &str = "processor";
         /// Why a payment claimed late was not charged (the lateness rule, applied at the claim).
         const LATE_REASON: &str = "not charged within payments.max_lateness of its due time";
         /// Why an earlier occurrence was not charged (the coalesce rule, applied at the claim).
@@ -1242,7 +1245,7 @@ macro_rules! shared_store_impl {
                     event(tx, audit, "payment", payment.id, "released", serde_json::json!({ "reason": reason })).await?;
                     let paused = sqlx::query("UPDATE control SET charging_paused_at = $1, charging_paused_by = $2, charging_paused_reason = $3 WHERE id = 1 AND charging_paused_at IS NULL")
                         .bind(DbTime(audit.at))
-                        .bind(&audit.actor)
+                        .bind(PAUSED_BY_PROCESSOR)
                         .bind(&reason)
                         .execute(tx.conn())
                         .await
