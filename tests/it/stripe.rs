@@ -717,3 +717,288 @@ async fn a_card_renewed_at_stripe_is_read_back_before_an_expiry_notice() {
         .sum::<i64>();
     assert_eq!(after, 2, "each card read once");
 }
+
+/// Done when: three daemons on one PostgreSQL, through a peer that drops 5 % of the answers
+/// after charging and 5 % of the requests before it, one daemon killed with SIGKILL now and
+/// then. Afterwards, at the peer: no payment has two succeeded PaymentIntents, and every
+/// succeeded one is recorded by autopay as that payment's success (and every success has one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_daemons_through_a_lossy_peer_charge_each_payment_once() {
+    const MEMBERS: usize = 50;
+    const PER_MEMBER: usize = 4;
+    let seed = crate::helpers::env_number(
+        "AUTOPAY_STRIPE_CHAOS_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
+    eprintln!("stripe chaos: AUTOPAY_STRIPE_CHAOS_SEED={seed}");
+    let mut dice = crate::helpers::Rng(seed);
+    let db = TestDb::new(Kind::Postgres).await;
+    let peer = StripePeer::start_with_list_filters();
+    let bin = stripe_bin(&db, &peer);
+    load_stripe_payments(&db, &peer, MEMBERS, PER_MEMBER).await;
+    peer.faults(serde_json::json!({
+        "drop_request_rate": 0.05, "drop_answer_rate": 0.05, "seed": seed % 1_000_000,
+        "path_prefix": "/v1/payment_intents", "methods": ["POST"],
+    }))
+    .await;
+    let mut env = bin.env.clone();
+    for (k, v) in [
+        ("AUTOPAY__DATABASE__URL", db.url.as_str()),
+        ("AUTOPAY__DATABASE__MAX_CONNECTIONS", "8"),
+        ("AUTOPAY__LOG__FORMAT", "json"),
+        ("AUTOPAY__LOG__LEVEL", "warn"),
+        ("AUTOPAY__PROCESSOR__TIMEOUT", "1s"),
+        ("AUTOPAY__PROCESSOR__SETTLE_DELAY", "2s"),
+        ("AUTOPAY__PROCESSOR__MAX_REQUESTS_PER_SECOND", "20"),
+        ("AUTOPAY__DAEMON__LEASE", "32s"),
+        ("AUTOPAY__DAEMON__SHUTDOWN_GRACE", "5s"),
+        ("AUTOPAY__DAEMON__POLL_INTERVAL", "1s"),
+        ("AUTOPAY__DAEMON__CONCURRENCY", "4"),
+        ("AUTOPAY__REMINDERS__DAYS_BEFORE", "0"),
+        ("AUTOPAY__REMINDERS__CARD_EXPIRY_DAYS", "0"),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    let logs = tempfile::tempdir().unwrap();
+    let mut killed = crate::helpers::Daemon::start("killed", &env, logs.path());
+    let mut steady = crate::helpers::Daemon::start("steady", &env, logs.path());
+    let mut third = crate::helpers::Daemon::start("third", &env, logs.path());
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut kills = 0;
+    let mut next_kill = started + dice.millis(300, 1500);
+    loop {
+        if kills < 3 && std::time::Instant::now() >= next_kill {
+            killed.kill();
+            std::thread::sleep(dice.millis(100, 500));
+            killed.spawn();
+            kills += 1;
+            next_kill = std::time::Instant::now() + dice.millis(500, 2500);
+        }
+        let open: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM payments WHERE state IN ('scheduled', 'processing', 'retry_wait', 'unknown')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let planned: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM payments")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if kills >= 3 && open == 0 && planned == (MEMBERS * PER_MEMBER) as i64 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(150) {
+            let kept = logs.keep();
+            panic!(
+                "not settled in time: {open} payments open; daemon logs in {}",
+                kept.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let elapsed = started.elapsed();
+    for d in [&mut killed, &mut steady, &mut third] {
+        d.stop();
+    }
+    let states: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, COUNT(*) FROM payments GROUP BY state ORDER BY state")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let why: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT state, reason, decline_code FROM payments WHERE state <> 'succeeded' LIMIT 5",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    eprintln!("payments by state: {states:?}; not succeeded: {why:?}");
+    let stats = peer.stats().await;
+    eprintln!(
+        "stripe chaos settled in {elapsed:?}; the peer dropped {} requests and {} answers",
+        stats["dropped_requests"], stats["dropped_answers"]
+    );
+    assert!(
+        stats["dropped_requests"].as_i64().unwrap() + stats["dropped_answers"].as_i64().unwrap()
+            > 0
+    );
+
+    // At the peer: succeeded PaymentIntents per payment.
+    let mut succeeded: HashMap<String, Vec<String>> = HashMap::new();
+    for pi in peer.payment_intents().await {
+        if pi["status"] == "succeeded" {
+            succeeded
+                .entry(pi["metadata"]["payment_id"].as_str().unwrap().to_string())
+                .or_default()
+                .push(pi["id"].as_str().unwrap().to_string());
+        }
+    }
+    let twice: Vec<_> = succeeded.iter().filter(|(_, p)| p.len() > 1).collect();
+    assert!(twice.is_empty(), "charged twice: {twice:?}");
+    let rows: Vec<(uuid::Uuid, String, Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT id, state, processor_reference, reason FROM payments")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), MEMBERS * PER_MEMBER);
+    let mut review = 0;
+    for (id, state, reference, reason) in &rows {
+        let charged = succeeded.get(&id.to_string()).map(|p| &p[0]);
+        match state.as_str() {
+            "succeeded" => assert_eq!(reference.as_ref(), charged, "payment {id}"),
+            "needs_review" => {
+                assert!(
+                    reason.is_some(),
+                    "payment {id} needs review without a reason"
+                );
+                review += 1;
+            }
+            other => {
+                assert!(
+                    charged.is_none(),
+                    "payment {id} is {other} but was charged at the peer"
+                )
+            }
+        }
+    }
+    for pid in succeeded.keys() {
+        assert!(
+            rows.iter().any(|(id, state, ..)| id.to_string() == *pid
+                && (state == "succeeded" || state == "needs_review")),
+            "payment {pid} was charged at the peer without autopay recording it"
+        );
+    }
+    eprintln!("{} payments, {review} need review", rows.len());
+    let charged = rows.iter().filter(|r| r.1 == "succeeded").count();
+    assert!(
+        charged + review >= rows.len() * 9 / 10,
+        "most payments are charged: {states:?}"
+    );
+}
+
+/// Adds `members` members, each with a card saved at the peer (a Customer of their own) and
+/// `per_member` monthly schedules whose first payments are due now, through the store and the
+/// adapter in this process: the CLI would take a second per member.
+async fn load_stripe_payments(db: &TestDb, peer: &StripePeer, members: usize, per_member: usize) {
+    use autopay::clock::{Clock, SystemClock};
+    use autopay::domain::card::{CardNumber, Expiry, SecurityCode};
+    use autopay::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
+    use autopay::domain::money::{Currency, Money};
+    use autopay::processor::{CardOwner, Processor};
+    use autopay::store::{Audit, Consent, NewBill, NewCard, NewMember};
+
+    let api_base = peer.api_base();
+    let settings = crate::engine::settings(&[
+        ("AUTOPAY__PROCESSOR__KIND", "stripe"),
+        ("AUTOPAY__PROCESSOR__STRIPE__API_BASE", api_base.as_str()),
+        ("AUTOPAY__PROCESSOR__STRIPE__SECRET_KEY", TEST_KEY),
+    ]);
+    let store = db.store().await;
+    let installation = store.control().await.unwrap().installation_id;
+    let stripe = autopay::processor::stripe::StripeProcessor::new(
+        &settings.processor.stripe,
+        Duration::from_secs(10),
+        installation,
+    )
+    .unwrap();
+    let now = SystemClock.now();
+    let audit = Audit {
+        actor: "test-load".into(),
+        at: now,
+    };
+    for m in 0..members {
+        let member = store
+            .add_member(
+                &NewMember {
+                    account_number: AccountNumber::parse(&format!("C-{m:06}")).unwrap(),
+                    account_type: AccountType::EmployerGroup,
+                    name: MemberName::parse("Test Group").unwrap(),
+                    email: EmailAddress::parse(&format!("member{m}@example.org")).unwrap(),
+                    time_zone: "UTC".into(),
+                },
+                &audit,
+            )
+            .await
+            .unwrap();
+        let owner = CardOwner {
+            member_id: member.id,
+            customer: None,
+        };
+        // A card of its own per member: the networks' limits count per card (fingerprint).
+        let number = CardNumber::parse(&visa_number(m)).unwrap();
+        let code = SecurityCode::parse("123", number.brand()).unwrap();
+        let t = stripe
+            .tokenize(&owner, &number, &code, Expiry::new(12, 2035).unwrap())
+            .await
+            .unwrap();
+        let card = store
+            .add_card(
+                &NewCard {
+                    member_id: member.id,
+                    processor: "stripe".into(),
+                    processor_token: t.token,
+                    brand: t.details.brand,
+                    last4: t.details.last4,
+                    expiry: t.details.expiry,
+                    fingerprint: t.fingerprint,
+                    customer: t.customer,
+                    processor_mode: stripe.mode().map(str::to_string),
+                    consent: Consent {
+                        at: now,
+                        via: "cli".into(),
+                        terms_version: None,
+                    },
+                },
+                &audit,
+            )
+            .await
+            .unwrap();
+        // Owing more than the payments bring, so each charge pays a bill (none becomes credit).
+        store
+            .add_bills(
+                &[NewBill {
+                    member_id: member.id,
+                    reference: "LOAD-1".into(),
+                    amount_due: Money::from_minor(1_000_000, Currency::USD),
+                    due_date: jiff::civil::date(2026, 12, 1),
+                    origin: "test load".into(),
+                }],
+                &audit,
+            )
+            .await
+            .unwrap();
+        for i in 0..per_member {
+            crate::helpers::schedule_first_due(
+                store.as_ref(),
+                (member.id, card.id),
+                now,
+                Money::from_minor(1000 + i as i64, Currency::USD),
+                &audit,
+            )
+            .await;
+        }
+    }
+}
+
+/// A Visa number of its own for `n`: `4111 11`, nine digits and the check digit.
+fn visa_number(n: usize) -> String {
+    let body = format!("411111{n:09}");
+    let sum: u32 = body
+        .chars()
+        .rev()
+        .enumerate()
+        .map(|(i, c)| {
+            let d = c.to_digit(10).unwrap();
+            if i % 2 == 0 {
+                let dd = d * 2;
+                if dd > 9 { dd - 9 } else { dd }
+            } else {
+                d
+            }
+        })
+        .sum();
+    format!("{body}{}", (10 - sum % 10) % 10)
+}
