@@ -126,14 +126,32 @@ async fn due_payments_are_charged_and_declines_recorded_through_stripe() {
     let bin = stripe_bin(&db, &peer);
     let good = member_with_card(&bin, "A-100200", "4242424242424242");
     let bad = member_with_card(&bin, "A-100201", "4000000000000341");
+    // A card whose bank wants the cardholder to authenticate (3-D Secure): off-session, nobody
+    // can, so the payment fails and the member is asked to pay online or by phone.
+    let strict = member_with_card(&bin, "A-100202", "4000002500003155");
     let paid = schedule_now(&bin, "A-100200", &good, "30.00");
     let declined = schedule_now(&bin, "A-100201", &bad, "45.00");
+    let authenticate = schedule_now(&bin, "A-100202", &strict, "20.00");
     bin.run(&["run", "--drain"]).ok();
 
     let all = payments(&bin);
     assert_eq!(state_of(&all, &paid), "succeeded", "{all:#?}");
     // localstripe's decline carries no decline code: Stripe's generic decline, retried later.
     assert_eq!(state_of(&all, &declined), "retry_wait", "{all:#?}");
+    let a = all
+        .iter()
+        .find(|p| p["schedule_id"] == authenticate)
+        .unwrap();
+    assert_eq!(
+        (a["state"].as_str(), a["decline_code"].as_str()),
+        (Some("failed"), Some("authentication_required"))
+    );
+    let failed_mail = std::fs::read_dir(db.path().join("mail"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+        .find(|m| m.contains("confirm this payment yourself"))
+        .expect("a failure notice for the 3-D Secure card");
+    assert!(failed_mail.contains("Pay by phone"), "{failed_mail}");
     let p = all.iter().find(|p| p["schedule_id"] == paid).unwrap();
     let reference = p["processor_reference"].as_str().unwrap();
     assert!(reference.starts_with("pi_"), "{reference}");
@@ -142,7 +160,7 @@ async fn due_payments_are_charged_and_declines_recorded_through_stripe() {
 
     // One PaymentIntent per payment: the approved one with the attempt's metadata.
     let pis = peer.payment_intents().await;
-    assert_eq!(pis.len(), 2, "{pis:#?}");
+    assert_eq!(pis.len(), 3, "{pis:#?}");
     let approved = pis.iter().find(|pi| pi["id"] == reference).unwrap();
     assert_eq!(approved["status"], "succeeded");
     assert_eq!(approved["amount"], 3000);
@@ -166,7 +184,7 @@ async fn due_payments_are_charged_and_declines_recorded_through_stripe() {
     // description leaves the plan.
     let customers = peer.api_get("/v1/customers?limit=100").await;
     let customers = customers["data"].as_array().unwrap();
-    assert_eq!(customers.len(), 2);
+    assert_eq!(customers.len(), 3);
     for c in customers {
         let keys: Vec<&String> = c["metadata"].as_object().unwrap().keys().collect();
         assert_eq!(keys, ["installation_id", "member_id"]);
