@@ -62,20 +62,32 @@ pub async fn scan_upcoming(
     Ok(written)
 }
 
+/// Today (UTC) and the last day a card may expire to be reminded about now
+/// (`reminders.card_expiry_days` ahead); `None` when those reminders are off.
+fn expiry_horizon(
+    settings: &Settings,
+    now: Timestamp,
+) -> Option<(jiff::civil::Date, jiff::civil::Date)> {
+    let days = settings.reminders.card_expiry_days;
+    if days == 0 {
+        return None;
+    }
+    let today = now.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
+    let by = today
+        .checked_add(jiff::Span::new().days(i64::from(days)))
+        .unwrap_or(today);
+    Some((today, by))
+}
+
 /// Writes card-expiring notices; returns how many were new.
 pub async fn scan_card_expiry(
     store: &dyn Store,
     settings: &Settings,
     now: Timestamp,
 ) -> Result<u64, StoreError> {
-    let days = settings.reminders.card_expiry_days;
-    if days == 0 {
+    let Some((_, by)) = expiry_horizon(settings, now) else {
         return Ok(0);
-    }
-    let today = now.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
-    let by = today
-        .checked_add(jiff::Span::new().days(i64::from(days)))
-        .unwrap_or(today);
+    };
     let max_age =
         SignedDuration::try_from(settings.email.max_age.as_std()).unwrap_or(SignedDuration::ZERO);
     let mut written = 0;
@@ -116,14 +128,9 @@ pub async fn refresh_expiring(
     settings: &Settings,
     now: Timestamp,
 ) -> Result<u64, StoreError> {
-    let days = settings.reminders.card_expiry_days;
-    if days == 0 {
+    let Some((today, by)) = expiry_horizon(settings, now) else {
         return Ok(0);
-    }
-    let today = now.to_zoned_datetime(jiff::tz::TimeZone::UTC).date();
-    let by = today
-        .checked_add(jiff::Span::new().days(i64::from(days)))
-        .unwrap_or(today);
+    };
     let day_ago = now
         .checked_sub(SignedDuration::from_hours(24))
         .unwrap_or(now);

@@ -996,6 +996,31 @@ macro_rules! shared_store_impl {
             .notice()
         }
 
+        /// A claimed payment handed back untouched: scheduled again, its amount and credit no
+        /// longer reserved, its lease dropped.
+        async fn release_payment(tx: &mut Tx, payment: &Payment, reason: &str, audit: &Audit) -> Result<()> {
+            let state = step(payment.state, Transition::Release)?;
+            sqlx::query("UPDATE payments SET state = $1, amount = NULL, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $3")
+                .bind(state.as_str())
+                .bind(DbTime(audit.at))
+                .bind(DbId(payment.id))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("releasing a payment"))?;
+            event(tx, audit, "payment", payment.id, "released", serde_json::json!({ "reason": reason })).await
+        }
+
+        /// An amount no charge may be made for (over the limit, under the processor's minimum):
+        /// the payment ends by `transition` with `code`, nothing is sent, the member is told.
+        async fn refuse_amount(tx: &mut Tx, l: &Locked, transition: Transition, code: &str, reason: &str, amount: Money, audit: &Audit) -> Result<PaymentState> {
+            let payment = &l.held.payment;
+            let state = step(payment.state, transition)?;
+            settle_without_charge(tx, payment, state, code, Some(amount.minor()), Some(code), audit).await?;
+            let n = declined_notice(l, code, reason, Some(amount), None);
+            notify_notice(tx, &n, &l.member, audit.at).await?;
+            Ok(state)
+        }
+
         /// A decline: a retry with a new key when it is soft and tries are left, otherwise a
         /// failure (and a disabled card when the bank says never again); the member is told.
         async fn apply_decline(tx: &mut Tx, l: &Locked, signal: &DeclineSignal, reference: Option<&str>, policy: &OutcomePolicy, audit: &Audit) -> Result<PaymentState> {
@@ -1234,15 +1259,7 @@ macro_rules! shared_store_impl {
                         .execute(tx.conn())
                         .await
                         .map_err(db_err("forgetting a refused attempt"))?;
-                    let state = step(payment.state, Transition::Release)?;
-                    sqlx::query("UPDATE payments SET state = $1, amount = NULL, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $3")
-                        .bind(state.as_str())
-                        .bind(DbTime(audit.at))
-                        .bind(DbId(payment.id))
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("releasing a payment"))?;
-                    event(tx, audit, "payment", payment.id, "released", serde_json::json!({ "reason": reason })).await?;
+                    release_payment(tx, payment, &reason, audit).await?;
                     let paused = sqlx::query("UPDATE control SET charging_paused_at = $1, charging_paused_by = $2, charging_paused_reason = $3 WHERE id = 1 AND charging_paused_at IS NULL")
                         .bind(DbTime(audit.at))
                         .bind(PAUSED_BY_PROCESSOR)
@@ -2569,21 +2586,15 @@ macro_rules! shared_store_impl {
                         return Ok(Next::Moved(state));
                     }
                     ChargePlan::OverLimit { amount, max } => {
-                        let state = step(payment.state, Transition::HardDecline)?;
                         let reason = format!("the amount due, {}, is more than automatic payments may charge at once ({})", amount.display_with_code(), max.display_with_code());
-                        settle_without_charge(&mut tx, payment, state, "over_limit", Some(amount.minor()), Some("over_limit"), audit).await?;
-                        let n = declined_notice(&l, "over_limit", &reason, Some(amount), None);
-                        notify_notice(&mut tx, &n, &l.member, audit.at).await?;
+                        let state = refuse_amount(&mut tx, &l, Transition::HardDecline, "over_limit", &reason, amount, audit).await?;
                         commit(tx).await?;
                         return Ok(Next::Moved(state));
                     }
                     ChargePlan::BelowMinimum { amount, min } => {
                         // Not sent: the processor would refuse it. The bills stay owed.
-                        let state = step(payment.state, Transition::NothingOwed)?;
                         let reason = format!("the amount due, {}, is less than the smallest card payment we can make ({}); please pay it online or by phone", amount.display_with_code(), min.display_with_code());
-                        settle_without_charge(&mut tx, payment, state, "below_minimum", Some(amount.minor()), Some("below_minimum"), audit).await?;
-                        let n = declined_notice(&l, "below_minimum", &reason, Some(amount), None);
-                        notify_notice(&mut tx, &n, &l.member, audit.at).await?;
+                        let state = refuse_amount(&mut tx, &l, Transition::NothingOwed, "below_minimum", &reason, amount, audit).await?;
                         commit(tx).await?;
                         return Ok(Next::Moved(state));
                     }
@@ -2622,15 +2633,7 @@ macro_rules! shared_store_impl {
                 }
                 // The emergency stop, checked just before the request is stored and written.
                 if charging_paused_in(&mut tx).await? {
-                    let state = step(payment.state, Transition::Release)?;
-                    sqlx::query("UPDATE payments SET state = $1, amount = NULL, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $3")
-                        .bind(state.as_str())
-                        .bind(DbTime(audit.at))
-                        .bind(DbId(payment.id))
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("releasing a payment"))?;
-                    event(&mut tx, audit, "payment", payment.id, "released", serde_json::json!({ "reason": "charging paused" })).await?;
+                    release_payment(&mut tx, payment, "charging paused", audit).await?;
                     commit(tx).await?;
                     return Ok(Next::Released);
                 }

@@ -486,11 +486,10 @@ pub async fn load_due_payments(
 ) {
     use autopay::clock::{Clock, SystemClock};
     use autopay::domain::card::{CardNumber, Expiry, SecurityCode};
-    use autopay::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
     use autopay::domain::money::{Currency, Money};
     use autopay::processor::Processor;
     use autopay::processor::simulated::SimulatedProcessor;
-    use autopay::store::{Audit, NewBill, NewCard, NewMember};
+    use autopay::store::{Audit, NewCard};
 
     let processor = SimulatedProcessor::in_memory(Arc::new(SystemClock), Duration::ZERO);
     let number = CardNumber::parse("4242424242424242").unwrap();
@@ -519,19 +518,7 @@ pub async fn load_due_payments(
                 actor: "test-load".into(),
                 at: SystemClock.now(),
             };
-            let member = store
-                .add_member(
-                    &NewMember {
-                        account_number: AccountNumber::parse(&format!("C-{m:06}")).unwrap(),
-                        account_type: AccountType::EmployerGroup,
-                        name: MemberName::parse("Test Group").unwrap(),
-                        email: EmailAddress::parse(&format!("member{m}@example.org")).unwrap(),
-                        time_zone: "UTC".into(),
-                    },
-                    &audit,
-                )
-                .await
-                .unwrap();
+            let member = add_load_member(store.as_ref(), m, &audit).await;
             let card = store
                 .add_card(
                     &NewCard {
@@ -550,19 +537,6 @@ pub async fn load_due_payments(
                             terms_version: None,
                         },
                     },
-                    &audit,
-                )
-                .await
-                .unwrap();
-            store
-                .add_bills(
-                    &[NewBill {
-                        member_id: member.id,
-                        reference: "LOAD-1".into(),
-                        amount_due: Money::from_minor(1_000_000, Currency::USD),
-                        due_date: jiff::civil::date(2026, 12, 1),
-                        origin: "test load".into(),
-                    }],
                     &audit,
                 )
                 .await
@@ -587,6 +561,45 @@ pub async fn load_due_payments(
     while let Some(done) = tasks.join_next().await {
         done.unwrap();
     }
+}
+
+/// The `m`-th member of a load (an Employer Group, `C-{m:06}`), owing more than its payments
+/// bring (10,000.00), so each charge pays a bill and none becomes credit.
+pub async fn add_load_member(
+    store: &dyn Store,
+    m: usize,
+    audit: &autopay::store::Audit,
+) -> autopay::store::Member {
+    use autopay::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
+    use autopay::domain::money::{Currency, Money};
+    use autopay::store::{NewBill, NewMember};
+    let member = store
+        .add_member(
+            &NewMember {
+                account_number: AccountNumber::parse(&format!("C-{m:06}")).unwrap(),
+                account_type: AccountType::EmployerGroup,
+                name: MemberName::parse("Test Group").unwrap(),
+                email: EmailAddress::parse(&format!("member{m}@example.org")).unwrap(),
+                time_zone: "UTC".into(),
+            },
+            audit,
+        )
+        .await
+        .unwrap();
+    store
+        .add_bills(
+            &[NewBill {
+                member_id: member.id,
+                reference: "LOAD-1".into(),
+                amount_due: Money::from_minor(1_000_000, Currency::USD),
+                due_date: jiff::civil::date(2026, 12, 1),
+                origin: "test load".into(),
+            }],
+            audit,
+        )
+        .await
+        .unwrap();
+    member
 }
 
 /// Adds a monthly schedule for `member_card` (member id, card id) whose first payment falls due

@@ -23,21 +23,7 @@ fn stripe_bin(db: &TestDb, peer: &StripePeer) -> Bin {
 
 /// A member with a card (its number typed on standard input); returns the card id.
 fn member_with_card(bin: &Bin, account: &str, number: &str) -> String {
-    bin.run(&[
-        "member",
-        "add",
-        "--account",
-        account,
-        "--name",
-        "Ana Díaz",
-        "--email",
-        "ana@example.org",
-        "--type",
-        "individual-family",
-        "--time-zone",
-        "America/New_York",
-    ])
-    .ok();
+    crate::helpers::add_member(bin, account).ok();
     bin.run_with_stdin(
         &[
             "card",
@@ -111,6 +97,24 @@ fn drain_until_settled(bin: &Bin) -> Run {
         last = bin.run(&["run", "--drain"]).ok();
     }
     last
+}
+
+/// A database, and the member A-100200 with a Visa card and a 30.00 payment due now; the
+/// schedule's id.
+async fn one_payment_due(peer: &StripePeer) -> (TestDb, Bin, String) {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let bin = stripe_bin(&db, peer);
+    let card = member_with_card(&bin, "A-100200", "4242424242424242");
+    let s = schedule_now(&bin, "A-100200", &card, "30.00");
+    (db, bin, s)
+}
+
+/// Makes the peer do `mode` (tests/stripe/README.md) to the next charge request.
+async fn fault_next_charge(peer: &StripePeer, mode: &str) {
+    peer.faults(serde_json::json!({"rules": [
+        {"mode": mode, "path_prefix": "/v1/payment_intents", "method": "POST"}
+    ]}))
+    .await;
 }
 
 async fn posts_to_payment_intents(peer: &StripePeer) -> i64 {
@@ -207,17 +211,11 @@ async fn due_payments_are_charged_and_declines_recorded_through_stripe() {
 
 #[tokio::test]
 async fn a_dropped_answer_is_settled_by_lookup_without_a_second_payment_intent() {
-    let db = TestDb::new(Kind::Sqlite).await;
     let peer = StripePeer::start();
     // list_filters stays at its default (true): the peer's refusal of the filters is detected
     // and the whole list paged instead.
-    let bin = stripe_bin(&db, &peer);
-    let card = member_with_card(&bin, "A-100200", "4242424242424242");
-    let s = schedule_now(&bin, "A-100200", &card, "30.00");
-    peer.faults(serde_json::json!({"rules": [
-        {"mode": "drop_answer", "path_prefix": "/v1/payment_intents", "method": "POST"}
-    ]}))
-    .await;
+    let (_db, bin, s) = one_payment_due(&peer).await;
+    fault_next_charge(&peer, "drop_answer").await;
     bin.run(&["run", "--drain"]).ok();
     assert_eq!(state_of(&payments(&bin), &s), "unknown");
     let run = drain_until_settled(&bin);
@@ -233,15 +231,9 @@ async fn a_dropped_answer_is_settled_by_lookup_without_a_second_payment_intent()
 
 #[tokio::test]
 async fn a_dropped_request_is_resent_with_its_key_and_charged_once() {
-    let db = TestDb::new(Kind::Sqlite).await;
     let peer = StripePeer::start_with_list_filters();
-    let bin = stripe_bin(&db, &peer);
-    let card = member_with_card(&bin, "A-100200", "4242424242424242");
-    let s = schedule_now(&bin, "A-100200", &card, "30.00");
-    peer.faults(serde_json::json!({"rules": [
-        {"mode": "drop_request", "path_prefix": "/v1/payment_intents", "method": "POST"}
-    ]}))
-    .await;
+    let (_db, bin, s) = one_payment_due(&peer).await;
+    fault_next_charge(&peer, "drop_request").await;
     bin.run(&["run", "--drain"]).ok();
     assert_eq!(state_of(&payments(&bin), &s), "unknown");
     drain_until_settled(&bin);
@@ -257,15 +249,9 @@ async fn a_dropped_request_is_resent_with_its_key_and_charged_once() {
 
 #[tokio::test]
 async fn a_replayed_server_error_is_never_resent_again_and_charges_nothing() {
-    let db = TestDb::new(Kind::Sqlite).await;
     let peer = StripePeer::start_with_list_filters();
-    let bin = stripe_bin(&db, &peer);
-    let card = member_with_card(&bin, "A-100200", "4242424242424242");
-    let s = schedule_now(&bin, "A-100200", &card, "30.00");
-    peer.faults(serde_json::json!({"rules": [
-        {"mode": "status_500", "path_prefix": "/v1/payment_intents", "method": "POST"}
-    ]}))
-    .await;
+    let (_db, bin, s) = one_payment_due(&peer).await;
+    fault_next_charge(&peer, "status_500").await;
     bin.run(&["run", "--drain"]).ok();
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(3500));
@@ -309,15 +295,9 @@ async fn a_burst_of_charges_stays_under_the_rate_limit() {
 
 #[tokio::test]
 async fn refused_credentials_release_the_payment_untouched_and_pause_charging() {
-    let db = TestDb::new(Kind::Sqlite).await;
     let peer = StripePeer::start_with_list_filters();
-    let bin = stripe_bin(&db, &peer);
-    let card = member_with_card(&bin, "A-100200", "4242424242424242");
-    let s = schedule_now(&bin, "A-100200", &card, "30.00");
-    peer.faults(serde_json::json!({"rules": [
-        {"mode": "status_401", "path_prefix": "/v1/payment_intents", "method": "POST"}
-    ]}))
-    .await;
+    let (_db, bin, s) = one_payment_due(&peer).await;
+    fault_next_charge(&peer, "status_401").await;
     let run = bin.run(&["run", "--drain"]).ok();
     assert!(
         run.stderr.contains("refused autopay's credentials"),
@@ -511,18 +491,13 @@ fn now_secs() -> i64 {
 
 #[tokio::test]
 async fn signed_webhooks_settle_a_lost_answer_at_once_and_bad_ones_are_refused() {
-    let db = TestDb::new(Kind::Sqlite).await;
     let peer = StripePeer::start_with_list_filters();
+    let (db, bin, s) = one_payment_due(&peer).await;
     // A lookup would wait a minute: only the webhook can settle the payment sooner.
-    let bin = stripe_bin(&db, &peer)
+    let bin = bin
         .with_env("AUTOPAY__PROCESSOR__SETTLE_DELAY", "60s")
         .with_env("AUTOPAY__PROCESSOR__STRIPE__WEBHOOK_SECRET", WEBHOOK_SECRET);
-    let card = member_with_card(&bin, "A-100200", "4242424242424242");
-    let s = schedule_now(&bin, "A-100200", &card, "30.00");
-    peer.faults(serde_json::json!({"rules": [
-        {"mode": "drop_answer", "path_prefix": "/v1/payment_intents", "method": "POST"}
-    ]}))
-    .await;
+    fault_next_charge(&peer, "drop_answer").await;
     let mut env = bin.env.clone();
     env.push(("AUTOPAY__DATABASE__URL".into(), db.url.clone()));
     env.push(("AUTOPAY__DAEMON__POLL_INTERVAL".into(), "1s".into()));
@@ -903,10 +878,9 @@ async fn three_daemons_through_a_lossy_peer_charge_each_payment_once() {
 async fn load_stripe_payments(db: &TestDb, peer: &StripePeer, members: usize, per_member: usize) {
     use autopay::clock::{Clock, SystemClock};
     use autopay::domain::card::{CardNumber, Expiry, SecurityCode};
-    use autopay::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
     use autopay::domain::money::{Currency, Money};
     use autopay::processor::{CardOwner, Processor};
-    use autopay::store::{Audit, Consent, NewBill, NewCard, NewMember};
+    use autopay::store::{Audit, Consent, NewCard};
 
     let api_base = peer.api_base();
     let settings = crate::engine::settings(&[
@@ -928,19 +902,7 @@ async fn load_stripe_payments(db: &TestDb, peer: &StripePeer, members: usize, pe
         at: now,
     };
     for m in 0..members {
-        let member = store
-            .add_member(
-                &NewMember {
-                    account_number: AccountNumber::parse(&format!("C-{m:06}")).unwrap(),
-                    account_type: AccountType::EmployerGroup,
-                    name: MemberName::parse("Test Group").unwrap(),
-                    email: EmailAddress::parse(&format!("member{m}@example.org")).unwrap(),
-                    time_zone: "UTC".into(),
-                },
-                &audit,
-            )
-            .await
-            .unwrap();
+        let member = crate::helpers::add_load_member(store.as_ref(), m, &audit).await;
         let owner = CardOwner {
             member_id: member.id,
             customer: None,
@@ -970,20 +932,6 @@ async fn load_stripe_payments(db: &TestDb, peer: &StripePeer, members: usize, pe
                         terms_version: None,
                     },
                 },
-                &audit,
-            )
-            .await
-            .unwrap();
-        // Owing more than the payments bring, so each charge pays a bill (none becomes credit).
-        store
-            .add_bills(
-                &[NewBill {
-                    member_id: member.id,
-                    reference: "LOAD-1".into(),
-                    amount_due: Money::from_minor(1_000_000, Currency::USD),
-                    due_date: jiff::civil::date(2026, 12, 1),
-                    origin: "test load".into(),
-                }],
                 &audit,
             )
             .await

@@ -95,47 +95,23 @@ impl StripePeer {
 
     /// The peer's counters.
     pub async fn stats(&self) -> serde_json::Value {
-        self.http
-            .get(self.url("/_proxy/stats"))
-            .send()
-            .await
-            .expect("read the peer's stats")
-            .text()
-            .await
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .expect("stats are JSON")
+        json(self.http.get(self.url("/_proxy/stats"))).await
     }
 
     /// A GET of the Stripe API with a test key.
     pub async fn api_get(&self, path: &str) -> serde_json::Value {
-        self.http
-            .get(self.url(path))
-            .bearer_auth(TEST_KEY)
-            .send()
-            .await
-            .expect("ask the peer")
-            .text()
-            .await
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .expect("a JSON answer")
+        json(self.http.get(self.url(path)).bearer_auth(TEST_KEY)).await
     }
 
     /// A form POST to the Stripe API with a test key.
     pub async fn api_post(&self, path: &str, form: &[(&str, &str)]) -> serde_json::Value {
-        self.http
-            .post(self.url(path))
-            .bearer_auth(TEST_KEY)
-            .form(form)
-            .send()
-            .await
-            .expect("ask the peer")
-            .text()
-            .await
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .expect("a JSON answer")
+        json(
+            self.http
+                .post(self.url(path))
+                .bearer_auth(TEST_KEY)
+                .form(form),
+        )
+        .await
     }
 
     /// Has localstripe send signed events of `events` to `url`.
@@ -190,6 +166,18 @@ impl StripePeer {
         }
         by
     }
+}
+
+/// Sends a request to the peer and reads its JSON answer.
+async fn json(request: reqwest::RequestBuilder) -> serde_json::Value {
+    let text = request
+        .send()
+        .await
+        .expect("the peer answers")
+        .text()
+        .await
+        .expect("the peer's answer");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 /// The secret key the tests configure: localstripe accepts any `sk_test_` key.
