@@ -131,6 +131,9 @@ pub fn outcome_policy(s: &Settings) -> OutcomePolicy {
             crate::config::ProcessorKind::Simulated => |_| None,
             crate::config::ProcessorKind::Stripe => crate::processor::stripe::minimum_charge,
         },
+        statement_descriptor_suffix: (s.processor.kind == crate::config::ProcessorKind::Stripe
+            && !s.processor.stripe.statement_descriptor_suffix.is_empty())
+        .then(|| s.processor.stripe.statement_descriptor_suffix.clone()),
     }
 }
 
@@ -310,6 +313,7 @@ impl Daemon {
         reminders::refresh_expiring(
             self.store.as_ref(),
             self.engine.processor.as_ref(),
+            &self.engine.limiter,
             &self.settings,
             now,
         )
@@ -439,24 +443,27 @@ impl Daemon {
                 }
             })
         });
-        let (store, settings, clock, processor) = (
+        let (store, settings, clock, processor, limiter) = (
             self.store.clone(),
             Arc::new(self.settings.clone()),
             self.clock.clone(),
             self.engine.processor.clone(),
+            self.engine.limiter.clone(),
         );
         let scans: Body = Arc::new(move || {
-            let (store, settings, clock, written, processor) = (
+            let (store, settings, clock, written, processor, limiter) = (
                 store.clone(),
                 settings.clone(),
                 clock.clone(),
                 written.clone(),
                 processor.clone(),
+                limiter.clone(),
             );
             Box::pin(async move {
                 if let Err(e) = reminders::refresh_expiring(
                     store.as_ref(),
                     processor.as_ref(),
+                    &limiter,
                     &settings,
                     clock.now(),
                 )

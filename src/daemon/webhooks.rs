@@ -16,7 +16,12 @@
 //!
 //! An event already handled is answered 200 and counted as a duplicate (Stripe delivers again
 //! until it sees a 2xx). An event is recorded as handled only once it was acted on, so a
-//! failure (5xx) is delivered again.
+//! failure (5xx) is delivered again; two deliveries of one event at the same moment may both
+//! act, which every action above allows (each is a transition that happens once).
+//!
+//! A succeeded charge the payment does not record as its success (an earlier attempt's, or one
+//! after the payment was settled otherwise) is logged as an error and counted
+//! (`unrecorded_charge`): a person checks it at Stripe.
 
 use std::sync::Arc;
 
@@ -30,8 +35,8 @@ use crate::processor::ProcessorEvent;
 use crate::processor::stripe::StripeProcessor;
 use crate::store::{Audit, LookupAnswer, OutcomePolicy, Settler, Store, StoreError};
 
-/// Events by outcome (`settled`, `settle_soon`, `card_refreshed`, `refund`, `dispute`,
-/// `ignored`, `duplicate`, `refused`).
+/// Events by outcome (`settled`, `settle_soon`, `review`, `unrecorded_charge`,
+/// `card_refreshed`, `refund`, `dispute`, `ignored`, `duplicate`, `refused`).
 pub const WEBHOOKS: &str = "autopay_webhooks_total";
 
 /// How long an event about a payment waits for a worker mid-call on it to record the answer.
@@ -113,11 +118,9 @@ impl Webhooks {
                 let Some(payment) = self.after_the_call(found.payment_id).await? else {
                     return Ok("ignored");
                 };
-                if payment.attempt != found.attempt {
-                    return Ok("ignored");
-                }
+                let this_attempt = payment.attempt == found.attempt;
                 match payment.state {
-                    PaymentState::Unknown => {
+                    PaymentState::Unknown if this_attempt => {
                         if self
                             .store
                             .settle_soon(payment.id, payment.attempt, self.clock.now())
@@ -127,41 +130,29 @@ impl Webhooks {
                         }
                         Ok("settle_soon")
                     }
-                    PaymentState::NeedsReview if found.approved => {
-                        let taken = match self
-                            .store
-                            .take_for_operator(payment.id, self.lease, &self.audit())
-                            .await
-                        {
-                            Ok(t) => t,
-                            // Someone holds it now; their lookup finds the same charge.
-                            Err(StoreError::Unavailable(_) | StoreError::Conflict(_)) => {
-                                return Ok("ignored");
-                            }
-                            Err(e) => return Err(e),
-                        };
-                        let answer = LookupAnswer::Found {
-                            approved: true,
-                            reference: found.reference.clone(),
-                            decline: None,
-                        };
-                        self.store
-                            .record_lookup(
-                                &taken.lease,
-                                &answer,
-                                Settler::Operator,
-                                &self.policy,
-                                &self.audit(),
-                            )
-                            .await?;
-                        tracing::info!(payment_id = %payment.id, "a needs_review payment was settled as succeeded: Stripe charged it");
-                        Ok("settled")
+                    PaymentState::NeedsReview if this_attempt && found.approved => {
+                        self.settle_review(&found).await
                     }
-                    PaymentState::NeedsReview => {
+                    PaymentState::NeedsReview if this_attempt => {
                         tracing::warn!(payment_id = %payment.id, "Stripe declined a needs_review payment's attempt; an operator decides (`autopay payment retry` or `resolve`)");
                         Ok("ignored")
                     }
+                    // Recorded as this very charge: nothing to do.
+                    PaymentState::Succeeded
+                        if payment.processor_reference.as_deref()
+                            == Some(found.reference.as_str()) =>
+                    {
+                        Ok("ignored")
+                    }
                     // Still mid-call after the wait: the worker's own lookup settles it.
+                    PaymentState::Processing => Ok("ignored"),
+                    // A charge autopay does not hold as this payment's success: an earlier
+                    // attempt's, or one made after the payment was settled otherwise. A person
+                    // must look (and refund one if the member paid twice).
+                    state if found.approved => {
+                        tracing::error!(payment_id = %payment.id, state = %state, attempt = found.attempt, reference = %found.reference, "Stripe reports a succeeded charge this payment does not record; check it at Stripe and refund or resolve it");
+                        Ok("unrecorded_charge")
+                    }
                     _ => Ok("ignored"),
                 }
             }
@@ -214,6 +205,53 @@ impl Webhooks {
                 Ok("dispute")
             }
         }
+    }
+
+    /// Settles a `needs_review` payment that Stripe shows charged, as an operator's lookup
+    /// would: only when the payment taken is still that attempt, under review, for that amount
+    /// (a review for other parameters under the key stays with the operator).
+    async fn settle_review(
+        &self,
+        found: &crate::processor::ProcessorAttempt,
+    ) -> Result<&'static str, StoreError> {
+        let taken = match self
+            .store
+            .take_for_operator(found.payment_id, self.lease, &self.audit())
+            .await
+        {
+            Ok(t) => t,
+            // Someone holds it now; their lookup finds the same charge.
+            Err(StoreError::Unavailable(_) | StoreError::Conflict(_)) => return Ok("ignored"),
+            Err(e) => return Err(e),
+        };
+        let same = taken.payment.state == PaymentState::NeedsReview
+            && taken.payment.attempt == found.attempt
+            && taken.payment.amount == Some(found.amount)
+            && taken
+                .sent
+                .as_ref()
+                .is_some_and(|s| s.reference.idempotency_key == found.idempotency_key);
+        if !same {
+            self.store.give_back(&taken.lease).await?;
+            tracing::error!(payment_id = %found.payment_id, reference = %found.reference, "Stripe charged a needs_review payment's attempt with other parameters than autopay holds; an operator decides");
+            return Ok("review");
+        }
+        let answer = LookupAnswer::Found {
+            approved: true,
+            reference: found.reference.clone(),
+            decline: None,
+        };
+        self.store
+            .record_lookup(
+                &taken.lease,
+                &answer,
+                Settler::Operator,
+                &self.policy,
+                &self.audit(),
+            )
+            .await?;
+        tracing::info!(payment_id = %found.payment_id, "a needs_review payment was settled as succeeded: Stripe charged it");
+        Ok("settled")
     }
 
     /// The payment, once no worker is mid-call on it: Stripe sends an event as soon as it has

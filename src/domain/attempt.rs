@@ -65,6 +65,10 @@ pub struct ChargeRequest {
     /// (Stripe). Absent from requests stored before it was kept, which then read as `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub customer: Option<String>,
+    /// The statement descriptor suffix the charge carries, when the processor takes one: kept
+    /// with the request so that a resend is the same request even if the setting changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement_descriptor_suffix: Option<String>,
 }
 
 /// What a lookup needs to find one attempt at the processor.

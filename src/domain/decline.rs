@@ -727,6 +727,9 @@ pub fn classify(signal: &DeclineSignal) -> Decline {
         // Nothing softens a card that must not be tried again; and advice that agrees with the
         // code adds nothing, while the code's words are the more precise.
         (Some(c), Some(a)) if c.action != DisableCard && a.action != c.action => a,
+        // Except an expired card whose bank also says never again (revoked, closed, stolen):
+        // the bank's words stand, so that renewed details never bring the card back.
+        (Some(c), Some(a)) if c.code == "expired_card" && a.action == DisableCard => a,
         (Some(c), _) => c,
         // An unknown code with known advice: the advice is all we understand.
         (None, Some(a)) => a,
@@ -1195,7 +1198,13 @@ mod tests {
             for a in ADVICE_CODES {
                 let d = classify(&signal(r.code, Some(a.code)));
                 assert_eq!(d.action, DisableCard, "{} + {}", r.code, a.code);
-                assert_eq!(d.member_reason, r.member_reason);
+                // An expired card the bank also stopped for good wears the bank's words.
+                let words = if r.code == "expired_card" && a.action == DisableCard {
+                    a.member_reason
+                } else {
+                    r.member_reason
+                };
+                assert_eq!(d.member_reason, words, "{} + {}", r.code, a.code);
             }
         }
     }

@@ -7,6 +7,7 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::config::Settings;
 use crate::domain::notice::{CardExpiring, Reminder};
+use crate::limiter::RateLimiter;
 use crate::processor::Processor;
 use crate::store::{Audit, NewNotification, Store, StoreError};
 
@@ -114,17 +115,19 @@ pub async fn scan_card_expiry(
     Ok(written)
 }
 
-/// How many cards one reminders run reads back from the processor at most.
-const REFRESH_LIMIT: u32 = 200;
+/// How many cards are read back from the processor per batch.
+const REFRESH_BATCH: u32 = 200;
 
 /// Before card-expiring notices are written: reads back from the processor each card that is
 /// about to be reminded about (at most once a day per card), since the networks' card updater
 /// may have renewed it there. A renewed card takes its new expiry and needs no notice. A card
-/// the processor cannot answer about now keeps its details (the notice goes as before).
+/// the processor cannot answer about now keeps its details (the notice goes as before). Each
+/// read takes a turn of the process's rate limit.
 /// Returns how many cards were read.
 pub async fn refresh_expiring(
     store: &dyn Store,
     processor: &dyn Processor,
+    limiter: &RateLimiter,
     settings: &Settings,
     now: Timestamp,
 ) -> Result<u64, StoreError> {
@@ -134,45 +137,54 @@ pub async fn refresh_expiring(
     let day_ago = now
         .checked_sub(SignedDuration::from_hours(24))
         .unwrap_or(now);
-    let tokens = store
-        .cards_to_refresh(processor.name(), by, day_ago, REFRESH_LIMIT)
-        .await?;
     let expired = crate::domain::decline::classify_code("expired_card").member_reason;
     let audit = Audit {
         actor: "card-updater".into(),
         at: now,
     };
     let mut read = 0;
-    for token in tokens {
-        let details = match tokio::time::timeout(
-            settings.processor.timeout.as_std(),
-            processor.card_details(&token),
-        )
-        .await
-        {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not read a card back from the processor before its expiry notice");
-                continue;
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "the processor did not answer about a card before its expiry notice"
-                );
-                continue;
-            }
-        };
-        let reenable = details
-            .expiry
-            .check_not_expired(today)
-            .is_ok()
-            .then_some(expired);
-        store
-            .refresh_card(processor.name(), &token, &details, reenable, &audit)
+    // Batch by batch until every card due a notice was read (a card that cannot be read now
+    // is marked read all the same, so one bad card never holds the others back).
+    loop {
+        let tokens = store
+            .cards_to_refresh(processor.name(), by, day_ago, REFRESH_BATCH)
             .await?;
-        read += 1;
+        if tokens.is_empty() {
+            return Ok(read);
+        }
+        for token in tokens {
+            limiter.acquire().await;
+            let answer = tokio::time::timeout(
+                settings.processor.timeout.as_std(),
+                processor.card_details(&token),
+            )
+            .await;
+            let details = match answer {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not read a card back from the processor before its expiry notice; the notice goes as before");
+                    store.card_checked(processor.name(), &token, now).await?;
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "the processor did not answer about a card before its expiry notice; the notice goes as before"
+                    );
+                    store.card_checked(processor.name(), &token, now).await?;
+                    continue;
+                }
+            };
+            let reenable = details
+                .expiry
+                .check_not_expired(today)
+                .is_ok()
+                .then_some(expired);
+            store
+                .refresh_card(processor.name(), &token, &details, reenable, &audit)
+                .await?;
+            read += 1;
+        }
     }
-    Ok(read)
 }
 
 /// Both scans; returns how many reminders were new.

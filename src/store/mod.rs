@@ -458,6 +458,9 @@ pub trait Store: Send + Sync {
         reenable_reason: Option<&str>,
         audit: &Audit,
     ) -> Result<Vec<Card>>;
+    /// Marks the cards with this token as read back at `at`, when the processor could not
+    /// answer (so the next batch moves on).
+    async fn card_checked(&self, processor: &str, token: &str, at: Timestamp) -> Result<()>;
     /// Tokens of `processor`'s active cards that expire by `by`, pay an active schedule, and
     /// whose details were not read since `checked_before`; at most `limit`.
     async fn cards_to_refresh(

@@ -495,6 +495,9 @@ pub struct OutcomePolicy {
     /// The processor's smallest charge per currency; `None` where it has none of its own (then
     /// one minor unit).
     pub min_charge: fn(crate::domain::money::Currency) -> Option<Money>,
+    /// The statement descriptor suffix each new charge request carries, when the processor
+    /// takes one and it is set.
+    pub statement_descriptor_suffix: Option<String>,
 }
 
 impl OutcomePolicy {

@@ -163,6 +163,7 @@ retried! {
     fn record_webhook(id: &str, kind: &str, outcome: &str, at: Timestamp) -> bool;
     fn settle_soon(payment_id: Uuid, attempt: i64, at: Timestamp) -> bool;
     fn refresh_card(processor: &str, token: &str, details: &crate::processor::CardDetails, reenable_reason: Option<&str>, audit: &Audit) -> Vec<Card>;
+    fn card_checked(processor: &str, token: &str, at: Timestamp) -> ();
     fn cards_to_refresh(processor: &str, by: jiff::civil::Date, checked_before: Timestamp, limit: u32) -> Vec<String>;
     fn record_processor_event(payment_id: Uuid, what: &str, detail: &serde_json::Value, action: crate::domain::dispute::DisputeAction, audit: &Audit) -> ();
 }

@@ -930,6 +930,23 @@ macro_rules! shared_store_impl {
                 .map_err(db_err("disabling a card"))?
                 .rows_affected();
             if changed == 0 {
+                // Already disabled. A card disabled only because it expired, which the card
+                // updater could bring back, takes the harder reason, so it never comes back.
+                let expired = crate::domain::decline::classify_code("expired_card").member_reason;
+                if reason != expired {
+                    let hardened = sqlx::query("UPDATE payment_methods SET status_reason = $1, updated_at = $2 WHERE id = $3 AND status = 'disabled' AND status_reason = $4")
+                        .bind(reason)
+                        .bind(DbTime(audit.at))
+                        .bind(DbId(card.id))
+                        .bind(expired)
+                        .execute(tx.conn())
+                        .await
+                        .map_err(db_err("disabling a card"))?
+                        .rows_affected();
+                    if hardened > 0 {
+                        event(tx, audit, "card", card.id, "disabled", serde_json::json!({ "reason": reason })).await?;
+                    }
+                }
                 return Ok(());
             }
             event(tx, audit, "card", card.id, "disabled", serde_json::json!({ "reason": reason })).await?;
@@ -2651,6 +2668,7 @@ macro_rules! shared_store_impl {
                     attempt: payment.attempt,
                     account_last4: l.member.account_number.last4(),
                     customer: l.member.processor_customer_id.clone(),
+                    statement_descriptor_suffix: policy.statement_descriptor_suffix.clone(),
                 };
                 sqlx::query("UPDATE payments SET amount = $1, credit_applied = $2, updated_at = $3 WHERE id = $4")
                     .bind(amount.minor())
@@ -3572,6 +3590,18 @@ macro_rules! shared_store_impl {
                 }
                 commit(tx).await?;
                 Ok(cards)
+            }
+
+            async fn card_checked(&self, processor: &str, token: &str, at: Timestamp) -> Result<()> {
+                let mut tx = self.begin_write().await?;
+                sqlx::query("UPDATE payment_methods SET details_checked_at = $1 WHERE processor = $2 AND processor_token = $3")
+                    .bind(DbTime(at))
+                    .bind(processor)
+                    .bind(token)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("marking a card read"))?;
+                commit(tx).await
             }
 
             async fn cards_to_refresh(&self, processor: &str, by: jiff::civil::Date, checked_before: Timestamp, limit: u32) -> Result<Vec<String>> {

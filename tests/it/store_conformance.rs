@@ -660,7 +660,65 @@ crate::helpers::on_both!(
     queued_mail_goes_to_the_address_the_member_has_when_it_is_sent,
     housekeeping_deletes_the_job_runs_of_workers_gone_for_a_week,
     a_refreshed_card_takes_its_new_details_and_only_an_expired_one_comes_back,
+    a_card_disabled_for_expiry_then_disputed_as_fraud_never_comes_back,
 );
+
+/// A card disabled because it expired, then disputed as fraud: the harder reason replaces the
+/// expiry, so renewed details from the card updater never enable it again.
+async fn a_card_disabled_for_expiry_then_disputed_as_fraud_never_comes_back(kind: Kind) {
+    let (db, store) = setup(kind).await;
+    let (_, card, schedule) = member_card_schedule(store.as_ref()).await;
+    let payment = insert_payment(&db, kind, &schedule, "2026-12-01", PaymentState::Succeeded).await;
+    let expired_reason = autopay::domain::decline::classify_code("expired_card").member_reason;
+    let sql = "UPDATE payment_methods SET status = 'disabled', status_reason = $1 WHERE id = $2";
+    match kind {
+        Kind::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+            sqlx::query(sql)
+                .bind(expired_reason)
+                .bind(DbId(card.id))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        Kind::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+            sqlx::query(sql)
+                .bind(expired_reason)
+                .bind(DbId(card.id))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    }
+    store
+        .record_processor_event(
+            payment,
+            "disputed",
+            &serde_json::json!({ "reason": "fraudulent" }),
+            autopay::domain::dispute::DisputeAction::DisableCard,
+            &audit(),
+        )
+        .await
+        .unwrap();
+    let details = autopay::processor::CardDetails {
+        brand: CardBrand::Visa,
+        last4: Last4::parse("4242").unwrap(),
+        expiry: Expiry::new(4, 2032).unwrap(),
+    };
+    let after = store
+        .refresh_card(
+            "simulated",
+            &card.processor_token,
+            &details,
+            Some(expired_reason),
+            &audit(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(after[0].status, CardStatus::Disabled);
+    assert_ne!(after[0].status_reason.as_deref(), Some(expired_reason));
+}
 
 /// The card networks' updater (Stripe's `payment_method.automatically_updated`): the new
 /// details land on the card; a card disabled because it expired is enabled again, one disabled

@@ -184,6 +184,7 @@ macro_rules! sql_backend {
                     attempt: int("attempt")?,
                     account_last4: text("account_last4")?,
                     customer: None,
+                    statement_descriptor_suffix: None,
                 };
                 let attempt = ProcessorAttempt {
                     idempotency_key: request.idempotency_key.clone(),

@@ -729,6 +729,7 @@ mod tests {
             attempt: 1,
             account_last4: "0001".into(),
             customer: None,
+            statement_descriptor_suffix: None,
         }
     }
 

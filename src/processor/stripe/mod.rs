@@ -78,14 +78,14 @@ pub struct StripeProcessor {
     key: SecretString,
     version: String,
     mode: StripeMode,
-    suffix: String,
     /// Whether the server filters lists by customer and creation time; cleared when it refuses
     /// them (a test peer), after which lists are paged whole.
     list_filters: AtomicBool,
     /// This installation: every PaymentIntent and Customer carries it, and lookups and
     /// reconcile read only its own.
     installation: Uuid,
-    /// Whether numbers may be sent as numbers: only to a peer that is not Stripe (localstripe).
+    /// Whether numbers may be sent as numbers: only to a test peer on this machine
+    /// (localstripe), never to Stripe or a proxy in front of it.
     raw_numbers: bool,
     /// The process's rate limit, for the pages of a list after its first.
     limiter: OnceLock<Arc<RateLimiter>>,
@@ -132,14 +132,14 @@ impl StripeProcessor {
             .user_agent(concat!("autopay/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ProcessorError::Config(format!("cannot build the HTTP client: {e}")))?;
-        let raw_numbers = !settings.api_base.contains("stripe.com");
+        // Settings allow plain http only to this machine: a test peer, never Stripe.
+        let raw_numbers = settings.api_base.starts_with("http://");
         Ok(StripeProcessor {
             client,
             base: settings.api_base.clone(),
             key,
             version: settings.api_version.clone(),
             mode,
-            suffix: settings.statement_descriptor_suffix.clone(),
             list_filters: AtomicBool::new(settings.list_filters),
             installation,
             raw_numbers,
@@ -266,26 +266,29 @@ impl StripeProcessor {
     ) -> Result<Tokenized, ProcessorError> {
         self.check_mode(pm.livemode, "card")?;
         let details = pm.details()?;
-        let customer = self.customer(owner).await?;
-        let pm = match pm.customer.as_deref() {
-            Some(c) if c == customer => pm,
-            Some(_) => {
+        // Whose the card is decides before anything is made for the member.
+        let (pm, customer) = match (pm.customer.clone(), owner.customer.as_deref()) {
+            (Some(theirs), Some(mine)) if theirs == mine => (pm, theirs),
+            (Some(_), _) => {
                 return Err(ProcessorError::Rejected(
                     "this card is saved to another Stripe customer, not this member's; add it through the member's own portal session".into(),
                 ));
             }
-            None => {
+            (None, _) => {
+                let customer = self.customer(owner).await?;
                 let key = format!(
                     "autopay:{}:attach:{}:{}",
                     self.installation, owner.member_id, pm.id
                 );
-                self.post_object(
-                    &format!("/v1/payment_methods/{}/attach", pm.id),
-                    &Form::new().field("customer", customer.clone()),
-                    Some(&key),
-                    "card",
-                )
-                .await?
+                let attached = self
+                    .post_object(
+                        &format!("/v1/payment_methods/{}/attach", pm.id),
+                        &Form::new().field("customer", customer.clone()),
+                        Some(&key),
+                        "card",
+                    )
+                    .await?;
+                (attached, customer)
             }
         };
         let fingerprint = pm.card.as_ref().and_then(|c| c.fingerprint.clone());
@@ -295,6 +298,38 @@ impl StripeProcessor {
             fingerprint,
             customer: Some(customer),
         })
+    }
+
+    /// Takes a turn of the process's rate limit, when the daemon shared one: for requests the
+    /// engine did not take a turn for (webhook read-backs, cancels, list pages after the first).
+    async fn turn(&self) {
+        if let Some(limiter) = self.limiter.get() {
+            limiter.acquire().await;
+        }
+    }
+
+    /// Cancels a PaymentIntent left waiting for the member to authenticate: autopay records it
+    /// as failed, so it must never be completed later. Best effort: a PaymentIntent left open
+    /// cannot charge without the member, and Stripe cancels it in time.
+    async fn cancel(&self, pi: &str) {
+        self.turn().await;
+        let key = format!("autopay:{}:cancel:{pi}", self.installation);
+        match self
+            .post(
+                &format!("/v1/payment_intents/{pi}/cancel"),
+                &Form::new(),
+                Some(&key),
+            )
+            .await
+        {
+            Ok(reply) if (200..300).contains(&reply.status) => {}
+            Ok(reply) => {
+                tracing::warn!(payment_intent = %pi, answer = %wire::describe(&reply), "could not cancel a PaymentIntent that asked for authentication")
+            }
+            Err(e) => {
+                tracing::warn!(payment_intent = %pi, error = %transport_error(&e), "could not cancel a PaymentIntent that asked for authentication")
+            }
+        }
     }
 
     /// Lists PaymentIntents created since `since` (of `customer`, when given), page by page,
@@ -307,16 +342,17 @@ impl StripeProcessor {
         mut each: impl FnMut(PaymentIntent) -> bool,
     ) -> Result<(), ProcessorError> {
         let mut after: Option<String> = None;
+        // A customer Stripe no longer has (deleted in the Dashboard) is left out of the query
+        // for this listing only; the answer is still filtered by it below.
+        let mut by_customer = customer.is_some();
         for page in 0..MAX_PAGES {
-            if page > 0
-                && let Some(limiter) = self.limiter.get()
-            {
-                limiter.acquire().await;
+            if page > 0 {
+                self.turn().await;
             }
             let filtered = self.list_filters.load(Ordering::Relaxed);
             let mut query = vec![("limit", PAGE.to_string())];
             if filtered {
-                if let Some(c) = customer {
+                if let Some(c) = customer.filter(|_| by_customer) {
                     query.push(("customer", c.to_string()));
                 }
                 query.push(("created[gte]", since.as_second().to_string()));
@@ -327,18 +363,15 @@ impl StripeProcessor {
             let reply = self.get("/v1/payment_intents", &query).await?;
             if filtered && reply.status == 400 && after.is_none() {
                 let e = wire::error_of(&reply);
-                let refused = e
-                    .message
-                    .as_deref()
-                    .is_some_and(|m| m.contains("customer") || m.contains("created"))
-                    || e.param
-                        .as_deref()
-                        .is_some_and(|p| p == "customer" || p.starts_with("created"));
-                if refused {
+                if wire::refuses_list_filters(&e) {
                     tracing::warn!(
-                        "the Stripe server refuses list filters; paging whole lists from now on (set processor.stripe.list_filters = false)"
+                        "the Stripe server does not know the list filters; paging whole lists from now on (set processor.stripe.list_filters = false)"
                     );
                     self.list_filters.store(false, Ordering::Relaxed);
+                    continue;
+                }
+                if by_customer && wire::customer_missing(&e) {
+                    by_customer = false;
                     continue;
                 }
             }
@@ -456,6 +489,11 @@ impl Processor for StripeProcessor {
         match (&owner.customer, &si.customer) {
             (Some(mine), Some(theirs)) if mine == theirs => {}
             (_, None) => return refuse("it has no customer; create it for the member's customer"),
+            (None, Some(_)) => {
+                return refuse(
+                    "this member has no Stripe customer yet: add the first card as a PaymentMethod (--token pm_...), which makes one",
+                );
+            }
             _ => return refuse("it belongs to another Stripe customer, not this member's"),
         }
         let Some(pm) = si.payment_method_id() else {
@@ -470,12 +508,25 @@ impl Processor for StripeProcessor {
     }
 
     async fn charge(&self, request: &ChargeRequest) -> ChargeOutcome {
-        let form = wire::charge_form(request, &self.suffix);
+        let form = wire::charge_form(request, self.installation);
         match self
             .post("/v1/payment_intents", &form, Some(&request.idempotency_key))
             .await
         {
-            Ok(reply) => wire::charge_answer(&reply),
+            Ok(reply) => {
+                let outcome = wire::charge_answer(&reply);
+                if let ChargeOutcome::Declined {
+                    signal,
+                    reference: Some(pi),
+                    ..
+                } = &outcome
+                    && signal.code == "authentication_required"
+                    && pi.starts_with("pi_")
+                {
+                    self.cancel(pi).await;
+                }
+                outcome
+            }
             // Refused before anything was written: nothing decided, send again.
             Err(e) if e.is_connect() => ChargeOutcome::Busy {
                 detail: transport_error(&e),

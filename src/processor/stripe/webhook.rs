@@ -61,7 +61,7 @@ pub fn verify(
             "the Stripe-Signature header has no v1 signature",
         ));
     }
-    let age = (now.as_second() - t).unsigned_abs();
+    let age = now.as_second().abs_diff(t);
     if age > tolerance.as_secs() {
         return Err(refuse(
             400,
@@ -226,6 +226,7 @@ impl StripeProcessor {
                 }
             }
             "payment_method.automatically_updated" => {
+                self.turn().await;
                 let pm = self
                     .payment_method(&event.object)
                     .await
@@ -237,6 +238,7 @@ impl StripeProcessor {
                 })
             }
             "charge.refunded" => {
+                self.turn().await;
                 let reply = self
                     .get(&format!("/v1/charges/{}", event.object), &[])
                     .await
@@ -256,6 +258,7 @@ impl StripeProcessor {
                 })
             }
             "charge.dispute.created" => {
+                self.turn().await;
                 let reply = self
                     .get(&format!("/v1/disputes/{}", event.object), &[])
                     .await
@@ -265,6 +268,7 @@ impl StripeProcessor {
                     Some(pi) => Some(pi),
                     None => match &dispute.charge {
                         Some(ch) => {
+                            self.turn().await;
                             let reply = self
                                 .get(&format!("/v1/charges/{ch}"), &[])
                                 .await
@@ -293,6 +297,7 @@ impl StripeProcessor {
         &self,
         id: &str,
     ) -> Result<PaymentIntent, crate::processor::ProcessorError> {
+        self.turn().await;
         let reply = self
             .get(
                 &format!("/v1/payment_intents/{id}"),

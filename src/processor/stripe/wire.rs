@@ -214,22 +214,11 @@ pub(super) mod meta {
     pub const MEMBER: &str = "member_id";
 }
 
-/// The installation an idempotency key names (`autopay:{installation}:...`).
-pub(super) fn installation_of(key: &str) -> Option<Uuid> {
-    let mut parts = key.split(':');
-    (parts.next()? == "autopay")
-        .then(|| parts.next())
-        .flatten()
-        .and_then(|s| Uuid::parse_str(s).ok())
-}
-
-/// The PaymentIntent a charge request creates: confirmed at once, off-session (the member is
-/// not there), with the request's metadata. `suffix` is the statement descriptor suffix, sent
-/// only when set. Every resend of the request gives these same bytes.
-pub(super) fn charge_form(request: &ChargeRequest, suffix: &str) -> Form {
-    let installation = installation_of(&request.idempotency_key)
-        .map(|u| u.to_string())
-        .unwrap_or_default();
+/// The PaymentIntent a charge request creates for `installation`: confirmed at once,
+/// off-session (the member is not there), with the request's metadata and its statement
+/// descriptor suffix when it has one. Every resend of the request gives these same bytes.
+pub(super) fn charge_form(request: &ChargeRequest, installation: Uuid) -> Form {
+    let installation = installation.to_string();
     let mut form = Form::new()
         .field("amount", request.amount.minor().to_string())
         .field(
@@ -243,8 +232,8 @@ pub(super) fn charge_form(request: &ChargeRequest, suffix: &str) -> Form {
         .field("payment_method", request.token.clone())
         .field("confirm", "true")
         .field("off_session", "true");
-    if !suffix.is_empty() {
-        form = form.field("statement_descriptor_suffix", suffix);
+    if let Some(suffix) = &request.statement_descriptor_suffix {
+        form = form.field("statement_descriptor_suffix", suffix.clone());
     }
     form.field("expand[]", "latest_charge")
         .field(&format!("metadata[{}]", meta::INSTALLATION), installation)
@@ -461,6 +450,20 @@ pub(super) fn error_of(reply: &Reply) -> ApiError {
         .unwrap_or_default()
 }
 
+/// Whether a list's 400 says the server does not know its filters at all (a test peer such as
+/// localstripe: "Unexpected customer"), as opposed to refusing one value of them.
+pub(super) fn refuses_list_filters(e: &ApiError) -> bool {
+    e.code.as_deref() == Some("parameter_unknown")
+        || e.message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("Unexpected") || m.contains("unknown parameter"))
+}
+
+/// Whether a list's 400 says the customer it names does not exist (any more).
+pub(super) fn customer_missing(e: &ApiError) -> bool {
+    e.code.as_deref() == Some("resource_missing") && e.param.as_deref() == Some("customer")
+}
+
 /// A short, safe description of a Stripe error for logs and payment history: its type, code
 /// and message, each bounded, never the request.
 pub(super) fn describe(reply: &Reply) -> String {
@@ -583,6 +586,15 @@ pub(super) fn object<T: serde::de::DeserializeOwned>(
 mod tests {
     use super::*;
 
+    /// The installation an idempotency key names (`autopay:{installation}:...`).
+    fn installation_of(key: &str) -> Option<Uuid> {
+        let mut parts = key.split(':');
+        (parts.next()? == "autopay")
+            .then(|| parts.next())
+            .flatten()
+            .and_then(|s| Uuid::parse_str(s).ok())
+    }
+
     fn reply(status: u16, body: &str) -> Reply {
         Reply {
             status,
@@ -604,12 +616,14 @@ mod tests {
             attempt: 1,
             account_last4: "0042".into(),
             customer: Some("cus_9".into()),
+            statement_descriptor_suffix: None,
         }
     }
 
     #[test]
     fn a_charge_request_is_one_exact_form_body() {
-        let body = charge_form(&request(), "").encode();
+        let installation = installation_of(&request().idempotency_key).unwrap();
+        let body = charge_form(&request(), installation).encode();
         assert_eq!(
             body,
             "amount=12500&currency=usd&customer=cus_9&payment_method=pm_1Abc&confirm=true&off_session=true\
@@ -620,8 +634,12 @@ mod tests {
              &metadata%5Boccurrence%5D=2026-12-01&metadata%5Battempt%5D=1&metadata%5Baccount_last4%5D=0042"
         );
         // The same request always gives the same bytes; the suffix only when set.
-        assert_eq!(charge_form(&request(), "").encode(), body);
-        let with = charge_form(&request(), "PLAN 2027").encode();
+        assert_eq!(charge_form(&request(), installation).encode(), body);
+        let suffixed = ChargeRequest {
+            statement_descriptor_suffix: Some("PLAN 2027".into()),
+            ..request()
+        };
+        let with = charge_form(&suffixed, installation).encode();
         assert!(
             with.contains("&off_session=true&statement_descriptor_suffix=PLAN+2027&"),
             "{with}"
@@ -844,6 +862,27 @@ mod tests {
         )
         .unwrap();
         assert!(foreign.attempt().is_none());
+    }
+
+    #[test]
+    fn only_unknown_parameters_turn_the_list_filters_off() {
+        let e = |body: &str| error_of(&reply(400, body));
+        // localstripe, and Stripe's own word for a parameter it does not know.
+        assert!(refuses_list_filters(&e(
+            r#"{"error":{"type":"invalid_request_error","message":"Unexpected customer, created[gte]"}}"#
+        )));
+        assert!(refuses_list_filters(&e(
+            r#"{"error":{"code":"parameter_unknown","param":"created[gte]","message":"Received unknown parameter: created[gte]"}}"#
+        )));
+        // A customer deleted in the Dashboard is not a server without filters.
+        let gone = e(
+            r#"{"error":{"code":"resource_missing","param":"customer","message":"No such customer: 'cus_1'"}}"#,
+        );
+        assert!(!refuses_list_filters(&gone));
+        assert!(customer_missing(&gone));
+        assert!(!refuses_list_filters(&e(
+            r#"{"error":{"code":"parameter_invalid_integer","param":"created[gte]","message":"Invalid integer: created"}}"#
+        )));
     }
 
     #[test]
