@@ -179,8 +179,10 @@ impl Dispatcher {
         })
     }
 
-    /// Claims one batch and delivers it.
+    /// Claims one batch and delivers it, up to the mailer's `in_flight` messages at once (over
+    /// as many SMTP connections); each outcome is recorded as soon as it is known.
     pub async fn deliver_due(&self) -> Result<DeliveryReport, StoreError> {
+        use futures_util::stream::{self, StreamExt};
         let mut report = DeliveryReport::default();
         let now = self.clock.now();
         let claimed = self
@@ -188,23 +190,55 @@ impl Dispatcher {
             .claim_notifications(&self.worker_id, now, self.lease, self.batch)
             .await?;
         report.claimed = claimed.len() as u64;
-        let mut session_refused: Option<String> = None;
-        for item in &claimed {
-            let id = item.notification.id;
-            // After a session-level refusal the rest of the batch waits too: the next send would
-            // be refused the same way.
-            if let Some(reason) = &session_refused {
-                let outcome = DeliveryOutcome::Retry {
-                    error: reason.clone(),
-                    at: self.retry_at(item.notification.attempts),
-                };
-                self.store
-                    .finish_notification(&item.lease, &outcome, self.clock.now())
-                    .await?;
-                report.retrying += 1;
-                continue;
+        // After a session-level refusal the rest of the batch waits too: the next send would be
+        // refused the same way. Messages already in flight come back with their own answers.
+        let session_refused: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+        // By index: a stream of borrowed items trips the compiler's lifetime inference.
+        let outcomes: Vec<Result<&'static str, StoreError>> = stream::iter(0..claimed.len())
+            .map(|i| self.deliver_one(&claimed[i], &session_refused))
+            .buffer_unordered(self.mailer.in_flight().max(1))
+            .collect()
+            .await;
+        for counted in outcomes {
+            let counted = counted?;
+            match counted {
+                "sent" => report.sent += 1,
+                "failed" => report.failed += 1,
+                _ => report.retrying += 1,
             }
-            let outcome = match self.build(item) {
+        }
+        let refused = session_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        report.paused = refused;
+        if report.sent > 0 && !refused {
+            self.store.set_mail_pause(None, self.clock.now()).await?;
+        }
+        Ok(report)
+    }
+
+    /// Delivers one claimed notification and records its outcome; returns how it is counted
+    /// (`sent`, `retry`, `paused`, `failed`).
+    async fn deliver_one(
+        &self,
+        item: &Outgoing,
+        session_refused: &std::sync::Mutex<Option<String>>,
+    ) -> Result<&'static str, StoreError> {
+        let id = item.notification.id;
+        let refused_before = || {
+            session_refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        };
+        let outcome = if let Some(reason) = refused_before() {
+            DeliveryOutcome::Retry {
+                error: reason,
+                at: self.retry_at(item.notification.attempts),
+            }
+        } else {
+            match self.build(item) {
                 Err(error) => {
                     tracing::error!(notification_id = %id, kind = %item.notification.kind, error = %error, "notification cannot be sent");
                     DeliveryOutcome::Failed {
@@ -214,78 +248,87 @@ impl Dispatcher {
                 }
                 Ok(mail) => {
                     self.limiter.acquire().await;
-                    match self.mailer.send(&mail).await {
-                        Ok(()) => DeliveryOutcome::Sent,
-                        Err(SendError::Transient(e)) => {
-                            tracing::warn!(notification_id = %id, error = %e, "temporary mail failure; will retry");
-                            DeliveryOutcome::Retry {
-                                error: e,
-                                at: self.retry_at(item.notification.attempts),
-                            }
-                        }
-                        Err(SendError::Recipient(e)) => {
-                            tracing::warn!(notification_id = %id, error = %e, "recipient refused; the address is flagged as bouncing");
-                            DeliveryOutcome::Failed {
-                                error: e,
-                                bounce: true,
-                            }
-                        }
-                        Err(SendError::Rejected(e)) => {
-                            tracing::error!(notification_id = %id, error = %e, "message refused by the mail server");
-                            DeliveryOutcome::Failed {
-                                error: e,
-                                bounce: false,
-                            }
-                        }
-                        Err(SendError::Session(e)) => {
-                            tracing::error!(error = %e, "mail paused: the mail server refused the session; fix the email settings, nothing is lost");
-                            self.store
-                                .set_mail_pause(Some(&e), self.clock.now())
-                                .await?;
-                            report.paused = true;
-                            session_refused = Some(e.clone());
-                            DeliveryOutcome::Retry {
-                                error: e,
-                                at: self.retry_at(item.notification.attempts),
-                            }
-                        }
+                    // Refused while this one waited for its turn: it waits too.
+                    match refused_before() {
+                        Some(reason) => DeliveryOutcome::Retry {
+                            error: reason,
+                            at: self.retry_at(item.notification.attempts),
+                        },
+                        None => self.send(item, &mail, session_refused).await?,
                     }
                 }
-            };
-            let counted = match &outcome {
-                DeliveryOutcome::Sent => {
-                    report.sent += 1;
-                    "sent"
-                }
-                DeliveryOutcome::Retry { .. } if session_refused.is_some() => {
-                    report.retrying += 1;
-                    "paused"
-                }
-                DeliveryOutcome::Retry { .. } => {
-                    report.retrying += 1;
-                    "retry"
-                }
-                DeliveryOutcome::Failed { .. } => {
-                    report.failed += 1;
-                    "failed"
-                }
-            };
-            metrics::counter!(crate::metrics::MAIL, "outcome" => counted).increment(1);
-            if !self
-                .store
-                .finish_notification(&item.lease, &outcome, self.clock.now())
-                .await?
-            {
-                tracing::warn!(notification_id = %id, "notification lease taken over; its new holder records it");
             }
-            if let Some((health, name)) = &self.health {
-                health.beat(name);
+        };
+        let counted = match &outcome {
+            DeliveryOutcome::Sent => "sent",
+            DeliveryOutcome::Retry { .. } if refused_before().is_some() => "paused",
+            DeliveryOutcome::Retry { .. } => "retry",
+            DeliveryOutcome::Failed { .. } => "failed",
+        };
+        metrics::counter!(crate::metrics::MAIL, "outcome" => counted).increment(1);
+        if !self
+            .store
+            .finish_notification(&item.lease, &outcome, self.clock.now())
+            .await?
+        {
+            tracing::warn!(notification_id = %id, "notification lease taken over; its new holder records it");
+        }
+        if let Some((health, name)) = &self.health {
+            health.beat(name);
+        }
+        Ok(counted)
+    }
+
+    /// Sends one built message and says what its answer means.
+    async fn send(
+        &self,
+        item: &Outgoing,
+        mail: &Mail,
+        session_refused: &std::sync::Mutex<Option<String>>,
+    ) -> Result<DeliveryOutcome, StoreError> {
+        let id = item.notification.id;
+        Ok(match self.mailer.send(mail).await {
+            Ok(()) => DeliveryOutcome::Sent,
+            Err(SendError::Transient(e)) => {
+                tracing::warn!(notification_id = %id, error = %e, "temporary mail failure; will retry");
+                DeliveryOutcome::Retry {
+                    error: e,
+                    at: self.retry_at(item.notification.attempts),
+                }
             }
-        }
-        if report.sent > 0 && session_refused.is_none() {
-            self.store.set_mail_pause(None, self.clock.now()).await?;
-        }
-        Ok(report)
+            Err(SendError::Recipient(e)) => {
+                tracing::warn!(notification_id = %id, error = %e, "recipient refused; the address is flagged as bouncing");
+                DeliveryOutcome::Failed {
+                    error: e,
+                    bounce: true,
+                }
+            }
+            Err(SendError::Rejected(e)) => {
+                tracing::error!(notification_id = %id, error = %e, "message refused by the mail server");
+                DeliveryOutcome::Failed {
+                    error: e,
+                    bounce: false,
+                }
+            }
+            Err(SendError::Session(e)) => {
+                let first = {
+                    let mut refused = session_refused.lock().unwrap_or_else(|p| p.into_inner());
+                    let first = refused.is_none();
+                    refused.get_or_insert_with(|| e.clone());
+                    first
+                };
+                if first {
+                    tracing::error!(error = %e, "mail paused: the mail server refused the session; fix the email settings, nothing is lost");
+                    self.store
+                        .set_mail_pause(Some(&e), self.clock.now())
+                        .await?;
+                }
+                DeliveryOutcome::Retry {
+                    error: e,
+                    at: self.retry_at(item.notification.attempts),
+                }
+            }
+        })
     }
 
     /// Delivers until a pass claims nothing (what waits for a retry stays pending).

@@ -52,6 +52,10 @@ pub enum SendError {
 pub trait Mailer: Send + Sync {
     fn name(&self) -> &'static str;
     async fn send(&self, mail: &Mail) -> Result<(), SendError>;
+    /// How many messages may be sent at once (the SMTP mailer: `email.smtp.pool_size`).
+    fn in_flight(&self) -> usize {
+        1
+    }
 }
 
 /// Why a transport could not be built from the settings (exit 78).
@@ -135,14 +139,12 @@ impl Mailer for LogMailer {
     }
 }
 
-/// How many idle connections the SMTP mailer keeps for reuse.
-const SMTP_POOL: usize = 4;
 /// How long an idle SMTP connection is kept before it is dropped rather than reused.
 const SMTP_IDLE: Duration = Duration::from_secs(60);
 
 /// The operator's SMTP server. Each message is one transaction, sent command by command so
 /// that a refusal is known by the step it came at; connections are reused (up to
-/// [`SMTP_POOL`] idle ones, each checked with NOOP) and dropped after any refusal.
+/// `email.smtp.pool_size` idle ones, each checked with NOOP) and dropped after any refusal.
 pub struct SmtpMailer {
     host: String,
     port: u16,
@@ -154,6 +156,8 @@ pub struct SmtpMailer {
     timeout: Duration,
     /// Connections that finished a message cleanly, with when they did.
     idle: tokio::sync::Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    /// `email.smtp.pool_size`: the most idle connections kept.
+    pool_size: usize,
 }
 
 impl SmtpMailer {
@@ -204,6 +208,7 @@ impl SmtpMailer {
             credentials,
             timeout: smtp.timeout.as_std(),
             idle: tokio::sync::Mutex::new(Vec::new()),
+            pool_size: usize::try_from(smtp.pool_size).unwrap_or(1).max(1),
         })
     }
 
@@ -541,6 +546,10 @@ impl Mailer for SmtpMailer {
         "smtp"
     }
 
+    fn in_flight(&self) -> usize {
+        self.pool_size
+    }
+
     async fn send(&self, mail: &Mail) -> Result<(), SendError> {
         let mut conn = self.connection().await?;
         let sent = self
@@ -553,7 +562,7 @@ impl Mailer for SmtpMailer {
         match sent {
             Ok(()) => {
                 let mut idle = self.idle.lock().await;
-                if idle.len() < SMTP_POOL {
+                if idle.len() < self.pool_size {
                     idle.push((conn, Instant::now()));
                     return Ok(());
                 }

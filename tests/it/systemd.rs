@@ -260,6 +260,70 @@ async fn a_slow_mail_batch_reports_after_every_message_so_it_never_looks_stalled
     assert_eq!(pass.await.unwrap().unwrap().sent, 4);
 }
 
+/// A mail server that counts how many messages it is given at once.
+struct CountingMailer {
+    in_flight: usize,
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Mailer for CountingMailer {
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+    async fn send(&self, _mail: &Mail) -> Result<(), SendError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.now.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.now.fetch_sub(1, SeqCst);
+        Ok(())
+    }
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+#[tokio::test]
+async fn a_mail_pass_sends_as_many_messages_at_once_as_the_mailer_takes_and_no_more() {
+    let w = World::with_settings(Kind::Sqlite, &[("AUTOPAY__EMAIL__MAX_PER_SECOND", "1000")]).await;
+    for i in 0..12 {
+        let member = w
+            .member(&format!("A-1003{i:02}"), AccountType::IndividualFamily)
+            .await;
+        let receipt = NewNotification {
+            kind: "receipt".into(),
+            dedupe_key: format!("receipt:{i}"),
+            member_id: member.id,
+            payload: Templates::sample_payload("receipt"),
+            expires_at: None,
+        };
+        assert!(w.store.enqueue(&receipt, w.clock.now()).await.unwrap());
+    }
+    let mailer = Arc::new(CountingMailer {
+        in_flight: 3,
+        now: Default::default(),
+        most: Default::default(),
+    });
+    let dispatcher = Dispatcher::new(
+        &w.settings,
+        w.store.clone(),
+        mailer.clone(),
+        Arc::new(Templates::builtin()),
+        w.clock.clone(),
+        "test-dispatcher".into(),
+    )
+    .unwrap();
+    let report = dispatcher.drain().await.unwrap();
+    assert_eq!(report.sent, 12);
+    assert_eq!(
+        mailer.most.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "three messages in flight at once, never more"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_daemon_run_in_process_tells_the_notifier_it_is_given() {
     let db = TestDb::new(Kind::Sqlite).await;

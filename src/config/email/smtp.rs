@@ -17,6 +17,7 @@ section!(Smtp {
     password_file: String,
     timeout: String,
     ca_file: String,
+    pool_size: String,
 });
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -37,6 +38,8 @@ pub struct SmtpSettings {
     pub password: Option<SecretString>,
     pub timeout: Dur,
     pub ca_file: String,
+    /// Connections to the server at once, and so messages in flight, 1 to 32.
+    pub pool_size: u32,
 }
 
 /// `transport` is the chosen `email.transport`: unencrypted SMTP is refused only when SMTP is
@@ -72,6 +75,7 @@ pub(super) fn parse(sm: &Smtp, c: &mut Checker, transport: EmailTransport) -> Sm
     }
     let smtp_password = c.secret(&sm.password, "email.smtp.password_file", &sm.password_file);
     let smtp_timeout = c.dur("email.smtp.timeout", &sm.timeout);
+    let pool_size = c.int("email.smtp.pool_size", &sm.pool_size, 1, 32);
     SmtpSettings {
         host,
         port,
@@ -80,5 +84,6 @@ pub(super) fn parse(sm: &Smtp, c: &mut Checker, transport: EmailTransport) -> Sm
         password: smtp_password,
         timeout: smtp_timeout,
         ca_file: sm.ca_file.trim().to_string(),
+        pool_size,
     }
 }
