@@ -241,22 +241,48 @@ impl SmtpMailer {
             }
             conn.abort().await;
         }
-        let wrapper = match &self.tls {
-            Tls::Wrapper(params) => Some(params.clone()),
-            _ => None,
+        let mut conn = match &self.tls {
+            Tls::Wrapper(params) => {
+                self.step(
+                    Stage::Connect,
+                    AsyncSmtpConnection::connect_tokio1(
+                        (self.host.as_str(), self.port),
+                        Some(self.timeout),
+                        &self.hello,
+                        Some(params.clone()),
+                        None,
+                    ),
+                )
+                .await?
+            }
+            _ => {
+                // Our own socket, with Nagle's algorithm off: lettre writes a message's body and
+                // its final dot in two writes, and with Nagle on the second waits for the
+                // server's delayed ACK, about 40 ms a message.
+                let tcp = match tokio::time::timeout(
+                    self.timeout,
+                    tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+                )
+                .await
+                {
+                    Ok(Ok(tcp)) => tcp,
+                    Ok(Err(e)) => {
+                        return Err(classify(
+                            Stage::Connect,
+                            &Failure::Network(scrub_addresses(&e.to_string())),
+                        ));
+                    }
+                    Err(_) => return Err(classify(Stage::Connect, &Failure::Timeout)),
+                };
+                // Only a latency setting: a socket that refuses it still works.
+                let _ = tcp.set_nodelay(true);
+                self.step(
+                    Stage::Connect,
+                    AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello),
+                )
+                .await?
+            }
         };
-        let mut conn = self
-            .step(
-                Stage::Connect,
-                AsyncSmtpConnection::connect_tokio1(
-                    (self.host.as_str(), self.port),
-                    Some(self.timeout),
-                    &self.hello,
-                    wrapper,
-                    None,
-                ),
-            )
-            .await?;
         if let Tls::Required(params) = &self.tls {
             let upgraded = self
                 .step(Stage::Tls, conn.starttls(params.clone(), &self.hello))
