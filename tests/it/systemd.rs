@@ -205,6 +205,23 @@ async fn a_sqlite_lock_is_waited_for_at_most_the_wait_limit() {
     assert_eq!(busy, WAIT_LIMIT.as_millis() as i64);
 }
 
+/// Queues `n` receipts, each for a member of its own.
+async fn queue_receipts(w: &World, n: usize) {
+    for i in 0..n {
+        let member = w
+            .member(&format!("A-1003{i:02}"), AccountType::IndividualFamily)
+            .await;
+        let receipt = NewNotification {
+            kind: "receipt".into(),
+            dedupe_key: format!("receipt:{i}"),
+            member_id: member.id,
+            payload: Templates::sample_payload("receipt"),
+            expires_at: None,
+        };
+        assert!(w.store.enqueue(&receipt, w.clock.now()).await.unwrap());
+    }
+}
+
 /// A mail server that takes its time over every message.
 struct SlowMailer(Duration);
 
@@ -222,19 +239,7 @@ impl Mailer for SlowMailer {
 #[tokio::test]
 async fn a_slow_mail_batch_reports_after_every_message_so_it_never_looks_stalled() {
     let w = World::new(Kind::Sqlite).await;
-    for i in 0..4 {
-        let member = w
-            .member(&format!("A-10020{i}"), AccountType::IndividualFamily)
-            .await;
-        let receipt = NewNotification {
-            kind: "receipt".into(),
-            dedupe_key: format!("receipt:{i}"),
-            member_id: member.id,
-            payload: Templates::sample_payload("receipt"),
-            expires_at: None,
-        };
-        assert!(w.store.enqueue(&receipt, w.clock.now()).await.unwrap());
-    }
+    queue_receipts(&w, 4).await;
     let health = Arc::new(Health::new());
     let dispatcher = Dispatcher::new(
         &w.settings,
@@ -288,19 +293,7 @@ impl Mailer for CountingMailer {
 #[tokio::test]
 async fn a_mail_pass_sends_as_many_messages_at_once_as_the_mailer_takes_and_no_more() {
     let w = World::with_settings(Kind::Sqlite, &[("AUTOPAY__EMAIL__MAX_PER_SECOND", "1000")]).await;
-    for i in 0..12 {
-        let member = w
-            .member(&format!("A-1003{i:02}"), AccountType::IndividualFamily)
-            .await;
-        let receipt = NewNotification {
-            kind: "receipt".into(),
-            dedupe_key: format!("receipt:{i}"),
-            member_id: member.id,
-            payload: Templates::sample_payload("receipt"),
-            expires_at: None,
-        };
-        assert!(w.store.enqueue(&receipt, w.clock.now()).await.unwrap());
-    }
+    queue_receipts(&w, 12).await;
     let mailer = Arc::new(CountingMailer {
         in_flight: 3,
         now: Default::default(),
