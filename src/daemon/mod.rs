@@ -228,11 +228,7 @@ impl Daemon {
         // Stripe's webhooks need the adapter itself, beside the engine's view of it.
         let (processor, stripe) = match settings.processor.kind {
             crate::config::ProcessorKind::Stripe => {
-                let stripe = Arc::new(crate::processor::stripe::StripeProcessor::new(
-                    &settings.processor.stripe,
-                    settings.processor.timeout.as_std(),
-                    installation,
-                )?);
+                let stripe = crate::processor::open_stripe(&settings.processor, installation)?;
                 (
                     stripe.clone() as Arc<dyn crate::processor::Processor>,
                     Some(stripe),

@@ -192,12 +192,20 @@ pub async fn open(
             simulated::SimulatedProcessor::open(&settings.simulated, autopay_db, clock, None)
                 .await?,
         )),
-        ProcessorKind::Stripe => Ok(Arc::new(stripe::StripeProcessor::new(
-            &settings.stripe,
-            settings.timeout.as_std(),
-            installation,
-        )?)),
+        ProcessorKind::Stripe => Ok(open_stripe(settings, installation)?),
     }
+}
+
+/// The Stripe adapter itself (the daemon keeps it for webhooks beside the engine's view).
+pub fn open_stripe(
+    settings: &ProcessorSettings,
+    installation: uuid::Uuid,
+) -> Result<Arc<stripe::StripeProcessor>, ProcessorError> {
+    Ok(Arc::new(stripe::StripeProcessor::new(
+        &settings.stripe,
+        settings.timeout.as_std(),
+        installation,
+    )?))
 }
 
 /// A payment processor.

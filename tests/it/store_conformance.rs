@@ -153,6 +153,23 @@ async fn insert_payment(
     id
 }
 
+/// Disables a card directly in the database with `reason`, as a decline would have.
+async fn disable_card_as(db: &TestDb, kind: Kind, card_id: uuid::Uuid, reason: &str) {
+    let sql = "UPDATE payment_methods SET status = 'disabled', status_reason = $1 WHERE id = $2";
+    match kind {
+        Kind::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+            let q = sqlx::query(sql).bind(reason).bind(DbId(card_id));
+            q.execute(&pool).await.unwrap();
+        }
+        Kind::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+            let q = sqlx::query(sql).bind(reason).bind(DbId(card_id));
+            q.execute(&pool).await.unwrap();
+        }
+    }
+}
+
 /// A member with a card and a live statement-balance schedule.
 async fn member_card_schedule(store: &dyn Store) -> (Member, Card, Schedule) {
     let m = member(store, "A-100200").await;
@@ -670,27 +687,7 @@ async fn a_card_disabled_for_expiry_then_disputed_as_fraud_never_comes_back(kind
     let (_, card, schedule) = member_card_schedule(store.as_ref()).await;
     let payment = insert_payment(&db, kind, &schedule, "2026-12-01", PaymentState::Succeeded).await;
     let expired_reason = autopay::domain::decline::classify_code("expired_card").member_reason;
-    let sql = "UPDATE payment_methods SET status = 'disabled', status_reason = $1 WHERE id = $2";
-    match kind {
-        Kind::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
-            sqlx::query(sql)
-                .bind(expired_reason)
-                .bind(DbId(card.id))
-                .execute(&pool)
-                .await
-                .unwrap();
-        }
-        Kind::Postgres => {
-            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-            sqlx::query(sql)
-                .bind(expired_reason)
-                .bind(DbId(card.id))
-                .execute(&pool)
-                .await
-                .unwrap();
-        }
-    }
+    disable_card_as(&db, kind, card.id, expired_reason).await;
     store
         .record_processor_event(
             payment,
@@ -731,28 +728,7 @@ async fn a_refreshed_card_takes_its_new_details_and_only_an_expired_one_comes_ba
     let expired_reason = autopay::domain::decline::classify_code("expired_card").member_reason;
     let lost_reason = autopay::domain::decline::classify_code("lost_card").member_reason;
     for (c, reason) in [(&expired, expired_reason), (&lost, lost_reason)] {
-        let sql =
-            "UPDATE payment_methods SET status = 'disabled', status_reason = $1 WHERE id = $2";
-        match kind {
-            Kind::Sqlite => {
-                let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
-                sqlx::query(sql)
-                    .bind(reason)
-                    .bind(DbId(c.id))
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-            }
-            Kind::Postgres => {
-                let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-                sqlx::query(sql)
-                    .bind(reason)
-                    .bind(DbId(c.id))
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-            }
-        }
+        disable_card_as(&db, kind, c.id, reason).await;
     }
     let details = autopay::processor::CardDetails {
         brand: CardBrand::Visa,
