@@ -224,6 +224,9 @@ pub struct SentAttempt {
 pub enum Answer {
     Approved {
         reference: String,
+        /// The card network's id of the charge, when the processor gives it: the card keeps
+        /// the first one (stored credentials).
+        network_transaction_id: Option<String>,
     },
     Declined {
         signal: DeclineSignal,
@@ -231,24 +234,15 @@ pub enum Answer {
     },
     /// A timeout, a dropped connection, a 5xx: money may have moved. `replayed` when the
     /// processor replayed a stored error for this key.
-    Unknown {
-        detail: String,
-        replayed: bool,
-    },
+    Unknown { detail: String, replayed: bool },
     /// "Key in use" (409), a rate limit (429), or a connection that failed before the request
     /// was written: nothing was decided; wait, then send the same request again.
-    Busy {
-        detail: String,
-    },
+    Busy { detail: String },
     /// The processor holds this key with other parameters.
-    Mismatch {
-        detail: String,
-    },
+    Mismatch { detail: String },
     /// The processor refused autopay's credentials (401, 403) before looking at the request:
     /// nothing was charged, and nothing will be until an operator fixes the settings.
-    Refused {
-        detail: String,
-    },
+    Refused { detail: String },
 }
 
 /// The processor's answer to "did this attempt happen?".
@@ -304,7 +298,7 @@ pub fn after_send(
     now: Timestamp,
 ) -> Step {
     match answer {
-        Answer::Approved { reference } => Step::Charged {
+        Answer::Approved { reference, .. } => Step::Charged {
             reference: reference.clone(),
         },
         Answer::Declined { signal, reference } => Step::Declined {
@@ -672,7 +666,8 @@ mod tests {
         assert_eq!(
             after_send(
                 &Answer::Approved {
-                    reference: "ch_1".into()
+                    reference: "ch_1".into(),
+                    network_transaction_id: None,
                 },
                 &a,
                 &p,

@@ -315,21 +315,9 @@ impl Engine {
                     if let ChargeOutcome::Refused { detail } = &outcome {
                         tracing::error!(detail = %detail, "the processor refused autopay's credentials; charging pauses until `autopay charging resume`");
                     }
-                    let next = self
-                        .store
+                    self.store
                         .record_charge(&lease, Some(call), &answer, &self.policy, &self.audit())
-                        .await?;
-                    if let (
-                        ChargeOutcome::Approved {
-                            network_transaction_id: Some(ntid),
-                            ..
-                        },
-                        Next::Moved(_),
-                    ) = (&outcome, &next)
-                    {
-                        self.keep_network_transaction_id(lease, ntid).await;
-                    }
-                    next
+                        .await?
                 }
                 Next::WaitAndResend => {
                     let (deadline, wait) = busy.unwrap_or((
@@ -356,18 +344,6 @@ impl Engine {
                 }
                 rest => return Ok(rest),
             };
-        }
-    }
-
-    /// Keeps the network transaction id of a card's first successful charge. The charge is
-    /// already recorded; a failure here loses only this reference, so it is logged, not raised.
-    async fn keep_network_transaction_id(&self, lease: Lease, ntid: &str) {
-        if let Err(e) = self
-            .store
-            .keep_network_transaction_id(lease.payment_id, ntid)
-            .await
-        {
-            tracing::warn!(payment_id = %lease.payment_id, error = %e, "could not keep the card's network transaction id");
         }
     }
 

@@ -87,8 +87,12 @@ impl ChargeOutcome {
     /// The answer the unknown-outcome rule reads.
     pub fn answer(&self) -> Answer {
         match self {
-            ChargeOutcome::Approved { reference, .. } => Answer::Approved {
+            ChargeOutcome::Approved {
+                reference,
+                network_transaction_id,
+            } => Answer::Approved {
                 reference: reference.clone(),
+                network_transaction_id: network_transaction_id.clone(),
             },
             ChargeOutcome::Declined {
                 signal, reference, ..

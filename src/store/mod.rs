@@ -422,14 +422,6 @@ pub trait Store: Send + Sync {
     async fn findings(&self, open_only: bool) -> Result<Vec<Finding>>;
     /// An operator's acknowledgement of a finding, with what was done about it.
     async fn acknowledge_finding(&self, id: Uuid, note: &str, audit: &Audit) -> Result<Finding>;
-    /// Keeps the network transaction id of a payment's charge on its card, when the card has
-    /// none yet (the first successful charge's is the one the networks ask for). Whether it was
-    /// kept.
-    async fn keep_network_transaction_id(
-        &self,
-        payment_id: Uuid,
-        network_transaction_id: &str,
-    ) -> Result<bool>;
     /// How many active cards each processor (and mode) holds: the daemon refuses to start
     /// with cards it cannot charge.
     async fn card_processors(&self) -> Result<Vec<CardProcessor>>;

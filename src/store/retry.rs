@@ -157,7 +157,6 @@ retried! {
     fn reconcile_attempt(found: &crate::domain::attempt::ProcessorAttempt, last_try: bool, audit: &Audit) -> Reconciled;
     fn findings(open_only: bool) -> Vec<Finding>;
     fn acknowledge_finding(id: Uuid, note: &str, audit: &Audit) -> Finding;
-    fn keep_network_transaction_id(payment_id: Uuid, network_transaction_id: &str) -> bool;
     fn card_processors() -> Vec<CardProcessor>;
     fn webhook_seen(id: &str) -> bool;
     fn record_webhook(id: &str, kind: &str, outcome: &str, at: Timestamp) -> bool;

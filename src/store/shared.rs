@@ -2745,6 +2745,16 @@ macro_rules! shared_store_impl {
                 }
                 let next = crate::domain::attempt::after_send(answer, &sent_facts(&l.held, &row).attempt, &policy.keys, audit.at);
                 let next = apply_step(&mut tx, &l, &row, next, Settler::Daemon, policy, audit).await?;
+                if let (Answer::Approved { network_transaction_id: Some(ntid), .. }, None) = (answer, &l.card.network_transaction_id) {
+                    // The card's first successful charge: its network id is the stored
+                    // credential's reference, kept in the same transaction as the charge.
+                    sqlx::query("UPDATE payment_methods SET network_transaction_id = $1 WHERE id = $2 AND network_transaction_id IS NULL")
+                        .bind(ntid)
+                        .bind(DbId(l.card.id))
+                        .execute(tx.conn())
+                        .await
+                        .map_err(db_err("keeping a card's network transaction id"))?;
+                }
                 commit(tx).await?;
                 Ok(next)
             }
@@ -3497,19 +3507,6 @@ macro_rules! shared_store_impl {
                 event(&mut tx, audit, "reconcile", id, "acknowledged", serde_json::json!({ "note": note })).await?;
                 commit(tx).await?;
                 Ok(Finding { acknowledged_at: Some(audit.at), acknowledged_by: Some(audit.actor.clone()), note: Some(note.to_string()), ..finding })
-            }
-
-            async fn keep_network_transaction_id(&self, payment_id: Uuid, network_transaction_id: &str) -> Result<bool> {
-                let mut tx = self.begin_write().await?;
-                let done = sqlx::query("UPDATE payment_methods SET network_transaction_id = $1 WHERE network_transaction_id IS NULL AND id = (SELECT payment_method_id FROM payments WHERE id = $2)")
-                    .bind(network_transaction_id)
-                    .bind(DbId(payment_id))
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("keeping a card's network transaction id"))?
-                    .rows_affected() > 0;
-                commit(tx).await?;
-                Ok(done)
             }
 
             async fn webhook_seen(&self, id: &str) -> Result<bool> {

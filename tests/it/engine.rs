@@ -570,6 +570,7 @@ async fn a_worker_whose_lease_was_taken_over_records_nothing(kind: Kind) {
     assert_ne!(taken[0].lease.token, slow_lease.token);
     let late = Answer::Approved {
         reference: "ch_late".into(),
+        network_transaction_id: None,
     };
     assert_eq!(
         w.store
