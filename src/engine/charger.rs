@@ -1,5 +1,5 @@
-//! The charger: claims due payments as fenced leases, only as many as it has slots, and drives
-//! each one's attempt: the store freezes the amount, re-checks the charging pause and stores
+//! The charger: a continuous pipeline that claims due payments as fenced leases, only as many
+//! as it has free slots, and drives each one's attempt: the store freezes the amount, re-checks the charging pause and stores
 //! the exact request in one transaction; the request is written outside any transaction; the
 //! answer is recorded in one transaction that names the lease.
 //!
@@ -76,6 +76,8 @@ enum Done {
 /// The first wait after a busy answer, doubled after each one, at most [`MAX_BUSY_WAIT`].
 const FIRST_BUSY_WAIT: Duration = Duration::from_millis(250);
 const MAX_BUSY_WAIT: Duration = Duration::from_secs(2);
+/// How often a running pipeline checks the circuit breaker.
+const BREAKER_EVERY: Duration = Duration::from_secs(1);
 
 impl Engine {
     /// The claim rules from the settings.
@@ -88,46 +90,98 @@ impl Engine {
         }
     }
 
-    /// Claims one batch (at most `daemon.concurrency` payments) and works them concurrently.
+    /// Charges what is due as a continuous pipeline of `daemon.concurrency` slots: a slot
+    /// refills as soon as its charge is recorded, so a slow processor call holds one slot, not
+    /// a batch. Claims are taken in batches sized to the free slots (at most
+    /// `daemon.batch_size`), once at least a quarter of the slots are free or none is busy.
+    ///
+    /// The pipeline stops claiming when a claim finds nothing, when the process is told to
+    /// stop, or after `daemon.poll_interval` (so the planner and the worker loop get their
+    /// turn); what is in flight always finishes and is recorded before it returns. The circuit
+    /// breaker is checked every second and at the end.
     pub async fn charge_due(self: &Engine) -> Result<ChargeReport, EngineError> {
         let mut report = ChargeReport::default();
-        let limit = self.config.concurrency.min(self.config.batch_size);
-        let work = self
-            .store
-            .claim_work(&self.worker_id, self.clock.now(), &self.claim_rules(limit))
-            .await?;
-        report.claimed = work.len() as u64;
-        report.looked_up = work.iter().filter(|w| w.kind == WorkKind::Settle).count() as u64;
-        let taken_over = work.iter().filter(|w| w.taken_over).count() as u64;
-        if taken_over > 0 {
-            metrics::counter!(crate::metrics::LEASES_TAKEN_OVER).increment(taken_over);
-        }
-        if work.is_empty() {
-            return Ok(report);
-        }
+        let slots = self.config.concurrency.max(1) as usize;
+        let refill_at = slots.div_ceil(4);
+        let started = Instant::now();
+        let mut breaker_checked = Instant::now();
+        let mut claiming = true;
+        let mut first_error: Option<EngineError> = None;
         let this = Arc::new(self.clone());
         let mut tasks = JoinSet::new();
-        for item in work {
-            let engine = this.clone();
-            tasks.spawn(async move { engine.work_with_renewal(item).await });
-        }
-        let mut first_error = None;
-        while let Some(joined) = tasks.join_next().await {
-            match joined {
-                Ok(Ok(Done::Moved(state))) => report.count(state),
-                Ok(Ok(Done::LeaseLost)) => report.lease_lost += 1,
-                Ok(Ok(Done::Released)) => report.released += 1,
-                Ok(Err(e)) => {
-                    first_error.get_or_insert(e);
+        loop {
+            if claiming
+                && (self.stop.is_triggered()
+                    || started.elapsed() >= self.config.poll_interval
+                    || first_error.is_some())
+            {
+                claiming = false;
+            }
+            let free = slots - tasks.len();
+            if claiming && (free >= refill_at || tasks.is_empty()) {
+                let limit = (free as u32).min(self.config.batch_size);
+                match self
+                    .store
+                    .claim_work(&self.worker_id, self.clock.now(), &self.claim_rules(limit))
+                    .await
+                {
+                    Ok(work) => {
+                        if work.is_empty() {
+                            claiming = false;
+                        }
+                        report.claimed += work.len() as u64;
+                        report.looked_up +=
+                            work.iter().filter(|w| w.kind == WorkKind::Settle).count() as u64;
+                        let taken_over = work.iter().filter(|w| w.taken_over).count() as u64;
+                        if taken_over > 0 {
+                            metrics::counter!(crate::metrics::LEASES_TAKEN_OVER)
+                                .increment(taken_over);
+                        }
+                        for item in work {
+                            let engine = this.clone();
+                            tasks.spawn(async move { engine.work_with_renewal(item).await });
+                        }
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e.into());
+                        claiming = false;
+                    }
                 }
-                Err(e) => {
-                    first_error.get_or_insert(EngineError::Store(
-                        crate::store::StoreError::Internal(format!("a charge task stopped: {e}")),
-                    ));
+            }
+            if tasks.is_empty() {
+                break;
+            }
+            // Wait for one slot, then take every other one already free.
+            let mut joined = tasks.join_next().await;
+            while let Some(one) = joined {
+                match one {
+                    Ok(Ok(Done::Moved(state))) => report.count(state),
+                    Ok(Ok(Done::LeaseLost)) => report.lease_lost += 1,
+                    Ok(Ok(Done::Released)) => report.released += 1,
+                    Ok(Err(e)) => {
+                        first_error.get_or_insert(e);
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(EngineError::Store(
+                            crate::store::StoreError::Internal(format!(
+                                "a charge task stopped: {e}"
+                            )),
+                        ));
+                    }
+                }
+                joined = tasks.try_join_next();
+            }
+            self.health.beat(super::WORKER);
+            if breaker_checked.elapsed() >= BREAKER_EVERY {
+                breaker_checked = Instant::now();
+                if let Err(e) = self.check_breaker().await {
+                    first_error.get_or_insert(e);
                 }
             }
         }
-        self.check_breaker().await?;
+        if report.claimed > 0 {
+            self.check_breaker().await?;
+        }
         match first_error {
             Some(e) => Err(e),
             None => Ok(report),

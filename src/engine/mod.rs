@@ -27,6 +27,7 @@ use crate::domain::schedule::Misfire;
 use crate::health::Health;
 use crate::limiter::RateLimiter;
 use crate::processor::Processor;
+use crate::shutdown::Shutdown;
 use crate::store::{Audit, OutcomePolicy, Store, StoreError};
 
 /// Why an engine step stopped.
@@ -75,6 +76,8 @@ pub struct Engine {
     pub(crate) crash_hook: Option<CrashHook>,
     /// Where the loop reports that it is alive (the watchdog and readiness read it).
     pub(crate) health: Arc<Health>,
+    /// Once triggered, the charge pipeline claims nothing more (what is in flight finishes).
+    pub(crate) stop: Shutdown,
 }
 
 /// What one pass of planning and charging did.
@@ -106,6 +109,7 @@ impl Engine {
             limiter,
             crash_hook: None,
             health: Arc::new(Health::new()),
+            stop: Shutdown::new(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The worker loop: plans and charges, then sleeps until the earliest due work, a wake-up, or
 //! at most `daemon.poll_interval`, so a payment that falls due is claimed promptly whatever
-//! the periodic ticks do. Stopping stops claiming; what is in flight finishes first.
+//! the periodic ticks do. Stopping stops claiming at once, even inside a long charge pipeline;
+//! what is in flight finishes first.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,8 +24,13 @@ impl Engine {
     ) -> Result<PassReport, EngineError> {
         let mut total = PassReport::default();
         let mut failures = 0u32;
+        // The charge pipeline watches the same signal: a stop ends claiming at once.
+        let this = Engine {
+            stop: shutdown.clone(),
+            ..self.clone()
+        };
         while !shutdown.is_triggered() {
-            let outcome = self.pass().await;
+            let outcome = this.pass().await;
             // Alive, whatever the pass came to: a handled database error counts too.
             self.health.beat(WORKER);
             match outcome {
@@ -43,7 +49,7 @@ impl Engine {
                     tracing::error!(error.message = %e, error.cause_chain = ?e, failures, "worker pass failed; trying again");
                 }
             }
-            let sleep = self.until_next_work(failures).await;
+            let sleep = this.until_next_work(failures).await;
             tokio::select! {
                 () = tokio::time::sleep(sleep) => {}
                 () = wake.notified() => {}

@@ -8,6 +8,7 @@ mod faults;
 mod helpers;
 mod hostile;
 mod notify;
+mod pipeline;
 mod restore;
 mod secrets;
 mod service;
