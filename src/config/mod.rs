@@ -43,8 +43,8 @@ pub use log::{LogFormat, LogSettings};
 pub use org::OrgSettings;
 pub use payments::{Misfire, PaymentSettings};
 pub use processor::{
-    Ledger, MIN_API_VERSION, ProcessorKind, ProcessorSettings, SimulatedSettings, StripeMode,
-    StripeSettings,
+    Latency, Ledger, MIN_API_VERSION, ProcessorKind, ProcessorSettings, SimulatedSettings,
+    StripeMode, StripeSettings,
 };
 pub use reminders::ReminderSettings;
 pub use secrets::{is_secret_key, redact_secrets};
@@ -403,7 +403,10 @@ mod tests {
                 Dur(Duration::from_secs(14400))
             ]
         );
-        assert_eq!(s.processor.simulated.latency, Dur(Duration::ZERO));
+        assert_eq!(
+            s.processor.simulated.latency,
+            crate::config::Latency::Fixed(Duration::ZERO)
+        );
     }
 
     #[test]

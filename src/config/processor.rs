@@ -10,7 +10,7 @@ use super::raw::section;
 mod simulated;
 mod stripe;
 
-pub use simulated::{Ledger, Simulated, SimulatedSettings};
+pub use simulated::{Latency, Ledger, Simulated, SimulatedSettings};
 pub use stripe::{MIN_API_VERSION, Stripe, StripeMode, StripeSettings};
 
 section!(Processor {

@@ -46,7 +46,7 @@ use super::{
     ProcessorAttempt, ProcessorError, Tokenized,
 };
 use crate::clock::Clock;
-use crate::config::{Backend, DatabaseUrl, Ledger, SimulatedSettings};
+use crate::config::{Backend, DatabaseUrl, Latency, Ledger, SimulatedSettings};
 use crate::domain::card::{CardBrand, CardNumber, Expiry, Last4, SecurityCode};
 use crate::domain::decline::DeclineSignal;
 use crate::domain::spelled_enum;
@@ -315,7 +315,10 @@ impl Faults {
 /// The simulated processor.
 pub struct SimulatedProcessor {
     clock: Arc<dyn Clock>,
-    latency: Duration,
+    latency: Latency,
+    /// Draws each call's latency when it is spread (apart from the faults' draws, so a seed
+    /// replays the same faults whatever the latency).
+    latency_rng: Mutex<SplitMix64>,
     ledger: ChargeLedger,
     faults: Mutex<Faults>,
 }
@@ -343,7 +346,8 @@ impl SimulatedProcessor {
         tracing::info!(ledger = %ledger.label(), "the simulated processor's ledger is open");
         Ok(SimulatedProcessor {
             clock,
-            latency: settings.latency.as_std(),
+            latency: settings.latency,
+            latency_rng: Mutex::new(SplitMix64(Uuid::new_v4().as_u64_pair().1)),
             ledger,
             faults: Mutex::new(Faults::new(
                 settings.drop_after_charge,
@@ -358,7 +362,8 @@ impl SimulatedProcessor {
     pub fn in_memory(clock: Arc<dyn Clock>, latency: Duration) -> SimulatedProcessor {
         SimulatedProcessor {
             clock,
-            latency,
+            latency: Latency::Fixed(latency),
+            latency_rng: Mutex::new(SplitMix64(Uuid::new_v4().as_u64_pair().1)),
             ledger: ChargeLedger::memory(),
             faults: Mutex::new(Faults::new(0.0, 0.0, None)),
         }
@@ -396,10 +401,30 @@ impl SimulatedProcessor {
         self.ledger.by_payment(payment_id).await
     }
 
+    /// Every call from now on takes `latency` (a benchmark's slow processor).
+    pub fn with_latency(mut self, latency: Latency) -> SimulatedProcessor {
+        self.latency = latency;
+        self
+    }
+
     async fn delay(&self) {
-        if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
+        if self.latency.is_zero() {
+            return;
         }
+        let z = match self.latency {
+            Latency::Fixed(_) => 0.0,
+            Latency::Tail { .. } => {
+                let mut rng = self
+                    .latency_rng
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Box-Muller: two uniform draws make one standard normal draw.
+                let u1 = 1.0 - rng.next_unit();
+                let u2 = rng.next_unit();
+                (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+            }
+        };
+        tokio::time::sleep(self.latency.at(z)).await;
     }
 
     fn today(&self) -> jiff::civil::Date {
@@ -634,7 +659,6 @@ fn outcome_of(attempt: &ProcessorAttempt, token: &str, today: jiff::civil::Date)
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::config::Dur;
     use crate::domain::card::luhn_valid;
     use crate::domain::money::{Currency, Money};
 
@@ -670,7 +694,7 @@ mod tests {
         timeout_before_charge: f64,
     ) -> SimulatedSettings {
         SimulatedSettings {
-            latency: Dur(Duration::ZERO),
+            latency: Latency::Fixed(Duration::ZERO),
             ledger,
             drop_after_charge,
             timeout_before_charge,
