@@ -22,6 +22,9 @@ const WINDOW: Duration = Duration::from_millis(1_020);
 #[derive(Debug)]
 pub struct RateLimiter {
     per_second: u32,
+    /// Waiters line up here and are served in the order they came (tokio's mutex is fair), so
+    /// no request waits behind later ones and runs out of `processor.timeout` while they pass.
+    line: Mutex<()>,
     state: Mutex<State>,
 }
 
@@ -39,6 +42,7 @@ impl RateLimiter {
         let per_second = per_second.max(1);
         RateLimiter {
             per_second,
+            line: Mutex::new(()),
             state: Mutex::new(State {
                 granted: VecDeque::with_capacity(per_second.min(100_000) as usize),
                 tokens: f64::from(Self::burst_of(per_second)),
@@ -52,8 +56,9 @@ impl RateLimiter {
         (per_second / 10).max(1)
     }
 
-    /// Waits for one request's turn.
+    /// Waits for one request's turn, first come first served.
     pub async fn acquire(&self) {
+        let _line = self.line.lock().await;
         let rate = f64::from(self.per_second);
         let burst = f64::from(Self::burst_of(self.per_second));
         loop {
@@ -121,6 +126,28 @@ mod tests {
         }
         sent.sort();
         assert!(most_in_a_second(&sent) <= 10, "{}", most_in_a_second(&sent));
+    }
+
+    /// Waiters are served in the order they came: with more waiting than a second's worth,
+    /// none is overtaken by a later one (which would stretch its wait past the others').
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_served_in_the_order_they_came() {
+        let limiter = std::sync::Arc::new(RateLimiter::new(4));
+        let served = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..12 {
+            let (l, served) = (limiter.clone(), served.clone());
+            tasks.spawn(async move {
+                l.acquire().await;
+                served.lock().unwrap().push(i);
+            });
+            // Each waiter is in line before the next one comes.
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tasks.join_all().await;
+        let served = served.lock().unwrap().clone();
+        assert_eq!(served, (0..12).collect::<Vec<_>>());
     }
 
     #[tokio::test(start_paused = true)]

@@ -101,7 +101,7 @@ impl Engine {
     /// breaker is checked every second and at the end.
     pub async fn charge_due(self: &Engine) -> Result<ChargeReport, EngineError> {
         let mut report = ChargeReport::default();
-        let slots = self.config.concurrency.max(1) as usize;
+        let slots = self.slots();
         let refill_at = slots.div_ceil(4);
         let started = Instant::now();
         let mut breaker_checked = Instant::now();
@@ -269,6 +269,17 @@ impl Engine {
                 format!("a worker's attempt ended in {other:?}"),
             ))),
         }
+    }
+
+    /// The pipeline's slots: `daemon.concurrency`, but no more than the rate limit serves in
+    /// half of `processor.timeout`. A request's wait for the rate limit counts against its
+    /// timeout, and every slot beyond that would only wait in line until it timed out.
+    fn slots(&self) -> usize {
+        let servable = f64::from(self.config.max_requests_per_second)
+            * self.config.processor_timeout.as_secs_f64()
+            / 2.0;
+        let servable = servable.floor().clamp(1.0, f64::from(u32::MAX)) as u32;
+        self.config.concurrency.clamp(1, servable.max(1)) as usize
     }
 
     /// Asks the processor about one attempt, within `processor.timeout` (the rate limit
