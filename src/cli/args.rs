@@ -98,8 +98,25 @@ pub enum BenchBackend {
     Both,
 }
 
+/// What `autopay bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchScenario {
+    /// Charges per second with a processor that answers at once, against PostgreSQL's
+    /// ceiling measured by pgbench in the same run.
+    Charge,
+    /// A processor that takes 300 ms, then one with a median of 300 ms and a 99th percentile
+    /// of 2 s, at a concurrency of 256 (or --concurrency) and at most 500 requests a second.
+    Slow,
+}
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = BenchScenario::Charge)]
+    pub scenario: BenchScenario,
+    /// How long pgbench measures PostgreSQL's ceiling after the charge scenario (0: not at all).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=600))]
+    pub ceiling_seconds: u32,
     /// Schedules to load and charge on each backend.
     #[arg(long, value_name = "N", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub payments: u32,

@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::args::{BenchArgs, BenchBackend};
+use super::args::{BenchArgs, BenchBackend, BenchScenario};
+use super::counted::Counted;
 use super::output::{self, Table, say};
 use super::{CliError, Context, exit, operator};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Backend, DatabaseUrl, redact_url};
+use crate::config::{Backend, DatabaseUrl, Latency, redact_url};
 use crate::daemon::{engine_config, outcome_policy};
 use crate::domain::card::{CardNumber, Expiry, SecurityCode};
 use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
@@ -42,17 +43,67 @@ const CHARGE_MINOR: i64 = 100;
 const BILL_MINOR: i64 = 1_000_000;
 /// Raised from `processor.max_requests_per_second` so the rate limiter does not cap the figures.
 const UNCAPPED_REQUESTS_PER_SECOND: u32 = 100_000;
+/// The slow-processor scenario: this many charges in flight, at most this many requests a
+/// second, against a processor that always takes 300 ms, then one with a heavy tail.
+const SLOW_CONCURRENCY: u32 = 256;
+const SLOW_RATE_LIMIT: u32 = 500;
+const SLOW_FIXED: &str = "300ms";
+const SLOW_TAIL: &str = "300ms p99 2s";
 /// The shell's code for a run stopped with Ctrl-C (128 + SIGINT).
 const INTERRUPTED: u8 = 130;
+
+/// How one run's processor behaves and how fast the engine may call it.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    scenario: &'static str,
+    concurrency: u32,
+    latency: Latency,
+    /// `processor.max_requests_per_second` for the run; `None` lifts it out of the way.
+    rate_limit: Option<u32>,
+}
+
+impl Shape {
+    /// What the run should reach at least: 90 % of what the concurrency and the latency allow,
+    /// or of the rate limit, whichever is lower. Only a processor with latency has one.
+    fn target(&self) -> Option<f64> {
+        let mean = self.latency.mean().as_secs_f64();
+        if mean == 0.0 {
+            return None;
+        }
+        let by_latency = f64::from(self.concurrency) / mean;
+        let bound = self
+            .rate_limit
+            .map_or(by_latency, |limit| by_latency.min(f64::from(limit)));
+        Some(0.9 * bound)
+    }
+}
 
 /// One backend's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
     pub backend: Backend,
+    /// `charge`, or `slow` (a processor with latency, at a concurrency of 256 and a limit).
+    pub scenario: &'static str,
     pub payments: u32,
     pub concurrency: u32,
+    /// Every call's time at the simulated processor (`0s`, `300ms`, `300ms p99 2s`).
+    pub latency: String,
+    /// Where the simulated processor's ledger is during the run: always `memory` here.
+    pub ledger: &'static str,
+    /// `processor.max_requests_per_second` during the run; null when lifted out of the way.
+    pub rate_limit: Option<u32>,
+    /// The most requests that reached the processor in any sliding one-second window.
+    pub most_requests_in_one_second: usize,
+    /// For a processor with latency: 90 % of min(concurrency / mean latency, rate limit).
+    pub target_per_second: Option<f64>,
+    /// PostgreSQL only: pgbench's transactions per second doing one charge's minimal writes.
+    pub ceiling_per_second: Option<f64>,
+    /// `charges_per_second / ceiling_per_second`.
+    pub share_of_ceiling: Option<f64>,
     /// Migrate and load members, cards, bills and schedules: not counted in the rate.
     pub load_seconds: f64,
+    /// Planning every schedule into its payment: the first part of `charge_seconds`.
+    pub plan_seconds: f64,
     /// One engine's `drain()`: plan every schedule and charge every payment.
     pub charge_seconds: f64,
     pub charges_per_second: f64,
@@ -90,15 +141,37 @@ pub(super) async fn bench(ctx: &Context, args: BenchArgs) -> Result<(), CliError
         }
         return super::idle::print(ctx, &results);
     }
+    let shapes: Vec<Shape> = match args.scenario {
+        BenchScenario::Charge => vec![Shape {
+            scenario: "charge",
+            concurrency,
+            latency: Latency::Fixed(Duration::ZERO),
+            rate_limit: None,
+        }],
+        BenchScenario::Slow => [SLOW_FIXED, SLOW_TAIL]
+            .into_iter()
+            .map(|latency| Shape {
+                scenario: "slow",
+                concurrency: args.concurrency.unwrap_or(SLOW_CONCURRENCY),
+                latency: Latency::parse(latency).unwrap_or(Latency::Fixed(Duration::ZERO)),
+                rate_limit: Some(SLOW_RATE_LIMIT),
+            })
+            .collect(),
+    };
     let mut results = Vec::new();
     for backend in backends {
-        let run = |url| measure(ctx, url, n, concurrency);
-        let result = match (backend, &admin) {
-            (Backend::Sqlite, _) => on_sqlite(n, run).await?,
-            (Backend::Postgres, Some(admin)) => on_postgres(admin, n, run).await?,
-            (Backend::Postgres, None) => unreachable!("the admin connection is checked above"),
-        };
-        results.push(result);
+        for shape in &shapes {
+            let ceiling = (args.scenario == BenchScenario::Charge).then_some(args.ceiling_seconds);
+            let run = |url| measure(ctx, url, n, *shape, ceiling.filter(|s| *s > 0));
+            let result = match (backend, &admin) {
+                (Backend::Sqlite, _) => on_sqlite(n, run).await?,
+                (Backend::Postgres, Some(admin)) => on_postgres(admin, n, run).await?,
+                (Backend::Postgres, None) => {
+                    unreachable!("the admin connection is checked above")
+                }
+            };
+            results.push(result);
+        }
     }
     print(ctx, &results)
 }
@@ -204,10 +277,12 @@ async fn measure(
     ctx: &Context,
     url: DatabaseUrl,
     n: u32,
-    concurrency: u32,
+    shape: Shape,
+    ceiling_seconds: Option<u32>,
 ) -> Result<BenchResult, CliError> {
     let url = &url;
     let backend = url.backend();
+    let concurrency = shape.concurrency;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let processor = Arc::new(SimulatedProcessor::in_memory(clock.clone(), Duration::ZERO));
     let store = store::open(url, ctx.settings.database.max_connections).await?;
@@ -225,34 +300,78 @@ async fn measure(
     .await?;
     let load_seconds = started.elapsed().as_secs_f64();
     progress(format!(
-        "loaded in {load_seconds:.1}s; charging {n} payments with concurrency {concurrency}..."
+        "loaded in {load_seconds:.1}s; charging {n} payments with concurrency {concurrency}, processor latency {}, {}...",
+        shape.latency,
+        shape.rate_limit.map_or_else(
+            || "no rate limit".to_string(),
+            |l| format!("at most {l} requests/s")
+        )
     ));
 
     let mut config = engine_config(&ctx.settings);
-    config.max_requests_per_second = UNCAPPED_REQUESTS_PER_SECOND;
+    config.max_requests_per_second = shape.rate_limit.unwrap_or(UNCAPPED_REQUESTS_PER_SECOND);
     config.concurrency = concurrency;
+    // The load used the processor without latency; the run uses the shape's.
+    let processor = Arc::new(
+        Arc::into_inner(processor)
+            .ok_or_else(|| CliError::internal("the benchmark's processor is still shared"))?
+            .with_latency(shape.latency),
+    );
+    let counted = Arc::new(Counted::new(processor.clone()));
     let engine = Engine::new(
         store.clone(),
-        processor.clone(),
+        counted.clone(),
         clock.clone(),
         config,
         outcome_policy(&ctx.settings),
     );
     let started = Instant::now();
-    let report = engine.drain().await?;
+    // Planning first, timed on its own; the rate counts it with the charges.
+    let planned = engine.plan_due().await?;
+    let plan_seconds = started.elapsed().as_secs_f64();
+    let mut report = engine.drain().await?;
+    report.plan.add(&planned);
     let charge_seconds = started.elapsed().as_secs_f64();
 
     verify(store.as_ref(), processor.as_ref(), backend, n, &report).await?;
     let charges_per_second = f64::from(n) / charge_seconds;
+    let most = counted.most_in_one_second();
     progress(format!(
-        "charged {n} payments on {} in {charge_seconds:.2}s: {charges_per_second:.0} charges/s",
+        "charged {n} payments on {} in {charge_seconds:.2}s: {charges_per_second:.0} charges/s; at most {most} requests in any one second",
         backend_name(backend)
     ));
+    drop(engine);
+    let ceiling = match (backend, ceiling_seconds) {
+        (Backend::Postgres, Some(seconds)) => {
+            let clients = concurrency
+                .min(ctx.settings.database.max_connections)
+                .max(1);
+            let c = super::ceiling::measure(url, clients, seconds).await?;
+            progress(format!(
+                "ceiling: {:.0} transactions/s ({} connections, {}s); autopay reached {:.0} %",
+                c.transactions_per_second,
+                c.clients,
+                c.seconds,
+                100.0 * charges_per_second / c.transactions_per_second
+            ));
+            Some(c.transactions_per_second)
+        }
+        _ => None,
+    };
     Ok(BenchResult {
         backend,
+        scenario: shape.scenario,
         payments: n,
         concurrency,
+        latency: shape.latency.to_string(),
+        ledger: "memory",
+        rate_limit: shape.rate_limit,
+        most_requests_in_one_second: most,
+        target_per_second: shape.target().map(|t| round(t, 1)),
+        ceiling_per_second: ceiling.map(|c| round(c, 1)),
+        share_of_ceiling: ceiling.map(|c| round(charges_per_second / c, 3)),
         load_seconds: round(load_seconds, 3),
+        plan_seconds: round(plan_seconds, 3),
         charge_seconds: round(charge_seconds, 3),
         charges_per_second: round(charges_per_second, 1),
         peak_rss_mib: peak_rss_kib().map(|kib| round(kib as f64 / 1024.0, 1)),
@@ -468,27 +587,46 @@ fn print(ctx: &Context, results: &[BenchResult]) -> Result<(), CliError> {
     }
     let mut t = Table::new(vec![
         "BACKEND",
+        "SCENARIO",
         "PAYMENTS",
         "CONCURRENCY",
+        "LATENCY",
+        "LIMIT/S",
         "LOAD S",
+        "PLAN S",
         "CHARGE S",
         "CHARGES/S",
+        "TARGET/S",
+        "MAX IN 1S",
+        "CEILING/S",
+        "OF CEILING",
         "PEAK RSS MIB",
     ]);
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
     for r in results {
         t.row(vec![
             backend_name(r.backend).to_string(),
+            r.scenario.to_string(),
             r.payments.to_string(),
             r.concurrency.to_string(),
+            r.latency.clone(),
+            or_dash(r.rate_limit.map(|l| l.to_string())),
             format!("{:.2}", r.load_seconds),
+            format!("{:.2}", r.plan_seconds),
             format!("{:.2}", r.charge_seconds),
             format!("{:.0}", r.charges_per_second),
+            or_dash(r.target_per_second.map(|t| format!("{t:.0}"))),
+            r.most_requests_in_one_second.to_string(),
+            or_dash(r.ceiling_per_second.map(|c| format!("{c:.0}"))),
+            or_dash(r.share_of_ceiling.map(|x| format!("{:.0} %", x * 100.0))),
             r.peak_rss_mib
                 .map_or_else(|| "n/a".to_string(), |m| format!("{m:.1}")),
         ]);
     }
     say(t.render());
-    say("peak RSS is the whole process's high-water mark after each backend's run");
+    say(
+        "the simulated processor's ledger is in memory; peak RSS is the whole process's high-water mark after each run",
+    );
     Ok(())
 }
 

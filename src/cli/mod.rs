@@ -4,6 +4,8 @@
 pub mod args;
 mod bench;
 mod billing;
+mod ceiling;
+mod counted;
 mod demo;
 mod idle;
 mod members;

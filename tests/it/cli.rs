@@ -1068,6 +1068,41 @@ async fn operator_payment_commands_refuse_what_the_state_machine_forbids() {
     pg.run(&["run", "--demo"]).fails_with(64);
 }
 
+/// The slow processor: 300 ms, then a heavy tail, at a concurrency of 256 and a limit of 500
+/// requests a second; no second ever holds more than the limit.
+#[tokio::test]
+async fn bench_with_a_slow_processor_keeps_the_rate_limit() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let run = Bin::new(&db)
+        .run(&[
+            "bench",
+            "--scenario",
+            "slow",
+            "--payments",
+            "600",
+            "--backend",
+            "sqlite",
+            "--json",
+        ])
+        .ok();
+    let results = run.json();
+    let results = results.as_array().expect("an array of results");
+    let latencies: Vec<&str> = results
+        .iter()
+        .map(|r| r["latency"].as_str().unwrap())
+        .collect();
+    assert_eq!(latencies, ["300ms", "300ms p99 2s"], "{}", run.stdout);
+    for r in results {
+        assert_eq!(r["scenario"], "slow", "{r}");
+        assert_eq!(r["concurrency"], 256, "{r}");
+        assert_eq!(r["rate_limit"], 500, "{r}");
+        assert_eq!(r["target_per_second"], 450.0, "{r}");
+        let most = r["most_requests_in_one_second"].as_u64().unwrap();
+        assert!(most > 0 && most <= 500, "{r}");
+        assert!(r["ceiling_per_second"].is_null(), "{r}");
+    }
+}
+
 /// The names of the benchmark's throwaway databases on the test PostgreSQL.
 async fn bench_databases(admin: &str) -> Vec<String> {
     let mut conn = crate::helpers::connect_admin(admin).await;
@@ -1095,6 +1130,8 @@ async fn bench_charges_on_throwaway_databases_and_leaves_none_behind() {
             "both",
             "--postgres-url",
             &admin,
+            "--ceiling-seconds",
+            "2",
             "--json",
         ])
         .ok();
@@ -1111,7 +1148,27 @@ async fn bench_charges_on_throwaway_databases_and_leaves_none_behind() {
         assert!(r["charge_seconds"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["load_seconds"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["peak_rss_mib"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["scenario"], "charge", "{r}");
+        assert_eq!(r["ledger"], "memory", "{r}");
+        assert_eq!(r["latency"], "0s", "{r}");
+        assert!(r["rate_limit"].is_null(), "{r}");
+        assert!(
+            r["most_requests_in_one_second"].as_u64().unwrap() > 0,
+            "{r}"
+        );
     }
+    // PostgreSQL's ceiling, measured by pgbench on the same database after the run.
+    assert!(results[0]["ceiling_per_second"].is_null());
+    let ceiling = results[1]["ceiling_per_second"].as_f64().unwrap();
+    assert!(ceiling > 0.0, "{}", results[1]);
+    let share = results[1]["share_of_ceiling"].as_f64().unwrap();
+    let expected = results[1]["charges_per_second"].as_f64().unwrap() / ceiling;
+    assert!((share - expected).abs() < 0.01, "{}", results[1]);
+    assert!(
+        run.stderr.contains("measuring the ceiling: pgbench"),
+        "{}",
+        run.stderr
+    );
     assert!(
         run.stderr.contains("loading 200 schedules into sqlite"),
         "{}",
