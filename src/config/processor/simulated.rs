@@ -72,7 +72,7 @@ impl Latency {
     pub fn at(&self, z: f64) -> Duration {
         match *self {
             Latency::Fixed(d) => d,
-            Latency::Tail { median, p99 } => {
+            Latency::Tail { median, .. } => {
                 let secs = median.as_secs_f64() * (self.sigma() * z).exp();
                 Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
             }
