@@ -19,6 +19,8 @@ pub const CHARGE_SECONDS: &str = "autopay_charge_request_seconds";
 pub const PROCESSOR_ERRORS: &str = "autopay_processor_errors_total";
 /// How long each request waited for the processor's rate limit.
 pub const RATE_LIMIT_WAIT: &str = "autopay_rate_limit_wait_seconds";
+/// How many attempt steps each group commit wrote in one transaction.
+pub const GROUP_COMMIT_STEPS: &str = "autopay_group_commit_steps";
 /// Payments this process claimed after another worker's lease expired.
 pub const LEASES_TAKEN_OVER: &str = "autopay_leases_taken_over_total";
 /// Delivery attempts, by outcome (`sent`, `retry`, `failed`, `paused`).
@@ -53,6 +55,8 @@ pub const READY_CHECK: &str = "autopay_ready_check";
 /// The histogram's buckets, in seconds: a charge takes tens of milliseconds to the timeout.
 const CHARGE_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
+/// The group commit's buckets: steps per transaction, one up to the largest group.
+const GROUP_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 /// The rate-limit wait's buckets, in seconds: none at all, up to the timeout.
 const WAIT_BUCKETS: &[f64] = &[0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
 
@@ -72,6 +76,12 @@ pub fn install() -> Option<PrometheusHandle> {
                     b.set_buckets_for_metric(
                         metrics_exporter_prometheus::Matcher::Full(RATE_LIMIT_WAIT.into()),
                         WAIT_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(GROUP_COMMIT_STEPS.into()),
+                        GROUP_BUCKETS,
                     )
                 })
                 .ok()?;

@@ -17,7 +17,9 @@ use tokio::task::JoinSet;
 use super::{Engine, EngineError};
 use crate::domain::attempt::Answer;
 use crate::processor::{AttemptRef, ChargeOutcome, ChargeRequest, Lookup};
-use crate::store::{ClaimRules, Lease, Next, Settler, Work, WorkKind};
+use uuid::Uuid;
+
+use crate::store::{ChargeStep, ClaimRules, Lease, Next, Settler, Work, WorkKind};
 
 /// What one claim round did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -218,16 +220,26 @@ impl Engine {
         let lease = work.lease;
         let next = match work.kind {
             WorkKind::Charge => {
-                self.store
-                    .begin_attempt(&lease, &self.policy, &self.audit())
-                    .await?
+                self.step(
+                    ChargeStep::Begin {
+                        lease,
+                        audit: self.audit(),
+                    },
+                    work.payment.member_id,
+                )
+                .await?
             }
             WorkKind::Settle => match self.store.sent_attempt(&lease).await? {
                 // The claim expired before any request was written: start the attempt.
                 None => {
-                    self.store
-                        .begin_attempt(&lease, &self.policy, &self.audit())
-                        .await?
+                    self.step(
+                        ChargeStep::Begin {
+                            lease,
+                            audit: self.audit(),
+                        },
+                        work.payment.member_id,
+                    )
+                    .await?
                 }
                 Some(sent) => {
                     let lookup = self.look_up(&sent.reference).await;
@@ -244,7 +256,7 @@ impl Engine {
                 }
             },
         };
-        match self.drive(lease, next).await? {
+        match self.drive(lease, work.payment.member_id, next).await? {
             Next::Moved(state) => {
                 metrics::counter!(crate::metrics::PAYMENTS, "outcome" => state.as_str())
                     .increment(1);
@@ -280,6 +292,14 @@ impl Engine {
             / 2.0;
         let servable = servable.floor().clamp(1.0, f64::from(u32::MAX)) as u32;
         self.config.concurrency.clamp(1, servable.max(1)) as usize
+    }
+
+    /// Writes one attempt step through the group commit, and returns once it is committed.
+    async fn step(&self, step: ChargeStep, member: Uuid) -> Result<Next, EngineError> {
+        Ok(self
+            .committer
+            .write(self.store.as_ref(), &self.policy, step, member)
+            .await?)
     }
 
     /// Asks the processor about one attempt, within `processor.timeout` (the rate limit
@@ -347,7 +367,12 @@ impl Engine {
     /// Carries an attempt on from `next` until it rests: sends what the store stored, records
     /// each answer, waits and resends while the processor is busy (within `processor.timeout`
     /// from the first busy answer).
-    pub(crate) async fn drive(&self, lease: Lease, mut next: Next) -> Result<Next, EngineError> {
+    pub(crate) async fn drive(
+        &self,
+        lease: Lease,
+        member: Uuid,
+        mut next: Next,
+    ) -> Result<Next, EngineError> {
         let mut busy: Option<(Instant, Duration)> = None;
         loop {
             next = match next {
@@ -380,9 +405,16 @@ impl Engine {
                     if let ChargeOutcome::Refused { detail } = &outcome {
                         tracing::error!(detail = %detail, "the processor refused autopay's credentials; charging pauses until `autopay charging resume`");
                     }
-                    self.store
-                        .record_charge(&lease, Some(call), &answer, &self.policy, &self.audit())
-                        .await?
+                    self.step(
+                        ChargeStep::Record {
+                            lease,
+                            call: Some(call),
+                            answer,
+                            audit: self.audit(),
+                        },
+                        member,
+                    )
+                    .await?
                 }
                 Next::WaitAndResend => {
                     let (deadline, wait) = busy.unwrap_or((
@@ -396,9 +428,16 @@ impl Engine {
                                     .into(),
                             replayed: false,
                         };
-                        self.store
-                            .record_charge(&lease, None, &answer, &self.policy, &self.audit())
-                            .await?
+                        self.step(
+                            ChargeStep::Record {
+                                lease,
+                                call: None,
+                                answer,
+                                audit: self.audit(),
+                            },
+                            member,
+                        )
+                        .await?
                     } else {
                         tokio::time::sleep(wait).await;
                         busy = Some((deadline, (wait * 2).min(MAX_BUSY_WAIT)));

@@ -6,6 +6,7 @@
 //! says nothing is left, instead of sleeping.
 
 mod charger;
+mod committer;
 mod operator;
 mod planner;
 mod reconcile;
@@ -78,6 +79,8 @@ pub struct Engine {
     pub(crate) health: Arc<Health>,
     /// Once triggered, the charge pipeline claims nothing more (what is in flight finishes).
     pub(crate) stop: Shutdown,
+    /// Writes the attempts' steps of every charge in flight, many to a transaction.
+    pub(crate) committer: Arc<committer::Committer>,
 }
 
 /// What one pass of planning and charging did.
@@ -99,6 +102,12 @@ impl Engine {
         // A processor whose one call may be several requests (Stripe's paged lists) counts
         // each request after the first against the same limit.
         processor.share_limiter(limiter.clone());
+        // SQLite has one writer: one group at a time, as large as the queue. PostgreSQL
+        // overlaps the round trips of several groups.
+        let lanes = match store.backend() {
+            crate::config::Backend::Sqlite => 1,
+            crate::config::Backend::Postgres => config.concurrency as usize,
+        };
         Engine {
             store,
             processor,
@@ -110,6 +119,7 @@ impl Engine {
             crash_hook: None,
             health: Arc::new(Health::new()),
             stop: Shutdown::new(),
+            committer: Arc::new(committer::Committer::new(lanes)),
         }
     }
 

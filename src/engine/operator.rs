@@ -83,7 +83,7 @@ impl Engine {
                     .await?
             }
         };
-        Ok(match self.drive(taken.lease, next).await? {
+        Ok(match self.drive(taken.lease, taken.payment.member_id, next).await? {
             Next::Moved(PaymentState::Scheduled) => {
                 RetryOutcome::Scheduled(Box::new(self.store.payment(payment_id).await?))
             }

@@ -101,17 +101,21 @@ impl Engine {
             }
             // A long planning run (the 1st of the month) is still a loop that is alive.
             self.health.beat(super::worker::WORKER);
+            let steps: Vec<PlanStep> = due
+                .iter()
+                .map(|schedule| self.plan_schedule(schedule, now))
+                .collect();
+            let applied = self.apply_plans(&steps).await?;
             let mut moved = 0;
-            for schedule in &due {
-                let step = self.plan_schedule(schedule, now);
+            for (step, applied) in steps.iter().zip(applied) {
                 let charged = step.payments.iter().filter(|p| p.missed.is_none()).count() as u64;
                 let missed = step.payments.len() as u64 - charged;
-                if self.store.apply_plan(&step, &self.audit()).await? {
+                if applied {
                     moved += 1;
                     report.schedules += 1;
                     report.planned += charged;
                     report.missed += missed;
-                    tracing::info!(schedule_id = %schedule.id, planned = charged, missed, next_run_at = ?step.next_run_at, "planned");
+                    tracing::info!(schedule_id = %step.schedule_id, planned = charged, missed, next_run_at = ?step.next_run_at, "planned");
                 } else {
                     report.raced += 1;
                 }
@@ -119,6 +123,51 @@ impl Engine {
             if moved == 0 {
                 // Everything due was taken by someone else; the next pass sees their work.
                 return Ok(report);
+            }
+        }
+    }
+
+    /// Writes one batch of plans. SQLite (one writer) writes the batch in one transaction: one
+    /// commit instead of one per schedule; should that fail, each schedule is written on its own,
+    /// so one bad schedule fails only itself. PostgreSQL writes each schedule in a transaction
+    /// of its own, `daemon.concurrency` at once, overlapping their round trips; none of these
+    /// transactions holds more than one schedule's lock.
+    async fn apply_plans(&self, steps: &[PlanStep]) -> Result<Vec<bool>, EngineError> {
+        let audit = self.audit();
+        match self.store.backend() {
+            crate::config::Backend::Sqlite => match self.store.apply_plans(steps, &audit).await {
+                Ok(applied) => Ok(applied),
+                Err(e) if steps.len() > 1 => {
+                    tracing::warn!(error.message = %e, schedules = steps.len(), "planning a batch in one transaction failed; planning its schedules one by one");
+                    let mut applied = Vec::with_capacity(steps.len());
+                    for step in steps {
+                        applied.push(self.store.apply_plan(step, &audit).await?);
+                    }
+                    Ok(applied)
+                }
+                Err(e) => Err(e.into()),
+            },
+            crate::config::Backend::Postgres => {
+                let lanes = self.config.concurrency.max(1) as usize;
+                let mut applied = vec![false; steps.len()];
+                let mut tasks = tokio::task::JoinSet::new();
+                let mut first_error = None;
+                for (i, step) in steps.iter().enumerate() {
+                    if tasks.len() >= lanes
+                        && let Some(done) = tasks.join_next().await
+                    {
+                        collect(done, &mut applied, &mut first_error);
+                    }
+                    let (store, step, audit) = (self.store.clone(), step.clone(), audit.clone());
+                    tasks.spawn(async move { (i, store.apply_plan(&step, &audit).await) });
+                }
+                while let Some(done) = tasks.join_next().await {
+                    collect(done, &mut applied, &mut first_error);
+                }
+                match first_error {
+                    Some(e) => Err(e),
+                    None => Ok(applied),
+                }
             }
         }
     }
@@ -188,6 +237,25 @@ pub async fn plan_if_due(
     store
         .apply_plan(&plan_step(&schedule, now, misfire, max_lateness), audit)
         .await
+}
+
+/// One schedule's plan written by a task of its own: its result in its place, or the first error.
+fn collect(
+    done: Result<(usize, Result<bool, StoreError>), tokio::task::JoinError>,
+    applied: &mut [bool],
+    first_error: &mut Option<EngineError>,
+) {
+    match done {
+        Ok((i, Ok(moved))) => applied[i] = moved,
+        Ok((_, Err(e))) => {
+            first_error.get_or_insert(e.into());
+        }
+        Err(e) => {
+            first_error.get_or_insert(EngineError::Store(StoreError::Internal(format!(
+                "a planning task stopped: {e}"
+            ))));
+        }
+    }
 }
 
 #[cfg(test)]

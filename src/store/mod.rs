@@ -132,6 +132,24 @@ impl StoreError {
 pub struct WriteTx<DB: sqlx::Database> {
     tx: sqlx::Transaction<'static, DB>,
     _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// Audit events written by this transaction, inserted together just before it commits
+    /// (one statement for all, not one each).
+    pub(crate) events: Vec<PendingEvent>,
+    /// Whether other processes are to be woken when this transaction commits (once, however
+    /// many of its writes asked).
+    pub(crate) wake: bool,
+}
+
+/// An audit event waiting for its transaction's commit.
+#[derive(Debug)]
+pub(crate) struct PendingEvent {
+    pub id: Uuid,
+    pub at: Timestamp,
+    pub actor: String,
+    pub entity: String,
+    pub entity_id: String,
+    pub action: String,
+    pub detail: serde_json::Value,
 }
 
 impl<DB: sqlx::Database> WriteTx<DB> {
@@ -139,7 +157,12 @@ impl<DB: sqlx::Database> WriteTx<DB> {
         tx: sqlx::Transaction<'static, DB>,
         turn: Option<tokio::sync::OwnedMutexGuard<()>>,
     ) -> WriteTx<DB> {
-        WriteTx { tx, _turn: turn }
+        WriteTx {
+            tx,
+            _turn: turn,
+            events: Vec::new(),
+            wake: false,
+        }
     }
 
     /// The connection to run statements on.
@@ -150,6 +173,20 @@ impl<DB: sqlx::Database> WriteTx<DB> {
     pub(crate) async fn commit(self) -> std::result::Result<(), sqlx::Error> {
         self.tx.commit().await
     }
+}
+
+/// One step of an attempt that a group commit writes with others ([`Store::charge_steps`]).
+#[derive(Debug, Clone)]
+pub enum ChargeStep {
+    /// [`Store::begin_attempt`].
+    Begin { lease: Lease, audit: Audit },
+    /// [`Store::record_charge`].
+    Record {
+        lease: Lease,
+        call: Option<Uuid>,
+        answer: crate::domain::attempt::Answer,
+        audit: Audit,
+    },
 }
 
 /// Who made a change and when: written into the audit event of every change.
@@ -261,6 +298,9 @@ pub trait Store: Send + Sync {
     /// Writes a schedule's due occurrences and moves its cursor; false when the schedule changed
     /// since it was read (another planner got there first, or an operator changed it).
     async fn apply_plan(&self, step: &PlanStep, audit: &Audit) -> Result<bool>;
+    /// [`Store::apply_plan`] for several schedules in one transaction, in order: all are
+    /// written together or none is.
+    async fn apply_plans(&self, steps: &[PlanStep], audit: &Audit) -> Result<Vec<bool>>;
     /// Claims up to `rules.limit` payments: due charges (unless charging is paused; a payment
     /// too late or coalesced is recorded as missed instead), and attempts to settle (unknown
     /// outcomes due for a lookup, claims that expired mid-call).
@@ -305,6 +345,11 @@ pub trait Store: Send + Sync {
         policy: &OutcomePolicy,
         audit: &Audit,
     ) -> Result<Next>;
+    /// Several attempts' steps ([`Store::begin_attempt`], [`Store::record_charge`]) in one
+    /// transaction, in order: a group commit. All are committed together or none is: an error
+    /// in any step rolls every one back, and the caller runs each on its own.
+    async fn charge_steps(&self, steps: &[ChargeStep], policy: &OutcomePolicy)
+    -> Result<Vec<Next>>;
     /// Records a lookup's answer and what follows: a definite outcome, a resend of the same
     /// request (whose call row it opens), another lookup later, or an operator's decision.
     async fn record_lookup(

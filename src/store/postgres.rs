@@ -109,8 +109,15 @@ impl PgStore {
     }
 
     /// Tells every autopay process listening on this database that new work may be due
-    /// (delivered when the transaction commits, and only if it does).
+    /// (delivered when the transaction commits, and only if it does): once per transaction,
+    /// just before it commits.
     async fn wake_others(tx: &mut WriteTx<sqlx::Postgres>) -> Result<()> {
+        tx.wake = true;
+        Ok(())
+    }
+
+    /// The one notification a transaction that asked to wake the others sends.
+    async fn wake_now(tx: &mut WriteTx<sqlx::Postgres>) -> Result<()> {
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(WAKE_CHANNEL)
             .execute(tx.conn())

@@ -123,12 +123,14 @@ retried! {
     fn notifications(member_id: Option<Uuid>) -> Vec<Notification>;
     fn due_schedules(now: Timestamp, limit: u32) -> Vec<Schedule>;
     fn apply_plan(step: &PlanStep, audit: &Audit) -> bool;
+    fn apply_plans(steps: &[PlanStep], audit: &Audit) -> Vec<bool>;
     fn claim_work(owner: &str, now: Timestamp, rules: &ClaimRules) -> Vec<Work>;
     fn renew_leases(leases: &[Lease], until: Timestamp) -> u64;
     fn begin_attempt(lease: &Lease, policy: &OutcomePolicy, audit: &Audit) -> Next;
     fn sent_attempt(lease: &Lease) -> Option<SentFacts>;
     fn begin_resend(lease: &Lease, by: Settler, policy: &OutcomePolicy, audit: &Audit) -> Next;
     fn record_charge(lease: &Lease, call: Option<Uuid>, answer: &Answer, policy: &OutcomePolicy, audit: &Audit) -> Next;
+    fn charge_steps(steps: &[ChargeStep], policy: &OutcomePolicy) -> Vec<Next>;
     fn record_lookup(lease: &Lease, answer: &LookupAnswer, by: Settler, policy: &OutcomePolicy, audit: &Audit) -> Next;
     fn next_wakeup() -> Option<Timestamp>;
     fn attempt_stats(since: Timestamp) -> AttemptStats;

@@ -251,21 +251,52 @@ macro_rules! shared_store_impl {
             action: &str,
             detail: serde_json::Value,
         ) -> Result<()> {
-            sqlx::query("INSERT INTO events (id, at, actor, entity, entity_id, action, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)")
-                .bind(DbId(new_id()))
-                .bind(DbTime(audit.at))
-                .bind(&audit.actor)
-                .bind(entity)
-                .bind(entity_id.to_string())
-                .bind(action)
-                .bind(sqlx::types::Json(detail))
-                .execute(tx.conn())
-                .await
-                .map_err(db_err("recording the audit event"))?;
+            // Written with the transaction's other events when it commits.
+            tx.events.push(PendingEvent {
+                id: new_id(),
+                at: audit.at,
+                actor: audit.actor.clone(),
+                entity: entity.to_string(),
+                entity_id: entity_id.to_string(),
+                action: action.to_string(),
+                detail,
+            });
             Ok(())
         }
 
-        async fn commit(tx: Tx) -> Result<()> {
+        /// Events per INSERT statement: 7 values each, well under both backends' limit on
+        /// bound values (32,766 in SQLite, 65,535 in PostgreSQL).
+        const EVENTS_PER_INSERT: usize = 500;
+
+        /// Inserts the transaction's audit events, wakes the other processes if any write
+        /// asked, and commits.
+        async fn commit(mut tx: Tx) -> Result<()> {
+            let events = std::mem::take(&mut tx.events);
+            for chunk in events.chunks(EVENTS_PER_INSERT) {
+                let mut sql = String::from("INSERT INTO events (id, at, actor, entity, entity_id, action, detail) VALUES ");
+                for i in 0..chunk.len() {
+                    let b = i * 7;
+                    if i > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7));
+                }
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for e in chunk {
+                    q = q
+                        .bind(DbId(e.id))
+                        .bind(DbTime(e.at))
+                        .bind(&e.actor)
+                        .bind(&e.entity)
+                        .bind(&e.entity_id)
+                        .bind(&e.action)
+                        .bind(sqlx::types::Json(&e.detail));
+                }
+                q.execute(tx.conn()).await.map_err(db_err("recording the audit events"))?;
+            }
+            if tx.wake {
+                $store::wake_now(&mut tx).await?;
+            }
             tx.commit().await.map_err(db_err("committing"))
         }
 
@@ -865,11 +896,13 @@ macro_rules! shared_store_impl {
             if left.is_positive() {
                 insert_credit(tx, payment.member_id, left, "overpayment", payment.id, "paid beyond what was owed", audit).await?;
             }
-            sqlx::query("UPDATE schedules SET consecutive_failures = 0 WHERE id = $1")
-                .bind(DbId(payment.schedule_id))
-                .execute(tx.conn())
-                .await
-                .map_err(db_err("resetting failures"))?;
+            if l.schedule.consecutive_failures != 0 {
+                sqlx::query("UPDATE schedules SET consecutive_failures = 0 WHERE id = $1")
+                    .bind(DbId(payment.schedule_id))
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("resetting failures"))?;
+            }
             let receipt = Receipt {
                 payment_id: payment.id,
                 schedule_id: payment.schedule_id,
@@ -1457,6 +1490,264 @@ macro_rules! shared_store_impl {
                 .await
                 .map_err(db_err(doing))?
                 .rows_affected())
+        }
+
+        /// The attempt's first step, inside `tx`: freezes the amount, checks the card's limits and the
+        /// charging pause, and stores the exact request (or settles the payment without a charge).
+        async fn begin_attempt_in(tx: &mut Tx, lease: &Lease, policy: &OutcomePolicy, audit: &Audit) -> Result<Next> {
+            use crate::domain::charge::{ChargePlan, Reservation};
+            let Some(l) = lock_leased(tx, lease, &[PaymentState::Processing]).await? else {
+                return Ok(Next::LeaseLost);
+            };
+            if !l.held.lease_runs(audit.at) {
+                return Ok(Next::LeaseLost);
+            }
+            let payment = &l.held.payment;
+            if attempt_row(tx, payment).await?.is_some() {
+                return Err(StoreError::Internal(format!(
+                    "attempt {} of payment {} was already sent; a sent attempt is settled, never started again", payment.attempt, payment.id
+                )));
+            }
+            let stopped = matches!(l.schedule.status, ScheduleStatus::Cancelled | ScheduleStatus::Paused | ScheduleStatus::Suspended)
+                .then(|| l.schedule.status.as_str());
+            if let Some(reason) = crate::domain::charge::blocked(
+                l.card.status == CardStatus::Active,
+                l.member.status == MemberStatus::Active,
+                stopped,
+            ) {
+                let state = step(payment.state, Transition::Cancel)?;
+                settle_without_charge(tx, payment, state, &reason, None, None, audit).await?;
+                return Ok(Next::Moved(state));
+            }
+            let cur = payment.currency;
+            let bills: Vec<(i64, i64)> = sqlx::query_as("SELECT amount_due, amount_paid FROM bills WHERE member_id = $1 AND status = 'open' ORDER BY due_date, created_at, id")
+                .bind(DbId(payment.member_id))
+                .fetch_all(tx.conn())
+                .await
+                .map_err(db_err("reading open bills"))?;
+            let outstanding: Vec<Money> = bills
+                .iter()
+                .map(|(due, paid)| Money::from_minor(*due, cur).checked_sub(Money::from_minor(*paid, cur)).map_err(money_err))
+                .collect::<Result<_>>()?;
+            let credits: Vec<i64> = sqlx::query_scalar("SELECT remaining FROM credits WHERE member_id = $1 AND remaining > 0")
+                .bind(DbId(payment.member_id))
+                .fetch_all(tx.conn())
+                .await
+                .map_err(db_err("reading credits"))?;
+            let credits: Vec<Money> = credits.into_iter().map(|m| Money::from_minor(m, cur)).collect();
+            let reserved: Vec<(i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT amount, credit_applied FROM payments WHERE member_id = $1 AND id <> $2 AND amount IS NOT NULL AND state IN ({})",
+                state_list(&RESERVING)
+            )))
+            .bind(DbId(payment.member_id))
+            .bind(DbId(payment.id))
+            .fetch_all(tx.conn())
+            .await
+            .map_err(db_err("reading reserved amounts"))?;
+            let reserved: Vec<Reservation> = reserved
+                .into_iter()
+                .map(|(amount, credit)| Reservation { amount: Money::from_minor(amount, cur), credit: Money::from_minor(credit, cur) })
+                .collect();
+            let max_amount = match l.member.account_type {
+                AccountType::IndividualFamily => policy.max_amount_individual_family,
+                AccountType::EmployerGroup => policy.max_amount_employer_group,
+            };
+            let plan = crate::domain::charge::plan_charge(&crate::domain::charge::ChargeFacts {
+                currency: cur,
+                rule: l.schedule.amount,
+                outstanding: &outstanding,
+                credits: &credits,
+                reserved: &reserved,
+                max_amount,
+                min_charge: policy.min_charge(cur),
+            })
+            .map_err(money_err)?;
+            let (amount, credit_used) = match plan {
+                ChargePlan::NothingOwed => {
+                    let state = step(payment.state, Transition::NothingOwed)?;
+                    settle_without_charge(tx, payment, state, "nothing owed", None, None, audit).await?;
+                    return Ok(Next::Moved(state));
+                }
+                ChargePlan::CoveredByCredit { credit_used } => {
+                    // The credit pays the bills; nothing is charged.
+                    let state = step(payment.state, Transition::NothingOwed)?;
+                    settle_without_charge(tx, payment, state, "covered by credit", None, None, audit).await?;
+                    consume_credits(tx, payment, credit_used, audit.at).await?;
+                    let (_, left) = pay_bills(tx, payment, credit_used, audit.at).await?;
+                    if left.is_positive() {
+                        insert_credit(tx, payment.member_id, left, "overpayment", payment.id, "credit beyond what was owed", audit).await?;
+                    }
+                    return Ok(Next::Moved(state));
+                }
+                ChargePlan::OverLimit { amount, max } => {
+                    let reason = format!("the amount due, {}, is more than automatic payments may charge at once ({})", amount.display_with_code(), max.display_with_code());
+                    let state = refuse_amount(tx, &l, Transition::HardDecline, "over_limit", &reason, amount, audit).await?;
+                    return Ok(Next::Moved(state));
+                }
+                ChargePlan::BelowMinimum { amount, min } => {
+                    // Not sent: the processor would refuse it. The bills stay owed.
+                    let reason = format!("the amount due, {}, is less than the smallest card payment we can make ({}); please pay it online or by phone", amount.display_with_code(), min.display_with_code());
+                    let state = refuse_amount(tx, &l, Transition::NothingOwed, "below_minimum", &reason, amount, audit).await?;
+                    return Ok(Next::Moved(state));
+                }
+                ChargePlan::Charge { amount, credit_used } => (amount.money(), credit_used),
+            };
+            match card_limit(tx, &l.card, audit.at).await?.0 {
+                CardLimit::Clear => {}
+                CardLimit::Requests { until } => {
+                    // The networks allow no more requests on this card for weeks: the
+                    // payment fails, and the member is told to use another card.
+                    let state = step(payment.state, Transition::HardDecline)?;
+                    let code = "card_attempt_limit";
+                    settle_without_charge(tx, payment, state, code, Some(amount.minor()), Some(code), audit).await?;
+                    let reason = format!("the card has reached the number of payment attempts the card networks allow in 30 days (more are allowed from {until}); please use another card");
+                    let n = declined_notice(&l, code, &reason, Some(amount), None);
+                    notify_notice(tx, &n, &l.member, audit.at).await?;
+                    return Ok(Next::Moved(state));
+                }
+                CardLimit::Declines { until } => {
+                    // Too many declines on this card today: the same attempt waits, unsent.
+                    let state = step(payment.state, Transition::SoftDecline)?;
+                    sqlx::query("UPDATE payments SET state = $1, next_attempt_at = $2, amount = NULL, credit_applied = 0, reason = $3, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $4 WHERE id = $5")
+                        .bind(state.as_str())
+                        .bind(DbTime(until))
+                        .bind("the card reached 10 declined requests in 24 hours; waiting before trying it again")
+                        .bind(DbTime(audit.at))
+                        .bind(DbId(payment.id))
+                        .execute(tx.conn())
+                        .await
+                        .map_err(db_err("holding a payment for its card's limit"))?;
+                    event(tx, audit, "payment", payment.id, "card_limit", serde_json::json!({ "attempt": payment.attempt, "until": until })).await?;
+                    return Ok(Next::Moved(state));
+                }
+            }
+            // The emergency stop, checked just before the request is stored and written.
+            let (paused, installation): (Option<DbTime>, DbId) = sqlx::query_as("SELECT charging_paused_at, installation_id FROM control WHERE id = 1")
+                .fetch_one(tx.conn())
+                .await
+                .map_err(db_err("reading the charging pause and the installation id"))?;
+            if paused.is_some() {
+                release_payment(tx, payment, "charging paused", audit).await?;
+                return Ok(Next::Released);
+            }
+            let request = ChargeRequest {
+                idempotency_key: crate::domain::attempt::idempotency_key(installation.0, payment.schedule_id, &payment.occurrence, payment.attempt),
+                token: l.card.processor_token.clone(),
+                amount,
+                payment_id: payment.id,
+                schedule_id: payment.schedule_id,
+                occurrence: payment.occurrence.clone(),
+                attempt: payment.attempt,
+                account_last4: l.member.account_number.last4(),
+                customer: l.member.processor_customer_id.clone(),
+                statement_descriptor_suffix: policy.statement_descriptor_suffix.clone(),
+            };
+            sqlx::query("UPDATE payments SET amount = $1, credit_applied = $2, updated_at = $3 WHERE id = $4")
+                .bind(amount.minor())
+                .bind(credit_used.minor())
+                .bind(DbTime(audit.at))
+                .bind(DbId(payment.id))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("freezing the amount"))?;
+            sqlx::query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at, request, first_sent_at, sends) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8, 1)")
+                .bind(DbId(new_id()))
+                .bind(DbId(payment.id))
+                .bind(payment.attempt)
+                .bind(DbId(l.card.id))
+                .bind(&request.idempotency_key)
+                .bind(amount.minor())
+                .bind(cur.code())
+                .bind(DbTime(audit.at))
+                .bind(sqlx::types::Json(&request))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("storing the attempt's request"))?;
+            let call = open_call(tx, payment, &l.card, "charge", audit).await?;
+            event(tx, audit, "payment", payment.id, "attempt_started", serde_json::json!({
+                "attempt": payment.attempt, "amount": amount.amount_string(),
+                "credit_used": credit_used.amount_string(), "card_id": l.card.id,
+            })).await?;
+            Ok(Next::Send { request, call })
+        }
+
+        /// A charge request's answer, recorded inside `tx`.
+        async fn record_charge_in(tx: &mut Tx, lease: &Lease, call: Option<Uuid>, answer: &Answer, policy: &OutcomePolicy, audit: &Audit) -> Result<Next> {
+            let Some(l) = lock_leased(tx, lease, &[PaymentState::Processing]).await? else {
+                return Ok(Next::LeaseLost);
+            };
+            let row = attempt_row(tx, &l.held.payment).await?.ok_or_else(|| {
+                StoreError::Internal(format!("payment {} has no sent attempt to record", l.held.payment.id))
+            })?;
+            if let Some(call) = call {
+                let detail = match answer {
+                    Answer::Approved { .. } => None,
+                    Answer::Declined { signal, .. } => Some(signal.code.as_str()),
+                    Answer::Unknown { detail, .. } | Answer::Busy { detail } | Answer::Mismatch { detail } | Answer::Refused { detail } => Some(detail.as_str()),
+                };
+                finish_call(tx, call, CallOutcome::of(answer), detail, audit.at).await?;
+            }
+            let next = crate::domain::attempt::after_send(answer, &sent_facts(&l.held, &row).attempt, &policy.keys, audit.at);
+            let next = apply_step(tx, &l, &row, next, Settler::Daemon, policy, audit).await?;
+            if let (Answer::Approved { network_transaction_id: Some(ntid), .. }, None) = (answer, &l.card.network_transaction_id) {
+                // The card's first successful charge: its network id is the stored
+                // credential's reference, kept in the same transaction as the charge.
+                sqlx::query("UPDATE payment_methods SET network_transaction_id = $1 WHERE id = $2 AND network_transaction_id IS NULL")
+                    .bind(ntid)
+                    .bind(DbId(l.card.id))
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("keeping a card's network transaction id"))?;
+            }
+            Ok(next)
+        }
+
+        /// One schedule's plan, inside `tx`: false when the schedule changed since it was read.
+        async fn apply_plan_in(tx: &mut Tx, step: &PlanStep, audit: &Audit) -> Result<bool> {
+            let current = schedule_in(tx, step.schedule_id).await?;
+            if current.status != ScheduleStatus::Active
+                || current.version != step.expected_version
+                || current.next_occurrence.as_ref() != Some(&step.expected_next)
+            {
+                return Ok(false);
+            }
+            let mut planned = Vec::new();
+            for p in &step.payments {
+                let state = if p.missed.is_some() { "missed" } else { "scheduled" };
+                let inserted = sqlx::query("INSERT INTO payments (id, schedule_id, member_id, occurrence, due_at, currency, state, attempt, payment_method_id, schedule_version, reason, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9, $10, $11, $11) ON CONFLICT (schedule_id, occurrence) DO NOTHING")
+                    .bind(DbId(new_id()))
+                    .bind(DbId(current.id))
+                    .bind(DbId(current.member_id))
+                    .bind(p.occurrence.to_string())
+                    .bind(DbTime(p.due_at))
+                    .bind(current.currency.code())
+                    .bind(state)
+                    .bind(DbId(current.card_id))
+                    .bind(current.version)
+                    .bind(p.missed.as_deref())
+                    .bind(DbTime(audit.at))
+                    .execute(tx.conn())
+                    .await
+                    .map_err(db_err("planning a payment"))?
+                    .rows_affected();
+                if inserted > 0 {
+                    planned.push(serde_json::json!({ "occurrence": p.occurrence.to_string(), "state": state }));
+                }
+            }
+            let status = if step.next_run_at.is_some() { "active" } else { "completed" };
+            sqlx::query("UPDATE schedules SET next_run_at = $1, next_occurrence = $2, status = $3, updated_at = $4 WHERE id = $5")
+                .bind(step.next_run_at.map(DbTime))
+                .bind(step.next_occurrence.as_ref().map(|k| k.to_string()))
+                .bind(status)
+                .bind(DbTime(audit.at))
+                .bind(DbId(current.id))
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("moving a schedule's cursor"))?;
+            event(tx, audit, "schedule", current.id, "planned", serde_json::json!({
+                "payments": planned, "next_run_at": step.next_run_at, "status": status,
+            })).await?;
+            Ok(true)
         }
 
         #[async_trait]
@@ -2363,51 +2654,19 @@ macro_rules! shared_store_impl {
 
             async fn apply_plan(&self, step: &PlanStep, audit: &Audit) -> Result<bool> {
                 let mut tx = self.begin_write().await?;
-                let current = schedule_in(&mut tx, step.schedule_id).await?;
-                if current.status != ScheduleStatus::Active
-                    || current.version != step.expected_version
-                    || current.next_occurrence.as_ref() != Some(&step.expected_next)
-                {
-                    return Ok(false);
-                }
-                let mut planned = Vec::new();
-                for p in &step.payments {
-                    let state = if p.missed.is_some() { "missed" } else { "scheduled" };
-                    let inserted = sqlx::query("INSERT INTO payments (id, schedule_id, member_id, occurrence, due_at, currency, state, attempt, payment_method_id, schedule_version, reason, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9, $10, $11, $11) ON CONFLICT (schedule_id, occurrence) DO NOTHING")
-                        .bind(DbId(new_id()))
-                        .bind(DbId(current.id))
-                        .bind(DbId(current.member_id))
-                        .bind(p.occurrence.to_string())
-                        .bind(DbTime(p.due_at))
-                        .bind(current.currency.code())
-                        .bind(state)
-                        .bind(DbId(current.card_id))
-                        .bind(current.version)
-                        .bind(p.missed.as_deref())
-                        .bind(DbTime(audit.at))
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("planning a payment"))?
-                        .rows_affected();
-                    if inserted > 0 {
-                        planned.push(serde_json::json!({ "occurrence": p.occurrence.to_string(), "state": state }));
-                    }
-                }
-                let status = if step.next_run_at.is_some() { "active" } else { "completed" };
-                sqlx::query("UPDATE schedules SET next_run_at = $1, next_occurrence = $2, status = $3, updated_at = $4 WHERE id = $5")
-                    .bind(step.next_run_at.map(DbTime))
-                    .bind(step.next_occurrence.as_ref().map(|k| k.to_string()))
-                    .bind(status)
-                    .bind(DbTime(audit.at))
-                    .bind(DbId(current.id))
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("moving a schedule's cursor"))?;
-                event(&mut tx, audit, "schedule", current.id, "planned", serde_json::json!({
-                    "payments": planned, "next_run_at": step.next_run_at, "status": status,
-                })).await?;
+                let moved = apply_plan_in(&mut tx, step, audit).await?;
                 commit(tx).await?;
-                Ok(true)
+                Ok(moved)
+            }
+
+            async fn apply_plans(&self, steps: &[PlanStep], audit: &Audit) -> Result<Vec<bool>> {
+                let mut tx = self.begin_write().await?;
+                let mut moved = Vec::with_capacity(steps.len());
+                for step in steps {
+                    moved.push(apply_plan_in(&mut tx, step, audit).await?);
+                }
+                commit(tx).await?;
+                Ok(moved)
             }
 
             async fn claim_work(&self, owner: &str, now: Timestamp, rules: &ClaimRules) -> Result<Vec<Work>> {
@@ -2514,190 +2773,10 @@ macro_rules! shared_store_impl {
             }
 
             async fn begin_attempt(&self, lease: &Lease, policy: &OutcomePolicy, audit: &Audit) -> Result<Next> {
-                use crate::domain::charge::{ChargePlan, Reservation};
                 let mut tx = self.begin_write().await?;
-                let Some(l) = lock_leased(&mut tx, lease, &[PaymentState::Processing]).await? else {
-                    return Ok(Next::LeaseLost);
-                };
-                if !l.held.lease_runs(audit.at) {
-                    return Ok(Next::LeaseLost);
-                }
-                let payment = &l.held.payment;
-                if attempt_row(&mut tx, payment).await?.is_some() {
-                    return Err(StoreError::Internal(format!(
-                        "attempt {} of payment {} was already sent; a sent attempt is settled, never started again", payment.attempt, payment.id
-                    )));
-                }
-                let stopped = matches!(l.schedule.status, ScheduleStatus::Cancelled | ScheduleStatus::Paused | ScheduleStatus::Suspended)
-                    .then(|| l.schedule.status.as_str());
-                if let Some(reason) = crate::domain::charge::blocked(
-                    l.card.status == CardStatus::Active,
-                    l.member.status == MemberStatus::Active,
-                    stopped,
-                ) {
-                    let state = step(payment.state, Transition::Cancel)?;
-                    settle_without_charge(&mut tx, payment, state, &reason, None, None, audit).await?;
-                    commit(tx).await?;
-                    return Ok(Next::Moved(state));
-                }
-                let cur = payment.currency;
-                let bills: Vec<(i64, i64)> = sqlx::query_as("SELECT amount_due, amount_paid FROM bills WHERE member_id = $1 AND status = 'open' ORDER BY due_date, created_at, id")
-                    .bind(DbId(payment.member_id))
-                    .fetch_all(tx.conn())
-                    .await
-                    .map_err(db_err("reading open bills"))?;
-                let outstanding: Vec<Money> = bills
-                    .iter()
-                    .map(|(due, paid)| Money::from_minor(*due, cur).checked_sub(Money::from_minor(*paid, cur)).map_err(money_err))
-                    .collect::<Result<_>>()?;
-                let credits: Vec<i64> = sqlx::query_scalar("SELECT remaining FROM credits WHERE member_id = $1 AND remaining > 0")
-                    .bind(DbId(payment.member_id))
-                    .fetch_all(tx.conn())
-                    .await
-                    .map_err(db_err("reading credits"))?;
-                let credits: Vec<Money> = credits.into_iter().map(|m| Money::from_minor(m, cur)).collect();
-                let reserved: Vec<(i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT amount, credit_applied FROM payments WHERE member_id = $1 AND id <> $2 AND amount IS NOT NULL AND state IN ({})",
-                    state_list(&RESERVING)
-                )))
-                .bind(DbId(payment.member_id))
-                .bind(DbId(payment.id))
-                .fetch_all(tx.conn())
-                .await
-                .map_err(db_err("reading reserved amounts"))?;
-                let reserved: Vec<Reservation> = reserved
-                    .into_iter()
-                    .map(|(amount, credit)| Reservation { amount: Money::from_minor(amount, cur), credit: Money::from_minor(credit, cur) })
-                    .collect();
-                let max_amount = match l.member.account_type {
-                    AccountType::IndividualFamily => policy.max_amount_individual_family,
-                    AccountType::EmployerGroup => policy.max_amount_employer_group,
-                };
-                let plan = crate::domain::charge::plan_charge(&crate::domain::charge::ChargeFacts {
-                    currency: cur,
-                    rule: l.schedule.amount,
-                    outstanding: &outstanding,
-                    credits: &credits,
-                    reserved: &reserved,
-                    max_amount,
-                    min_charge: policy.min_charge(cur),
-                })
-                .map_err(money_err)?;
-                let (amount, credit_used) = match plan {
-                    ChargePlan::NothingOwed => {
-                        let state = step(payment.state, Transition::NothingOwed)?;
-                        settle_without_charge(&mut tx, payment, state, "nothing owed", None, None, audit).await?;
-                        commit(tx).await?;
-                        return Ok(Next::Moved(state));
-                    }
-                    ChargePlan::CoveredByCredit { credit_used } => {
-                        // The credit pays the bills; nothing is charged.
-                        let state = step(payment.state, Transition::NothingOwed)?;
-                        settle_without_charge(&mut tx, payment, state, "covered by credit", None, None, audit).await?;
-                        consume_credits(&mut tx, payment, credit_used, audit.at).await?;
-                        let (_, left) = pay_bills(&mut tx, payment, credit_used, audit.at).await?;
-                        if left.is_positive() {
-                            insert_credit(&mut tx, payment.member_id, left, "overpayment", payment.id, "credit beyond what was owed", audit).await?;
-                        }
-                        commit(tx).await?;
-                        return Ok(Next::Moved(state));
-                    }
-                    ChargePlan::OverLimit { amount, max } => {
-                        let reason = format!("the amount due, {}, is more than automatic payments may charge at once ({})", amount.display_with_code(), max.display_with_code());
-                        let state = refuse_amount(&mut tx, &l, Transition::HardDecline, "over_limit", &reason, amount, audit).await?;
-                        commit(tx).await?;
-                        return Ok(Next::Moved(state));
-                    }
-                    ChargePlan::BelowMinimum { amount, min } => {
-                        // Not sent: the processor would refuse it. The bills stay owed.
-                        let reason = format!("the amount due, {}, is less than the smallest card payment we can make ({}); please pay it online or by phone", amount.display_with_code(), min.display_with_code());
-                        let state = refuse_amount(&mut tx, &l, Transition::NothingOwed, "below_minimum", &reason, amount, audit).await?;
-                        commit(tx).await?;
-                        return Ok(Next::Moved(state));
-                    }
-                    ChargePlan::Charge { amount, credit_used } => (amount.money(), credit_used),
-                };
-                match card_limit(&mut tx, &l.card, audit.at).await?.0 {
-                    CardLimit::Clear => {}
-                    CardLimit::Requests { until } => {
-                        // The networks allow no more requests on this card for weeks: the
-                        // payment fails, and the member is told to use another card.
-                        let state = step(payment.state, Transition::HardDecline)?;
-                        let code = "card_attempt_limit";
-                        settle_without_charge(&mut tx, payment, state, code, Some(amount.minor()), Some(code), audit).await?;
-                        let reason = format!("the card has reached the number of payment attempts the card networks allow in 30 days (more are allowed from {until}); please use another card");
-                        let n = declined_notice(&l, code, &reason, Some(amount), None);
-                        notify_notice(&mut tx, &n, &l.member, audit.at).await?;
-                        commit(tx).await?;
-                        return Ok(Next::Moved(state));
-                    }
-                    CardLimit::Declines { until } => {
-                        // Too many declines on this card today: the same attempt waits, unsent.
-                        let state = step(payment.state, Transition::SoftDecline)?;
-                        sqlx::query("UPDATE payments SET state = $1, next_attempt_at = $2, amount = NULL, credit_applied = 0, reason = $3, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $4 WHERE id = $5")
-                            .bind(state.as_str())
-                            .bind(DbTime(until))
-                            .bind("the card reached 10 declined requests in 24 hours; waiting before trying it again")
-                            .bind(DbTime(audit.at))
-                            .bind(DbId(payment.id))
-                            .execute(tx.conn())
-                            .await
-                            .map_err(db_err("holding a payment for its card's limit"))?;
-                        event(&mut tx, audit, "payment", payment.id, "card_limit", serde_json::json!({ "attempt": payment.attempt, "until": until })).await?;
-                        commit(tx).await?;
-                        return Ok(Next::Moved(state));
-                    }
-                }
-                // The emergency stop, checked just before the request is stored and written.
-                if charging_paused_in(&mut tx).await? {
-                    release_payment(&mut tx, payment, "charging paused", audit).await?;
-                    commit(tx).await?;
-                    return Ok(Next::Released);
-                }
-                let installation: DbId = sqlx::query_scalar("SELECT installation_id FROM control WHERE id = 1")
-                    .fetch_one(tx.conn())
-                    .await
-                    .map_err(db_err("reading the installation id"))?;
-                let request = ChargeRequest {
-                    idempotency_key: crate::domain::attempt::idempotency_key(installation.0, payment.schedule_id, &payment.occurrence, payment.attempt),
-                    token: l.card.processor_token.clone(),
-                    amount,
-                    payment_id: payment.id,
-                    schedule_id: payment.schedule_id,
-                    occurrence: payment.occurrence.clone(),
-                    attempt: payment.attempt,
-                    account_last4: l.member.account_number.last4(),
-                    customer: l.member.processor_customer_id.clone(),
-                    statement_descriptor_suffix: policy.statement_descriptor_suffix.clone(),
-                };
-                sqlx::query("UPDATE payments SET amount = $1, credit_applied = $2, updated_at = $3 WHERE id = $4")
-                    .bind(amount.minor())
-                    .bind(credit_used.minor())
-                    .bind(DbTime(audit.at))
-                    .bind(DbId(payment.id))
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("freezing the amount"))?;
-                sqlx::query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at, request, first_sent_at, sends) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8, 1)")
-                    .bind(DbId(new_id()))
-                    .bind(DbId(payment.id))
-                    .bind(payment.attempt)
-                    .bind(DbId(l.card.id))
-                    .bind(&request.idempotency_key)
-                    .bind(amount.minor())
-                    .bind(cur.code())
-                    .bind(DbTime(audit.at))
-                    .bind(sqlx::types::Json(&request))
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("storing the attempt's request"))?;
-                let call = open_call(&mut tx, payment, &l.card, "charge", audit).await?;
-                event(&mut tx, audit, "payment", payment.id, "attempt_started", serde_json::json!({
-                    "attempt": payment.attempt, "amount": amount.amount_string(),
-                    "credit_used": credit_used.amount_string(), "card_id": l.card.id,
-                })).await?;
+                let next = begin_attempt_in(&mut tx, lease, policy, audit).await?;
                 commit(tx).await?;
-                Ok(Next::Send { request, call })
+                Ok(next)
             }
 
             async fn sent_attempt(&self, lease: &Lease) -> Result<Option<SentFacts>> {
@@ -2729,34 +2808,22 @@ macro_rules! shared_store_impl {
 
             async fn record_charge(&self, lease: &Lease, call: Option<Uuid>, answer: &Answer, policy: &OutcomePolicy, audit: &Audit) -> Result<Next> {
                 let mut tx = self.begin_write().await?;
-                let Some(l) = lock_leased(&mut tx, lease, &[PaymentState::Processing]).await? else {
-                    return Ok(Next::LeaseLost);
-                };
-                let row = attempt_row(&mut tx, &l.held.payment).await?.ok_or_else(|| {
-                    StoreError::Internal(format!("payment {} has no sent attempt to record", l.held.payment.id))
-                })?;
-                if let Some(call) = call {
-                    let detail = match answer {
-                        Answer::Approved { .. } => None,
-                        Answer::Declined { signal, .. } => Some(signal.code.as_str()),
-                        Answer::Unknown { detail, .. } | Answer::Busy { detail } | Answer::Mismatch { detail } | Answer::Refused { detail } => Some(detail.as_str()),
-                    };
-                    finish_call(&mut tx, call, CallOutcome::of(answer), detail, audit.at).await?;
-                }
-                let next = crate::domain::attempt::after_send(answer, &sent_facts(&l.held, &row).attempt, &policy.keys, audit.at);
-                let next = apply_step(&mut tx, &l, &row, next, Settler::Daemon, policy, audit).await?;
-                if let (Answer::Approved { network_transaction_id: Some(ntid), .. }, None) = (answer, &l.card.network_transaction_id) {
-                    // The card's first successful charge: its network id is the stored
-                    // credential's reference, kept in the same transaction as the charge.
-                    sqlx::query("UPDATE payment_methods SET network_transaction_id = $1 WHERE id = $2 AND network_transaction_id IS NULL")
-                        .bind(ntid)
-                        .bind(DbId(l.card.id))
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("keeping a card's network transaction id"))?;
-                }
+                let next = record_charge_in(&mut tx, lease, call, answer, policy, audit).await?;
                 commit(tx).await?;
                 Ok(next)
+            }
+
+            async fn charge_steps(&self, steps: &[ChargeStep], policy: &OutcomePolicy) -> Result<Vec<Next>> {
+                let mut tx = self.begin_write().await?;
+                let mut done = Vec::with_capacity(steps.len());
+                for step in steps {
+                    done.push(match step {
+                        ChargeStep::Begin { lease, audit } => begin_attempt_in(&mut tx, lease, policy, audit).await?,
+                        ChargeStep::Record { lease, call, answer, audit } => record_charge_in(&mut tx, lease, *call, answer, policy, audit).await?,
+                    });
+                }
+                commit(tx).await?;
+                Ok(done)
             }
 
             async fn record_lookup(&self, lease: &Lease, answer: &LookupAnswer, by: Settler, policy: &OutcomePolicy, audit: &Audit) -> Result<Next> {

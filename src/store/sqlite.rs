@@ -177,6 +177,11 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Never asked for: [`SqliteStore::wake_others`] leaves nothing to send.
+    async fn wake_now(_tx: &mut WriteTx<sqlx::Sqlite>) -> Result<()> {
+        Ok(())
+    }
+
     /// Asks SQLite every 200 ms whether any other connection committed (`PRAGMA data_version`
     /// changes), calling `changed` when one did, until `stop` fires. Another process (the
     /// command line) may have written; so may this process's other connections, which costs a

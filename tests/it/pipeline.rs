@@ -1,6 +1,7 @@
 //! The charge pipeline: a slot refills as soon as its charge is recorded, so one slow processor
-//! call holds one slot, not a batch; and a stop ends claiming at once, even in the middle of a
-//! long run of due payments, while what is in flight finishes and is recorded.
+//! call holds one slot, not a batch; a stop ends claiming at once, even in the middle of a long
+//! run of due payments, while what is in flight finishes and is recorded; and the group commit
+//! writes many attempts' steps in one transaction, all or none.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +17,7 @@ use autopay::processor::{
     ProcessorAttempt, ProcessorError, Tokenized,
 };
 use autopay::shutdown::Shutdown;
+use autopay::store::{Answer, ChargeStep, Next};
 use jiff::Timestamp;
 use tokio::sync::{Notify, Semaphore};
 
@@ -170,7 +172,127 @@ async fn a_stop_ends_claiming_in_the_middle_of_the_pipeline(kind: Kind) {
     }
 }
 
+/// Three payments' first steps in one group: all stored; then their answers in one group: all
+/// recorded. A group with one step that cannot be written (an attempt begun twice) writes
+/// nothing at all, and the same steps written one by one succeed but for that one.
+async fn a_group_commit_writes_every_step_or_none(kind: Kind) {
+    let w = World::new(kind).await;
+    due_payments(&w, 6).await;
+    w.engine().plan_due().await.unwrap();
+    let work = w.claim("grouper").await;
+    assert_eq!(work.len(), 6);
+    let policy = w.policy();
+    let begin = |i: usize| ChargeStep::Begin {
+        lease: work[i].lease,
+        audit: w.audit(),
+    };
+
+    let sent = w
+        .store
+        .charge_steps(&[begin(0), begin(1), begin(2)], &policy)
+        .await
+        .unwrap();
+    let calls: Vec<uuid::Uuid> = sent
+        .iter()
+        .map(|next| match next {
+            Next::Send { call, .. } => *call,
+            other => panic!("expected a request to send, got {other:?}"),
+        })
+        .collect();
+    let approved = |i: usize| ChargeStep::Record {
+        lease: work[i].lease,
+        call: Some(calls[i]),
+        answer: Answer::Approved {
+            reference: format!("ch_group_{i}"),
+            network_transaction_id: None,
+        },
+        audit: w.audit(),
+    };
+    let recorded = w
+        .store
+        .charge_steps(&[approved(0), approved(1), approved(2)], &policy)
+        .await
+        .unwrap();
+    assert!(
+        recorded
+            .iter()
+            .all(|n| *n == Next::Moved(PaymentState::Succeeded)),
+        "{recorded:?}"
+    );
+    for i in 0..3 {
+        let p = w.store.payment(work[i].lease.payment_id).await.unwrap();
+        assert_eq!(p.state, PaymentState::Succeeded);
+        assert_eq!(
+            p.processor_reference.as_deref(),
+            Some(format!("ch_group_{i}").as_str())
+        );
+    }
+
+    // Payment 3's attempt is begun alone; a group that begins it again fails whole.
+    w.store
+        .begin_attempt(&work[3].lease, &policy, &w.audit())
+        .await
+        .unwrap();
+    let failed = w
+        .store
+        .charge_steps(&[begin(4), begin(3), begin(5)], &policy)
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    for i in [4, 5] {
+        assert!(
+            w.store
+                .sent_attempt(&work[i].lease)
+                .await
+                .unwrap()
+                .is_none(),
+            "payment {i}'s attempt was rolled back with its group"
+        );
+        assert!(
+            matches!(
+                w.store
+                    .begin_attempt(&work[i].lease, &policy, &w.audit())
+                    .await
+                    .unwrap(),
+                Next::Send { .. }
+            ),
+            "payment {i} begins alone"
+        );
+    }
+    assert!(
+        w.store
+            .begin_attempt(&work[3].lease, &policy, &w.audit())
+            .await
+            .is_err()
+    );
+}
+
+/// Many charges at once through the engine: every payment charged once, every receipt queued,
+/// whatever groups their steps were written in.
+async fn charges_written_in_groups_are_each_charged_once(kind: Kind) {
+    let w = World::with_settings(kind, &[("AUTOPAY__DAEMON__CONCURRENCY", "16")]).await;
+    due_payments(&w, 60).await;
+    let report = w.engine().drain().await.unwrap();
+    assert_eq!(report.charge.succeeded, 60);
+    assert_eq!(succeeded(&w).await, 60);
+    assert_eq!(w.processor.ledger_count().await.unwrap(), 60);
+    let receipts = w
+        .store
+        .notifications(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.kind == "receipt")
+        .count();
+    assert_eq!(receipts, 60);
+    for p in w.store.list_payments(None, None).await.unwrap() {
+        assert_eq!(w.processor.charges_for(p.id).await.unwrap().len(), 1);
+        assert_eq!(w.store.allocations(p.id).await.unwrap().len(), 1);
+    }
+}
+
 on_both!(
     a_slow_charge_holds_one_slot_not_a_batch,
     a_stop_ends_claiming_in_the_middle_of_the_pipeline,
+    a_group_commit_writes_every_step_or_none,
+    charges_written_in_groups_are_each_charged_once,
 );
