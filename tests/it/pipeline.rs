@@ -219,8 +219,8 @@ async fn a_group_commit_writes_every_step_or_none(kind: Kind) {
             .all(|n| *n == Next::Moved(PaymentState::Succeeded)),
         "{recorded:?}"
     );
-    for i in 0..3 {
-        let p = w.store.payment(work[i].lease.payment_id).await.unwrap();
+    for (i, claimed) in work.iter().enumerate().take(3) {
+        let p = w.store.payment(claimed.lease.payment_id).await.unwrap();
         assert_eq!(p.state, PaymentState::Succeeded);
         assert_eq!(
             p.processor_reference.as_deref(),
