@@ -109,8 +109,20 @@ pub enum BenchScenario {
     Slow,
 }
 
+/// Where `autopay bench` keeps the simulated processor's ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchLedger {
+    /// In memory: the fastest, for charges per second (it grows with every charge).
+    Memory,
+    /// In a SQLite file of its own: for memory figures, like the daemon's ledger.
+    Database,
+}
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    /// Where the simulated processor keeps its ledger during the run.
+    #[arg(long, value_enum, default_value_t = BenchLedger::Memory)]
+    pub ledger: BenchLedger,
     /// What to measure.
     #[arg(long, value_enum, default_value_t = BenchScenario::Charge)]
     pub scenario: BenchScenario,

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::args::{BenchArgs, BenchBackend, BenchScenario};
+use super::args::{BenchArgs, BenchBackend, BenchLedger, BenchScenario};
 use super::counted::Counted;
 use super::output::{self, Table, say};
 use super::{CliError, Context, exit, operator};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Backend, DatabaseUrl, Latency, redact_url};
+use crate::config::{Backend, DatabaseUrl, Latency, Ledger, SimulatedSettings, redact_url};
 use crate::daemon::{engine_config, outcome_policy};
 use crate::domain::card::{CardNumber, Expiry, SecurityCode};
 use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
@@ -60,6 +60,7 @@ struct Shape {
     latency: Latency,
     /// `processor.max_requests_per_second` for the run; `None` lifts it out of the way.
     rate_limit: Option<u32>,
+    ledger: BenchLedger,
 }
 
 impl Shape {
@@ -88,7 +89,8 @@ pub struct BenchResult {
     pub concurrency: u32,
     /// Every call's time at the simulated processor (`0s`, `300ms`, `300ms p99 2s`).
     pub latency: String,
-    /// Where the simulated processor's ledger is during the run: always `memory` here.
+    /// Where the simulated processor's ledger is during the run: `memory` (the speed figures),
+    /// or `database`, a SQLite file of its own (the memory figures).
     pub ledger: &'static str,
     /// `processor.max_requests_per_second` during the run; null when lifted out of the way.
     pub rate_limit: Option<u32>,
@@ -147,6 +149,7 @@ pub(super) async fn bench(ctx: &Context, args: BenchArgs) -> Result<(), CliError
             concurrency,
             latency: Latency::Fixed(Duration::ZERO),
             rate_limit: None,
+            ledger: args.ledger,
         }],
         BenchScenario::Slow => [SLOW_FIXED, SLOW_TAIL]
             .into_iter()
@@ -155,6 +158,7 @@ pub(super) async fn bench(ctx: &Context, args: BenchArgs) -> Result<(), CliError
                 concurrency: args.concurrency.unwrap_or(SLOW_CONCURRENCY),
                 latency: Latency::parse(latency).unwrap_or(Latency::Fixed(Duration::ZERO)),
                 rate_limit: Some(SLOW_RATE_LIMIT),
+                ledger: args.ledger,
             })
             .collect(),
     };
@@ -280,11 +284,65 @@ async fn measure(
     shape: Shape,
     ceiling_seconds: Option<u32>,
 ) -> Result<BenchResult, CliError> {
+    let ledger = match shape.ledger {
+        BenchLedger::Memory => LedgerPlace::Memory,
+        BenchLedger::Database => {
+            let dir = std::env::temp_dir()
+                .join(format!("autopay-bench-ledger-{}", Uuid::new_v4().simple()));
+            std::fs::create_dir(&dir).map_err(|e| {
+                CliError::new(
+                    exit::UNAVAILABLE,
+                    format!(
+                        "cannot create the ledger's folder {}: {e}; set TMPDIR to a writable folder",
+                        dir.display()
+                    ),
+                )
+            })?;
+            LedgerPlace::File(dir.join("ledger.db"))
+        }
+    };
+    let outcome = measure_with(ctx, url, n, shape, ceiling_seconds, &ledger).await;
+    if let LedgerPlace::File(path) = &ledger
+        && let Some(dir) = path.parent()
+    {
+        remove_folder(dir);
+    }
+    outcome
+}
+
+/// Where the simulated processor keeps its ledger during one run.
+enum LedgerPlace {
+    Memory,
+    /// A SQLite file of its own, in a folder made for the run.
+    File(std::path::PathBuf),
+}
+
+async fn measure_with(
+    ctx: &Context,
+    url: DatabaseUrl,
+    n: u32,
+    shape: Shape,
+    ceiling_seconds: Option<u32>,
+    ledger: &LedgerPlace,
+) -> Result<BenchResult, CliError> {
     let url = &url;
     let backend = url.backend();
     let concurrency = shape.concurrency;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let processor = Arc::new(SimulatedProcessor::in_memory(clock.clone(), Duration::ZERO));
+    let processor = Arc::new(match ledger {
+        LedgerPlace::Memory => SimulatedProcessor::in_memory(clock.clone(), Duration::ZERO),
+        LedgerPlace::File(path) => {
+            let settings = SimulatedSettings {
+                latency: Latency::Fixed(Duration::ZERO),
+                ledger: Ledger::Url(format!("sqlite://{}", path.display())),
+                drop_after_charge: 0.0,
+                timeout_before_charge: 0.0,
+            };
+            SimulatedProcessor::open(&settings, url, clock.clone(), None)
+                .await
+                .map_err(|e| CliError::internal(format!("the benchmark's ledger: {e}")))?
+        }
+    });
     let store = store::open(url, ctx.settings.database.max_connections).await?;
 
     let started = Instant::now();
@@ -364,7 +422,10 @@ async fn measure(
         payments: n,
         concurrency,
         latency: shape.latency.to_string(),
-        ledger: "memory",
+        ledger: match shape.ledger {
+            BenchLedger::Memory => "memory",
+            BenchLedger::Database => "database",
+        },
         rate_limit: shape.rate_limit,
         most_requests_in_one_second: most,
         target_per_second: shape.target().map(|t| round(t, 1)),
@@ -394,7 +455,7 @@ fn invalid(e: impl std::fmt::Display) -> CliError {
     CliError::internal(format!("the benchmark's sample data is invalid: {e}"))
 }
 
-/// N/100 employer-group members, each with one card and one large bill, and N fixed 1.00
+/// N/10 employer-group members, each with one card and one large bill, and N fixed 1.00
 /// schedules due now, spread over the members in turn (neighbouring payments belong to
 /// different members, as they would in a real run).
 /// When the loaded schedules' first payment falls due.

@@ -49,9 +49,9 @@ pub(super) async fn measure(
     let rows: i64 = {
         sqlx::query(
             "CREATE TABLE bench_ceiling AS SELECT (row_number() OVER (ORDER BY p.id))::int AS k, \
-             p.id AS payment_id, p.member_id, \
-             (SELECT b.id FROM bills b WHERE b.member_id = p.member_id ORDER BY b.id LIMIT 1) AS bill_id \
-             FROM payments p",
+             p.id AS payment_id, p.member_id, b.bill_id \
+             FROM payments p JOIN (SELECT DISTINCT ON (member_id) member_id, id AS bill_id FROM bills ORDER BY member_id, id) b \
+             ON b.member_id = p.member_id",
         )
         .execute(&mut conn)
         .await
