@@ -28,7 +28,7 @@ use crate::domain::payment::PaymentState;
 pub use crate::domain::attempt::{Answer, LookupAnswer};
 
 /// The schema version this binary needs (the highest migration it knows).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 /// The schema version a database records as the oldest binary that may run against it.
 /// Migrations are additive for one release, so the release before this one (schema 1) still
 /// runs against a database this one migrated.

@@ -53,6 +53,11 @@ impl PgStore {
             "stored_credentials",
             include_str!("../../migrations/postgres/0006_stored_credentials.sql"),
         ),
+        (
+            7,
+            "claim_order_indexes",
+            include_str!("../../migrations/postgres/0007_claim_order_indexes.sql"),
+        ),
     ];
     /// Any fixed number shared by every autopay process: serializes concurrent `migrate` runs.
     const MIGRATION_LOCK_KEY: i64 = 0x0061_7574_6f70_6179;
@@ -176,5 +181,6 @@ super::shared::shared_store_impl!(
     PgStore,
     sqlx::Postgres,
     " FOR UPDATE",
-    " FOR UPDATE SKIP LOCKED"
+    " FOR UPDATE SKIP LOCKED",
+    ""
 );
