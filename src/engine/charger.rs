@@ -218,45 +218,34 @@ impl Engine {
     #[tracing::instrument(name = "payment", skip_all, fields(payment_id = %work.payment.id, schedule_id = %work.payment.schedule_id, attempt = work.payment.attempt, kind = ?work.kind))]
     async fn work(&self, work: Work) -> Result<Done, EngineError> {
         let lease = work.lease;
-        let next = match work.kind {
-            WorkKind::Charge => {
-                self.step(
-                    ChargeStep::Begin {
-                        lease,
-                        audit: self.audit(),
-                    },
-                    work.payment.member_id,
-                )
-                .await?
+        let member = work.payment.member_id;
+        // A settle whose claim expired before any request was written starts the attempt, as a
+        // charge does.
+        let sent = match work.kind {
+            WorkKind::Charge => None,
+            WorkKind::Settle => self.store.sent_attempt(&lease).await?,
+        };
+        let next = match sent {
+            None => {
+                let audit = self.audit();
+                self.step(ChargeStep::Begin { lease, audit }, member)
+                    .await?
             }
-            WorkKind::Settle => match self.store.sent_attempt(&lease).await? {
-                // The claim expired before any request was written: start the attempt.
-                None => {
-                    self.step(
-                        ChargeStep::Begin {
-                            lease,
-                            audit: self.audit(),
-                        },
-                        work.payment.member_id,
+            Some(sent) => {
+                let lookup = self.look_up(&sent.reference).await;
+                tracing::info!(lookup = ?lookup, "looked up an attempt whose outcome was unknown");
+                self.store
+                    .record_lookup(
+                        &lease,
+                        &lookup.answer(),
+                        Settler::Daemon,
+                        &self.policy,
+                        &self.audit(),
                     )
                     .await?
-                }
-                Some(sent) => {
-                    let lookup = self.look_up(&sent.reference).await;
-                    tracing::info!(lookup = ?lookup, "looked up an attempt whose outcome was unknown");
-                    self.store
-                        .record_lookup(
-                            &lease,
-                            &lookup.answer(),
-                            Settler::Daemon,
-                            &self.policy,
-                            &self.audit(),
-                        )
-                        .await?
-                }
-            },
+            }
         };
-        match self.drive(lease, work.payment.member_id, next).await? {
+        match self.drive(lease, member, next).await? {
             Next::Moved(state) => {
                 metrics::counter!(crate::metrics::PAYMENTS, "outcome" => state.as_str())
                     .increment(1);

@@ -134,22 +134,10 @@ pub struct WriteTx<DB: sqlx::Database> {
     _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
     /// Audit events written by this transaction, inserted together just before it commits
     /// (one statement for all, not one each).
-    pub(crate) events: Vec<PendingEvent>,
+    pub(crate) events: Vec<Event>,
     /// Whether other processes are to be woken when this transaction commits (once, however
     /// many of its writes asked).
     pub(crate) wake: bool,
-}
-
-/// An audit event waiting for its transaction's commit.
-#[derive(Debug)]
-pub(crate) struct PendingEvent {
-    pub id: Uuid,
-    pub at: Timestamp,
-    pub actor: String,
-    pub entity: String,
-    pub entity_id: String,
-    pub action: String,
-    pub detail: serde_json::Value,
 }
 
 impl<DB: sqlx::Database> WriteTx<DB> {

@@ -271,7 +271,7 @@ macro_rules! shared_store_impl {
             detail: serde_json::Value,
         ) -> Result<()> {
             // Written with the transaction's other events when it commits.
-            tx.events.push(PendingEvent {
+            tx.events.push(Event {
                 id: new_id(),
                 at: audit.at,
                 actor: audit.actor.clone(),
