@@ -47,8 +47,11 @@ const UNCAPPED_REQUESTS_PER_SECOND: u32 = 100_000;
 /// second, against a processor that always takes 300 ms, then one with a heavy tail.
 const SLOW_CONCURRENCY: u32 = 256;
 const SLOW_RATE_LIMIT: u32 = 500;
-const SLOW_FIXED: &str = "300ms";
-const SLOW_TAIL: &str = "300ms p99 2s";
+const SLOW_FIXED: Latency = Latency::Fixed(Duration::from_millis(300));
+const SLOW_TAIL: Latency = Latency::Tail {
+    median: Duration::from_millis(300),
+    p99: Duration::from_secs(2),
+};
 /// The shell's code for a run stopped with Ctrl-C (128 + SIGINT).
 const INTERRUPTED: u8 = 130;
 
@@ -156,7 +159,7 @@ pub(super) async fn bench(ctx: &Context, args: BenchArgs) -> Result<(), CliError
             .map(|latency| Shape {
                 scenario: "slow",
                 concurrency: args.concurrency.unwrap_or(SLOW_CONCURRENCY),
-                latency: Latency::parse(latency).unwrap_or(Latency::Fixed(Duration::ZERO)),
+                latency,
                 rate_limit: Some(SLOW_RATE_LIMIT),
                 ledger: args.ledger,
             })
@@ -329,7 +332,7 @@ async fn measure_with(
     let backend = url.backend();
     let concurrency = shape.concurrency;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let processor = Arc::new(match ledger {
+    let processor = match ledger {
         LedgerPlace::Memory => SimulatedProcessor::in_memory(clock.clone(), Duration::ZERO),
         LedgerPlace::File(path) => {
             let settings = SimulatedSettings {
@@ -342,20 +345,12 @@ async fn measure_with(
                 .await
                 .map_err(|e| CliError::internal(format!("the benchmark's ledger: {e}")))?
         }
-    });
+    };
     let store = store::open(url, ctx.settings.database.max_connections).await?;
 
     let started = Instant::now();
     store.migrate(clock.now()).await?;
-    load(
-        ctx,
-        store.as_ref(),
-        processor.as_ref(),
-        clock.as_ref(),
-        n,
-        Due::Now,
-    )
-    .await?;
+    load(ctx, store.as_ref(), &processor, clock.as_ref(), n, Due::Now).await?;
     let load_seconds = started.elapsed().as_secs_f64();
     progress(format!(
         "loaded in {load_seconds:.1}s; charging {n} payments with concurrency {concurrency}, processor latency {}, {}...",
@@ -370,11 +365,7 @@ async fn measure_with(
     config.max_requests_per_second = shape.rate_limit.unwrap_or(UNCAPPED_REQUESTS_PER_SECOND);
     config.concurrency = concurrency;
     // The load used the processor without latency; the run uses the shape's.
-    let processor = Arc::new(
-        Arc::into_inner(processor)
-            .ok_or_else(|| CliError::internal("the benchmark's processor is still shared"))?
-            .with_latency(shape.latency),
-    );
+    let processor = Arc::new(processor.with_latency(shape.latency));
     let counted = Arc::new(Counted::new(processor.clone()));
     let engine = Engine::new(
         store.clone(),

@@ -6,7 +6,7 @@
 //! an audit event, into autopay's own tables with their indexes, constraints and foreign keys,
 //! picking a random payment of the run. It runs after autopay has charged and its result has been
 //! checked, so the rows it adds disturb nothing; the database is dropped afterwards. pgbench runs
-//! with prepared statements and as many connections as autopay's pool. The connection reaches it
+//! with prepared statements and as many connections as autopay used. The connection reaches it
 //! through the PG* environment variables, never its command line.
 
 use std::process::Stdio;

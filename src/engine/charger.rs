@@ -1,7 +1,7 @@
 //! The charger: a continuous pipeline that claims due payments as fenced leases, only as many
-//! as it has free slots, and drives each one's attempt: the store freezes the amount, re-checks the charging pause and stores
-//! the exact request in one transaction; the request is written outside any transaction; the
-//! answer is recorded in one transaction that names the lease.
+//! as it has free slots, and drives each one's attempt: the store freezes the amount, re-checks
+//! the charging pause and stores the exact request in one transaction; the request is written
+//! outside any transaction; the answer is recorded in one transaction that names the lease.
 //!
 //! An unknown outcome is never answered with a new key. The payment waits
 //! `processor.settle_delay`, then a worker claims it to settle: it asks the processor, and a
@@ -13,12 +13,11 @@ use std::time::{Duration, Instant};
 use jiff::SignedDuration;
 use serde::Serialize;
 use tokio::task::JoinSet;
+use uuid::Uuid;
 
 use super::{Engine, EngineError};
 use crate::domain::attempt::Answer;
 use crate::processor::{AttemptRef, ChargeOutcome, ChargeRequest, Lookup};
-use uuid::Uuid;
-
 use crate::store::{ChargeStep, ClaimRules, Lease, Next, Settler, Work, WorkKind};
 
 /// What one claim round did.
@@ -280,7 +279,7 @@ impl Engine {
             * self.config.processor_timeout.as_secs_f64()
             / 2.0;
         let servable = servable.floor().clamp(1.0, f64::from(u32::MAX)) as u32;
-        self.config.concurrency.clamp(1, servable.max(1)) as usize
+        self.config.concurrency.clamp(1, servable) as usize
     }
 
     /// Writes one attempt step through the group commit, and returns once it is committed.

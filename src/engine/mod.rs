@@ -79,6 +79,9 @@ pub struct Engine {
     pub(crate) health: Arc<Health>,
     /// Once triggered, the charge pipeline claims nothing more (what is in flight finishes).
     pub(crate) stop: Shutdown,
+    /// Write transactions this engine runs at once: 1 on SQLite, `daemon.concurrency` on
+    /// PostgreSQL (the group commit's lanes, the planner's parallel plans).
+    pub(crate) writers: usize,
     /// Writes the attempts' steps of every charge in flight, many to a transaction.
     pub(crate) committer: Arc<committer::Committer>,
 }
@@ -102,11 +105,11 @@ impl Engine {
         // A processor whose one call may be several requests (Stripe's paged lists) counts
         // each request after the first against the same limit.
         processor.share_limiter(limiter.clone());
-        // SQLite has one writer: one group at a time, as large as the queue. PostgreSQL
-        // overlaps the round trips of several groups.
-        let lanes = match store.backend() {
+        // SQLite has one writer: one write at a time, as large as it can be. PostgreSQL
+        // overlaps the round trips of several.
+        let writers = match store.backend() {
             crate::config::Backend::Sqlite => 1,
-            crate::config::Backend::Postgres => config.concurrency as usize,
+            crate::config::Backend::Postgres => config.concurrency.max(1) as usize,
         };
         Engine {
             store,
@@ -119,7 +122,8 @@ impl Engine {
             crash_hook: None,
             health: Arc::new(Health::new()),
             stop: Shutdown::new(),
-            committer: Arc::new(committer::Committer::new(lanes)),
+            writers,
+            committer: Arc::new(committer::Committer::new(writers)),
         }
     }
 

@@ -127,15 +127,15 @@ impl Engine {
         }
     }
 
-    /// Writes one batch of plans. SQLite (one writer) writes the batch in one transaction: one
+    /// Writes one batch of plans. With one writer (SQLite), the batch in one transaction: one
     /// commit instead of one per schedule; should that fail, each schedule is written on its own,
-    /// so one bad schedule fails only itself. PostgreSQL writes each schedule in a transaction
-    /// of its own, `daemon.concurrency` at once, overlapping their round trips; none of these
+    /// so one bad schedule fails only itself. With several (PostgreSQL), each schedule in a
+    /// transaction of its own, that many at once, overlapping their round trips; none of these
     /// transactions holds more than one schedule's lock.
     async fn apply_plans(&self, steps: &[PlanStep]) -> Result<Vec<bool>, EngineError> {
         let audit = self.audit();
-        match self.store.backend() {
-            crate::config::Backend::Sqlite => match self.store.apply_plans(steps, &audit).await {
+        match self.writers {
+            1 => match self.store.apply_plans(steps, &audit).await {
                 Ok(applied) => Ok(applied),
                 Err(e) if steps.len() > 1 => {
                     tracing::warn!(error.message = %e, schedules = steps.len(), "planning a batch in one transaction failed; planning its schedules one by one");
@@ -147,8 +147,7 @@ impl Engine {
                 }
                 Err(e) => Err(e.into()),
             },
-            crate::config::Backend::Postgres => {
-                let lanes = self.config.concurrency.max(1) as usize;
+            lanes => {
                 let mut applied = vec![false; steps.len()];
                 let mut tasks = tokio::task::JoinSet::new();
                 let mut first_error = None;
