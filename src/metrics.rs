@@ -25,6 +25,8 @@ pub const GROUP_COMMIT_STEPS: &str = "autopay_group_commit_steps";
 pub const LEASES_TAKEN_OVER: &str = "autopay_leases_taken_over_total";
 /// Delivery attempts, by outcome (`sent`, `retry`, `failed`, `paused`).
 pub const MAIL: &str = "autopay_mail_total";
+/// How many delivery outcomes each grouped commit of the dispatcher recorded.
+pub const MAIL_GROUP_COMMIT: &str = "autopay_mail_group_commit_size";
 
 /// From the database: payments by state (`state`).
 pub const PAYMENTS_BY_STATE: &str = "autopay_payments";
@@ -81,6 +83,12 @@ pub fn install() -> Option<PrometheusHandle> {
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         metrics_exporter_prometheus::Matcher::Full(GROUP_COMMIT_STEPS.into()),
+                        GROUP_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(MAIL_GROUP_COMMIT.into()),
                         GROUP_BUCKETS,
                     )
                 })

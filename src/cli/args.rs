@@ -107,6 +107,10 @@ pub enum BenchScenario {
     /// A processor that takes 300 ms, then one with a median of 300 ms and a 99th percentile
     /// of 2 s, at a concurrency of 256 (or --concurrency) and at most 500 requests a second.
     Slow,
+    /// --payments receipts delivered to a local SMTP server (aiosmtpd, started for the run)
+    /// over email.smtp.pool_size connections, against a plain one-connection client's rate to
+    /// the same server.
+    Mail,
 }
 
 /// Where `autopay bench` keeps the simulated processor's ledger.

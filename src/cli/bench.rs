@@ -139,12 +139,15 @@ pub(super) async fn bench(ctx: &Context, args: BenchArgs) -> Result<(), CliError
         for backend in backends {
             let run = |url| super::idle::measure(ctx, url, n, seconds);
             results.push(match (backend, &admin) {
-                (Backend::Sqlite, _) => on_sqlite(n, run).await?,
-                (Backend::Postgres, Some(admin)) => on_postgres(admin, n, run).await?,
+                (Backend::Sqlite, _) => on_sqlite(run).await?,
+                (Backend::Postgres, Some(admin)) => on_postgres(admin, run).await?,
                 (Backend::Postgres, None) => unreachable!("the admin connection is checked above"),
             });
         }
         return super::idle::print(ctx, &results);
+    }
+    if args.scenario == BenchScenario::Mail {
+        return mail(ctx, backends, admin.as_ref(), n).await;
     }
     let shapes: Vec<Shape> = match args.scenario {
         BenchScenario::Charge => vec![Shape {
@@ -164,6 +167,7 @@ pub(super) async fn bench(ctx: &Context, args: BenchArgs) -> Result<(), CliError
                 ledger: args.ledger,
             })
             .collect(),
+        BenchScenario::Mail => unreachable!("the mail scenario is measured above"),
     };
     let mut results = Vec::new();
     for backend in backends {
@@ -171,8 +175,8 @@ pub(super) async fn bench(ctx: &Context, args: BenchArgs) -> Result<(), CliError
             let ceiling = (args.scenario == BenchScenario::Charge).then_some(args.ceiling_seconds);
             let run = |url| measure(ctx, url, n, *shape, ceiling.filter(|s| *s > 0));
             let result = match (backend, &admin) {
-                (Backend::Sqlite, _) => on_sqlite(n, run).await?,
-                (Backend::Postgres, Some(admin)) => on_postgres(admin, n, run).await?,
+                (Backend::Sqlite, _) => on_sqlite(run).await?,
+                (Backend::Postgres, Some(admin)) => on_postgres(admin, run).await?,
                 (Backend::Postgres, None) => {
                     unreachable!("the admin connection is checked above")
                 }
@@ -181,6 +185,47 @@ pub(super) async fn bench(ctx: &Context, args: BenchArgs) -> Result<(), CliError
         }
     }
     print(ctx, &results)
+}
+
+/// The mail scenario on each backend, against one local SMTP server for the whole run.
+async fn mail(
+    ctx: &Context,
+    backends: &[Backend],
+    admin: Option<&PgAdmin>,
+    n: u32,
+) -> Result<(), CliError> {
+    let server = super::mailbench::SinkServer::start()?;
+    let scratch =
+        std::env::temp_dir().join(format!("autopay-bench-mail-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir(&scratch).map_err(|e| {
+        CliError::new(
+            exit::UNAVAILABLE,
+            format!(
+                "cannot create the benchmark folder {}: {e}; set TMPDIR to a writable folder",
+                scratch.display()
+            ),
+        )
+    })?;
+    let mut results = Vec::new();
+    let mut outcome = Ok(());
+    for backend in backends {
+        let run = |url| super::mailbench::measure(ctx, url, n, server.port, &scratch);
+        let result = match (backend, admin) {
+            (Backend::Sqlite, _) => on_sqlite(run).await,
+            (Backend::Postgres, Some(admin)) => on_postgres(admin, run).await,
+            (Backend::Postgres, None) => unreachable!("the admin connection is checked first"),
+        };
+        match result {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+    }
+    remove_folder(&scratch);
+    outcome?;
+    super::mailbench::print(ctx, &results)
 }
 
 /// Says when the settings, rather than --concurrency, will bound how many charges run at once.
@@ -216,7 +261,7 @@ async fn interruptible<T>(work: impl Future<Output = Result<T, CliError>>) -> Re
 }
 
 /// Runs `work` on a throwaway SQLite file in a folder of its own, removed afterwards.
-async fn on_sqlite<T, F, Fut>(n: u32, work: F) -> Result<T, CliError>
+async fn on_sqlite<T, F, Fut>(work: F) -> Result<T, CliError>
 where
     F: FnOnce(DatabaseUrl) -> Fut,
     Fut: Future<Output = Result<T, CliError>>,
@@ -237,7 +282,7 @@ where
         let url = DatabaseUrl::parse(&format!("sqlite://{}", file.display()), None)
             .map_err(|e| CliError::internal(format!("the benchmark's SQLite URL: {e}")))?;
         progress(format!(
-            "loading {n} schedules into sqlite ({})...",
+            "sqlite: a throwaway database in {}",
             file.display()
         ));
         interruptible(work(url)).await
@@ -258,7 +303,7 @@ fn remove_folder(dir: &Path) {
 }
 
 /// Runs `work` on a throwaway PostgreSQL database, dropped afterwards.
-async fn on_postgres<T, F, Fut>(admin: &PgAdmin, n: u32, work: F) -> Result<T, CliError>
+async fn on_postgres<T, F, Fut>(admin: &PgAdmin, work: F) -> Result<T, CliError>
 where
     F: FnOnce(DatabaseUrl) -> Fut,
     Fut: Future<Output = Result<T, CliError>>,
@@ -268,9 +313,7 @@ where
     let outcome = async {
         let url = DatabaseUrl::parse(&with_database(&admin.url, &name), None)
             .map_err(|e| CliError::internal(format!("the benchmark's PostgreSQL URL: {e}")))?;
-        progress(format!(
-            "loading {n} schedules into postgres (database {name})..."
-        ));
+        progress(format!("postgres: a throwaway database {name}"));
         interruptible(work(url)).await
     }
     .await;
@@ -348,6 +391,7 @@ async fn measure_with(
     };
     let store = store::open(url, ctx.settings.database.max_connections).await?;
 
+    progress(format!("loading {n} schedules..."));
     let started = Instant::now();
     store.migrate(clock.now()).await?;
     load(ctx, store.as_ref(), &processor, clock.as_ref(), n, Due::Now).await?;
@@ -620,7 +664,7 @@ async fn verify(
 }
 
 /// The process's peak resident memory (VmHWM), in KiB.
-fn peak_rss_kib() -> Option<u64> {
+pub(super) fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     parse_vm_hwm(&status)
 }

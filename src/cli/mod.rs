@@ -8,6 +8,7 @@ mod ceiling;
 mod counted;
 mod demo;
 mod idle;
+mod mailbench;
 mod members;
 mod operate;
 pub mod output;

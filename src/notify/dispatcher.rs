@@ -25,7 +25,16 @@ use crate::clock::Clock;
 use crate::config::Settings;
 use crate::health::Health;
 use crate::limiter::RateLimiter;
-use crate::store::{DeliveryOutcome, Outgoing, Store, StoreError};
+use crate::store::{Delivered, DeliveryOutcome, Notification, Outgoing, Store, StoreError};
+
+/// The most delivery outcomes one grouped commit records.
+const MAX_GROUP: usize = 64;
+
+/// One delivery's outcome and how the pass counts it (`sent`, `retry`, `paused`, `failed`).
+struct Counted {
+    outcome: DeliveryOutcome,
+    label: &'static str,
+}
 
 /// What one delivery pass did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -144,8 +153,13 @@ impl Dispatcher {
         now.checked_add(delay).unwrap_or(now)
     }
 
-    fn build(&self, item: &Outgoing) -> Result<Mail, String> {
-        let n = &item.notification;
+    /// The message as it goes on the wire, headers and body: what `autopay bench` gives its
+    /// plain SMTP client to send, so both rates move the same bytes.
+    pub fn wire_bytes(&self, n: &Notification) -> Result<Vec<u8>, String> {
+        Ok(self.build(n)?.message.formatted())
+    }
+
+    fn build(&self, n: &Notification) -> Result<Mail, String> {
         let rendered = self
             .templates
             .render(&n.kind, &n.payload, &self.branding)
@@ -180,9 +194,11 @@ impl Dispatcher {
     }
 
     /// Claims one batch and delivers it, up to the mailer's `in_flight` messages at once (over
-    /// as many SMTP connections); each outcome is recorded as soon as it is known.
+    /// as many SMTP connections). Outcomes are recorded in grouped commits: what came back
+    /// while the previous group was being written goes in the next one, so a slow commit does
+    /// not hold the sends up and a fast one does not wait for company.
     pub async fn deliver_due(&self) -> Result<DeliveryReport, StoreError> {
-        use futures_util::stream::{self, StreamExt};
+        use futures_util::stream::{self, StreamExt, TryStreamExt};
         let mut report = DeliveryReport::default();
         let now = self.clock.now();
         let claimed = self
@@ -193,20 +209,71 @@ impl Dispatcher {
         // After a session-level refusal the rest of the batch waits too: the next send would be
         // refused the same way. Messages already in flight come back with their own answers.
         let session_refused: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+        let (answered, mut to_record) = tokio::sync::mpsc::unbounded_channel::<(usize, Counted)>();
         // By index: a stream of borrowed items trips the compiler's lifetime inference.
-        let outcomes: Vec<Result<&'static str, StoreError>> = stream::iter(0..claimed.len())
-            .map(|i| self.deliver_one(&claimed[i], &session_refused))
-            .buffer_unordered(self.mailer.in_flight().max(1))
-            .collect()
-            .await;
-        for counted in outcomes {
-            let counted = counted?;
-            match counted {
-                "sent" => report.sent += 1,
-                "failed" => report.failed += 1,
-                _ => report.retrying += 1,
+        let sending = async {
+            stream::iter(0..claimed.len())
+                .map(|i| {
+                    let answered = answered.clone();
+                    let session_refused = &session_refused;
+                    let claimed = &claimed;
+                    async move {
+                        let counted = self.outcome_of(&claimed[i], session_refused).await?;
+                        // The recorder outlives every send; a closed channel means it failed,
+                        // and its error is the one reported.
+                        let _ = answered.send((i, counted));
+                        Ok::<(), StoreError>(())
+                    }
+                })
+                .buffer_unordered(self.mailer.in_flight().max(1))
+                .try_collect::<()>()
+                .await?;
+            drop(answered);
+            Ok::<(), StoreError>(())
+        };
+        let recording = async {
+            let mut tally = DeliveryReport::default();
+            let mut group: Vec<(usize, Counted)> = Vec::new();
+            while let Some(first) = to_record.recv().await {
+                group.push(first);
+                while group.len() < MAX_GROUP {
+                    match to_record.try_recv() {
+                        Ok(next) => group.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let done: Vec<Delivered> = group
+                    .iter()
+                    .map(|(i, c)| Delivered {
+                        lease: claimed[*i].lease,
+                        outcome: c.outcome.clone(),
+                    })
+                    .collect();
+                let recorded = self
+                    .store
+                    .finish_notifications(&done, self.clock.now())
+                    .await?;
+                metrics::histogram!(crate::metrics::MAIL_GROUP_COMMIT).record(done.len() as f64);
+                for ((i, counted), recorded) in group.drain(..).zip(recorded) {
+                    if !recorded {
+                        tracing::warn!(notification_id = %claimed[i].notification.id, "notification lease taken over; its new holder records it");
+                    }
+                    match counted.label {
+                        "sent" => tally.sent += 1,
+                        "failed" => tally.failed += 1,
+                        _ => tally.retrying += 1,
+                    }
+                }
+                if let Some((health, name)) = &self.health {
+                    health.beat(name);
+                }
             }
-        }
+            Ok::<DeliveryReport, StoreError>(tally)
+        };
+        let ((), tally) = tokio::try_join!(sending, recording)?;
+        report.sent = tally.sent;
+        report.failed = tally.failed;
+        report.retrying = tally.retrying;
         let refused = session_refused
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -218,13 +285,12 @@ impl Dispatcher {
         Ok(report)
     }
 
-    /// Delivers one claimed notification and records its outcome; returns how it is counted
-    /// (`sent`, `retry`, `paused`, `failed`).
-    async fn deliver_one(
+    /// Delivers one claimed notification and says what came of it (recorded by the caller).
+    async fn outcome_of(
         &self,
         item: &Outgoing,
         session_refused: &std::sync::Mutex<Option<String>>,
-    ) -> Result<&'static str, StoreError> {
+    ) -> Result<Counted, StoreError> {
         let id = item.notification.id;
         let refused_before = || {
             session_refused
@@ -238,7 +304,7 @@ impl Dispatcher {
                 at: self.retry_at(item.notification.attempts),
             }
         } else {
-            match self.build(item) {
+            match self.build(&item.notification) {
                 Err(error) => {
                     tracing::error!(notification_id = %id, kind = %item.notification.kind, error = %error, "notification cannot be sent");
                     DeliveryOutcome::Failed {
@@ -259,24 +325,14 @@ impl Dispatcher {
                 }
             }
         };
-        let counted = match &outcome {
+        let label = match &outcome {
             DeliveryOutcome::Sent => "sent",
             DeliveryOutcome::Retry { .. } if refused_before().is_some() => "paused",
             DeliveryOutcome::Retry { .. } => "retry",
             DeliveryOutcome::Failed { .. } => "failed",
         };
-        metrics::counter!(crate::metrics::MAIL, "outcome" => counted).increment(1);
-        if !self
-            .store
-            .finish_notification(&item.lease, &outcome, self.clock.now())
-            .await?
-        {
-            tracing::warn!(notification_id = %id, "notification lease taken over; its new holder records it");
-        }
-        if let Some((health, name)) = &self.health {
-            health.beat(name);
-        }
-        Ok(counted)
+        metrics::counter!(crate::metrics::MAIL, "outcome" => label).increment(1);
+        Ok(Counted { outcome, label })
     }
 
     /// Sends one built message and says what its answer means.

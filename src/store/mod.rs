@@ -381,13 +381,22 @@ pub trait Store: Send + Sync {
         lease: std::time::Duration,
         limit: u32,
     ) -> Result<Vec<Outgoing>>;
-    /// Records a delivery attempt; false when the lease was lost (nothing recorded).
+    /// Records delivery attempts in one transaction (a grouped commit); for each, false when
+    /// its lease was lost (nothing recorded for it).
+    async fn finish_notifications(&self, done: &[Delivered], now: Timestamp) -> Result<Vec<bool>>;
+    /// Records one delivery attempt; false when the lease was lost (nothing recorded).
     async fn finish_notification(
         &self,
         lease: &NotificationLease,
         outcome: &DeliveryOutcome,
         now: Timestamp,
-    ) -> Result<bool>;
+    ) -> Result<bool> {
+        let done = [Delivered {
+            lease: *lease,
+            outcome: outcome.clone(),
+        }];
+        Ok(self.finish_notifications(&done, now).await?.first() == Some(&true))
+    }
     /// Records (or, with `None`, clears) "mail paused" after a session-level refusal.
     async fn set_mail_pause(&self, reason: Option<&str>, now: Timestamp) -> Result<()>;
     /// Active schedules due in (`after`, `until`] whose member wants reminders.

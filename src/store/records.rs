@@ -577,6 +577,13 @@ pub struct Outgoing {
     pub notification: Notification,
 }
 
+/// One delivery's outcome, for the claim that sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    pub lease: NotificationLease,
+    pub outcome: DeliveryOutcome,
+}
+
 /// What a delivery attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeliveryOutcome {

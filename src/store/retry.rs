@@ -141,7 +141,7 @@ retried! {
     fn resolve_payment(resolve: &Resolve, audit: &Audit) -> Payment;
     fn enqueue(notification: &NewNotification, at: Timestamp) -> bool;
     fn claim_notifications(owner: &str, now: Timestamp, lease: std::time::Duration, limit: u32) -> Vec<Outgoing>;
-    fn finish_notification(lease: &NotificationLease, outcome: &DeliveryOutcome, now: Timestamp) -> bool;
+    fn finish_notifications(done: &[Delivered], now: Timestamp) -> Vec<bool>;
     fn set_mail_pause(reason: Option<&str>, now: Timestamp) -> ();
     fn schedules_due_between(after: Timestamp, until: Timestamp) -> Vec<Schedule>;
     fn prune_notifications(before: Timestamp) -> u64;

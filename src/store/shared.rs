@@ -3158,81 +3158,101 @@ macro_rules! shared_store_impl {
                 .fetch_all(tx.conn())
                 .await
                 .map_err(db_err("finding due notifications"))?;
-                let mut out = Vec::new();
-                for nid in ids {
-                    let token = Uuid::new_v4();
-                    // The recipient is the member's address now, not when the row was queued:
-                    // an address changed in between must not send the message to the old one.
-                    // The column then records where this attempt went.
-                    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "UPDATE notifications SET state = 'sending', lease_owner = $1, lease_token = $2, lease_expires_at = $3, attempts = attempts + 1, \
-                         recipient = COALESCE((SELECT m.email FROM members m WHERE m.id = notifications.member_id), recipient) WHERE id = $4 RETURNING {NOTIFICATION_COLS}"
-                    )))
-                    .bind(owner)
-                    .bind(token.to_string())
-                    .bind(DbTime(until))
-                    .bind(nid)
-                    .fetch_one(tx.conn())
-                    .await
-                    .map_err(db_err("claiming a notification"))?;
-                    let notification = notification_from(&row)?;
-                    out.push(Outgoing { lease: NotificationLease { id: notification.id, token }, notification });
+                if ids.is_empty() {
+                    commit(tx).await?;
+                    return Ok(Vec::new());
                 }
+                // One lease token for the whole claim: a lease is this claim of this row, and a
+                // later claim of any of them (after this one expired) gets a token of its own.
+                let token = Uuid::new_v4();
+                // The recipient is the member's address now, not when the row was queued: an
+                // address changed in between must not send the message to the old one. The
+                // column then records where this attempt went.
+                let placeholders = (0..ids.len()).map(|i| format!("${}", i + 4)).collect::<Vec<_>>().join(", ");
+                let mut update = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE notifications SET state = 'sending', lease_owner = $1, lease_token = $2, lease_expires_at = $3, attempts = attempts + 1, \
+                     recipient = COALESCE((SELECT m.email FROM members m WHERE m.id = notifications.member_id), recipient) WHERE id IN ({placeholders}) RETURNING {NOTIFICATION_COLS}"
+                )))
+                .bind(owner)
+                .bind(token.to_string())
+                .bind(DbTime(until));
+                for nid in &ids {
+                    update = update.bind(*nid);
+                }
+                let rows = update
+                    .fetch_all(tx.conn())
+                    .await
+                    .map_err(db_err("claiming notifications"))?;
+                let mut claimed = BTreeMap::new();
+                for row in &rows {
+                    let notification = notification_from(row)?;
+                    claimed.insert(notification.id, notification);
+                }
+                // In the order they fell due (RETURNING promises none).
+                let out = ids
+                    .iter()
+                    .filter_map(|nid| claimed.remove(&nid.0))
+                    .map(|notification| Outgoing { lease: NotificationLease { id: notification.id, token }, notification })
+                    .collect();
                 commit(tx).await?;
                 Ok(out)
             }
 
-            async fn finish_notification(&self, lease: &NotificationLease, outcome: &DeliveryOutcome, now: Timestamp) -> Result<bool> {
+            async fn finish_notifications(&self, done: &[Delivered], now: Timestamp) -> Result<Vec<bool>> {
+                if done.is_empty() {
+                    return Ok(Vec::new());
+                }
+                // Rows are written in id order, whatever order the answers came in: two
+                // dispatchers finishing overlapping groups then lock in one order.
+                let mut order: Vec<usize> = (0..done.len()).collect();
+                order.sort_by_key(|&i| done[i].lease.id);
+                let mut recorded = vec![false; done.len()];
                 let mut tx = self.begin_write().await?;
-                let member: Option<Option<DbId>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                    "SELECT member_id FROM notifications WHERE id = $1 AND lease_token = $2 AND state = 'sending'{}", $for_update
-                )))
-                .bind(DbId(lease.id))
-                .bind(lease.token.to_string())
-                .fetch_optional(tx.conn())
-                .await
-                .map_err(db_err("reading a claimed notification"))?;
-                let Some(member_id) = member else {
-                    return Ok(false);
-                };
-                match outcome {
-                    DeliveryOutcome::Sent => {
-                        sqlx::query("UPDATE notifications SET state = 'sent', sent_at = $1, last_error = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $2")
+                for i in order {
+                    let Delivered { lease, outcome } = &done[i];
+                    // Each update holds only while this claim still holds the row: a lease that
+                    // expired and was claimed again belongs to its new holder.
+                    const HELD: &str = "lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $2 AND lease_token = $3 AND state = 'sending' RETURNING member_id";
+                    let query = match outcome {
+                        DeliveryOutcome::Sent => sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "UPDATE notifications SET state = 'sent', sent_at = $1, last_error = NULL, {HELD}"
+                        )))
+                        .bind(DbTime(now)),
+                        DeliveryOutcome::Retry { at, .. } => sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "UPDATE notifications SET state = 'pending', next_attempt_at = $1, last_error = $4, {HELD}"
+                        )))
+                        .bind(DbTime(*at)),
+                        DeliveryOutcome::Failed { error, .. } => sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "UPDATE notifications SET state = 'failed', last_error = $1, {HELD}"
+                        )))
+                        .bind(error.as_str()),
+                    };
+                    let query = query.bind(DbId(lease.id)).bind(lease.token.to_string());
+                    let query = match outcome {
+                        DeliveryOutcome::Retry { error, .. } => query.bind(error.as_str()),
+                        _ => query,
+                    };
+                    let row = query
+                        .fetch_optional(tx.conn())
+                        .await
+                        .map_err(db_err("recording a delivery"))?;
+                    let Some(row) = row else {
+                        continue;
+                    };
+                    recorded[i] = true;
+                    let member_id: Option<DbId> = get(&row, "notifications", "member_id")?;
+                    if let (DeliveryOutcome::Failed { bounce: true, .. }, Some(member_id)) = (outcome, member_id) {
+                        sqlx::query("UPDATE members SET email_bouncing = TRUE, updated_at = $1 WHERE id = $2")
                             .bind(DbTime(now))
-                            .bind(DbId(lease.id))
+                            .bind(member_id)
                             .execute(tx.conn())
                             .await
-                            .map_err(db_err("marking a notification sent"))?;
-                    }
-                    DeliveryOutcome::Retry { error, at } => {
-                        sqlx::query("UPDATE notifications SET state = 'pending', next_attempt_at = $1, last_error = $2, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $3")
-                            .bind(DbTime(*at))
-                            .bind(error)
-                            .bind(DbId(lease.id))
-                            .execute(tx.conn())
-                            .await
-                            .map_err(db_err("scheduling a notification again"))?;
-                    }
-                    DeliveryOutcome::Failed { error, bounce } => {
-                        sqlx::query("UPDATE notifications SET state = 'failed', last_error = $1, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $2")
-                            .bind(error)
-                            .bind(DbId(lease.id))
-                            .execute(tx.conn())
-                            .await
-                            .map_err(db_err("marking a notification failed"))?;
-                        if let (true, Some(member_id)) = (*bounce, member_id) {
-                            sqlx::query("UPDATE members SET email_bouncing = TRUE, updated_at = $1 WHERE id = $2")
-                                .bind(DbTime(now))
-                                .bind(member_id)
-                                .execute(tx.conn())
-                                .await
-                                .map_err(db_err("flagging a bouncing address"))?;
-                            event(&mut tx, &Audit { actor: "dispatcher".into(), at: now }, "member", member_id.0, "email_bouncing", serde_json::json!({ "notification_id": lease.id })).await?;
-                        }
+                            .map_err(db_err("flagging a bouncing address"))?;
+                        event(&mut tx, &Audit { actor: "dispatcher".into(), at: now }, "member", member_id.0, "email_bouncing", serde_json::json!({ "notification_id": lease.id })).await?;
                     }
                 }
                 commit(tx).await?;
-                Ok(true)
+                Ok(recorded)
             }
 
             async fn set_mail_pause(&self, reason: Option<&str>, now: Timestamp) -> Result<()> {

@@ -774,8 +774,122 @@ async fn reminders_go_once_before_the_charge_and_only_to_members_who_want_them(k
     );
 }
 
+/// The dispatcher records outcomes in groups: one transaction for many deliveries, each row
+/// written only while its own claim still holds it.
+async fn a_grouped_commit_records_each_outcome_for_its_own_claim_only(kind: Kind) {
+    use autopay::store::{Delivered, DeliveryOutcome};
+    let w = World::new(kind).await;
+    let ana = member_at(
+        &w,
+        "A-100200",
+        "ana@example.org",
+        "Ana",
+        AccountType::IndividualFamily,
+    )
+    .await;
+    for key in ["r1", "r2", "r3"] {
+        receipt(&w, &ana, key).await;
+    }
+    let lease = std::time::Duration::from_secs(60);
+    let first = w
+        .store
+        .claim_notifications("first", w.clock.now(), lease, 10)
+        .await
+        .unwrap();
+    let mine: Vec<_> = first
+        .iter()
+        .filter(|o| o.notification.dedupe_key.starts_with('r'))
+        .collect();
+    assert_eq!(mine.len(), 3, "one claim takes every due row");
+    // The first claim's lease runs out; another dispatcher claims the same rows.
+    w.advance(SignedDuration::from_mins(2));
+    let second = w
+        .store
+        .claim_notifications("second", w.clock.now(), lease, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        second.len(),
+        first.len(),
+        "expired leases are claimed again"
+    );
+    let stale: Vec<Delivered> = first
+        .iter()
+        .map(|o| Delivered {
+            lease: o.lease,
+            outcome: DeliveryOutcome::Sent,
+        })
+        .collect();
+    assert!(
+        w.store
+            .finish_notifications(&stale, w.clock.now())
+            .await
+            .unwrap()
+            .iter()
+            .all(|recorded| !recorded),
+        "a claim that lost its lease records nothing"
+    );
+    let by_key = |key: &str| {
+        second
+            .iter()
+            .find(|o| o.notification.dedupe_key == key)
+            .unwrap()
+            .lease
+    };
+    let retry_at = w.clock.now() + SignedDuration::from_mins(5);
+    let done = vec![
+        Delivered {
+            lease: by_key("r3"),
+            outcome: DeliveryOutcome::Failed {
+                error: "550 no such user".into(),
+                bounce: true,
+            },
+        },
+        Delivered {
+            lease: by_key("r1"),
+            outcome: DeliveryOutcome::Sent,
+        },
+        Delivered {
+            lease: by_key("r2"),
+            outcome: DeliveryOutcome::Retry {
+                error: "451 try later".into(),
+                at: retry_at,
+            },
+        },
+    ];
+    assert_eq!(
+        w.store
+            .finish_notifications(&done, w.clock.now())
+            .await
+            .unwrap(),
+        vec![true, true, true],
+        "answers in the order asked, whatever order the rows were written in"
+    );
+    let states: std::collections::BTreeMap<String, (String, i64)> = w
+        .store
+        .notifications(Some(ana.id))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.dedupe_key, (n.state, n.attempts)))
+        .collect();
+    assert_eq!(states["r1"], ("sent".to_string(), 2));
+    assert_eq!(states["r2"], ("pending".to_string(), 2));
+    assert_eq!(states["r3"], ("failed".to_string(), 2));
+    assert!(w.store.member_by_id(ana.id).await.unwrap().email_bouncing);
+    // Recorded once: the same outcomes again find no claim to finish.
+    assert_eq!(
+        w.store
+            .finish_notifications(&done, w.clock.now())
+            .await
+            .unwrap(),
+        vec![false, false, false]
+    );
+}
+
 crate::helpers::on_both!(
     changes_members_hear_about_write_their_outbox_rows,
+    a_grouped_commit_records_each_outcome_for_its_own_claim_only,
     reminders_go_once_before_the_charge_and_only_to_members_who_want_them,
 );
 
