@@ -107,6 +107,10 @@ pub enum BenchScenario {
     /// A processor that takes 300 ms, then one with a median of 300 ms and a 99th percentile
     /// of 2 s, at a concurrency of 256 (or --concurrency) and at most 500 requests a second.
     Slow,
+    /// The 1st of the month: --payments monthly schedules due at once, loaded in bulk, planned
+    /// and charged, every receipt queued, with the ledger in a database of its own so the
+    /// memory figure is autopay's.
+    MonthStart,
     /// --payments receipts delivered to a local SMTP server (aiosmtpd, started for the run)
     /// over email.smtp.pool_size connections, against a plain one-connection client's rate to
     /// the same server.
@@ -124,9 +128,10 @@ pub enum BenchLedger {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Where the simulated processor keeps its ledger during the run.
-    #[arg(long, value_enum, default_value_t = BenchLedger::Memory)]
-    pub ledger: BenchLedger,
+    /// Where the simulated processor keeps its ledger during the run (default: memory, and a
+    /// database for month-start, whose figures include memory).
+    #[arg(long, value_enum)]
+    pub ledger: Option<BenchLedger>,
     /// What to measure.
     #[arg(long, value_enum, default_value_t = BenchScenario::Charge)]
     pub scenario: BenchScenario,

@@ -3,9 +3,11 @@
 //! Each backend gets a database of its own, made for the run and removed after it: a SQLite file
 //! in a fresh folder under the system's temporary directory, and a PostgreSQL database
 //! `autopay_bench_<uuid>` created through an admin connection. The configured `database.url` is
-//! never opened. The load (migrate, members, cards, bills, schedules due now) is timed apart
-//! from the charge phase, which is one engine's `drain()` against the zero-latency simulated
-//! processor with its ledger in memory, the same work `autopay run --drain` does.
+//! never opened. The load (migrate, members, cards, bills, schedules due now; in bulk, see
+//! [`super::bulkload`]) is timed apart from the charge phase, which is one engine's `drain()`
+//! against the simulated processor, the same work `autopay run --drain` does. The scenarios
+//! differ in the processor's latency and rate limit and where its ledger is kept; the mail
+//! scenario is [`super::mailbench`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -97,6 +99,8 @@ pub struct BenchResult {
     pub ledger: &'static str,
     /// `processor.max_requests_per_second` during the run; null when lifted out of the way.
     pub rate_limit: Option<u32>,
+    /// Receipts in the outbox after the run: one per charge, checked.
+    pub receipts_queued: i64,
     /// The most requests that reached the processor in any sliding one-second window.
     pub most_requests_in_one_second: usize,
     /// For a processor with latency: 90 % of min(concurrency / mean latency, rate limit).
@@ -149,13 +153,21 @@ pub(super) async fn bench(ctx: &Context, args: BenchArgs) -> Result<(), CliError
     if args.scenario == BenchScenario::Mail {
         return mail(ctx, backends, admin.as_ref(), n).await;
     }
+    let ledger = args.ledger.unwrap_or(match args.scenario {
+        BenchScenario::MonthStart => BenchLedger::Database,
+        _ => BenchLedger::Memory,
+    });
     let shapes: Vec<Shape> = match args.scenario {
-        BenchScenario::Charge => vec![Shape {
-            scenario: "charge",
+        BenchScenario::Charge | BenchScenario::MonthStart => vec![Shape {
+            scenario: if args.scenario == BenchScenario::Charge {
+                "charge"
+            } else {
+                "month-start"
+            },
             concurrency,
             latency: Latency::Fixed(Duration::ZERO),
             rate_limit: None,
-            ledger: args.ledger,
+            ledger,
         }],
         BenchScenario::Slow => [SLOW_FIXED, SLOW_TAIL]
             .into_iter()
@@ -164,7 +176,7 @@ pub(super) async fn bench(ctx: &Context, args: BenchArgs) -> Result<(), CliError
                 concurrency: args.concurrency.unwrap_or(SLOW_CONCURRENCY),
                 latency,
                 rate_limit: Some(SLOW_RATE_LIMIT),
-                ledger: args.ledger,
+                ledger,
             })
             .collect(),
         BenchScenario::Mail => unreachable!("the mail scenario is measured above"),
@@ -172,7 +184,7 @@ pub(super) async fn bench(ctx: &Context, args: BenchArgs) -> Result<(), CliError
     let mut results = Vec::new();
     for backend in backends {
         for shape in &shapes {
-            let ceiling = (args.scenario == BenchScenario::Charge).then_some(args.ceiling_seconds);
+            let ceiling = (args.scenario != BenchScenario::Slow).then_some(args.ceiling_seconds);
             let run = |url| measure(ctx, url, n, *shape, ceiling.filter(|s| *s > 0));
             let result = match (backend, &admin) {
                 (Backend::Sqlite, _) => on_sqlite(run).await?,
@@ -394,7 +406,16 @@ async fn measure_with(
     progress(format!("loading {n} schedules..."));
     let started = Instant::now();
     store.migrate(clock.now()).await?;
-    load(ctx, store.as_ref(), &processor, clock.as_ref(), n, Due::Now).await?;
+    load(
+        ctx,
+        store.as_ref(),
+        url,
+        &processor,
+        clock.as_ref(),
+        n,
+        Due::Now,
+    )
+    .await?;
     let load_seconds = started.elapsed().as_secs_f64();
     progress(format!(
         "loaded in {load_seconds:.1}s; charging {n} payments with concurrency {concurrency}, processor latency {}, {}...",
@@ -427,6 +448,18 @@ async fn measure_with(
     let charge_seconds = started.elapsed().as_secs_f64();
 
     verify(store.as_ref(), processor.as_ref(), backend, n, &report).await?;
+    let receipts = {
+        let bulk = super::bulkload::BulkLoader::open(url).await?;
+        let counted = bulk.receipts().await;
+        bulk.close().await;
+        counted?
+    };
+    if receipts != i64::from(n) {
+        return Err(CliError::internal(format!(
+            "the benchmark on {} expected {n} receipts in the outbox and found {receipts}; the figures are void, this is a bug to report",
+            backend_name(backend)
+        )));
+    }
     let charges_per_second = f64::from(n) / charge_seconds;
     let most = counted.most_in_one_second();
     progress(format!(
@@ -462,6 +495,7 @@ async fn measure_with(
             BenchLedger::Database => "database",
         },
         rate_limit: shape.rate_limit,
+        receipts_queued: receipts,
         most_requests_in_one_second: most,
         target_per_second: shape.target().map(|t| round(t, 1)),
         ceiling_per_second: ceiling.map(|c| round(c, 1)),
@@ -490,9 +524,6 @@ fn invalid(e: impl std::fmt::Display) -> CliError {
     CliError::internal(format!("the benchmark's sample data is invalid: {e}"))
 }
 
-/// N/10 employer-group members, each with one card and one large bill, and N fixed 1.00
-/// schedules due now, spread over the members in turn (neighbouring payments belong to
-/// different members, as they would in a real run).
 /// When the loaded schedules' first payment falls due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Due {
@@ -502,14 +533,20 @@ pub(super) enum Due {
     Later,
 }
 
+/// N/10 employer-group members, each with one card and one large bill, and N fixed 1.00
+/// monthly schedules on the 1st, spread over the members in turn (neighbouring payments belong
+/// to different members, as they would in a real run). Member 0's rows go through the store;
+/// the rest are bulk copies of them ([`super::bulkload`]).
 pub(super) async fn load(
     ctx: &Context,
     store: &dyn Store,
+    url: &DatabaseUrl,
     processor: &dyn Processor,
     clock: &dyn Clock,
     n: u32,
     due: Due,
 ) -> Result<(), CliError> {
+    use super::bulkload::{BulkLoader, Value};
     let audit = Audit {
         actor: operator(),
         at: clock.now(),
@@ -523,55 +560,54 @@ pub(super) async fn load(
     let expiry =
         Expiry::new(12, u16::try_from(today.year() + 3).map_err(invalid)?).map_err(invalid)?;
 
-    let mut cards = Vec::with_capacity(members as usize);
-    for m in 0..members {
-        let member = store
-            .add_member(
-                &NewMember {
-                    account_number: AccountNumber::parse(&format!("BENCH-{m:06}"))
-                        .map_err(invalid)?,
-                    account_type: AccountType::EmployerGroup,
-                    name: MemberName::parse("Benchmark Group").map_err(invalid)?,
-                    email: EmailAddress::parse(&format!("bench-{m}@example.org"))
-                        .map_err(invalid)?,
-                    time_zone: "UTC".into(),
+    let member = store
+        .add_member(
+            &NewMember {
+                account_number: AccountNumber::parse(&account(0)).map_err(invalid)?,
+                account_type: AccountType::EmployerGroup,
+                name: MemberName::parse("Benchmark Group").map_err(invalid)?,
+                email: EmailAddress::parse(&email(0)).map_err(invalid)?,
+                time_zone: "UTC".into(),
+            },
+            &audit,
+        )
+        .await?;
+    let token = processor
+        .tokenize(&super::members::owner(&member), &number, &code, expiry)
+        .await
+        .map_err(|e| CliError::internal(format!("the simulated processor: {e}")))?;
+    let card = store
+        .add_card(
+            &super::members::new_card(
+                member.id,
+                processor,
+                token,
+                crate::store::Consent {
+                    at: audit.at,
+                    via: "cli".into(),
+                    terms_version: Some("bench".into()),
                 },
-                &audit,
-            )
-            .await?;
-        let token = processor
-            .tokenize(&super::members::owner(&member), &number, &code, expiry)
-            .await
-            .map_err(|e| CliError::internal(format!("the simulated processor: {e}")))?;
-        let card = store
-            .add_card(
-                &super::members::new_card(
-                    member.id,
-                    processor,
-                    token,
-                    crate::store::Consent {
-                        at: audit.at,
-                        via: "cli".into(),
-                        terms_version: Some("bench".into()),
-                    },
-                ),
-                &audit,
-            )
-            .await?;
-        store
-            .add_bills(
-                &[NewBill {
-                    member_id: member.id,
-                    reference: format!("BENCH-{m:06}-1"),
-                    amount_due: Money::from_minor(BILL_MINOR, currency),
-                    due_date: today,
-                    origin: "autopay bench".into(),
-                }],
-                &audit,
-            )
-            .await?;
-        cards.push((member.id, card.id));
-    }
+            ),
+            &audit,
+        )
+        .await?;
+    let bills = store
+        .add_bills(
+            &[NewBill {
+                member_id: member.id,
+                reference: bill_reference(0),
+                amount_due: Money::from_minor(BILL_MINOR, currency),
+                due_date: today,
+                origin: "autopay bench".into(),
+            }],
+            &audit,
+        )
+        .await?;
+    let bill_id = bills
+        .added
+        .first()
+        .map(|b| b.id)
+        .ok_or_else(|| invalid("the template bill was not created"))?;
 
     // A monthly schedule whose first payment is due now, with the rule's own dates from
     // tomorrow so that only the first payment falls due during the run; or, for the idle
@@ -603,33 +639,107 @@ pub(super) async fn load(
         .occurrences()
         .next()
         .ok_or_else(|| invalid("the schedule has no first payment"))?;
-    let step = (n / 10).max(1000);
-    for i in 0..n {
-        let (member_id, card_id) = cards[(i % members) as usize];
-        store
-            .add_schedule(
-                &NewSchedule {
-                    member_id,
-                    card_id,
-                    kind: ScheduleKind::Recurring,
-                    recurrence: recurrence.clone(),
-                    amount: AmountRule::Fixed {
-                        amount: Money::from_minor(CHARGE_MINOR, currency),
-                    },
-                    currency,
-                    next_run_at: Some(first.due_at),
-                    next_occurrence: Some(first.key),
-                    authorized_via: AuthorizedVia::Cli,
-                    terms_version: "bench".into(),
+    let schedule = store
+        .add_schedule(
+            &NewSchedule {
+                member_id: member.id,
+                card_id: card.id,
+                kind: ScheduleKind::Recurring,
+                recurrence,
+                amount: AmountRule::Fixed {
+                    amount: Money::from_minor(CHARGE_MINOR, currency),
                 },
-                &audit,
-            )
-            .await?;
-        if (i + 1) % step == 0 && i + 1 < n {
-            progress(format!("  {}/{n} schedules loaded", i + 1));
+                currency,
+                next_run_at: Some(first.due_at),
+                next_occurrence: Some(first.key),
+                authorized_via: AuthorizedVia::Cli,
+                terms_version: "bench".into(),
+            },
+            &audit,
+        )
+        .await?;
+
+    // The copies' ids: a random base per table plus the copy's number, so member m's card and
+    // bill are found again without holding a list of them.
+    let base = || Uuid::new_v4().as_u128();
+    let (member_base, card_base, bill_base, schedule_base) = (base(), base(), base(), base());
+    let id = |base: u128, i: u32| Uuid::from_u128(base.wrapping_add(u128::from(i)));
+    let member_id = |m: u32| {
+        if m == 0 {
+            member.id
+        } else {
+            id(member_base, m)
         }
+    };
+    let card_id = |m: u32| if m == 0 { card.id } else { id(card_base, m) };
+
+    let bulk = BulkLoader::open(url).await?;
+    let loaded = async {
+        bulk.replicate(
+            "members",
+            member.id,
+            &["id", "account_number", "email"],
+            (1..members).map(|m| {
+                vec![
+                    Value::Id(member_id(m)),
+                    Value::Text(account(m)),
+                    Value::Text(email(m)),
+                ]
+            }),
+        )
+        .await?;
+        bulk.replicate(
+            "payment_methods",
+            card.id,
+            &["id", "member_id"],
+            (1..members).map(|m| vec![Value::Id(card_id(m)), Value::Id(member_id(m))]),
+        )
+        .await?;
+        bulk.replicate(
+            "bills",
+            bill_id,
+            &["id", "member_id", "reference"],
+            (1..members).map(|m| {
+                vec![
+                    Value::Id(id(bill_base, m)),
+                    Value::Id(member_id(m)),
+                    Value::Text(bill_reference(m)),
+                ]
+            }),
+        )
+        .await?;
+        progress(format!("  {members} members, cards and bills loaded"));
+        bulk.replicate(
+            "schedules",
+            schedule.id,
+            &["id", "member_id", "payment_method_id"],
+            (1..n).map(|i| {
+                let m = i % members;
+                vec![
+                    Value::Id(id(schedule_base, i)),
+                    Value::Id(member_id(m)),
+                    Value::Id(card_id(m)),
+                ]
+            }),
+        )
+        .await?;
+        Ok::<(), CliError>(())
     }
-    Ok(())
+    .await;
+    bulk.close().await;
+    loaded
+}
+
+fn account(m: u32) -> String {
+    format!("BENCH-{m:07}")
+}
+
+fn email(m: u32) -> String {
+    format!("bench-{m}@example.org")
+}
+
+fn bill_reference(m: u32) -> String {
+    format!("BENCH-{m:07}-1")
 }
 
 /// Every schedule gave one payment, every payment succeeded, and the processor charged each
@@ -687,6 +797,7 @@ fn print(ctx: &Context, results: &[BenchResult]) -> Result<(), CliError> {
         "PAYMENTS",
         "CONCURRENCY",
         "LATENCY",
+        "LEDGER",
         "LIMIT/S",
         "LOAD S",
         "PLAN S",
@@ -706,6 +817,7 @@ fn print(ctx: &Context, results: &[BenchResult]) -> Result<(), CliError> {
             r.payments.to_string(),
             r.concurrency.to_string(),
             r.latency.clone(),
+            r.ledger.to_string(),
             or_dash(r.rate_limit.map(|l| l.to_string())),
             format!("{:.2}", r.load_seconds),
             format!("{:.2}", r.plan_seconds),
@@ -721,7 +833,7 @@ fn print(ctx: &Context, results: &[BenchResult]) -> Result<(), CliError> {
     }
     say(t.render());
     say(
-        "the simulated processor's ledger is in memory; peak RSS is the whole process's high-water mark after each run",
+        "LEDGER: where the simulated processor kept its charges (memory for the speed figures, a database file of its own for the memory figures); every charge's receipt was checked in the outbox; peak RSS is the whole process's high-water mark after each run",
     );
     Ok(())
 }

@@ -62,6 +62,7 @@ pub(super) async fn measure(
     load(
         ctx,
         store.as_ref(),
+        &url,
         &processor,
         clock.as_ref(),
         n,
@@ -74,13 +75,14 @@ pub(super) async fn measure(
     settings.processor.simulated.ledger = Ledger::Memory;
     settings.email.transport = EmailTransport::Log;
     settings.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    // Idle means nothing to do: the set-up confirmations the load queued are delivered (to the
-    // log, unthrottled) before the daemon starts.
+    // Idle means nothing to do: what the load queued (the confirmation of the one schedule
+    // added through the store; the bulk copies queue nothing) is delivered (to the log,
+    // unthrottled) before the daemon starts.
     settings.email.max_per_second = 10_000;
     let daemon = Daemon::build(settings, clock).await?;
     let drained = daemon.drain().await?;
     progress(format!(
-        "delivered the {} queued confirmations",
+        "delivered {} queued confirmation(s) before measuring",
         drained.mail.sent
     ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

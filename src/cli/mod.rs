@@ -4,6 +4,7 @@
 pub mod args;
 mod bench;
 mod billing;
+mod bulkload;
 mod ceiling;
 mod counted;
 mod demo;

@@ -1190,6 +1190,51 @@ async fn bench_charges_on_throwaway_databases_and_leaves_none_behind() {
     assert!(!db.path().join("simulated-processor.db").exists());
 }
 
+/// The month start: schedules loaded in bulk (member 0 through the store, the rest copied),
+/// all planned and charged, every receipt in the outbox, the ledger in a database of its own.
+#[tokio::test]
+async fn bench_month_start_charges_bulk_loaded_schedules_and_queues_every_receipt() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let admin = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| crate::helpers::DEFAULT_PG.to_string());
+    let run = Bin::new(&db)
+        .run(&[
+            "bench",
+            "--scenario",
+            "month-start",
+            "--payments",
+            "2345",
+            "--postgres-url",
+            &admin,
+            "--ceiling-seconds",
+            "0",
+            "--json",
+        ])
+        .ok();
+    let results = run.json();
+    let results = results.as_array().expect("an array of results");
+    assert_eq!(results.len(), 2, "{}", run.stdout);
+    for r in results {
+        assert_eq!(r["scenario"], "month-start", "{r}");
+        assert_eq!(r["payments"], 2345, "{r}");
+        assert_eq!(r["receipts_queued"], 2345, "{r}");
+        assert_eq!(
+            r["ledger"], "database",
+            "the memory figure is autopay's: {r}"
+        );
+        assert!(
+            r["ceiling_per_second"].is_null(),
+            "--ceiling-seconds 0: {r}"
+        );
+        assert!(r["peak_rss_mib"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(
+        run.stderr.contains("235 members, cards and bills loaded"),
+        "{}",
+        run.stderr
+    );
+}
+
 /// The mail scenario: receipts delivered to a local SMTP server by the dispatcher, beside a
 /// plain one-connection client's rate to the same server, on both backends.
 #[tokio::test]
