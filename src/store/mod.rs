@@ -9,6 +9,7 @@ pub mod postgres;
 mod records;
 pub mod retry;
 mod shared;
+pub mod sql;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -153,8 +154,13 @@ impl<DB: sqlx::Database> WriteTx<DB> {
         }
     }
 
-    /// The connection to run statements on.
-    pub(crate) fn conn(&mut self) -> &mut DB::Connection {
+    /// Where the shared SQL runs its statements ([`sql::Query`](sql::backend::Query)).
+    pub(crate) fn conn(&mut self) -> sql::Conn<'_, DB> {
+        sql::Conn::Tx(&mut *self.tx)
+    }
+
+    /// The connection itself, for a backend's own sqlx calls.
+    pub(crate) fn connection(&mut self) -> &mut DB::Connection {
         &mut self.tx
     }
 

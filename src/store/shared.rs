@@ -1,63 +1,38 @@
-//! The [`Store`](super::Store) implementation both backends share. The SQL is one text for both
-//! dialects (`$N` placeholders, which SQLite also reads; columns typed through
-//! [`super::types`]), so a macro stamps it out once per backend. Each backend supplies:
-//! `self.pool`, `self.begin_write()` (SQLite: `BEGIN IMMEDIATE`), `Self::BACKEND`,
-//! `Self::MIGRATIONS`, `Self::BOOTSTRAP`, and `Self::lock_for_migration(tx)`; the macro takes the
-//! row-lock suffix (`" FOR UPDATE"` in PostgreSQL, nothing in SQLite, whose writer holds the
-//! whole database), the claim's (`" FOR UPDATE SKIP LOCKED"`, nothing), and the due charges'
-//! index hint (SQLite, without statistics, would sort every due payment by another index:
-//! `" INDEXED BY payments_claimable"`; PostgreSQL's planner picks it by itself).
+//! What is left of the [`Store`](super::Store) implementation both backends share, stamped out
+//! once per backend (`shared_store_impl!(sqlx::Sqlite)`) while it moves, an aggregate at a time,
+//! into the generic code of [`super::sql`], which it calls. Everything that differs between
+//! the backends is in [`super::sql::Backend`].
 
 macro_rules! shared_store_impl {
-    ($store:ident, $db:ty, $for_update:literal, $skip_locked:literal, $claim_index:literal) => {
+    ($db:ty) => {
         use std::collections::BTreeMap;
 
         use async_trait::async_trait;
         use jiff::Timestamp;
-        use sqlx::Row;
         use uuid::Uuid;
 
         use crate::domain::attempt::{AttemptRef, CallOutcome, ProcessorAttempt, CardLimit, ChargeRequest, SentAttempt, Step as AttemptStep};
-        use crate::domain::card::{CardBrand, Last4};
-        use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
+        use crate::domain::member::{AccountNumber, AccountType};
         use crate::domain::decline::DeclineSignal;
-        use crate::domain::money::{Currency, Money};
+        use crate::domain::money::Money;
         use crate::domain::notice::{
             BillPaid, CardDisabled, Declined, Notice, Receipt, ScheduleChange as ScheduleChangeNotice,
             ScheduleFacts, ScheduleSuspended,
         };
         use crate::domain::payment::{AmountRule, PaymentState, Transition};
-        use crate::domain::schedule::{OccurrenceKey, Recurrence};
         use crate::domain::status::{BillStatus, CardStatus, MemberStatus, ScheduleStatus};
         use crate::sqltypes::{DbDate, DbId, DbTime};
         use crate::store::*;
+        use crate::store::sql::{commit, currency,  db_err, event, execute_script, get, id, is_unique_violation, money_err, new_id, opt_time, parsed, query, query_as, query_scalar, short, state_list, step, time};
+        use crate::store::sql::bills::{BILL_COLS, CREDIT_COLS, bill_from, credit_from};
+        use crate::store::sql::cards::{CARD_COLS, card_from};
+        use crate::store::sql::members::{MEMBER_COLS, member_from};
+        use crate::store::sql::payments::{LATER_PAYMENT_SQL, PAYMENT_COLS, payment_from};
+        use crate::store::sql::schedules::{DUE_SCHEDULES_SQL, SCHEDULE_COLS, schedule_from};
 
+        type Db = $db;
         type DbRow = <$db as sqlx::Database>::Row;
         type Tx = crate::store::WriteTx<$db>;
-
-        const MEMBER_COLS: &str = "id, account_number, account_type, name, email, time_zone, reminders, email_bouncing, processor_customer_id, status, created_at, updated_at";
-        const CARD_COLS: &str = "id, member_id, processor, processor_token, fingerprint, brand, last4, exp_month, exp_year, status, status_reason, created_at, network_transaction_id, consent_at, consent_via, consent_terms_version, processor_mode";
-        const BILL_COLS: &str = "id, member_id, reference, amount_due, amount_paid, currency, due_date, status, created_at, updated_at";
-        const CREDIT_COLS: &str = "id, member_id, amount, remaining, currency, source, reason, created_at";
-        const SCHEDULE_COLS: &str = "id, member_id, payment_method_id, kind, recurrence, amount_rule, fixed_amount, currency, time_zone, next_run_at, next_occurrence, status, status_reason, consecutive_failures, version, authorized_at, authorized_via, authorized_by, terms_version, cancelled_at, cancelled_by, created_at, updated_at";
-        const PAYMENT_COLS: &str = "id, schedule_id, member_id, occurrence, due_at, amount, currency, state, attempt, payment_method_id, schedule_version, next_attempt_at, processor_reference, decline_code, reason, created_at, updated_at";
-
-        /// The earliest due charges, read in their order from the `payments_claimable` index
-        /// (its cost does not grow with how many are due).
-        pub(crate) const CLAIM_DUE_SQL: &str = concat!(
-            "SELECT id, state, schedule_id, due_at, next_attempt_at FROM payments", $claim_index,
-            " WHERE state IN ('scheduled', 'retry_wait') AND COALESCE(next_attempt_at, due_at) <= $1",
-            " ORDER BY COALESCE(next_attempt_at, due_at), id LIMIT $2", $skip_locked
-        );
-        /// Due schedules in order, after `SELECT {SCHEDULE_COLS}`: read from `schedules_due_order`.
-        pub(crate) const DUE_SCHEDULES_SQL: &str = " FROM schedules WHERE status = 'active' AND next_run_at <= $1 ORDER BY next_run_at, id LIMIT $2";
-        /// The misfire check: a later first payment of the same recurring schedule, due by now,
-        /// read among that schedule's payments (by `schedule_id`). `q.state || ''` keeps
-        /// `payments_due` out of the planner's choice: on the 1st of the month its statistics
-        /// still say few payments are scheduled, and PostgreSQL read every scheduled payment
-        /// for each check.
-        pub(crate) const LATER_PAYMENT_SQL: &str = "SELECT q.id FROM payments q JOIN schedules s ON s.id = q.schedule_id WHERE q.schedule_id = $1 AND s.kind = 'recurring' \
-             AND q.state || '' = 'scheduled' AND q.next_attempt_at IS NULL AND q.due_at > $2 AND q.due_at <= $3 LIMIT 1";
 
         /// Who paused charging when the processor refused autopay's credentials: readiness and
         /// alerts treat it like the circuit breaker (not an operator's deliberate pause).
@@ -71,256 +46,8 @@ macro_rules! shared_store_impl {
         /// The states whose payment keeps its amount and credit reserved.
         const RESERVING: [PaymentState; 3] = [PaymentState::Processing, PaymentState::Unknown, PaymentState::NeedsReview];
 
-        fn db_err(doing: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-            move |e| StoreError::from_sqlx(e, doing)
-        }
-
-        fn corrupt(table: &str, column: &str, e: impl std::fmt::Display) -> StoreError {
-            StoreError::Internal(format!(
-                "a stored {table} row has an unreadable {column} ({e}); the database was changed outside autopay"
-            ))
-        }
-
-        fn get<'r, T>(row: &'r DbRow, table: &str, col: &str) -> Result<T>
-        where
-            T: sqlx::Decode<'r, $db> + sqlx::Type<$db>,
-        {
-            row.try_get::<T, _>(col).map_err(|e| corrupt(table, col, e))
-        }
-
-        fn parsed<T, E: std::fmt::Display>(
-            table: &str,
-            col: &str,
-            r: std::result::Result<T, E>,
-        ) -> Result<T> {
-            r.map_err(|e| corrupt(table, col, e))
-        }
-
-        fn id(row: &DbRow, table: &str, col: &str) -> Result<Uuid> {
-            Ok(get::<DbId>(row, table, col)?.0)
-        }
-
-        fn time(row: &DbRow, table: &str, col: &str) -> Result<Timestamp> {
-            Ok(get::<DbTime>(row, table, col)?.0)
-        }
-
-        fn opt_time(row: &DbRow, table: &str, col: &str) -> Result<Option<Timestamp>> {
-            Ok(get::<Option<DbTime>>(row, table, col)?.map(|t| t.0))
-        }
-
-        fn currency(row: &DbRow, table: &str) -> Result<Currency> {
-            parsed(table, "currency", Currency::parse(&get::<String>(row, table, "currency")?))
-        }
-
-        fn member_from(row: &DbRow) -> Result<Member> {
-            const T: &str = "members";
-            Ok(Member {
-                id: id(row, T, "id")?,
-                account_number: parsed(T, "account_number", AccountNumber::parse(&get::<String>(row, T, "account_number")?))?,
-                account_type: parsed(T, "account_type", get::<String>(row, T, "account_type")?.parse::<AccountType>())?,
-                name: parsed(T, "name", MemberName::parse(&get::<String>(row, T, "name")?))?,
-                email: parsed(T, "email", EmailAddress::parse(&get::<String>(row, T, "email")?))?,
-                time_zone: get(row, T, "time_zone")?,
-                reminders: get(row, T, "reminders")?,
-                email_bouncing: get(row, T, "email_bouncing")?,
-                processor_customer_id: get(row, T, "processor_customer_id")?,
-                status: parsed(T, "status", get::<String>(row, T, "status")?.parse::<MemberStatus>())?,
-                created_at: time(row, T, "created_at")?,
-                updated_at: time(row, T, "updated_at")?,
-            })
-        }
-
-        fn card_from(row: &DbRow) -> Result<Card> {
-            const T: &str = "payment_methods";
-            let month: i64 = get(row, T, "exp_month")?;
-            let year: i64 = get(row, T, "exp_year")?;
-            Ok(Card {
-                id: id(row, T, "id")?,
-                member_id: id(row, T, "member_id")?,
-                processor: get(row, T, "processor")?,
-                processor_token: get(row, T, "processor_token")?,
-                fingerprint: get(row, T, "fingerprint")?,
-                brand: parsed(T, "brand", get::<String>(row, T, "brand")?.parse::<CardBrand>())?,
-                last4: parsed(T, "last4", Last4::parse(&get::<String>(row, T, "last4")?))?,
-                exp_month: parsed(T, "exp_month", u8::try_from(month))?,
-                exp_year: parsed(T, "exp_year", u16::try_from(year))?,
-                status: parsed(T, "status", get::<String>(row, T, "status")?.parse::<CardStatus>())?,
-                status_reason: get(row, T, "status_reason")?,
-                created_at: time(row, T, "created_at")?,
-                network_transaction_id: get(row, T, "network_transaction_id")?,
-                consent: match get::<Option<DbTime>>(row, T, "consent_at")? {
-                    None => None,
-                    Some(at) => Some(Consent {
-                        at: at.0,
-                        via: get::<Option<String>>(row, T, "consent_via")?.unwrap_or_default(),
-                        terms_version: get(row, T, "consent_terms_version")?,
-                    }),
-                },
-                processor_mode: get(row, T, "processor_mode")?,
-            })
-        }
-
-        fn bill_from(row: &DbRow) -> Result<Bill> {
-            const T: &str = "bills";
-            let cur = currency(row, T)?;
-            Ok(Bill {
-                id: id(row, T, "id")?,
-                member_id: id(row, T, "member_id")?,
-                reference: get(row, T, "reference")?,
-                amount_due: Money::from_minor(get(row, T, "amount_due")?, cur),
-                amount_paid: Money::from_minor(get(row, T, "amount_paid")?, cur),
-                currency: cur,
-                due_date: get::<DbDate>(row, T, "due_date")?.0,
-                status: parsed(T, "status", get::<String>(row, T, "status")?.parse::<BillStatus>())?,
-                created_at: time(row, T, "created_at")?,
-                updated_at: time(row, T, "updated_at")?,
-            })
-        }
-
-        fn credit_from(row: &DbRow) -> Result<Credit> {
-            const T: &str = "credits";
-            let cur = currency(row, T)?;
-            Ok(Credit {
-                id: id(row, T, "id")?,
-                member_id: id(row, T, "member_id")?,
-                amount: Money::from_minor(get(row, T, "amount")?, cur),
-                remaining: Money::from_minor(get(row, T, "remaining")?, cur),
-                currency: cur,
-                source: get(row, T, "source")?,
-                reason: get(row, T, "reason")?,
-                created_at: time(row, T, "created_at")?,
-            })
-        }
-
-        fn schedule_from(row: &DbRow) -> Result<Schedule> {
-            const T: &str = "schedules";
-            let cur = currency(row, T)?;
-            let recurrence: Recurrence = parsed(T, "recurrence", serde_json::from_str(&get::<String>(row, T, "recurrence")?))?;
-            let amount = match get::<String>(row, T, "amount_rule")?.as_str() {
-                "balance" => AmountRule::Balance,
-                _ => AmountRule::Fixed {
-                    amount: Money::from_minor(
-                        get::<Option<i64>>(row, T, "fixed_amount")?.ok_or_else(|| corrupt(T, "fixed_amount", "missing"))?,
-                        cur,
-                    ),
-                },
-            };
-            Ok(Schedule {
-                id: id(row, T, "id")?,
-                member_id: id(row, T, "member_id")?,
-                card_id: id(row, T, "payment_method_id")?,
-                kind: parsed(T, "kind", get::<String>(row, T, "kind")?.parse())?,
-                recurrence,
-                amount,
-                currency: cur,
-                time_zone: get(row, T, "time_zone")?,
-                next_run_at: opt_time(row, T, "next_run_at")?,
-                next_occurrence: match get::<Option<String>>(row, T, "next_occurrence")? {
-                    Some(s) => Some(parsed(T, "next_occurrence", s.parse::<OccurrenceKey>())?),
-                    None => None,
-                },
-                status: parsed(T, "status", get::<String>(row, T, "status")?.parse::<ScheduleStatus>())?,
-                status_reason: get(row, T, "status_reason")?,
-                consecutive_failures: get(row, T, "consecutive_failures")?,
-                version: get(row, T, "version")?,
-                authorized_at: time(row, T, "authorized_at")?,
-                authorized_via: parsed(T, "authorized_via", get::<String>(row, T, "authorized_via")?.parse())?,
-                authorized_by: get(row, T, "authorized_by")?,
-                terms_version: get(row, T, "terms_version")?,
-                cancelled_at: opt_time(row, T, "cancelled_at")?,
-                cancelled_by: get(row, T, "cancelled_by")?,
-                created_at: time(row, T, "created_at")?,
-                updated_at: time(row, T, "updated_at")?,
-            })
-        }
-
-        fn payment_from(row: &DbRow) -> Result<Payment> {
-            const T: &str = "payments";
-            let cur = currency(row, T)?;
-            Ok(Payment {
-                id: id(row, T, "id")?,
-                schedule_id: id(row, T, "schedule_id")?,
-                member_id: id(row, T, "member_id")?,
-                occurrence: get(row, T, "occurrence")?,
-                due_at: time(row, T, "due_at")?,
-                amount: get::<Option<i64>>(row, T, "amount")?.map(|m| Money::from_minor(m, cur)),
-                currency: cur,
-                state: parsed(T, "state", get::<String>(row, T, "state")?.parse::<PaymentState>())?,
-                attempt: get(row, T, "attempt")?,
-                card_id: id(row, T, "payment_method_id")?,
-                schedule_version: get(row, T, "schedule_version")?,
-                next_attempt_at: opt_time(row, T, "next_attempt_at")?,
-                processor_reference: get(row, T, "processor_reference")?,
-                decline_code: get(row, T, "decline_code")?,
-                reason: get(row, T, "reason")?,
-                created_at: time(row, T, "created_at")?,
-                updated_at: time(row, T, "updated_at")?,
-            })
-        }
-
-        fn new_id() -> Uuid {
-            Uuid::now_v7()
-        }
-
-        async fn event(
-            tx: &mut Tx,
-            audit: &Audit,
-            entity: &str,
-            entity_id: Uuid,
-            action: &str,
-            detail: serde_json::Value,
-        ) -> Result<()> {
-            // Written with the transaction's other events when it commits.
-            tx.events.push(Event {
-                id: new_id(),
-                at: audit.at,
-                actor: audit.actor.clone(),
-                entity: entity.to_string(),
-                entity_id: entity_id.to_string(),
-                action: action.to_string(),
-                detail,
-            });
-            Ok(())
-        }
-
-        /// Events per INSERT statement: 7 values each, well under both backends' limit on
-        /// bound values (32,766 in SQLite, 65,535 in PostgreSQL).
-        const EVENTS_PER_INSERT: usize = 500;
-
-        /// Inserts the transaction's audit events, wakes the other processes if any write
-        /// asked, and commits.
-        async fn commit(mut tx: Tx) -> Result<()> {
-            let events = std::mem::take(&mut tx.events);
-            for chunk in events.chunks(EVENTS_PER_INSERT) {
-                let mut sql = String::from("INSERT INTO events (id, at, actor, entity, entity_id, action, detail) VALUES ");
-                for i in 0..chunk.len() {
-                    let b = i * 7;
-                    if i > 0 {
-                        sql.push_str(", ");
-                    }
-                    sql.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7));
-                }
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                for e in chunk {
-                    q = q
-                        .bind(DbId(e.id))
-                        .bind(DbTime(e.at))
-                        .bind(&e.actor)
-                        .bind(&e.entity)
-                        .bind(&e.entity_id)
-                        .bind(&e.action)
-                        .bind(sqlx::types::Json(&e.detail));
-                }
-                q.execute(tx.conn()).await.map_err(db_err("recording the audit events"))?;
-            }
-            if tx.wake {
-                $store::wake_now(&mut tx).await?;
-            }
-            tx.commit().await.map_err(db_err("committing"))
-        }
-
         async fn member_in(tx: &mut Tx, account: &AccountNumber) -> Result<Member> {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE account_number = $1{}", $for_update)))
+            let row = query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE account_number = $1{}", <Db as Backend>::FOR_UPDATE)))
                 .bind(account.as_str())
                 .fetch_optional(tx.conn())
                 .await
@@ -339,7 +66,7 @@ macro_rules! shared_store_impl {
         }
 
         async fn card_in(tx: &mut Tx, card_id: Uuid) -> Result<Card> {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {CARD_COLS} FROM payment_methods WHERE id = $1{}", $for_update)))
+            let row = query(sqlx::AssertSqlSafe(format!("SELECT {CARD_COLS} FROM payment_methods WHERE id = $1{}", <Db as Backend>::FOR_UPDATE)))
                 .bind(DbId(card_id))
                 .fetch_optional(tx.conn())
                 .await
@@ -365,7 +92,7 @@ macro_rules! shared_store_impl {
         }
 
         async fn bill_in(tx: &mut Tx, bill_id: Uuid) -> Result<Bill> {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {BILL_COLS} FROM bills WHERE id = $1{}", $for_update)))
+            let row = query(sqlx::AssertSqlSafe(format!("SELECT {BILL_COLS} FROM bills WHERE id = $1{}", <Db as Backend>::FOR_UPDATE)))
                 .bind(DbId(bill_id))
                 .fetch_optional(tx.conn())
                 .await
@@ -379,7 +106,7 @@ macro_rules! shared_store_impl {
         }
 
         async fn schedule_in(tx: &mut Tx, schedule_id: Uuid) -> Result<Schedule> {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE id = $1{}", $for_update)))
+            let row = query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE id = $1{}", <Db as Backend>::FOR_UPDATE)))
                 .bind(DbId(schedule_id))
                 .fetch_optional(tx.conn())
                 .await
@@ -393,7 +120,7 @@ macro_rules! shared_store_impl {
         /// Locks the member that owns a row of `table` (read without a lock first), so that a
         /// change to the row follows the one lock order: member first.
         async fn lock_owner(tx: &mut Tx, table: &'static str, id: Uuid) -> Result<Option<Member>> {
-            let owner: Option<DbId> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT member_id FROM {table} WHERE id = $1")))
+            let owner: Option<DbId> = query_scalar(sqlx::AssertSqlSafe(format!("SELECT member_id FROM {table} WHERE id = $1")))
                 .bind(DbId(id))
                 .fetch_optional(tx.conn())
                 .await
@@ -422,7 +149,7 @@ macro_rules! shared_store_impl {
         async fn cancel_unclaimed(tx: &mut Tx, schedule_id: Uuid, reason: &str, at: Timestamp) -> Result<u64> {
             // Both unclaimed states cancel alike (domain::payment's Cancel).
             let cancelled = step(PaymentState::Scheduled, Transition::Cancel)?;
-            let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let done = query(sqlx::AssertSqlSafe(format!(
                 "UPDATE payments SET state = $4, reason = $1, next_attempt_at = NULL, updated_at = $2 WHERE schedule_id = $3 AND state IN ({})",
                 state_list(&UNCLAIMED)
             )))
@@ -445,7 +172,7 @@ macro_rules! shared_store_impl {
             reason: &str,
             audit: &Audit,
         ) -> Result<Credit> {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let row = query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO credits (id, member_id, amount, remaining, currency, source, source_id, reason, created_at, updated_at) VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $8, $8) RETURNING {CREDIT_COLS}"
             )))
             .bind(DbId(new_id()))
@@ -467,7 +194,7 @@ macro_rules! shared_store_impl {
         }
 
         async fn update_bill_amounts(tx: &mut Tx, bill: &Bill, amount_due: i64, amount_paid: i64, status: BillStatus, at: Timestamp) -> Result<Bill> {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let row = query(sqlx::AssertSqlSafe(format!(
                 "UPDATE bills SET amount_due = $1, amount_paid = $2, status = $3, updated_at = $4 WHERE id = $5 RETURNING {BILL_COLS}"
             )))
             .bind(amount_due)
@@ -481,12 +208,8 @@ macro_rules! shared_store_impl {
             bill_from(&row)
         }
 
-        fn is_unique_violation(e: &sqlx::Error) -> bool {
-            matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
-        }
-
         async fn counts(pool: &sqlx::Pool<$db>, sql: &'static str) -> Result<BTreeMap<String, i64>> {
-            let rows = sqlx::query(sql).fetch_all(pool).await.map_err(db_err("counting"))?;
+            let rows = query(sql).fetch_all(pool).await.map_err(db_err("counting"))?;
             let mut out = BTreeMap::new();
             for row in rows {
                 out.insert(get::<String>(&row, "status", "k")?, get::<i64>(&row, "status", "n")?);
@@ -525,7 +248,7 @@ macro_rules! shared_store_impl {
             payload: serde_json::Value,
             at: Timestamp,
         ) -> Result<()> {
-            sqlx::query("INSERT INTO notifications (id, kind, dedupe_key, member_id, recipient, payload, state, attempts, next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $7) ON CONFLICT (dedupe_key) DO NOTHING")
+            query("INSERT INTO notifications (id, kind, dedupe_key, member_id, recipient, payload, state, attempts, next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $7) ON CONFLICT (dedupe_key) DO NOTHING")
                 .bind(DbId(new_id()))
                 .bind(kind)
                 .bind(dedupe_key)
@@ -536,11 +259,11 @@ macro_rules! shared_store_impl {
                 .execute(tx.conn())
                 .await
                 .map_err(db_err("writing a notification"))?;
-            $store::wake_others(tx).await
+            <Db as Backend>::wake_others(tx).await
         }
 
         async fn member_by_id_in(tx: &mut Tx, member_id: Uuid) -> Result<Member> {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE id = $1{}", $for_update)))
+            let row = query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE id = $1{}", <Db as Backend>::FOR_UPDATE)))
                 .bind(DbId(member_id))
                 .fetch_one(tx.conn())
                 .await
@@ -573,16 +296,11 @@ macro_rules! shared_store_impl {
             })
         }
 
-        /// `'a', 'b'`: a SQL list of state spellings (fixed words, never input).
-        fn state_list(states: &[PaymentState]) -> String {
-            states.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ")
-        }
-
         /// The payment if this lease still holds it in one of `states`.
         async fn leased_payment(tx: &mut Tx, lease: &Lease, states: &[PaymentState]) -> Result<Option<Held>> {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            let row = query(sqlx::AssertSqlSafe(format!(
                 "SELECT {PAYMENT_COLS}, credit_applied, unknown_since, lease_expires_at FROM payments WHERE id = $1 AND lease_token = $2 AND state IN ({}){}",
-                state_list(states), $for_update
+                state_list(states), <Db as Backend>::FOR_UPDATE
             )))
             .bind(DbId(lease.payment_id))
             .bind(lease.token.to_string())
@@ -606,7 +324,7 @@ macro_rules! shared_store_impl {
         /// follows; None when there is no such payment. The payment itself is locked after them.
         async fn lock_owners(tx: &mut Tx, payment_id: Uuid) -> Result<Option<(Member, Schedule, Card)>> {
             // Read without a lock only to learn which rows to lock first.
-            let owners: Option<(DbId, DbId, DbId)> = sqlx::query_as("SELECT member_id, schedule_id, payment_method_id FROM payments WHERE id = $1")
+            let owners: Option<(DbId, DbId, DbId)> = query_as("SELECT member_id, schedule_id, payment_method_id FROM payments WHERE id = $1")
                 .bind(DbId(payment_id))
                 .fetch_optional(tx.conn())
                 .await
@@ -630,23 +348,6 @@ macro_rules! shared_store_impl {
             Ok(Some(Locked { lease: *lease, member, schedule, card, held }))
         }
 
-        /// The state `transition` leads to from `from`; a move the state machine forbids is an
-        /// error, never a write.
-        fn step(from: PaymentState, transition: Transition) -> Result<PaymentState> {
-            crate::domain::payment::moved(from, transition).map_err(|e| {
-                StoreError::Internal(format!("{e}; the payment was changed outside autopay, or this is a bug"))
-            })
-        }
-
-        fn money_err(e: crate::domain::money::MoneyError) -> StoreError {
-            StoreError::Internal(format!("{e}; a stored amount was changed outside autopay"))
-        }
-
-        /// Processor text kept in the history: one line, bounded.
-        fn short(detail: &str) -> String {
-            detail.chars().map(|c| if c.is_control() { ' ' } else { c }).take(300).collect()
-        }
-
         /// The stored attempt of a payment's current attempt number, when it was sent.
         struct AttemptRow {
             key: String,
@@ -659,7 +360,7 @@ macro_rules! shared_store_impl {
 
         async fn attempt_row(tx: &mut Tx, payment: &Payment) -> Result<Option<AttemptRow>> {
             const T: &str = "payment_attempts";
-            let row = sqlx::query("SELECT idempotency_key, request, first_sent_at, sends, unknown_cycles, resend_stopped FROM payment_attempts WHERE payment_id = $1 AND attempt = $2 AND first_sent_at IS NOT NULL")
+            let row = query("SELECT idempotency_key, request, first_sent_at, sends, unknown_cycles, resend_stopped FROM payment_attempts WHERE payment_id = $1 AND attempt = $2 AND first_sent_at IS NOT NULL")
                 .bind(DbId(payment.id))
                 .bind(payment.attempt)
                 .fetch_optional(tx.conn())
@@ -697,7 +398,7 @@ macro_rules! shared_store_impl {
         }
 
         async fn finish_attempt(tx: &mut Tx, payment: &Payment, outcome: &str, code: Option<&str>, reference: Option<&str>, at: Timestamp) -> Result<()> {
-            sqlx::query("UPDATE payment_attempts SET outcome = $1, decline_code = $2, processor_reference = $3, finished_at = $4 WHERE payment_id = $5 AND attempt = $6")
+            query("UPDATE payment_attempts SET outcome = $1, decline_code = $2, processor_reference = $3, finished_at = $4 WHERE payment_id = $5 AND attempt = $6")
                 .bind(outcome)
                 .bind(code)
                 .bind(reference)
@@ -712,7 +413,7 @@ macro_rules! shared_store_impl {
 
         /// The advice that came with a declined attempt's code, for `payment show`.
         async fn record_advice(tx: &mut Tx, payment: &Payment, signal: &DeclineSignal) -> Result<()> {
-            sqlx::query("UPDATE payment_attempts SET advice_code = $1, network_advice_code = $2, network_decline_code = $3 WHERE payment_id = $4 AND attempt = $5")
+            query("UPDATE payment_attempts SET advice_code = $1, network_advice_code = $2, network_decline_code = $3 WHERE payment_id = $4 AND attempt = $5")
                 .bind(signal.advice_code.as_deref())
                 .bind(signal.network_advice_code.as_deref())
                 .bind(signal.network_decline_code.as_deref())
@@ -735,12 +436,12 @@ macro_rules! shared_store_impl {
                 "SELECT started_at, outcome FROM processor_calls WHERE {by} = $1 AND kind = 'charge' AND started_at > $2 AND (outcome IS NULL OR outcome NOT IN ('busy', 'approved', 'refused'))"
             );
             let rows: Vec<(DbTime, Option<String>)> = match &card.fingerprint {
-                Some(fp) => sqlx::query_as(sqlx::AssertSqlSafe(sql("fingerprint")))
+                Some(fp) => query_as(sqlx::AssertSqlSafe(sql("fingerprint")))
                     .bind(fp.clone())
                     .bind(DbTime(month))
                     .fetch_all(tx.conn())
                     .await,
-                None => sqlx::query_as(sqlx::AssertSqlSafe(sql("payment_method_id")))
+                None => query_as(sqlx::AssertSqlSafe(sql("payment_method_id")))
                     .bind(DbId(card.id))
                     .bind(DbTime(month))
                     .fetch_all(tx.conn())
@@ -762,7 +463,7 @@ macro_rules! shared_store_impl {
         /// Writes the history row of one request before it is made.
         async fn open_call(tx: &mut Tx, payment: &Payment, card: &Card, kind: &str, audit: &Audit) -> Result<Uuid> {
             let call = new_id();
-            sqlx::query("INSERT INTO processor_calls (id, payment_id, attempt, payment_method_id, fingerprint, kind, actor, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+            query("INSERT INTO processor_calls (id, payment_id, attempt, payment_method_id, fingerprint, kind, actor, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
                 .bind(DbId(call))
                 .bind(DbId(payment.id))
                 .bind(payment.attempt)
@@ -778,7 +479,7 @@ macro_rules! shared_store_impl {
         }
 
         async fn finish_call(tx: &mut Tx, call: Uuid, outcome: CallOutcome, detail: Option<&str>, at: Timestamp) -> Result<()> {
-            sqlx::query("UPDATE processor_calls SET outcome = $1, detail = $2, finished_at = $3 WHERE id = $4 AND outcome IS NULL")
+            query("UPDATE processor_calls SET outcome = $1, detail = $2, finished_at = $3 WHERE id = $4 AND outcome IS NULL")
                 .bind(outcome.as_str())
                 .bind(detail.map(short))
                 .bind(DbTime(at))
@@ -800,7 +501,7 @@ macro_rules! shared_store_impl {
             decline_code: Option<&str>,
             audit: &Audit,
         ) -> Result<()> {
-            sqlx::query("UPDATE payments SET state = $1, reason = $2, amount = $3, decline_code = COALESCE($4, decline_code), credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = $5 WHERE id = $6")
+            query("UPDATE payments SET state = $1, reason = $2, amount = $3, decline_code = COALESCE($4, decline_code), credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = $5 WHERE id = $6")
                 .bind(state.as_str())
                 .bind(reason)
                 .bind(amount)
@@ -819,8 +520,8 @@ macro_rules! shared_store_impl {
             if !amount.is_positive() {
                 return Ok(());
             }
-            let rows: Vec<(DbId, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT id, remaining FROM credits WHERE member_id = $1 AND remaining > 0 ORDER BY created_at, id{}", $for_update
+            let rows: Vec<(DbId, i64)> = query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT id, remaining FROM credits WHERE member_id = $1 AND remaining > 0 ORDER BY created_at, id{}", <Db as Backend>::FOR_UPDATE
             )))
             .bind(DbId(payment.member_id))
             .fetch_all(tx.conn())
@@ -832,14 +533,14 @@ macro_rules! shared_store_impl {
                 if !used.is_positive() {
                     continue;
                 }
-                sqlx::query("UPDATE credits SET remaining = remaining - $1, updated_at = $2 WHERE id = $3")
+                query("UPDATE credits SET remaining = remaining - $1, updated_at = $2 WHERE id = $3")
                     .bind(used.minor())
                     .bind(DbTime(at))
                     .bind(*credit_id)
                     .execute(tx.conn())
                     .await
                     .map_err(db_err("using a credit"))?;
-                sqlx::query("INSERT INTO payment_allocations (id, payment_id, bill_id, credit_id, amount, currency, created_at) VALUES ($1, $2, NULL, $3, $4, $5, $6)")
+                query("INSERT INTO payment_allocations (id, payment_id, bill_id, credit_id, amount, currency, created_at) VALUES ($1, $2, NULL, $3, $4, $5, $6)")
                     .bind(DbId(new_id()))
                     .bind(DbId(payment.id))
                     .bind(*credit_id)
@@ -856,8 +557,8 @@ macro_rules! shared_store_impl {
         /// Pays open bills oldest first with `value`; returns what each bill got and what was
         /// left over. Never refuses: an overpayment is returned for the caller to credit.
         async fn pay_bills(tx: &mut Tx, payment: &Payment, value: Money, at: Timestamp) -> Result<(Vec<BillPaid>, Money)> {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {BILL_COLS} FROM bills WHERE member_id = $1 AND status = 'open' ORDER BY due_date, created_at, id{}", $for_update
+            let rows = query(sqlx::AssertSqlSafe(format!(
+                "SELECT {BILL_COLS} FROM bills WHERE member_id = $1 AND status = 'open' ORDER BY due_date, created_at, id{}", <Db as Backend>::FOR_UPDATE
             )))
             .bind(DbId(payment.member_id))
             .fetch_all(tx.conn())
@@ -874,7 +575,7 @@ macro_rules! shared_store_impl {
                 let after = crate::domain::charge::pay_bill(bill.amount_due, bill.amount_paid, part).map_err(money_err)?;
                 let status = if after.is_paid() { BillStatus::Paid } else { BillStatus::Open };
                 update_bill_amounts(tx, bill, after.amount_due.minor(), after.amount_paid.minor(), status, at).await?;
-                sqlx::query("INSERT INTO payment_allocations (id, payment_id, bill_id, credit_id, amount, currency, created_at) VALUES ($1, $2, $3, NULL, $4, $5, $6)")
+                query("INSERT INTO payment_allocations (id, payment_id, bill_id, credit_id, amount, currency, created_at) VALUES ($1, $2, $3, NULL, $4, $5, $6)")
                     .bind(DbId(new_id()))
                     .bind(DbId(payment.id))
                     .bind(DbId(bill.id))
@@ -901,7 +602,7 @@ macro_rules! shared_store_impl {
             let payment = &l.held.payment;
             let amount = payment.amount.unwrap_or(Money::zero(payment.currency));
             let credit_used = Money::from_minor(l.held.credit_applied, payment.currency);
-            sqlx::query("UPDATE payments SET state = $1, processor_reference = $2, decline_code = NULL, reason = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $3 WHERE id = $4")
+            query("UPDATE payments SET state = $1, processor_reference = $2, decline_code = NULL, reason = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $3 WHERE id = $4")
                 .bind(state.as_str())
                 .bind(reference)
                 .bind(DbTime(audit.at))
@@ -916,7 +617,7 @@ macro_rules! shared_store_impl {
                 insert_credit(tx, payment.member_id, left, "overpayment", payment.id, "paid beyond what was owed", audit).await?;
             }
             if l.schedule.consecutive_failures != 0 {
-                sqlx::query("UPDATE schedules SET consecutive_failures = 0 WHERE id = $1")
+                query("UPDATE schedules SET consecutive_failures = 0 WHERE id = $1")
                     .bind(DbId(payment.schedule_id))
                     .execute(tx.conn())
                     .await
@@ -944,7 +645,7 @@ macro_rules! shared_store_impl {
 
         /// A payment that failed counts against its schedule; enough in a row suspend it.
         async fn count_failure(tx: &mut Tx, payment: &Payment, suspend_after: u32, member: &Member, audit: &Audit) -> Result<()> {
-            let failures: i64 = sqlx::query_scalar("UPDATE schedules SET consecutive_failures = consecutive_failures + 1 WHERE id = $1 RETURNING consecutive_failures")
+            let failures: i64 = query_scalar("UPDATE schedules SET consecutive_failures = consecutive_failures + 1 WHERE id = $1 RETURNING consecutive_failures")
                 .bind(DbId(payment.schedule_id))
                 .fetch_one(tx.conn())
                 .await
@@ -956,7 +657,7 @@ macro_rules! shared_store_impl {
         }
 
         async fn suspend_schedule(tx: &mut Tx, schedule_id: Uuid, reason: &str, member: &Member, audit: &Audit) -> Result<()> {
-            let version: Option<i64> = sqlx::query_scalar("UPDATE schedules SET status = 'suspended', status_reason = $1, next_run_at = NULL, next_occurrence = NULL, version = version + 1, updated_at = $2 WHERE id = $3 AND status IN ('active', 'paused') RETURNING version")
+            let version: Option<i64> = query_scalar("UPDATE schedules SET status = 'suspended', status_reason = $1, next_run_at = NULL, next_occurrence = NULL, version = version + 1, updated_at = $2 WHERE id = $3 AND status IN ('active', 'paused') RETURNING version")
                 .bind(reason)
                 .bind(DbTime(audit.at))
                 .bind(DbId(schedule_id))
@@ -973,7 +674,7 @@ macro_rules! shared_store_impl {
         /// A card that must not be tried again: disabled, every schedule using it suspended,
         /// the member told.
         async fn disable_card(tx: &mut Tx, card: &Card, reason: &str, member: &Member, audit: &Audit) -> Result<()> {
-            let changed = sqlx::query("UPDATE payment_methods SET status = 'disabled', status_reason = $1, updated_at = $2 WHERE id = $3 AND status = 'active'")
+            let changed = query("UPDATE payment_methods SET status = 'disabled', status_reason = $1, updated_at = $2 WHERE id = $3 AND status = 'active'")
                 .bind(reason)
                 .bind(DbTime(audit.at))
                 .bind(DbId(card.id))
@@ -986,7 +687,7 @@ macro_rules! shared_store_impl {
                 // updater could bring back, takes the harder reason, so it never comes back.
                 let expired = crate::domain::decline::classify_code("expired_card").member_reason;
                 if reason != expired {
-                    let hardened = sqlx::query("UPDATE payment_methods SET status_reason = $1, updated_at = $2 WHERE id = $3 AND status = 'disabled' AND status_reason = $4")
+                    let hardened = query("UPDATE payment_methods SET status_reason = $1, updated_at = $2 WHERE id = $3 AND status = 'disabled' AND status_reason = $4")
                         .bind(reason)
                         .bind(DbTime(audit.at))
                         .bind(DbId(card.id))
@@ -1002,7 +703,7 @@ macro_rules! shared_store_impl {
                 return Ok(());
             }
             event(tx, audit, "card", card.id, "disabled", serde_json::json!({ "reason": reason })).await?;
-            let schedules: Vec<DbId> = sqlx::query_scalar("SELECT id FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused') ORDER BY id")
+            let schedules: Vec<DbId> = query_scalar("SELECT id FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused') ORDER BY id")
                 .bind(DbId(card.id))
                 .fetch_all(tx.conn())
                 .await
@@ -1069,7 +770,7 @@ macro_rules! shared_store_impl {
         /// longer reserved, its lease dropped.
         async fn release_payment(tx: &mut Tx, payment: &Payment, reason: &str, audit: &Audit) -> Result<()> {
             let state = step(payment.state, Transition::Release)?;
-            sqlx::query("UPDATE payments SET state = $1, amount = NULL, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $3")
+            query("UPDATE payments SET state = $1, amount = NULL, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $3")
                 .bind(state.as_str())
                 .bind(DbTime(audit.at))
                 .bind(DbId(payment.id))
@@ -1113,7 +814,7 @@ macro_rules! shared_store_impl {
             };
             let state = step(payment.state, transition)?;
             // A retry is the next attempt, with a new key; a failure keeps the attempt it ended.
-            sqlx::query("UPDATE payments SET state = $1, attempt = attempt + $2, next_attempt_at = $3, amount = CASE WHEN $2 = 1 THEN NULL ELSE amount END, credit_applied = 0, decline_code = $4, reason = $5, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, unknown_since = NULL, updated_at = $6 WHERE id = $7")
+            query("UPDATE payments SET state = $1, attempt = attempt + $2, next_attempt_at = $3, amount = CASE WHEN $2 = 1 THEN NULL ELSE amount END, credit_applied = 0, decline_code = $4, reason = $5, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, unknown_since = NULL, updated_at = $6 WHERE id = $7")
                 .bind(state.as_str())
                 .bind(next_attempt)
                 .bind(retry_at.map(DbTime))
@@ -1139,7 +840,7 @@ macro_rules! shared_store_impl {
             let payment = &held.payment;
             let state = step(payment.state, Transition::OutcomeUnknown)?;
             if let Some((cycles, stopped)) = cycles {
-                sqlx::query("UPDATE payment_attempts SET unknown_cycles = $1, resend_stopped = $2 WHERE payment_id = $3 AND attempt = $4")
+                query("UPDATE payment_attempts SET unknown_cycles = $1, resend_stopped = $2 WHERE payment_id = $3 AND attempt = $4")
                     .bind(i64::from(cycles))
                     .bind(stopped)
                     .bind(DbId(payment.id))
@@ -1148,7 +849,7 @@ macro_rules! shared_store_impl {
                     .await
                     .map_err(db_err("recording an unknown outcome"))?;
             }
-            sqlx::query("UPDATE payments SET state = $1, reason = $2, unknown_since = COALESCE(unknown_since, $3), next_attempt_at = $4, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $3 WHERE id = $5")
+            query("UPDATE payments SET state = $1, reason = $2, unknown_since = COALESCE(unknown_since, $3), next_attempt_at = $4, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $3 WHERE id = $5")
                 .bind(state.as_str())
                 .bind(short(reason))
                 .bind(DbTime(audit.at))
@@ -1164,7 +865,7 @@ macro_rules! shared_store_impl {
         /// Only an operator can decide now: the payment keeps its reservations and waits.
         async fn send_to_review(tx: &mut Tx, payment: &Payment, reason: &str, audit: &Audit) -> Result<PaymentState> {
             let state = step(payment.state, Transition::Review)?;
-            sqlx::query("UPDATE payments SET state = $1, reason = $2, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = $3 WHERE id = $4")
+            query("UPDATE payments SET state = $1, reason = $2, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, updated_at = $3 WHERE id = $4")
                 .bind(state.as_str())
                 .bind(short(reason))
                 .bind(DbTime(audit.at))
@@ -1196,7 +897,7 @@ macro_rules! shared_store_impl {
             if rules.misfire != crate::domain::schedule::Misfire::Coalesce || next_attempt_at.is_some() {
                 return Ok(None);
             }
-            let later: Option<DbId> = sqlx::query_scalar(LATER_PAYMENT_SQL)
+            let later: Option<DbId> = query_scalar(LATER_PAYMENT_SQL)
             .bind(schedule_id)
             .bind(DbTime(due_at))
             .bind(DbTime(now))
@@ -1208,19 +909,19 @@ macro_rules! shared_store_impl {
 
         /// Clears an operator's lease, leaving the payment as it was.
         async fn release_lease(tx: &mut Tx, lease: &Lease) -> Result<bool> {
-            let done = sqlx::query("UPDATE payments SET lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $1 AND lease_token = $2 AND state IN ('unknown', 'needs_review')")
+            let done = query("UPDATE payments SET lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $1 AND lease_token = $2 AND state IN ('unknown', 'needs_review')")
                 .bind(DbId(lease.payment_id))
                 .bind(lease.token.to_string())
                 .execute(tx.conn())
                 .await
                 .map_err(db_err("giving a payment back"))?;
-            $store::wake_others(tx).await?;
+            <Db as Backend>::wake_others(tx).await?;
             Ok(done.rows_affected() > 0)
         }
 
         /// Whether charging is paused on every host now.
         async fn charging_paused_in(tx: &mut Tx) -> Result<bool> {
-            let paused: Option<Option<DbTime>> = sqlx::query_scalar("SELECT charging_paused_at FROM control WHERE id = 1")
+            let paused: Option<Option<DbTime>> = query_scalar("SELECT charging_paused_at FROM control WHERE id = 1")
                 .fetch_optional(tx.conn())
                 .await
                 .map_err(db_err("reading the charging pause"))?;
@@ -1277,14 +978,14 @@ macro_rules! shared_store_impl {
             };
             let transition = if payment.state == PaymentState::NeedsReview { Transition::OperatorTake } else { Transition::Settle };
             let state = step(payment.state, transition)?;
-            sqlx::query("UPDATE payments SET state = $1, updated_at = $2 WHERE id = $3")
+            query("UPDATE payments SET state = $1, updated_at = $2 WHERE id = $3")
                 .bind(state.as_str())
                 .bind(DbTime(now))
                 .bind(DbId(payment.id))
                 .execute(tx.conn())
                 .await
                 .map_err(db_err("resending an attempt"))?;
-            sqlx::query("UPDATE payment_attempts SET sends = sends + 1 WHERE payment_id = $1 AND attempt = $2")
+            query("UPDATE payment_attempts SET sends = sends + 1 WHERE payment_id = $1 AND attempt = $2")
                 .bind(DbId(payment.id))
                 .bind(payment.attempt)
                 .execute(tx.conn())
@@ -1319,14 +1020,14 @@ macro_rules! shared_store_impl {
                     // The request did nothing: the attempt is forgotten (the next claim begins
                     // it afresh, with the same key), the payment goes back untouched, and
                     // charging stops until an operator has fixed the credentials.
-                    sqlx::query("DELETE FROM payment_attempts WHERE payment_id = $1 AND attempt = $2")
+                    query("DELETE FROM payment_attempts WHERE payment_id = $1 AND attempt = $2")
                         .bind(DbId(payment.id))
                         .bind(payment.attempt)
                         .execute(tx.conn())
                         .await
                         .map_err(db_err("forgetting a refused attempt"))?;
                     release_payment(tx, payment, &reason, audit).await?;
-                    let paused = sqlx::query("UPDATE control SET charging_paused_at = $1, charging_paused_by = $2, charging_paused_reason = $3 WHERE id = 1 AND charging_paused_at IS NULL")
+                    let paused = query("UPDATE control SET charging_paused_at = $1, charging_paused_by = $2, charging_paused_reason = $3 WHERE id = 1 AND charging_paused_at IS NULL")
                         .bind(DbTime(audit.at))
                         .bind(PAUSED_BY_PROCESSOR)
                         .bind(&reason)
@@ -1335,7 +1036,7 @@ macro_rules! shared_store_impl {
                         .map_err(db_err("pausing charging"))?
                         .rows_affected();
                     if paused > 0 {
-                        let installation: DbId = sqlx::query_scalar("SELECT installation_id FROM control WHERE id = 1").fetch_one(tx.conn()).await.map_err(db_err("reading control"))?;
+                        let installation: DbId = query_scalar("SELECT installation_id FROM control WHERE id = 1").fetch_one(tx.conn()).await.map_err(db_err("reading control"))?;
                         event(tx, audit, "control", installation.0, "charging_paused", serde_json::json!({ "reason": reason })).await?;
                     }
                     Ok(Next::Released)
@@ -1346,7 +1047,7 @@ macro_rules! shared_store_impl {
         /// An operator's retry starts a new attempt (new key): the old one is settled.
         async fn start_new_attempt(tx: &mut Tx, payment: &Payment, reason: &str, audit: &Audit) -> Result<PaymentState> {
             let state = step(payment.state, Transition::OperatorRetry)?;
-            sqlx::query("UPDATE payments SET state = $1, attempt = attempt + 1, next_attempt_at = $2, amount = NULL, credit_applied = 0, reason = $3, unknown_since = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $4")
+            query("UPDATE payments SET state = $1, attempt = attempt + 1, next_attempt_at = $2, amount = NULL, credit_applied = 0, reason = $3, unknown_since = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $4")
                 .bind(state.as_str())
                 .bind(DbTime(audit.at))
                 .bind(reason)
@@ -1355,7 +1056,7 @@ macro_rules! shared_store_impl {
                 .await
                 .map_err(db_err("retrying a payment"))?;
             event(tx, audit, "payment", payment.id, "retried", serde_json::json!({ "from": payment.state.as_str(), "reason": reason, "new_attempt": payment.attempt + 1 })).await?;
-            $store::wake_others(tx).await?;
+            <Db as Backend>::wake_others(tx).await?;
             Ok(state)
         }
 
@@ -1363,8 +1064,8 @@ macro_rules! shared_store_impl {
         /// holds it: for `reconcile`, which runs while no daemon does.
         async fn lock_payment(tx: &mut Tx, payment_id: Uuid) -> Result<Option<Locked>> {
             let Some((member, schedule, card)) = lock_owners(tx, payment_id).await? else { return Ok(None) };
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {PAYMENT_COLS}, credit_applied, unknown_since, lease_expires_at FROM payments WHERE id = $1{}", $for_update
+            let row = query(sqlx::AssertSqlSafe(format!(
+                "SELECT {PAYMENT_COLS}, credit_applied, unknown_since, lease_expires_at FROM payments WHERE id = $1{}", <Db as Backend>::FOR_UPDATE
             )))
             .bind(DbId(payment_id))
             .fetch_one(tx.conn())
@@ -1406,7 +1107,7 @@ macro_rules! shared_store_impl {
 
         /// Lists a charge `reconcile` could not place; a second run finds it listed already.
         async fn insert_finding(tx: &mut Tx, found: &ProcessorAttempt, kind: crate::domain::reconcile::FindingKind, payment_id: Option<Uuid>, audit: &Audit) -> Result<()> {
-            let done = sqlx::query("INSERT INTO reconcile_findings (id, idempotency_key, kind, reference, payment_id, schedule_id, occurrence, attempt, amount, currency, charged_at, found_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (idempotency_key) DO NOTHING")
+            let done = query("INSERT INTO reconcile_findings (id, idempotency_key, kind, reference, payment_id, schedule_id, occurrence, attempt, amount, currency, charged_at, found_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (idempotency_key) DO NOTHING")
                 .bind(DbId(new_id()))
                 .bind(&found.idempotency_key)
                 .bind(kind.as_str())
@@ -1437,14 +1138,14 @@ macro_rules! shared_store_impl {
         async fn record_found_attempt(tx: &mut Tx, l: &Locked, found: &ProcessorAttempt, audit: &Audit) -> Result<()> {
             let payment = &l.held.payment;
             let outcome = if found.approved { "approved" } else { "declined" };
-            let existing: Option<DbId> = sqlx::query_scalar("SELECT id FROM payment_attempts WHERE idempotency_key = $1")
+            let existing: Option<DbId> = query_scalar("SELECT id FROM payment_attempts WHERE idempotency_key = $1")
                 .bind(&found.idempotency_key)
                 .fetch_optional(tx.conn())
                 .await
                 .map_err(db_err("reading an attempt"))?;
             if existing.is_some() {
                 // Its request is in the card's history already, unfinished: finish it.
-                sqlx::query("UPDATE processor_calls SET outcome = $1, detail = $2, finished_at = $3 WHERE payment_id = $4 AND attempt = $5 AND kind = 'charge' AND outcome IS NULL")
+                query("UPDATE processor_calls SET outcome = $1, detail = $2, finished_at = $3 WHERE payment_id = $4 AND attempt = $5 AND kind = 'charge' AND outcome IS NULL")
                     .bind(outcome)
                     .bind(found.decline_code().unwrap_or(&found.reference))
                     .bind(DbTime(found.created_at))
@@ -1453,7 +1154,7 @@ macro_rules! shared_store_impl {
                     .execute(tx.conn())
                     .await
                     .map_err(db_err("recording a reconciled request"))?;
-                sqlx::query("UPDATE payment_attempts SET outcome = $1, decline_code = $2, processor_reference = $3, finished_at = $4, resend_stopped = TRUE WHERE idempotency_key = $5")
+                query("UPDATE payment_attempts SET outcome = $1, decline_code = $2, processor_reference = $3, finished_at = $4, resend_stopped = TRUE WHERE idempotency_key = $5")
                     .bind(outcome)
                     .bind(found.decline_code())
                     .bind(&found.reference)
@@ -1463,7 +1164,7 @@ macro_rules! shared_store_impl {
                     .await
                     .map_err(db_err("recording a reconciled attempt"))?;
             } else {
-                sqlx::query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at, outcome, decline_code, processor_reference, finished_at, first_sent_at, sends, resend_stopped) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $8, $8, 1, TRUE)")
+                query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at, outcome, decline_code, processor_reference, finished_at, first_sent_at, sends, resend_stopped) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $8, $8, 1, TRUE)")
                     .bind(DbId(new_id()))
                     .bind(DbId(payment.id))
                     .bind(found.attempt)
@@ -1480,7 +1181,7 @@ macro_rules! shared_store_impl {
                     .map_err(db_err("recording a reconciled attempt"))?;
             }
             if existing.is_none() {
-                sqlx::query("INSERT INTO processor_calls (id, payment_id, attempt, payment_method_id, fingerprint, kind, actor, started_at, outcome, detail, finished_at) VALUES ($1, $2, $3, $4, $5, 'charge', $6, $7, $8, $9, $7)")
+                query("INSERT INTO processor_calls (id, payment_id, attempt, payment_method_id, fingerprint, kind, actor, started_at, outcome, detail, finished_at) VALUES ($1, $2, $3, $4, $5, 'charge', $6, $7, $8, $9, $7)")
                     .bind(DbId(new_id()))
                     .bind(DbId(payment.id))
                     .bind(found.attempt)
@@ -1500,7 +1201,7 @@ macro_rules! shared_store_impl {
         /// Runs a housekeeping `DELETE` whose one parameter is the cut-off time; returns how many
         /// rows went.
         async fn delete_before(tx: &mut Tx, sql: &'static str, before: Timestamp, doing: &'static str) -> Result<u64> {
-            Ok(sqlx::query(sql)
+            Ok(query(sql)
                 .bind(DbTime(before))
                 .execute(tx.conn())
                 .await
@@ -1536,7 +1237,7 @@ macro_rules! shared_store_impl {
                 return Ok(Next::Moved(state));
             }
             let cur = payment.currency;
-            let bills: Vec<(i64, i64)> = sqlx::query_as("SELECT amount_due, amount_paid FROM bills WHERE member_id = $1 AND status = 'open' ORDER BY due_date, created_at, id")
+            let bills: Vec<(i64, i64)> = query_as("SELECT amount_due, amount_paid FROM bills WHERE member_id = $1 AND status = 'open' ORDER BY due_date, created_at, id")
                 .bind(DbId(payment.member_id))
                 .fetch_all(tx.conn())
                 .await
@@ -1545,13 +1246,13 @@ macro_rules! shared_store_impl {
                 .iter()
                 .map(|(due, paid)| Money::from_minor(*due, cur).checked_sub(Money::from_minor(*paid, cur)).map_err(money_err))
                 .collect::<Result<_>>()?;
-            let credits: Vec<i64> = sqlx::query_scalar("SELECT remaining FROM credits WHERE member_id = $1 AND remaining > 0")
+            let credits: Vec<i64> = query_scalar("SELECT remaining FROM credits WHERE member_id = $1 AND remaining > 0")
                 .bind(DbId(payment.member_id))
                 .fetch_all(tx.conn())
                 .await
                 .map_err(db_err("reading credits"))?;
             let credits: Vec<Money> = credits.into_iter().map(|m| Money::from_minor(m, cur)).collect();
-            let reserved: Vec<(i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            let reserved: Vec<(i64, i64)> = query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT amount, credit_applied FROM payments WHERE member_id = $1 AND id <> $2 AND amount IS NOT NULL AND state IN ({})",
                 state_list(&RESERVING)
             )))
@@ -1624,7 +1325,7 @@ macro_rules! shared_store_impl {
                 CardLimit::Declines { until } => {
                     // Too many declines on this card today: the same attempt waits, unsent.
                     let state = step(payment.state, Transition::SoftDecline)?;
-                    sqlx::query("UPDATE payments SET state = $1, next_attempt_at = $2, amount = NULL, credit_applied = 0, reason = $3, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $4 WHERE id = $5")
+                    query("UPDATE payments SET state = $1, next_attempt_at = $2, amount = NULL, credit_applied = 0, reason = $3, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $4 WHERE id = $5")
                         .bind(state.as_str())
                         .bind(DbTime(until))
                         .bind("the card reached 10 declined requests in 24 hours; waiting before trying it again")
@@ -1638,7 +1339,7 @@ macro_rules! shared_store_impl {
                 }
             }
             // The emergency stop, checked just before the request is stored and written.
-            let (paused, installation): (Option<DbTime>, DbId) = sqlx::query_as("SELECT charging_paused_at, installation_id FROM control WHERE id = 1")
+            let (paused, installation): (Option<DbTime>, DbId) = query_as("SELECT charging_paused_at, installation_id FROM control WHERE id = 1")
                 .fetch_one(tx.conn())
                 .await
                 .map_err(db_err("reading the charging pause and the installation id"))?;
@@ -1658,7 +1359,7 @@ macro_rules! shared_store_impl {
                 customer: l.member.processor_customer_id.clone(),
                 statement_descriptor_suffix: policy.statement_descriptor_suffix.clone(),
             };
-            sqlx::query("UPDATE payments SET amount = $1, credit_applied = $2, updated_at = $3 WHERE id = $4")
+            query("UPDATE payments SET amount = $1, credit_applied = $2, updated_at = $3 WHERE id = $4")
                 .bind(amount.minor())
                 .bind(credit_used.minor())
                 .bind(DbTime(audit.at))
@@ -1666,7 +1367,7 @@ macro_rules! shared_store_impl {
                 .execute(tx.conn())
                 .await
                 .map_err(db_err("freezing the amount"))?;
-            sqlx::query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at, request, first_sent_at, sends) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8, 1)")
+            query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at, request, first_sent_at, sends) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8, 1)")
                 .bind(DbId(new_id()))
                 .bind(DbId(payment.id))
                 .bind(payment.attempt)
@@ -1708,7 +1409,7 @@ macro_rules! shared_store_impl {
             if let (Answer::Approved { network_transaction_id: Some(ntid), .. }, None) = (answer, &l.card.network_transaction_id) {
                 // The card's first successful charge: its network id is the stored
                 // credential's reference, kept in the same transaction as the charge.
-                sqlx::query("UPDATE payment_methods SET network_transaction_id = $1 WHERE id = $2 AND network_transaction_id IS NULL")
+                query("UPDATE payment_methods SET network_transaction_id = $1 WHERE id = $2 AND network_transaction_id IS NULL")
                     .bind(ntid)
                     .bind(DbId(l.card.id))
                     .execute(tx.conn())
@@ -1730,7 +1431,7 @@ macro_rules! shared_store_impl {
             let mut planned = Vec::new();
             for p in &step.payments {
                 let state = if p.missed.is_some() { "missed" } else { "scheduled" };
-                let inserted = sqlx::query("INSERT INTO payments (id, schedule_id, member_id, occurrence, due_at, currency, state, attempt, payment_method_id, schedule_version, reason, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9, $10, $11, $11) ON CONFLICT (schedule_id, occurrence) DO NOTHING")
+                let inserted = query("INSERT INTO payments (id, schedule_id, member_id, occurrence, due_at, currency, state, attempt, payment_method_id, schedule_version, reason, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9, $10, $11, $11) ON CONFLICT (schedule_id, occurrence) DO NOTHING")
                     .bind(DbId(new_id()))
                     .bind(DbId(current.id))
                     .bind(DbId(current.member_id))
@@ -1751,7 +1452,7 @@ macro_rules! shared_store_impl {
                 }
             }
             let status = if step.next_run_at.is_some() { "active" } else { "completed" };
-            sqlx::query("UPDATE schedules SET next_run_at = $1, next_occurrence = $2, status = $3, updated_at = $4 WHERE id = $5")
+            query("UPDATE schedules SET next_run_at = $1, next_occurrence = $2, status = $3, updated_at = $4 WHERE id = $5")
                 .bind(step.next_run_at.map(DbTime))
                 .bind(step.next_occurrence.as_ref().map(|k| k.to_string()))
                 .bind(status)
@@ -1767,28 +1468,28 @@ macro_rules! shared_store_impl {
         }
 
         #[async_trait]
-        impl Store for $store {
+        impl Store for SqlStore<$db> {
             fn backend(&self) -> crate::config::Backend {
-                Self::BACKEND
+                <Db as Backend>::KIND
             }
 
             async fn migrate(&self, now: Timestamp) -> Result<MigrationReport> {
                 let mut tx = self.begin_write().await?;
-                Self::lock_for_migration(&mut tx).await?;
-                sqlx::raw_sql(Self::BOOTSTRAP).execute(tx.conn()).await.map_err(db_err("creating the migrations table"))?;
-                let done: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
+                <Db as Backend>::lock_for_migration(&mut tx).await?;
+                execute_script(<Db as Backend>::BOOTSTRAP, tx.conn()).await.map_err(db_err("creating the migrations table"))?;
+                let done: Vec<i64> = query_scalar("SELECT version FROM schema_migrations")
                     .fetch_all(tx.conn())
                     .await
                     .map_err(db_err("reading applied migrations"))?;
                 let mut applied = Vec::new();
-                for (version, name, sql) in Self::MIGRATIONS {
+                for (version, name, sql) in <Db as Backend>::MIGRATIONS {
                     if done.contains(version) {
                         continue;
                     }
-                    sqlx::raw_sql(*sql).execute(tx.conn()).await.map_err(|e| {
+                    execute_script(*sql, tx.conn()).await.map_err(|e| {
                         StoreError::Schema(format!("migration {version} ({name}) failed: {e}; nothing was changed"))
                     })?;
-                    sqlx::query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
+                    query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
                         .bind(*version)
                         .bind(*name)
                         .bind(DbTime(now))
@@ -1797,7 +1498,7 @@ macro_rules! shared_store_impl {
                         .map_err(db_err("recording a migration"))?;
                     applied.push(format!("{version:04}_{name}"));
                 }
-                let existing: Option<DbId> = sqlx::query_scalar("SELECT installation_id FROM control WHERE id = 1")
+                let existing: Option<DbId> = query_scalar("SELECT installation_id FROM control WHERE id = 1")
                     .fetch_optional(tx.conn())
                     .await
                     .map_err(db_err("reading the installation id"))?;
@@ -1805,7 +1506,7 @@ macro_rules! shared_store_impl {
                     Some(id) => id.0,
                     None => {
                         let id = Uuid::now_v7();
-                        sqlx::query("INSERT INTO control (id, installation_id, min_binary_schema, created_at) VALUES (1, $1, $2, $3)")
+                        query("INSERT INTO control (id, installation_id, min_binary_schema, created_at) VALUES (1, $1, $2, $3)")
                             .bind(DbId(id))
                             .bind(MIN_BINARY_SCHEMA)
                             .bind(DbTime(now))
@@ -1820,7 +1521,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn schema_state(&self) -> Result<SchemaState> {
-                let applied: Option<i64> = match sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations")
+                let applied: Option<i64> = match query_scalar("SELECT MAX(version) FROM schema_migrations")
                     .fetch_one(&self.pool)
                     .await
                 {
@@ -1834,7 +1535,7 @@ macro_rules! shared_store_impl {
                 let min_binary = if applied == 0 {
                     0
                 } else {
-                    sqlx::query_scalar::<_, i64>("SELECT min_binary_schema FROM control WHERE id = 1")
+                    query_scalar::<_, i64>("SELECT min_binary_schema FROM control WHERE id = 1")
                         .fetch_optional(&self.pool)
                         .await
                         .map_err(db_err("reading control"))?
@@ -1844,7 +1545,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn control(&self) -> Result<Control> {
-                let row = sqlx::query("SELECT installation_id, min_binary_schema, charging_paused_at, charging_paused_by, charging_paused_reason, mail_paused_at, mail_paused_reason, reconcile_required_since FROM control WHERE id = 1")
+                let row = query("SELECT installation_id, min_binary_schema, charging_paused_at, charging_paused_by, charging_paused_reason, mail_paused_at, mail_paused_reason, reconcile_required_since FROM control WHERE id = 1")
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(db_err("reading control"))?
@@ -1861,17 +1562,17 @@ macro_rules! shared_store_impl {
 
             async fn status(&self) -> Result<StatusReport> {
                 let control = self.control().await?;
-                let members_bouncing: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM members WHERE email_bouncing = TRUE")
+                let members_bouncing: i64 = query_scalar("SELECT COUNT(*) FROM members WHERE email_bouncing = TRUE")
                     .fetch_one(&self.pool)
                     .await
                     .map_err(db_err("counting"))?;
-                let findings_open: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM reconcile_findings WHERE acknowledged_at IS NULL")
+                let findings_open: i64 = query_scalar("SELECT COUNT(*) FROM reconcile_findings WHERE acknowledged_at IS NULL")
                     .fetch_one(&self.pool)
                     .await
                     .map_err(db_err("counting findings"))?;
                 let processor_events = counts(&self.pool, "SELECT type AS k, COUNT(*) AS n FROM webhook_events WHERE type IN ('charge.refunded', 'charge.dispute.created') GROUP BY type").await?;
                 Ok(StatusReport {
-                    backend: format!("{:?}", Self::BACKEND).to_lowercase(),
+                    backend: format!("{:?}", <Db as Backend>::KIND).to_lowercase(),
                     schema_version: self.schema_state().await?.applied,
                     control,
                     members: counts(&self.pool, "SELECT status AS k, COUNT(*) AS n FROM members GROUP BY status").await?,
@@ -1888,7 +1589,7 @@ macro_rules! shared_store_impl {
             async fn add_member(&self, new: &NewMember, audit: &Audit) -> Result<Member> {
                 let mut tx = self.begin_write().await?;
                 let member_id = new_id();
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                let row = query(sqlx::AssertSqlSafe(format!(
                     "INSERT INTO members (id, account_number, account_type, name, email, time_zone, reminders, email_bouncing, status, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, TRUE, FALSE, 'active', $7, $7) RETURNING {MEMBER_COLS}"
                 )))
                 .bind(DbId(member_id))
@@ -1919,7 +1620,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn member(&self, account: &AccountNumber) -> Result<Member> {
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE account_number = $1")))
+                let row = query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE account_number = $1")))
                     .bind(account.as_str())
                     .fetch_optional(&self.pool)
                     .await
@@ -1931,7 +1632,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn member_by_id(&self, member_id: Uuid) -> Result<Member> {
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE id = $1")))
+                let row = query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE id = $1")))
                     .bind(DbId(member_id))
                     .fetch_optional(&self.pool)
                     .await
@@ -1943,7 +1644,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn list_members(&self) -> Result<Vec<Member>> {
-                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members ORDER BY account_number")))
+                query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members ORDER BY account_number")))
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db_err("listing members"))?
@@ -1960,7 +1661,7 @@ macro_rules! shared_store_impl {
                         "member {} is closed; a closed member cannot be changed", member.id
                     )));
                 }
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                let row = query(sqlx::AssertSqlSafe(format!(
                     "UPDATE members SET name = $1, email = $2, time_zone = $3, reminders = $4, email_bouncing = $5, updated_at = $6 WHERE id = $7 RETURNING {MEMBER_COLS}"
                 )))
                 .bind(change.name.as_ref().unwrap_or(&member.name).as_str())
@@ -1991,14 +1692,14 @@ macro_rules! shared_store_impl {
                 if member.status == MemberStatus::Closed {
                     return Err(StoreError::Conflict(format!("member {} is already closed", member.id)));
                 }
-                let live: Vec<DbId> = sqlx::query_scalar("SELECT id FROM schedules WHERE member_id = $1 AND status IN ('active', 'paused', 'suspended') ORDER BY id")
+                let live: Vec<DbId> = query_scalar("SELECT id FROM schedules WHERE member_id = $1 AND status IN ('active', 'paused', 'suspended') ORDER BY id")
                     .bind(DbId(member.id))
                     .fetch_all(tx.conn())
                     .await
                     .map_err(db_err("reading the member's schedules"))?;
                 let mut cancelled_payments = 0;
                 for schedule_id in &live {
-                    sqlx::query("UPDATE schedules SET status = 'cancelled', status_reason = 'member closed', cancelled_at = $1, cancelled_by = $2, next_run_at = NULL, next_occurrence = NULL, version = version + 1, updated_at = $1 WHERE id = $3")
+                    query("UPDATE schedules SET status = 'cancelled', status_reason = 'member closed', cancelled_at = $1, cancelled_by = $2, next_run_at = NULL, next_occurrence = NULL, version = version + 1, updated_at = $1 WHERE id = $3")
                         .bind(DbTime(audit.at))
                         .bind(&audit.actor)
                         .bind(*schedule_id)
@@ -2010,7 +1711,7 @@ macro_rules! shared_store_impl {
                     confirm_schedule(&mut tx, &ScheduleChangeNotice::Cancelled, &ended, audit.at).await?;
                     event(&mut tx, audit, "schedule", schedule_id.0, "cancelled", serde_json::json!({ "reason": "member closed" })).await?;
                 }
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE members SET status = 'closed', updated_at = $1 WHERE id = $2 RETURNING {MEMBER_COLS}")))
+                let row = query(sqlx::AssertSqlSafe(format!("UPDATE members SET status = 'closed', updated_at = $1 WHERE id = $2 RETURNING {MEMBER_COLS}")))
                     .bind(DbTime(audit.at))
                     .bind(DbId(member.id))
                     .fetch_one(tx.conn())
@@ -2027,7 +1728,7 @@ macro_rules! shared_store_impl {
 
             async fn add_card(&self, new: &NewCard, audit: &Audit) -> Result<Card> {
                 let mut tx = self.begin_write().await?;
-                let status: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT status FROM members WHERE id = $1{}", $for_update)))
+                let status: Option<String> = query_scalar(sqlx::AssertSqlSafe(format!("SELECT status FROM members WHERE id = $1{}", <Db as Backend>::FOR_UPDATE)))
                     .bind(DbId(new.member_id))
                     .fetch_optional(tx.conn())
                     .await
@@ -2039,7 +1740,7 @@ macro_rules! shared_store_impl {
                 }
                 if let Some(customer) = &new.customer {
                     // A member's first card at a processor that keeps customers makes theirs.
-                    sqlx::query("UPDATE members SET processor_customer_id = $1, updated_at = $2 WHERE id = $3 AND processor_customer_id IS NULL")
+                    query("UPDATE members SET processor_customer_id = $1, updated_at = $2 WHERE id = $3 AND processor_customer_id IS NULL")
                         .bind(customer)
                         .bind(DbTime(audit.at))
                         .bind(DbId(new.member_id))
@@ -2047,7 +1748,7 @@ macro_rules! shared_store_impl {
                         .await
                         .map_err(db_err("keeping the member's processor customer"))?;
                 }
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                let row = query(sqlx::AssertSqlSafe(format!(
                     "INSERT INTO payment_methods (id, member_id, processor, processor_token, brand, last4, exp_month, exp_year, status, created_at, updated_at, fingerprint, processor_mode, consent_at, consent_via, consent_terms_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'active', $9, $9, $10, $11, $12, $13, $14) RETURNING {CARD_COLS}"
                 )))
                 .bind(DbId(new_id()))
@@ -2082,7 +1783,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn card(&self, card_id: Uuid) -> Result<Card> {
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {CARD_COLS} FROM payment_methods WHERE id = $1")))
+                let row = query(sqlx::AssertSqlSafe(format!("SELECT {CARD_COLS} FROM payment_methods WHERE id = $1")))
                     .bind(DbId(card_id))
                     .fetch_optional(&self.pool)
                     .await
@@ -2094,7 +1795,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn list_cards(&self, member_id: Uuid) -> Result<Vec<Card>> {
-                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {CARD_COLS} FROM payment_methods WHERE member_id = $1 ORDER BY created_at, id")))
+                query(sqlx::AssertSqlSafe(format!("SELECT {CARD_COLS} FROM payment_methods WHERE member_id = $1 ORDER BY created_at, id")))
                     .bind(DbId(member_id))
                     .fetch_all(&self.pool)
                     .await
@@ -2111,7 +1812,7 @@ macro_rules! shared_store_impl {
                 if card.status == CardStatus::Removed {
                     return Err(StoreError::Conflict(format!("card {card_id} is already removed")));
                 }
-                let user: Option<(DbId, String)> = sqlx::query_as("SELECT id, status FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused', 'suspended') ORDER BY id LIMIT 1")
+                let user: Option<(DbId, String)> = query_as("SELECT id, status FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused', 'suspended') ORDER BY id LIMIT 1")
                     .bind(DbId(card_id))
                     .fetch_optional(tx.conn())
                     .await
@@ -2122,7 +1823,7 @@ macro_rules! shared_store_impl {
                         schedule_id.0, schedule_id.0
                     )));
                 }
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE payment_methods SET status = 'removed', status_reason = 'removed by operator', updated_at = $1 WHERE id = $2 RETURNING {CARD_COLS}")))
+                let row = query(sqlx::AssertSqlSafe(format!("UPDATE payment_methods SET status = 'removed', status_reason = 'removed by operator', updated_at = $1 WHERE id = $2 RETURNING {CARD_COLS}")))
                     .bind(DbTime(audit.at))
                     .bind(DbId(card_id))
                     .fetch_one(tx.conn())
@@ -2139,7 +1840,7 @@ macro_rules! shared_store_impl {
                 let mut added = Vec::new();
                 let mut unchanged = 0;
                 for bill in bills {
-                    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    let row = query(sqlx::AssertSqlSafe(format!(
                         "INSERT INTO bills (id, member_id, reference, amount_due, amount_paid, currency, due_date, status, created_at, updated_at) VALUES ($1, $2, $3, $4, 0, $5, $6, 'open', $7, $7) ON CONFLICT (member_id, reference) DO NOTHING RETURNING {BILL_COLS}"
                     )))
                     .bind(DbId(new_id()))
@@ -2163,7 +1864,7 @@ macro_rules! shared_store_impl {
                             added.push(stored);
                         }
                         None => {
-                            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {BILL_COLS} FROM bills WHERE member_id = $1 AND reference = $2")))
+                            let row = query(sqlx::AssertSqlSafe(format!("SELECT {BILL_COLS} FROM bills WHERE member_id = $1 AND reference = $2")))
                                 .bind(DbId(bill.member_id))
                                 .bind(&bill.reference)
                                 .fetch_one(tx.conn())
@@ -2185,7 +1886,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn bill(&self, bill_id: Uuid) -> Result<Bill> {
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {BILL_COLS} FROM bills WHERE id = $1")))
+                let row = query(sqlx::AssertSqlSafe(format!("SELECT {BILL_COLS} FROM bills WHERE id = $1")))
                     .bind(DbId(bill_id))
                     .fetch_optional(&self.pool)
                     .await
@@ -2197,7 +1898,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn list_bills(&self, member_id: Option<Uuid>) -> Result<Vec<Bill>> {
-                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {BILL_COLS} FROM bills WHERE ($1 IS NULL OR member_id = $1) ORDER BY due_date, reference")))
+                query(sqlx::AssertSqlSafe(format!("SELECT {BILL_COLS} FROM bills WHERE ($1 IS NULL OR member_id = $1) ORDER BY due_date, reference")))
                     .bind(member_id.map(DbId))
                     .fetch_all(&self.pool)
                     .await
@@ -2261,7 +1962,7 @@ macro_rules! shared_store_impl {
                 if amount.currency() != bill.currency || !amount.is_positive() {
                     return Err(StoreError::Conflict(format!("a payment must be more than 0.00 in {}", bill.currency)));
                 }
-                sqlx::query("INSERT INTO external_payments (id, bill_id, amount, currency, reference, recorded_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+                query("INSERT INTO external_payments (id, bill_id, amount, currency, reference, recorded_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
                     .bind(DbId(new_id()))
                     .bind(DbId(bill_id))
                     .bind(amount.minor())
@@ -2294,7 +1995,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn list_credits(&self, member_id: Uuid) -> Result<Vec<Credit>> {
-                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {CREDIT_COLS} FROM credits WHERE member_id = $1 ORDER BY created_at, id")))
+                query(sqlx::AssertSqlSafe(format!("SELECT {CREDIT_COLS} FROM credits WHERE member_id = $1 ORDER BY created_at, id")))
                     .bind(DbId(member_id))
                     .fetch_all(&self.pool)
                     .await
@@ -2326,7 +2027,7 @@ macro_rules! shared_store_impl {
                 let currency = new.currency;
                 let recurrence = serde_json::to_string(&new.recurrence)
                     .map_err(|e| StoreError::Internal(format!("cannot store a recurrence: {e}")))?;
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                let row = query(sqlx::AssertSqlSafe(format!(
                     "INSERT INTO schedules (id, member_id, payment_method_id, kind, recurrence, amount_rule, fixed_amount, currency, time_zone, next_run_at, next_occurrence, status, version, authorized_at, authorized_via, authorized_by, terms_version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, $13, $14, $15, $16, $13, $13) RETURNING {SCHEDULE_COLS}"
                 )))
                 .bind(DbId(new_id()))
@@ -2369,7 +2070,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn schedule(&self, schedule_id: Uuid) -> Result<Schedule> {
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE id = $1")))
+                let row = query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE id = $1")))
                     .bind(DbId(schedule_id))
                     .fetch_optional(&self.pool)
                     .await
@@ -2381,7 +2082,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn list_schedules(&self, member_id: Option<Uuid>) -> Result<Vec<Schedule>> {
-                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE ($1 IS NULL OR member_id = $1) ORDER BY created_at, id")))
+                query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE ($1 IS NULL OR member_id = $1) ORDER BY created_at, id")))
                     .bind(member_id.map(DbId))
                     .fetch_all(&self.pool)
                     .await
@@ -2423,7 +2124,7 @@ macro_rules! shared_store_impl {
                 };
                 let recurrence = serde_json::to_string(&change.recurrence)
                     .map_err(|e| StoreError::Internal(format!("cannot store a recurrence: {e}")))?;
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                let row = query(sqlx::AssertSqlSafe(format!(
                     "UPDATE schedules SET payment_method_id = $1, recurrence = $2, amount_rule = $3, fixed_amount = $4, time_zone = $5, next_run_at = $6, next_occurrence = $7, status = $8, status_reason = CASE WHEN $8 = status THEN status_reason ELSE NULL END, consecutive_failures = CASE WHEN $8 = status THEN consecutive_failures ELSE 0 END, version = version + 1, updated_at = $9 WHERE id = $10 RETURNING {SCHEDULE_COLS}"
                 )))
                 .bind(DbId(change.card_id))
@@ -2448,7 +2149,7 @@ macro_rules! shared_store_impl {
                 let updated = schedule_from(&row)?;
                 // Re-plan unclaimed payments: the next attempt uses the new card, and its amount
                 // is computed afresh when it is claimed.
-                let replanned = sqlx::query("UPDATE payments SET payment_method_id = $1, schedule_version = $2, amount = NULL, updated_at = $3 WHERE schedule_id = $4 AND state IN ('scheduled', 'retry_wait')")
+                let replanned = query("UPDATE payments SET payment_method_id = $1, schedule_version = $2, amount = NULL, updated_at = $3 WHERE schedule_id = $4 AND state IN ('scheduled', 'retry_wait')")
                     .bind(DbId(change.card_id))
                     .bind(updated.version)
                     .bind(DbTime(audit.at))
@@ -2474,7 +2175,7 @@ macro_rules! shared_store_impl {
                 if current.status != ScheduleStatus::Active {
                     return Err(StoreError::Conflict(format!("schedule {schedule_id} is {}; only an active schedule can be paused", current.status)));
                 }
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                let row = query(sqlx::AssertSqlSafe(format!(
                     "UPDATE schedules SET status = 'paused', status_reason = 'paused by operator', next_run_at = NULL, next_occurrence = NULL, version = version + 1, updated_at = $1 WHERE id = $2 RETURNING {SCHEDULE_COLS}"
                 )))
                 .bind(DbTime(audit.at))
@@ -2504,7 +2205,7 @@ macro_rules! shared_store_impl {
                     return Err(StoreError::Conflict(format!("schedule {} changed meanwhile; run the command again", resume.id)));
                 }
                 let status = if resume.next_run_at.is_some() { "active" } else { "completed" };
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                let row = query(sqlx::AssertSqlSafe(format!(
                     "UPDATE schedules SET status = $1, status_reason = NULL, consecutive_failures = 0, next_run_at = $2, next_occurrence = $3, version = version + 1, updated_at = $4 WHERE id = $5 RETURNING {SCHEDULE_COLS}"
                 )))
                 .bind(status)
@@ -2518,7 +2219,7 @@ macro_rules! shared_store_impl {
                 event(&mut tx, audit, "schedule", resume.id, "resumed", serde_json::json!({
                     "from": current.status.as_str(), "next_run_at": resume.next_run_at,
                 })).await?;
-                $store::wake_others(&mut tx).await?;
+                <Db as Backend>::wake_others(&mut tx).await?;
                 commit(tx).await?;
                 schedule_from(&row)
             }
@@ -2528,7 +2229,7 @@ macro_rules! shared_store_impl {
                 let (_, current) = schedule_locked(&mut tx, schedule_id).await?;
                 // A completed schedule may still have a payment waiting for a retry: cancelling
                 // stops that too.
-                let waiting: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM payments WHERE schedule_id = $1 AND state IN ('scheduled', 'retry_wait')")
+                let waiting: i64 = query_scalar("SELECT COUNT(*) FROM payments WHERE schedule_id = $1 AND state IN ('scheduled', 'retry_wait')")
                     .bind(DbId(schedule_id))
                     .fetch_one(tx.conn())
                     .await
@@ -2537,7 +2238,7 @@ macro_rules! shared_store_impl {
                 if !cancellable {
                     return Err(StoreError::Conflict(format!("schedule {schedule_id} is already {}", current.status)));
                 }
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                let row = query(sqlx::AssertSqlSafe(format!(
                     "UPDATE schedules SET status = 'cancelled', status_reason = 'cancelled by operator', cancelled_at = $1, cancelled_by = $2, next_run_at = NULL, next_occurrence = NULL, version = version + 1, updated_at = $1 WHERE id = $3 RETURNING {SCHEDULE_COLS}"
                 )))
                 .bind(DbTime(audit.at))
@@ -2555,7 +2256,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn payment(&self, payment_id: Uuid) -> Result<Payment> {
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = $1")))
+                let row = query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = $1")))
                     .bind(DbId(payment_id))
                     .fetch_optional(&self.pool)
                     .await
@@ -2567,7 +2268,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn list_payments(&self, member_id: Option<Uuid>, state: Option<PaymentState>) -> Result<Vec<Payment>> {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
+                query(sqlx::AssertSqlSafe(format!(
                     "SELECT {PAYMENT_COLS} FROM payments WHERE ($1 IS NULL OR member_id = $1) AND ($2 IS NULL OR state = $2) ORDER BY due_at, id"
                 )))
                 .bind(member_id.map(DbId))
@@ -2581,7 +2282,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn events(&self, entity_id: &str) -> Result<Vec<Event>> {
-                let rows = sqlx::query("SELECT id, at, actor, entity, entity_id, action, detail FROM events WHERE entity_id = $1 ORDER BY at, id")
+                let rows = query("SELECT id, at, actor, entity, entity_id, action, detail FROM events WHERE entity_id = $1 ORDER BY at, id")
                     .bind(entity_id)
                     .fetch_all(&self.pool)
                     .await
@@ -2602,7 +2303,7 @@ macro_rules! shared_store_impl {
                     .collect()
             }
             async fn allocations(&self, payment_id: Uuid) -> Result<Vec<Allocation>> {
-                let rows = sqlx::query("SELECT payment_id, bill_id, credit_id, amount, currency FROM payment_allocations WHERE payment_id = $1 ORDER BY created_at, id")
+                let rows = query("SELECT payment_id, bill_id, credit_id, amount, currency FROM payment_allocations WHERE payment_id = $1 ORDER BY created_at, id")
                     .bind(DbId(payment_id))
                     .fetch_all(&self.pool)
                     .await
@@ -2622,7 +2323,7 @@ macro_rules! shared_store_impl {
 
             async fn calls(&self, payment_id: Uuid) -> Result<Vec<Call>> {
                 const T: &str = "processor_calls";
-                let rows = sqlx::query("SELECT attempt, kind, actor, started_at, outcome, detail, finished_at FROM processor_calls WHERE payment_id = $1 ORDER BY started_at, id")
+                let rows = query("SELECT attempt, kind, actor, started_at, outcome, detail, finished_at FROM processor_calls WHERE payment_id = $1 ORDER BY started_at, id")
                     .bind(DbId(payment_id))
                     .fetch_all(&self.pool)
                     .await
@@ -2646,7 +2347,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn notifications(&self, member_id: Option<Uuid>) -> Result<Vec<Notification>> {
-                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {NOTIFICATION_COLS} FROM notifications WHERE ($1 IS NULL OR member_id = $1) ORDER BY created_at, id")))
+                query(sqlx::AssertSqlSafe(format!("SELECT {NOTIFICATION_COLS} FROM notifications WHERE ($1 IS NULL OR member_id = $1) ORDER BY created_at, id")))
                     .bind(member_id.map(DbId))
                     .fetch_all(&self.pool)
                     .await
@@ -2657,7 +2358,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn due_schedules(&self, now: Timestamp, limit: u32) -> Result<Vec<Schedule>> {
-                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS}{DUE_SCHEDULES_SQL}")))
+                query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS}{DUE_SCHEDULES_SQL}")))
                     .bind(DbTime(now))
                     .bind(i64::from(limit))
                     .fetch_all(&self.pool)
@@ -2702,11 +2403,11 @@ macro_rules! shared_store_impl {
                     // Attempts to settle first (few: the unknown outcomes due for a lookup and
                     // the claims that expired mid-call), then due charges, read in their order
                     // from the payments_claimable index rather than sorted, however many are due.
-                    let mut candidates: Vec<(DbId, String, DbId, DbTime, Option<DbTime>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    let mut candidates: Vec<(DbId, String, DbId, DbTime, Option<DbTime>)> = query_as(sqlx::AssertSqlSafe(format!(
                         "SELECT id, state, schedule_id, due_at, next_attempt_at FROM payments WHERE \
                          (state = 'unknown' AND (next_attempt_at IS NULL OR next_attempt_at <= $1) AND (lease_expires_at IS NULL OR lease_expires_at <= $1)) \
                          OR (state = 'processing' AND lease_expires_at <= $1) \
-                         ORDER BY COALESCE(next_attempt_at, due_at), id LIMIT $2{}", $skip_locked
+                         ORDER BY COALESCE(next_attempt_at, due_at), id LIMIT $2{}", <Db as Backend>::SKIP_LOCKED
                     )))
                     .bind(DbTime(now))
                     .bind(want)
@@ -2715,7 +2416,7 @@ macro_rules! shared_store_impl {
                     .map_err(db_err("finding payments to settle"))?;
                     let more = want - candidates.len() as i64;
                     if more > 0 && !paused {
-                        let due: Vec<(DbId, String, DbId, DbTime, Option<DbTime>)> = sqlx::query_as(CLAIM_DUE_SQL)
+                        let due: Vec<(DbId, String, DbId, DbTime, Option<DbTime>)> = query_as(<Db as Backend>::claim_due_sql())
                         .bind(DbTime(now))
                         .bind(more)
                         .fetch_all(tx.conn())
@@ -2734,7 +2435,7 @@ macro_rules! shared_store_impl {
                             // when it is claimed, as it would have when it was planned.
                             if let Some(reason) = late_or_coalesced(&mut tx, rules, cutoff, now, schedule_id, due_at.0, next_attempt_at.map(|t| t.0)).await? {
                                 let state = step(from, Transition::Late)?;
-                                sqlx::query("UPDATE payments SET state = $1, reason = $2, next_attempt_at = NULL, updated_at = $3 WHERE id = $4")
+                                query("UPDATE payments SET state = $1, reason = $2, next_attempt_at = NULL, updated_at = $3 WHERE id = $4")
                                     .bind(state.as_str())
                                     .bind(reason)
                                     .bind(DbTime(now))
@@ -2755,7 +2456,7 @@ macro_rules! shared_store_impl {
                             (Transition::Settle, WorkKind::Settle)
                         };
                         let token = Uuid::new_v4();
-                        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        let row = query(sqlx::AssertSqlSafe(format!(
                             "UPDATE payments SET state = $1, lease_owner = $2, lease_token = $3, lease_expires_at = $4, \
                              unknown_since = CASE WHEN $5 THEN COALESCE(unknown_since, $6) ELSE unknown_since END, updated_at = $6 \
                              WHERE id = $7 RETURNING {PAYMENT_COLS}"
@@ -2787,7 +2488,7 @@ macro_rules! shared_store_impl {
             async fn renew_leases(&self, leases: &[Lease], until: Timestamp) -> Result<u64> {
                 let mut held = 0;
                 for lease in leases {
-                    held += sqlx::query("UPDATE payments SET lease_expires_at = $1 WHERE id = $2 AND lease_token = $3 AND state = 'processing'")
+                    held += query("UPDATE payments SET lease_expires_at = $1 WHERE id = $2 AND lease_token = $3 AND state = 'processing'")
                         .bind(DbTime(until))
                         .bind(DbId(lease.payment_id))
                         .bind(lease.token.to_string())
@@ -2935,7 +2636,7 @@ macro_rules! shared_store_impl {
                     queries.push("SELECT MIN(COALESCE(next_attempt_at, due_at)) FROM payments WHERE state IN ('scheduled', 'retry_wait')");
                 }
                 for sql in queries {
-                    let t: Option<DbTime> = sqlx::query_scalar(sql).fetch_one(&self.pool).await.map_err(db_err("finding the next due work"))?;
+                    let t: Option<DbTime> = query_scalar(sql).fetch_one(&self.pool).await.map_err(db_err("finding the next due work"))?;
                     if let Some(t) = t {
                         earliest = Some(earliest.map_or(t.0, |e| e.min(t.0)));
                     }
@@ -2944,7 +2645,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn attempt_stats(&self, since: Timestamp) -> Result<AttemptStats> {
-                let row = sqlx::query("SELECT COUNT(*) AS attempts, CAST(COALESCE(SUM(CASE WHEN outcome = 'declined' THEN 1 ELSE 0 END), 0) AS BIGINT) AS declines, CAST(COALESCE(SUM(CASE WHEN outcome IN ('unknown', 'busy', 'mismatch') THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors FROM processor_calls WHERE kind = 'charge' AND outcome IS NOT NULL AND started_at >= $1")
+                let row = query("SELECT COUNT(*) AS attempts, CAST(COALESCE(SUM(CASE WHEN outcome = 'declined' THEN 1 ELSE 0 END), 0) AS BIGINT) AS declines, CAST(COALESCE(SUM(CASE WHEN outcome IN ('unknown', 'busy', 'mismatch') THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors FROM processor_calls WHERE kind = 'charge' AND outcome IS NOT NULL AND started_at >= $1")
                     .bind(DbTime(since))
                     .fetch_one(&self.pool)
                     .await
@@ -2956,13 +2657,13 @@ macro_rules! shared_store_impl {
             async fn set_charging_pause(&self, reason: Option<&str>, audit: &Audit) -> Result<Control> {
                 let mut tx = self.begin_write().await?;
                 let done = match reason {
-                    Some(reason) => sqlx::query("UPDATE control SET charging_paused_at = COALESCE(charging_paused_at, $1), charging_paused_by = $2, charging_paused_reason = $3 WHERE id = 1")
+                    Some(reason) => query("UPDATE control SET charging_paused_at = COALESCE(charging_paused_at, $1), charging_paused_by = $2, charging_paused_reason = $3 WHERE id = 1")
                         .bind(DbTime(audit.at))
                         .bind(&audit.actor)
                         .bind(reason)
                         .execute(tx.conn())
                         .await,
-                    None => sqlx::query("UPDATE control SET charging_paused_at = NULL, charging_paused_by = NULL, charging_paused_reason = NULL WHERE id = 1")
+                    None => query("UPDATE control SET charging_paused_at = NULL, charging_paused_by = NULL, charging_paused_reason = NULL WHERE id = 1")
                         .execute(tx.conn())
                         .await,
                 }
@@ -2970,9 +2671,9 @@ macro_rules! shared_store_impl {
                 if done.rows_affected() == 0 {
                     return Err(StoreError::Schema("the database has no installation id; run `autopay migrate`".into()));
                 }
-                let installation: DbId = sqlx::query_scalar("SELECT installation_id FROM control WHERE id = 1").fetch_one(tx.conn()).await.map_err(db_err("reading control"))?;
+                let installation: DbId = query_scalar("SELECT installation_id FROM control WHERE id = 1").fetch_one(tx.conn()).await.map_err(db_err("reading control"))?;
                 event(&mut tx, audit, "control", installation.0, if reason.is_some() { "charging_paused" } else { "charging_resumed" }, serde_json::json!({ "reason": reason })).await?;
-                $store::wake_others(&mut tx).await?;
+                <Db as Backend>::wake_others(&mut tx).await?;
                 commit(tx).await?;
                 self.control().await
             }
@@ -2980,7 +2681,7 @@ macro_rules! shared_store_impl {
             async fn retry_payment(&self, payment_id: Uuid, force: bool, audit: &Audit) -> Result<Payment> {
                 let mut tx = self.begin_write().await?;
                 let not_found = || StoreError::NotFound(format!("no payment has id {payment_id}; list payments with `autopay payment list`"));
-                let owners: Option<(DbId, DbId)> = sqlx::query_as("SELECT member_id, payment_method_id FROM payments WHERE id = $1")
+                let owners: Option<(DbId, DbId)> = query_as("SELECT member_id, payment_method_id FROM payments WHERE id = $1")
                     .bind(DbId(payment_id))
                     .fetch_optional(tx.conn())
                     .await
@@ -2989,7 +2690,7 @@ macro_rules! shared_store_impl {
                 // The documented lock order: member, card, then the payment.
                 member_by_id_in(&mut tx, member_id.0).await?;
                 let card = card_in(&mut tx, card_id.0).await?;
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = $1{}", $for_update)))
+                let row = query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = $1{}", <Db as Backend>::FOR_UPDATE)))
                     .bind(DbId(payment_id))
                     .fetch_optional(tx.conn())
                     .await
@@ -3024,8 +2725,8 @@ macro_rules! shared_store_impl {
                     .checked_add(jiff::SignedDuration::try_from(lease).map_err(|e| StoreError::Internal(e.to_string()))?)
                     .map_err(|e| StoreError::Internal(e.to_string()))?;
                 let mut tx = self.begin_write().await?;
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {PAYMENT_COLS}, credit_applied, unknown_since, lease_owner, lease_expires_at FROM payments WHERE id = $1{}", $for_update
+                let row = query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {PAYMENT_COLS}, credit_applied, unknown_since, lease_owner, lease_expires_at FROM payments WHERE id = $1{}", <Db as Backend>::FOR_UPDATE
                 )))
                 .bind(DbId(payment_id))
                 .fetch_optional(tx.conn())
@@ -3049,7 +2750,7 @@ macro_rules! shared_store_impl {
                     )));
                 }
                 let token = Uuid::new_v4();
-                sqlx::query("UPDATE payments SET lease_owner = $1, lease_token = $2, lease_expires_at = $3 WHERE id = $4")
+                query("UPDATE payments SET lease_owner = $1, lease_token = $2, lease_expires_at = $3 WHERE id = $4")
                     .bind(&audit.actor)
                     .bind(token.to_string())
                     .bind(DbTime(until))
@@ -3090,7 +2791,7 @@ macro_rules! shared_store_impl {
                     Resolution::Failed | Resolution::Cancelled => {
                         // The attempt charged nothing: its reservations are released.
                         finish_attempt(&mut tx, payment, "not_charged", None, None, audit.at).await?;
-                        sqlx::query("UPDATE payments SET state = $1, reason = $2, processor_reference = $3, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $4 WHERE id = $5")
+                        query("UPDATE payments SET state = $1, reason = $2, processor_reference = $3, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $4 WHERE id = $5")
                             .bind(state.as_str())
                             .bind(&resolve.reason)
                             .bind(&resolve.reference)
@@ -3111,7 +2812,7 @@ macro_rules! shared_store_impl {
             async fn enqueue(&self, n: &NewNotification, at: Timestamp) -> Result<bool> {
                 // The reminder scans ask every minute about rows that mostly exist already: a
                 // read answers those without taking the writer's lock.
-                let exists: Option<DbId> = sqlx::query_scalar("SELECT id FROM notifications WHERE dedupe_key = $1")
+                let exists: Option<DbId> = query_scalar("SELECT id FROM notifications WHERE dedupe_key = $1")
                     .bind(&n.dedupe_key)
                     .fetch_optional(&self.pool)
                     .await
@@ -3121,7 +2822,7 @@ macro_rules! shared_store_impl {
                 }
                 let mut tx = self.begin_write().await?;
                 let member = member_by_id_in(&mut tx, n.member_id).await?;
-                let done = sqlx::query("INSERT INTO notifications (id, kind, dedupe_key, member_id, recipient, payload, state, attempts, next_attempt_at, expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $8, $7) ON CONFLICT (dedupe_key) DO NOTHING")
+                let done = query("INSERT INTO notifications (id, kind, dedupe_key, member_id, recipient, payload, state, attempts, next_attempt_at, expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $8, $7) ON CONFLICT (dedupe_key) DO NOTHING")
                     .bind(DbId(new_id()))
                     .bind(&n.kind)
                     .bind(&n.dedupe_key)
@@ -3134,7 +2835,7 @@ macro_rules! shared_store_impl {
                     .await
                     .map_err(db_err("writing a notification"))?
                     .rows_affected();
-                $store::wake_others(&mut tx).await?;
+                <Db as Backend>::wake_others(&mut tx).await?;
                 commit(tx).await?;
                 Ok(done > 0)
             }
@@ -3145,13 +2846,13 @@ macro_rules! shared_store_impl {
                     .map_err(|e| StoreError::Internal(e.to_string()))?;
                 let mut tx = self.begin_write().await?;
                 // A reminder whose moment has passed is not worth sending.
-                sqlx::query("UPDATE notifications SET state = 'expired', last_error = 'its moment passed before it could be sent' WHERE state IN ('pending', 'sending') AND expires_at IS NOT NULL AND expires_at <= $1 AND (lease_expires_at IS NULL OR lease_expires_at < $1)")
+                query("UPDATE notifications SET state = 'expired', last_error = 'its moment passed before it could be sent' WHERE state IN ('pending', 'sending') AND expires_at IS NOT NULL AND expires_at <= $1 AND (lease_expires_at IS NULL OR lease_expires_at < $1)")
                     .bind(DbTime(now))
                     .execute(tx.conn())
                     .await
                     .map_err(db_err("expiring notifications"))?;
-                let ids: Vec<DbId> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                    "SELECT id FROM notifications WHERE (state = 'pending' AND next_attempt_at <= $1) OR (state = 'sending' AND lease_expires_at < $1) ORDER BY next_attempt_at, id LIMIT $2{}", $skip_locked
+                let ids: Vec<DbId> = query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT id FROM notifications WHERE (state = 'pending' AND next_attempt_at <= $1) OR (state = 'sending' AND lease_expires_at < $1) ORDER BY next_attempt_at, id LIMIT $2{}", <Db as Backend>::SKIP_LOCKED
                 )))
                 .bind(DbTime(now))
                 .bind(i64::from(limit))
@@ -3169,7 +2870,7 @@ macro_rules! shared_store_impl {
                 // address changed in between must not send the message to the old one. The
                 // column then records where this attempt went.
                 let placeholders = (0..ids.len()).map(|i| format!("${}", i + 4)).collect::<Vec<_>>().join(", ");
-                let mut update = sqlx::query(sqlx::AssertSqlSafe(format!(
+                let mut update = query(sqlx::AssertSqlSafe(format!(
                     "UPDATE notifications SET state = 'sending', lease_owner = $1, lease_token = $2, lease_expires_at = $3, attempts = attempts + 1, \
                      recipient = COALESCE((SELECT m.email FROM members m WHERE m.id = notifications.member_id), recipient) WHERE id IN ({placeholders}) RETURNING {NOTIFICATION_COLS}"
                 )))
@@ -3213,26 +2914,26 @@ macro_rules! shared_store_impl {
                     // Each update holds only while this claim still holds the row: a lease that
                     // expired and was claimed again belongs to its new holder.
                     const HELD: &str = "lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $2 AND lease_token = $3 AND state = 'sending' RETURNING member_id";
-                    let query = match outcome {
-                        DeliveryOutcome::Sent => sqlx::query(sqlx::AssertSqlSafe(format!(
+                    let update = match outcome {
+                        DeliveryOutcome::Sent => query(sqlx::AssertSqlSafe(format!(
                             "UPDATE notifications SET state = 'sent', sent_at = $1, last_error = NULL, {HELD}"
                         )))
                         .bind(DbTime(now)),
-                        DeliveryOutcome::Retry { at, .. } => sqlx::query(sqlx::AssertSqlSafe(format!(
+                        DeliveryOutcome::Retry { at, .. } => query(sqlx::AssertSqlSafe(format!(
                             "UPDATE notifications SET state = 'pending', next_attempt_at = $1, last_error = $4, {HELD}"
                         )))
                         .bind(DbTime(*at)),
-                        DeliveryOutcome::Failed { error, .. } => sqlx::query(sqlx::AssertSqlSafe(format!(
+                        DeliveryOutcome::Failed { error, .. } => query(sqlx::AssertSqlSafe(format!(
                             "UPDATE notifications SET state = 'failed', last_error = $1, {HELD}"
                         )))
                         .bind(error.as_str()),
                     };
-                    let query = query.bind(DbId(lease.id)).bind(lease.token.to_string());
-                    let query = match outcome {
-                        DeliveryOutcome::Retry { error, .. } => query.bind(error.as_str()),
-                        _ => query,
+                    let update = update.bind(DbId(lease.id)).bind(lease.token.to_string());
+                    let update = match outcome {
+                        DeliveryOutcome::Retry { error, .. } => update.bind(error.as_str()),
+                        _ => update,
                     };
-                    let row = query
+                    let row = update
                         .fetch_optional(tx.conn())
                         .await
                         .map_err(db_err("recording a delivery"))?;
@@ -3242,7 +2943,7 @@ macro_rules! shared_store_impl {
                     recorded[i] = true;
                     let member_id: Option<DbId> = get(&row, "notifications", "member_id")?;
                     if let (DeliveryOutcome::Failed { bounce: true, .. }, Some(member_id)) = (outcome, member_id) {
-                        sqlx::query("UPDATE members SET email_bouncing = TRUE, updated_at = $1 WHERE id = $2")
+                        query("UPDATE members SET email_bouncing = TRUE, updated_at = $1 WHERE id = $2")
                             .bind(DbTime(now))
                             .bind(member_id)
                             .execute(tx.conn())
@@ -3257,14 +2958,14 @@ macro_rules! shared_store_impl {
 
             async fn set_mail_pause(&self, reason: Option<&str>, now: Timestamp) -> Result<()> {
                 match reason {
-                    Some(reason) => sqlx::query("UPDATE control SET mail_paused_at = COALESCE(mail_paused_at, $1), mail_paused_reason = $2 WHERE id = 1")
+                    Some(reason) => query("UPDATE control SET mail_paused_at = COALESCE(mail_paused_at, $1), mail_paused_reason = $2 WHERE id = 1")
                         .bind(DbTime(now))
                         .bind(reason)
                         .execute(&self.pool)
                         .await,
                     None => {
                         let mut tx = self.begin_write().await?;
-                        let lifted = sqlx::query("UPDATE control SET mail_paused_at = NULL, mail_paused_reason = NULL WHERE id = 1 AND mail_paused_at IS NOT NULL")
+                        let lifted = query("UPDATE control SET mail_paused_at = NULL, mail_paused_reason = NULL WHERE id = 1 AND mail_paused_at IS NOT NULL")
                             .execute(tx.conn())
                             .await
                             .map_err(db_err("recording the mail pause"))?
@@ -3272,12 +2973,12 @@ macro_rules! shared_store_impl {
                         if lifted > 0 {
                             // What waited through the pause backed off message by message; the
                             // server answers again, so it all goes now.
-                            sqlx::query("UPDATE notifications SET next_attempt_at = $1 WHERE state = 'pending' AND next_attempt_at > $1")
+                            query("UPDATE notifications SET next_attempt_at = $1 WHERE state = 'pending' AND next_attempt_at > $1")
                                 .bind(DbTime(now))
                                 .execute(tx.conn())
                                 .await
                                 .map_err(db_err("resuming the waiting mail"))?;
-                            $store::wake_others(&mut tx).await?;
+                            <Db as Backend>::wake_others(&mut tx).await?;
                         }
                         commit(tx).await?;
                         return Ok(());
@@ -3288,7 +2989,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn schedules_due_between(&self, after: Timestamp, until: Timestamp) -> Result<Vec<Schedule>> {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
+                query(sqlx::AssertSqlSafe(format!(
                     "SELECT {} FROM schedules s JOIN members m ON m.id = s.member_id WHERE s.status = 'active' AND m.reminders = TRUE AND m.status = 'active' AND s.next_run_at > $1 AND s.next_run_at <= $2 ORDER BY s.next_run_at, s.id",
                     SCHEDULE_COLS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
                 )))
@@ -3303,12 +3004,12 @@ macro_rules! shared_store_impl {
             }
 
             async fn watch(&self, changed: &(dyn Fn() + Send + Sync), stop: &crate::shutdown::Shutdown) -> Result<()> {
-                self.watch_changes(changed, stop).await
+                <Db as Backend>::watch(self, changed, stop).await
             }
 
             async fn record_job_run(&self, job: &str, worker: &str, at: Timestamp) -> Result<()> {
                 let mut tx = self.begin_write().await?;
-                sqlx::query("INSERT INTO job_runs (job, worker, last_run) VALUES ($1, $2, $3) ON CONFLICT (job, worker) DO UPDATE SET last_run = excluded.last_run")
+                query("INSERT INTO job_runs (job, worker, last_run) VALUES ($1, $2, $3) ON CONFLICT (job, worker) DO UPDATE SET last_run = excluded.last_run")
                     .bind(job)
                     .bind(worker)
                     .bind(DbTime(at))
@@ -3321,12 +3022,12 @@ macro_rules! shared_store_impl {
             async fn activity(&self, now: Timestamp, since: Timestamp) -> Result<Activity> {
                 let (due_now, oldest_due) = self.due_backlog(now).await?;
                 let next_due = self.next_wakeup().await?;
-                let jobs: Vec<(String, DbTime)> = sqlx::query_as("SELECT job, MAX(last_run) FROM job_runs GROUP BY job ORDER BY job")
+                let jobs: Vec<(String, DbTime)> = query_as("SELECT job, MAX(last_run) FROM job_runs GROUP BY job ORDER BY job")
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db_err("reading the periodic jobs' runs"))?;
                 let recent = |state: PaymentState| {
-                    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM payments WHERE state = $1 AND updated_at >= $2")
+                    query_scalar::<_, i64>("SELECT COUNT(*) FROM payments WHERE state = $1 AND updated_at >= $2")
                         .bind(state.as_str())
                         .bind(DbTime(since))
                         .fetch_one(&self.pool)
@@ -3346,8 +3047,8 @@ macro_rules! shared_store_impl {
             }
 
             async fn database_clock(&self) -> Result<Option<Timestamp>> {
-                let Some(sql) = Self::CLOCK_QUERY else { return Ok(None) };
-                let t: DbTime = sqlx::query_scalar(sql)
+                let Some(sql) = <Db as Backend>::CLOCK_QUERY else { return Ok(None) };
+                let t: DbTime = query_scalar(sql)
                     .fetch_one(&self.pool)
                     .await
                     .map_err(db_err("reading the database's clock"))?;
@@ -3355,7 +3056,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn due_backlog(&self, now: Timestamp) -> Result<(i64, Option<Timestamp>)> {
-                let (count, oldest): (i64, Option<DbTime>) = sqlx::query_as("SELECT COUNT(*), MIN(COALESCE(next_attempt_at, due_at)) FROM payments WHERE state IN ('scheduled', 'retry_wait') AND COALESCE(next_attempt_at, due_at) <= $1")
+                let (count, oldest): (i64, Option<DbTime>) = query_as("SELECT COUNT(*), MIN(COALESCE(next_attempt_at, due_at)) FROM payments WHERE state IN ('scheduled', 'retry_wait') AND COALESCE(next_attempt_at, due_at) <= $1")
                     .bind(DbTime(now))
                     .fetch_one(&self.pool)
                     .await
@@ -3364,7 +3065,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn next_mail_due(&self) -> Result<Option<Timestamp>> {
-                let t: Option<DbTime> = sqlx::query_scalar("SELECT MIN(CASE WHEN state = 'pending' THEN next_attempt_at ELSE lease_expires_at END) FROM notifications WHERE state IN ('pending', 'sending')")
+                let t: Option<DbTime> = query_scalar("SELECT MIN(CASE WHEN state = 'pending' THEN next_attempt_at ELSE lease_expires_at END) FROM notifications WHERE state IN ('pending', 'sending')")
                     .fetch_one(&self.pool)
                     .await
                     .map_err(db_err("finding the next mail due"))?;
@@ -3389,7 +3090,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn cards_expiring(&self, by: jiff::civil::Date) -> Result<Vec<(Card, Member)>> {
-                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                let rows = query(sqlx::AssertSqlSafe(format!(
                     "SELECT {} FROM payment_methods p WHERE p.status = 'active' AND p.exp_year <= $1 AND (p.exp_year < $1 OR p.exp_month <= $2) \
                      AND EXISTS (SELECT 1 FROM schedules s WHERE s.payment_method_id = p.id AND s.status = 'active') ORDER BY p.id",
                     CARD_COLS.split(", ").map(|c| format!("p.{c}")).collect::<Vec<_>>().join(", ")
@@ -3411,16 +3112,16 @@ macro_rules! shared_store_impl {
             }
 
             async fn backup_into(&self, path: &std::path::Path, at: Timestamp) -> Result<()> {
-                $store::backup_to(self, path, at).await
+                <Db as Backend>::backup_into(self, path, at).await
             }
 
             async fn set_reconcile_mark(&self, since: Option<Timestamp>, audit: &Audit) -> Result<()> {
                 let mut tx = self.begin_write().await?;
                 match since {
-                    Some(t) => sqlx::query("UPDATE control SET reconcile_required_since = CASE WHEN reconcile_required_since IS NOT NULL AND reconcile_required_since < $1 THEN reconcile_required_since ELSE $1 END, min_binary_schema = CASE WHEN min_binary_schema < $2 THEN $2 ELSE min_binary_schema END WHERE id = 1")
+                    Some(t) => query("UPDATE control SET reconcile_required_since = CASE WHEN reconcile_required_since IS NOT NULL AND reconcile_required_since < $1 THEN reconcile_required_since ELSE $1 END, min_binary_schema = CASE WHEN min_binary_schema < $2 THEN $2 ELSE min_binary_schema END WHERE id = 1")
                         .bind(DbTime(t))
                         .bind(RECONCILE_SCHEMA),
-                    None => sqlx::query("UPDATE control SET reconcile_required_since = NULL, min_binary_schema = $1 WHERE id = 1")
+                    None => query("UPDATE control SET reconcile_required_since = NULL, min_binary_schema = $1 WHERE id = 1")
                         .bind(MIN_BINARY_SCHEMA),
                 }
                 .execute(tx.conn())
@@ -3434,7 +3135,7 @@ macro_rules! shared_store_impl {
             async fn newest_attempt(&self) -> Result<Option<Timestamp>> {
                 let mut newest: Option<Timestamp> = None;
                 for sql in ["SELECT MAX(started_at) FROM payment_attempts", "SELECT MAX(started_at) FROM processor_calls"] {
-                    let t: Option<DbTime> = sqlx::query_scalar(sql)
+                    let t: Option<DbTime> = query_scalar(sql)
                         .fetch_one(&self.pool)
                         .await
                         .map_err(db_err("finding the newest record"))?;
@@ -3451,7 +3152,7 @@ macro_rules! shared_store_impl {
                         "SELECT idempotency_key FROM payment_attempts WHERE idempotency_key IN ({marks}) \
                          UNION SELECT idempotency_key FROM reconcile_findings WHERE idempotency_key IN ({marks})"
                     );
-                    let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
+                    let mut q = query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
                     for k in chunk {
                         q = q.bind(k);
                     }
@@ -3463,7 +3164,7 @@ macro_rules! shared_store_impl {
             async fn reconcile_attempt(&self, found: &ProcessorAttempt, last_try: bool, audit: &Audit) -> Result<Reconciled> {
                 use crate::domain::reconcile::{decide, Decision, OurPayment, Recorded};
                 let mut tx = self.begin_write().await?;
-                let listed: Option<DbId> = sqlx::query_scalar("SELECT id FROM reconcile_findings WHERE idempotency_key = $1")
+                let listed: Option<DbId> = query_scalar("SELECT id FROM reconcile_findings WHERE idempotency_key = $1")
                     .bind(&found.idempotency_key)
                     .fetch_optional(tx.conn())
                     .await
@@ -3473,7 +3174,7 @@ macro_rules! shared_store_impl {
                 }
                 // The payment the attempt was made for: by its id, or (planned again after the
                 // restore under another id) by its schedule and occurrence, which the key names.
-                let payment_id: Option<DbId> = sqlx::query_scalar("SELECT id FROM payments WHERE id = $1 OR (schedule_id = $2 AND occurrence = $3) ORDER BY CASE WHEN id = $1 THEN 0 ELSE 1 END LIMIT 1")
+                let payment_id: Option<DbId> = query_scalar("SELECT id FROM payments WHERE id = $1 OR (schedule_id = $2 AND occurrence = $3) ORDER BY CASE WHEN id = $1 THEN 0 ELSE 1 END LIMIT 1")
                     .bind(DbId(found.payment_id))
                     .bind(DbId(found.schedule_id))
                     .bind(&found.occurrence)
@@ -3487,12 +3188,12 @@ macro_rules! shared_store_impl {
                 let ours = match &locked {
                     None => None,
                     Some(l) => {
-                        let outcome: Option<Option<String>> = sqlx::query_scalar("SELECT outcome FROM payment_attempts WHERE idempotency_key = $1")
+                        let outcome: Option<Option<String>> = query_scalar("SELECT outcome FROM payment_attempts WHERE idempotency_key = $1")
                             .bind(&found.idempotency_key)
                             .fetch_optional(tx.conn())
                             .await
                             .map_err(db_err("reading an attempt"))?;
-                        let in_flight: Option<i64> = sqlx::query_scalar("SELECT attempt FROM payment_attempts WHERE payment_id = $1 AND attempt = $2 AND first_sent_at IS NOT NULL AND outcome IS NULL")
+                        let in_flight: Option<i64> = query_scalar("SELECT attempt FROM payment_attempts WHERE payment_id = $1 AND attempt = $2 AND first_sent_at IS NOT NULL AND outcome IS NULL")
                             .bind(DbId(l.held.payment.id))
                             .bind(l.held.payment.attempt)
                             .fetch_optional(tx.conn())
@@ -3516,7 +3217,7 @@ macro_rules! shared_store_impl {
                     (Decision::Known, _) => Reconciled::Known,
                     (Decision::Ignore, _) => Reconciled::Ignored,
                     (Decision::Finding(crate::domain::reconcile::FindingKind::NoPayment), _) if !last_try => {
-                        let schedule: Option<DbId> = sqlx::query_scalar("SELECT id FROM schedules WHERE id = $1")
+                        let schedule: Option<DbId> = query_scalar("SELECT id FROM schedules WHERE id = $1")
                             .bind(DbId(found.schedule_id))
                             .fetch_optional(tx.conn())
                             .await
@@ -3542,7 +3243,7 @@ macro_rules! shared_store_impl {
                             Some(PaymentState::Succeeded) => {
                                 // The money moved at the amount the processor reports; credit the
                                 // lost attempt reserved is not known, so none is used.
-                                sqlx::query("UPDATE payments SET attempt = $1, amount = $2, credit_applied = 0 WHERE id = $3")
+                                query("UPDATE payments SET attempt = $1, amount = $2, credit_applied = 0 WHERE id = $3")
                                     .bind(found.attempt)
                                     .bind(found.amount.minor())
                                     .bind(DbId(payment_id))
@@ -3562,7 +3263,7 @@ macro_rules! shared_store_impl {
                                     "reconcile: the processor declined attempt {} ({}) after the backup this database was restored from; retry it with `autopay payment retry` or resolve it",
                                     found.attempt, found.decline_code().unwrap_or("no code")
                                 );
-                                sqlx::query("UPDATE payments SET state = $1, attempt = $2, amount = $3, credit_applied = 0, decline_code = $4, reason = $5, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $6 WHERE id = $7")
+                                query("UPDATE payments SET state = $1, attempt = $2, amount = $3, credit_applied = 0, decline_code = $4, reason = $5, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $6 WHERE id = $7")
                                     .bind(state.as_str())
                                     .bind(found.attempt)
                                     .bind(found.amount.minor())
@@ -3589,7 +3290,7 @@ macro_rules! shared_store_impl {
 
             async fn findings(&self, open_only: bool) -> Result<Vec<Finding>> {
                 let filter = if open_only { " WHERE acknowledged_at IS NULL" } else { "" };
-                let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {FINDING_COLS} FROM reconcile_findings{filter} ORDER BY charged_at, id")))
+                let rows = query(sqlx::AssertSqlSafe(format!("SELECT {FINDING_COLS} FROM reconcile_findings{filter} ORDER BY charged_at, id")))
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db_err("reading findings"))?;
@@ -3598,7 +3299,7 @@ macro_rules! shared_store_impl {
 
             async fn acknowledge_finding(&self, id: Uuid, note: &str, audit: &Audit) -> Result<Finding> {
                 let mut tx = self.begin_write().await?;
-                let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {FINDING_COLS} FROM reconcile_findings WHERE id = $1{}", $for_update)))
+                let row = query(sqlx::AssertSqlSafe(format!("SELECT {FINDING_COLS} FROM reconcile_findings WHERE id = $1{}", <Db as Backend>::FOR_UPDATE)))
                     .bind(DbId(id))
                     .fetch_optional(tx.conn())
                     .await
@@ -3610,7 +3311,7 @@ macro_rules! shared_store_impl {
                         "finding {id} was acknowledged at {at} by {}; nothing changed", finding.acknowledged_by.as_deref().unwrap_or("someone")
                     )));
                 }
-                sqlx::query("UPDATE reconcile_findings SET acknowledged_at = $1, acknowledged_by = $2, note = $3 WHERE id = $4")
+                query("UPDATE reconcile_findings SET acknowledged_at = $1, acknowledged_by = $2, note = $3 WHERE id = $4")
                     .bind(DbTime(audit.at))
                     .bind(&audit.actor)
                     .bind(note)
@@ -3624,7 +3325,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn webhook_seen(&self, id: &str) -> Result<bool> {
-                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_events WHERE id = $1")
+                let n: i64 = query_scalar("SELECT COUNT(*) FROM webhook_events WHERE id = $1")
                     .bind(id)
                     .fetch_one(&self.pool)
                     .await
@@ -3634,7 +3335,7 @@ macro_rules! shared_store_impl {
 
             async fn record_webhook(&self, id: &str, kind: &str, outcome: &str, at: Timestamp) -> Result<bool> {
                 let mut tx = self.begin_write().await?;
-                let added = sqlx::query("INSERT INTO webhook_events (id, type, received_at, outcome) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING")
+                let added = query("INSERT INTO webhook_events (id, type, received_at, outcome) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING")
                     .bind(id)
                     .bind(kind)
                     .bind(DbTime(at))
@@ -3649,7 +3350,7 @@ macro_rules! shared_store_impl {
 
             async fn settle_soon(&self, payment_id: Uuid, attempt: i64, at: Timestamp) -> Result<bool> {
                 let mut tx = self.begin_write().await?;
-                let moved = sqlx::query("UPDATE payments SET next_attempt_at = $1 WHERE id = $2 AND attempt = $3 AND state = 'unknown' AND (next_attempt_at IS NULL OR next_attempt_at > $1)")
+                let moved = query("UPDATE payments SET next_attempt_at = $1 WHERE id = $2 AND attempt = $3 AND state = 'unknown' AND (next_attempt_at IS NULL OR next_attempt_at > $1)")
                     .bind(DbTime(at))
                     .bind(DbId(payment_id))
                     .bind(attempt)
@@ -3658,7 +3359,7 @@ macro_rules! shared_store_impl {
                     .map_err(db_err("bringing a lookup forward"))?
                     .rows_affected() > 0;
                 if moved {
-                    $store::wake_others(&mut tx).await?;
+                    <Db as Backend>::wake_others(&mut tx).await?;
                 }
                 commit(tx).await?;
                 Ok(moved)
@@ -3666,7 +3367,7 @@ macro_rules! shared_store_impl {
 
             async fn refresh_card(&self, processor: &str, token: &str, details: &crate::processor::CardDetails, reenable_reason: Option<&str>, audit: &Audit) -> Result<Vec<Card>> {
                 let mut tx = self.begin_write().await?;
-                let ids: Vec<DbId> = sqlx::query_scalar("SELECT id FROM payment_methods WHERE processor = $1 AND processor_token = $2 AND status IN ('active', 'disabled') ORDER BY id")
+                let ids: Vec<DbId> = query_scalar("SELECT id FROM payment_methods WHERE processor = $1 AND processor_token = $2 AND status IN ('active', 'disabled') ORDER BY id")
                     .bind(processor)
                     .bind(token)
                     .fetch_all(tx.conn())
@@ -3679,7 +3380,7 @@ macro_rules! shared_store_impl {
                     // lost, stolen or revoked.
                     let reenable = card.status == CardStatus::Disabled && reenable_reason.is_some() && card.status_reason.as_deref() == reenable_reason;
                     let changed = card.brand != details.brand || card.last4 != details.last4 || card.exp_month != details.expiry.month() || card.exp_year != details.expiry.year();
-                    sqlx::query("UPDATE payment_methods SET brand = $1, last4 = $2, exp_month = $3, exp_year = $4, status = CASE WHEN $5 THEN 'active' ELSE status END, status_reason = CASE WHEN $5 THEN NULL ELSE status_reason END, details_checked_at = $6, updated_at = CASE WHEN $7 THEN $6 ELSE updated_at END WHERE id = $8")
+                    query("UPDATE payment_methods SET brand = $1, last4 = $2, exp_month = $3, exp_year = $4, status = CASE WHEN $5 THEN 'active' ELSE status END, status_reason = CASE WHEN $5 THEN NULL ELSE status_reason END, details_checked_at = $6, updated_at = CASE WHEN $7 THEN $6 ELSE updated_at END WHERE id = $8")
                         .bind(details.brand.as_str())
                         .bind(details.last4.as_str())
                         .bind(i64::from(details.expiry.month()))
@@ -3705,7 +3406,7 @@ macro_rules! shared_store_impl {
 
             async fn card_checked(&self, processor: &str, token: &str, at: Timestamp) -> Result<()> {
                 let mut tx = self.begin_write().await?;
-                sqlx::query("UPDATE payment_methods SET details_checked_at = $1 WHERE processor = $2 AND processor_token = $3")
+                query("UPDATE payment_methods SET details_checked_at = $1 WHERE processor = $2 AND processor_token = $3")
                     .bind(DbTime(at))
                     .bind(processor)
                     .bind(token)
@@ -3716,7 +3417,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn cards_to_refresh(&self, processor: &str, by: jiff::civil::Date, checked_before: Timestamp, limit: u32) -> Result<Vec<String>> {
-                sqlx::query_scalar("SELECT DISTINCT p.processor_token FROM payment_methods p WHERE p.processor = $1 AND p.status = 'active' AND p.exp_year <= $2 AND (p.exp_year < $2 OR p.exp_month <= $3) \
+                query_scalar("SELECT DISTINCT p.processor_token FROM payment_methods p WHERE p.processor = $1 AND p.status = 'active' AND p.exp_year <= $2 AND (p.exp_year < $2 OR p.exp_month <= $3) \
                      AND (p.details_checked_at IS NULL OR p.details_checked_at < $4) \
                      AND EXISTS (SELECT 1 FROM schedules s WHERE s.payment_method_id = p.id AND s.status = 'active') ORDER BY p.processor_token LIMIT $5")
                     .bind(processor)
@@ -3740,7 +3441,7 @@ macro_rules! shared_store_impl {
                     DisputeAction::Record => {}
                     DisputeAction::DisableCard => disable_card(&mut tx, &card, member_reason(action), &member, audit).await?,
                     DisputeAction::SuspendSchedules => {
-                        let schedules: Vec<DbId> = sqlx::query_scalar("SELECT id FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused') ORDER BY id")
+                        let schedules: Vec<DbId> = query_scalar("SELECT id FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused') ORDER BY id")
                             .bind(DbId(card.id))
                             .fetch_all(tx.conn())
                             .await
@@ -3755,7 +3456,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn card_processors(&self) -> Result<Vec<CardProcessor>> {
-                let rows: Vec<(String, Option<String>, i64)> = sqlx::query_as("SELECT processor, processor_mode, COUNT(*) FROM payment_methods WHERE status = 'active' GROUP BY processor, processor_mode ORDER BY processor, processor_mode")
+                let rows: Vec<(String, Option<String>, i64)> = query_as("SELECT processor, processor_mode, COUNT(*) FROM payment_methods WHERE status = 'active' GROUP BY processor, processor_mode ORDER BY processor, processor_mode")
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db_err("counting cards by processor"))?;

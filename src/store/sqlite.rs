@@ -8,27 +8,29 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 
-use crate::config::{Backend, DatabaseUrl};
-use std::sync::Arc;
-
+use crate::config::DatabaseUrl;
+use crate::store::sql::backend::{RawQuery, Record};
+use crate::store::sql::{Backend, Column, Conn, Param, SqlStore};
 use crate::store::{Result, StoreError, WAIT_LIMIT, WriteTx};
 
 /// How often the daemon asks SQLite whether another process wrote.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
 
 /// Autopay's data in a SQLite file.
-#[derive(Debug, Clone)]
-pub struct SqliteStore {
-    pool: sqlx::SqlitePool,
-    /// This process's writers take turns here before `BEGIN IMMEDIATE` (see [`WriteTx`]).
-    write_turn: Arc<tokio::sync::Mutex<()>>,
-}
+pub type SqliteStore = SqlStore<sqlx::Sqlite>;
 
-impl SqliteStore {
-    const BACKEND: Backend = Backend::Sqlite;
+impl Backend for sqlx::Sqlite {
+    const KIND: crate::config::Backend = crate::config::Backend::Sqlite;
+    const FOR_UPDATE: &'static str = "";
+    const SKIP_LOCKED: &'static str = "";
+    const CLAIM_INDEX: &'static str = " INDEXED BY payments_claimable";
     /// SQLite reads this host's clock: nothing to compare.
     const CLOCK_QUERY: Option<&'static str> = None;
     const BOOTSTRAP: &'static str = "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)";
@@ -70,6 +72,182 @@ impl SqliteStore {
         ),
     ];
 
+    /// This process's writers take turns here before `BEGIN IMMEDIATE` (see [`WriteTx`]).
+    type WriteTurn = Arc<tokio::sync::Mutex<()>>;
+
+    fn claim_due_sql() -> &'static str {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            crate::store::sql::payments::claim_due_sql(
+                <sqlx::Sqlite as Backend>::CLAIM_INDEX,
+                <sqlx::Sqlite as Backend>::SKIP_LOCKED,
+            )
+        });
+        &SQL
+    }
+
+    fn bind<'t, P: Param<'t>>(query: RawQuery<Self>, value: P) -> RawQuery<Self> {
+        query.bind(value)
+    }
+
+    async fn execute(query: RawQuery<Self>, on: Conn<'_, Self>) -> Result<u64, sqlx::Error> {
+        match on {
+            Conn::Tx(c) => query.execute(c).await,
+            Conn::Pool(p) => query.execute(p).await,
+        }
+        .map(|done| done.rows_affected())
+    }
+
+    async fn execute_script(sql: &'static str, on: Conn<'_, Self>) -> Result<u64, sqlx::Error> {
+        match on {
+            Conn::Tx(c) => sqlx::raw_sql(sql).execute(c).await,
+            Conn::Pool(p) => sqlx::raw_sql(sql).execute(p).await,
+        }
+        .map(|done| done.rows_affected())
+    }
+
+    async fn fetch_all(
+        query: RawQuery<Self>,
+        on: Conn<'_, Self>,
+    ) -> Result<Vec<SqliteRow>, sqlx::Error> {
+        match on {
+            Conn::Tx(c) => query.fetch_all(c).await,
+            Conn::Pool(p) => query.fetch_all(p).await,
+        }
+    }
+
+    async fn fetch_optional(
+        query: RawQuery<Self>,
+        on: Conn<'_, Self>,
+    ) -> Result<Option<SqliteRow>, sqlx::Error> {
+        match on {
+            Conn::Tx(c) => query.fetch_optional(c).await,
+            Conn::Pool(p) => query.fetch_optional(p).await,
+        }
+    }
+
+    async fn begin_write(store: &SqlStore<Self>) -> Result<WriteTx<Self>> {
+        let turn = tokio::time::timeout(WAIT_LIMIT, store.turn.clone().lock_owned())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "the database stayed busy: this process's writes queued for over {}s; try again",
+                    WAIT_LIMIT.as_secs()
+                ))
+            })?;
+        let tx = store
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "starting a write"))?;
+        Ok(WriteTx::new(tx, Some(turn)))
+    }
+
+    /// `autopay backup`: an online copy by `VACUUM INTO` (consistent, taken under a read
+    /// transaction while the daemon keeps writing), into a new file only this user can read,
+    /// then marked "reconcile required" as of `at`, the moment the copy was complete.
+    async fn backup_into(store: &SqlStore<Self>, path: &Path, at: jiff::Timestamp) -> Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| {
+                StoreError::Config(format!(
+                    "cannot create the backup file {}: {e}; name a new file in a folder this user can write",
+                    path.display()
+                ))
+            })?;
+        let copied = async {
+            sqlx::query("VACUUM INTO $1")
+                .bind(path.to_string_lossy().into_owned())
+                .execute(&store.pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "copying the database"))?;
+            let copy = SqliteConnectOptions::new()
+                .filename(path)
+                .journal_mode(SqliteJournalMode::Delete)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(WAIT_LIMIT);
+            let mut conn = sqlx::ConnectOptions::connect(&copy)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "opening the backup"))?;
+            sqlx::query("UPDATE control SET reconcile_required_since = $1, min_binary_schema = CASE WHEN min_binary_schema < $2 THEN $2 ELSE min_binary_schema END WHERE id = 1")
+                .bind(crate::sqltypes::DbTime(at))
+                .bind(crate::store::RECONCILE_SCHEMA)
+                .execute(&mut conn)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "marking the backup"))?;
+            sqlx::Connection::close(conn)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "closing the backup"))
+        }
+        .await;
+        if copied.is_err() {
+            // A half-written copy must never be mistaken for a backup.
+            let _ = std::fs::remove_file(path);
+        }
+        copied
+    }
+
+    /// Other processes are told nothing: [`Backend::watch`] sees their commits.
+    async fn wake_others(_tx: &mut WriteTx<Self>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Never asked for: [`Backend::wake_others`] leaves nothing to send.
+    async fn wake_now(_tx: &mut WriteTx<Self>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Asks SQLite every 200 ms whether any other connection committed (`PRAGMA data_version`
+    /// changes), calling `changed` when one did, until `stop` fires. Another process (the
+    /// command line) may have written; so may this process's other connections, which costs a
+    /// look that finds nothing.
+    async fn watch(
+        store: &SqlStore<Self>,
+        changed: &(dyn Fn() + Send + Sync),
+        stop: &crate::shutdown::Shutdown,
+    ) -> Result<()> {
+        let mut conn = store
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "watching for new work"))?;
+        let mut seen: Option<i64> = None;
+        loop {
+            let version: i64 = sqlx::query_scalar("PRAGMA data_version")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "watching for new work"))?;
+            if seen.is_some_and(|s| s != version) {
+                changed();
+            }
+            seen = Some(version);
+            tokio::select! {
+                () = tokio::time::sleep(WATCH_EVERY) => {}
+                () = stop.wait() => return Ok(()),
+            }
+        }
+    }
+
+    /// `BEGIN IMMEDIATE` already holds the only write lock.
+    async fn lock_for_migration(_tx: &mut WriteTx<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Record for SqliteRow {
+    fn column<T: Column>(&self, name: &str) -> Result<T, sqlx::Error> {
+        sqlx::Row::try_get(self, name)
+    }
+
+    fn column_at<T: Column>(&self, index: usize) -> Result<T, sqlx::Error> {
+        sqlx::Row::try_get(self, index)
+    }
+}
+
+impl SqliteStore {
     /// Opens (creating when missing) the file a `sqlite://` URL names, after checking that this
     /// process's user owns it ([`require_owner`]).
     pub async fn open(url: &DatabaseUrl, max_connections: u32) -> Result<SqliteStore> {
@@ -102,125 +280,10 @@ impl SqliteStore {
                     url.redacted()
                 ))
             })?;
-        Ok(SqliteStore {
+        Ok(SqlStore {
             pool,
-            write_turn: Arc::new(tokio::sync::Mutex::new(())),
+            turn: Arc::new(tokio::sync::Mutex::new(())),
         })
-    }
-
-    pub fn pool(&self) -> &sqlx::SqlitePool {
-        &self.pool
-    }
-
-    async fn begin_write(&self) -> Result<WriteTx<sqlx::Sqlite>> {
-        let turn = tokio::time::timeout(WAIT_LIMIT, self.write_turn.clone().lock_owned())
-            .await
-            .map_err(|_| {
-                StoreError::Unavailable(format!(
-                    "the database stayed busy: this process's writes queued for over {}s; try again",
-                    WAIT_LIMIT.as_secs()
-                ))
-            })?;
-        let tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| StoreError::from_sqlx(e, "starting a write"))?;
-        Ok(WriteTx::new(tx, Some(turn)))
-    }
-
-    /// `autopay backup`: an online copy by `VACUUM INTO` (consistent, taken under a read
-    /// transaction while the daemon keeps writing), into a new file only this user can read,
-    /// then marked "reconcile required" as of `at`, the moment the copy was complete.
-    async fn backup_to(&self, path: &Path, at: jiff::Timestamp) -> Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| {
-                StoreError::Config(format!(
-                    "cannot create the backup file {}: {e}; name a new file in a folder this user can write",
-                    path.display()
-                ))
-            })?;
-        let copied = async {
-            sqlx::query("VACUUM INTO $1")
-                .bind(path.to_string_lossy().into_owned())
-                .execute(&self.pool)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "copying the database"))?;
-            let copy = SqliteConnectOptions::new()
-                .filename(path)
-                .journal_mode(SqliteJournalMode::Delete)
-                .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(WAIT_LIMIT);
-            let mut conn = sqlx::ConnectOptions::connect(&copy)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "opening the backup"))?;
-            sqlx::query("UPDATE control SET reconcile_required_since = $1, min_binary_schema = CASE WHEN min_binary_schema < $2 THEN $2 ELSE min_binary_schema END WHERE id = 1")
-                .bind(crate::sqltypes::DbTime(at))
-                .bind(crate::store::RECONCILE_SCHEMA)
-                .execute(&mut conn)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "marking the backup"))?;
-            sqlx::Connection::close(conn)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "closing the backup"))
-        }
-        .await;
-        if copied.is_err() {
-            // A half-written copy must never be mistaken for a backup.
-            let _ = std::fs::remove_file(path);
-        }
-        copied
-    }
-
-    /// Other processes are told nothing: [`SqliteStore::watch_changes`] sees their commits.
-    async fn wake_others(_tx: &mut WriteTx<sqlx::Sqlite>) -> Result<()> {
-        Ok(())
-    }
-
-    /// Never asked for: [`SqliteStore::wake_others`] leaves nothing to send.
-    async fn wake_now(_tx: &mut WriteTx<sqlx::Sqlite>) -> Result<()> {
-        Ok(())
-    }
-
-    /// Asks SQLite every 200 ms whether any other connection committed (`PRAGMA data_version`
-    /// changes), calling `changed` when one did, until `stop` fires. Another process (the
-    /// command line) may have written; so may this process's other connections, which costs a
-    /// look that finds nothing.
-    async fn watch_changes(
-        &self,
-        changed: &(dyn Fn() + Send + Sync),
-        stop: &crate::shutdown::Shutdown,
-    ) -> Result<()> {
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| StoreError::from_sqlx(e, "watching for new work"))?;
-        let mut seen: Option<i64> = None;
-        loop {
-            let version: i64 = sqlx::query_scalar("PRAGMA data_version")
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "watching for new work"))?;
-            if seen.is_some_and(|s| s != version) {
-                changed();
-            }
-            seen = Some(version);
-            tokio::select! {
-                () = tokio::time::sleep(WATCH_EVERY) => {}
-                () = stop.wait() => return Ok(()),
-            }
-        }
-    }
-
-    /// `BEGIN IMMEDIATE` already holds the only write lock.
-    async fn lock_for_migration(_tx: &mut WriteTx<sqlx::Sqlite>) -> Result<()> {
-        Ok(())
     }
 }
 
@@ -305,13 +368,7 @@ fn create_private(url: &DatabaseUrl) {
         .open(path);
 }
 
-super::shared::shared_store_impl!(
-    SqliteStore,
-    sqlx::Sqlite,
-    "",
-    "",
-    " INDEXED BY payments_claimable"
-);
+super::shared::shared_store_impl!(sqlx::Sqlite);
 
 #[cfg(test)]
 mod tests {
@@ -348,7 +405,7 @@ mod tests {
         let store = SqliteStore::open(&url, 1).await.unwrap();
         store.migrate(jiff::Timestamp::now()).await.unwrap();
 
-        let claim = plan(&store, CLAIM_DUE_SQL).await;
+        let claim = plan(&store, <sqlx::Sqlite as Backend>::claim_due_sql()).await;
         assert!(claim.contains("USING INDEX payments_claimable"), "{claim}");
         assert!(!claim.contains("TEMP B-TREE"), "{claim}");
 
