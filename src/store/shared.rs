@@ -16,19 +16,20 @@ macro_rules! shared_store_impl {
         use crate::domain::decline::DeclineSignal;
         use crate::domain::money::Money;
         use crate::domain::notice::{
-            BillPaid, CardDisabled, Declined, Notice, Receipt, ScheduleChange as ScheduleChangeNotice,
-            ScheduleFacts, ScheduleSuspended,
+            BillPaid, Declined, Notice, Receipt, ScheduleChange as ScheduleChangeNotice,
         };
-        use crate::domain::payment::{AmountRule, PaymentState, Transition};
+        use crate::domain::payment::{PaymentState, Transition};
         use crate::domain::status::{BillStatus, CardStatus, MemberStatus, ScheduleStatus};
         use crate::sqltypes::{DbDate, DbId, DbTime};
         use crate::store::*;
         use crate::store::sql::{commit, currency,  db_err, event, execute_script, get, id, is_unique_violation, money_err, new_id, opt_time, parsed, query, query_as, query_scalar, short, state_list, step, time};
-        use crate::store::sql::bills::{BILL_COLS, CREDIT_COLS, bill_from, credit_from};
-        use crate::store::sql::cards::{CARD_COLS, card_from};
-        use crate::store::sql::members::{MEMBER_COLS, member_from};
-        use crate::store::sql::payments::{LATER_PAYMENT_SQL, PAYMENT_COLS, payment_from};
-        use crate::store::sql::schedules::{DUE_SCHEDULES_SQL, SCHEDULE_COLS, schedule_from};
+        use crate::store::sql::bills::*;
+        use crate::store::sql::cards::*;
+        use crate::store::sql::members::*;
+        use crate::store::sql::outbox::*;
+        use crate::store::sql::payments::*;
+        use crate::store::sql::schedules::*;
+        use crate::store::sql::{cards, members};
 
         type Db = $db;
         type DbRow = <$db as sqlx::Database>::Row;
@@ -41,55 +42,6 @@ macro_rules! shared_store_impl {
         const LATE_REASON: &str = "not charged within payments.max_lateness of its due time";
         /// Why an earlier occurrence was not charged (the coalesce rule, applied at the claim).
         const COALESCED_REASON: &str = "coalesced into a later payment of the same schedule";
-        /// The states whose payment no worker holds and whose attempt was never sent.
-        const UNCLAIMED: [PaymentState; 2] = [PaymentState::Scheduled, PaymentState::RetryWait];
-        /// The states whose payment keeps its amount and credit reserved.
-        const RESERVING: [PaymentState; 3] = [PaymentState::Processing, PaymentState::Unknown, PaymentState::NeedsReview];
-
-        async fn member_in(tx: &mut Tx, account: &AccountNumber) -> Result<Member> {
-            let row = query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE account_number = $1{}", <Db as Backend>::FOR_UPDATE)))
-                .bind(account.as_str())
-                .fetch_optional(tx.conn())
-                .await
-                .map_err(db_err("reading a member"))?;
-            match row {
-                Some(row) => member_from(&row),
-                None => Err(member_not_found(account)),
-            }
-        }
-
-        fn member_not_found(account: &AccountNumber) -> StoreError {
-            StoreError::NotFound(format!(
-                "no member has account number {}; check it with `autopay member list`",
-                account.masked()
-            ))
-        }
-
-        async fn card_in(tx: &mut Tx, card_id: Uuid) -> Result<Card> {
-            let row = query(sqlx::AssertSqlSafe(format!("SELECT {CARD_COLS} FROM payment_methods WHERE id = $1{}", <Db as Backend>::FOR_UPDATE)))
-                .bind(DbId(card_id))
-                .fetch_optional(tx.conn())
-                .await
-                .map_err(db_err("reading a card"))?;
-            match row {
-                Some(row) => card_from(&row),
-                None => Err(card_not_found(card_id)),
-            }
-        }
-
-        /// A schedule cannot stay on, or go back to, a card that cannot be charged.
-        fn card_unusable(card: &Card, schedule_id: Uuid) -> StoreError {
-            StoreError::Conflict(format!(
-                "card {} is {}, so schedule {schedule_id} cannot charge it; add a new card (`autopay card add`) and move the schedule to it with `autopay schedule update {schedule_id} --card NEW_CARD`",
-                card.id, card.status
-            ))
-        }
-
-        fn card_not_found(id: Uuid) -> StoreError {
-            StoreError::NotFound(format!(
-                "no card has id {id}; list a member's cards with `autopay card list --account N`"
-            ))
-        }
 
         async fn bill_in(tx: &mut Tx, bill_id: Uuid) -> Result<Bill> {
             let row = query(sqlx::AssertSqlSafe(format!("SELECT {BILL_COLS} FROM bills WHERE id = $1{}", <Db as Backend>::FOR_UPDATE)))
@@ -103,64 +55,6 @@ macro_rules! shared_store_impl {
                     "no bill has id {bill_id}; list bills with `autopay bill list`"
                 ))),
             }
-        }
-
-        async fn schedule_in(tx: &mut Tx, schedule_id: Uuid) -> Result<Schedule> {
-            let row = query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE id = $1{}", <Db as Backend>::FOR_UPDATE)))
-                .bind(DbId(schedule_id))
-                .fetch_optional(tx.conn())
-                .await
-                .map_err(db_err("reading a schedule"))?;
-            match row {
-                Some(row) => schedule_from(&row),
-                None => Err(schedule_not_found(schedule_id)),
-            }
-        }
-
-        /// Locks the member that owns a row of `table` (read without a lock first), so that a
-        /// change to the row follows the one lock order: member first.
-        async fn lock_owner(tx: &mut Tx, table: &'static str, id: Uuid) -> Result<Option<Member>> {
-            let owner: Option<DbId> = query_scalar(sqlx::AssertSqlSafe(format!("SELECT member_id FROM {table} WHERE id = $1")))
-                .bind(DbId(id))
-                .fetch_optional(tx.conn())
-                .await
-                .map_err(db_err("reading an owner"))?;
-            match owner {
-                Some(member_id) => Ok(Some(member_by_id_in(tx, member_id.0).await?)),
-                None => Ok(None),
-            }
-        }
-
-        /// A schedule and its member, locked member first.
-        async fn schedule_locked(tx: &mut Tx, schedule_id: Uuid) -> Result<(Member, Schedule)> {
-            let member = lock_owner(tx, "schedules", schedule_id).await?.ok_or_else(|| schedule_not_found(schedule_id))?;
-            let schedule = schedule_in(tx, schedule_id).await?;
-            Ok((member, schedule))
-        }
-
-        fn schedule_not_found(id: Uuid) -> StoreError {
-            StoreError::NotFound(format!(
-                "no schedule has id {id}; list schedules with `autopay schedule list`"
-            ))
-        }
-
-        /// Cancels a schedule's payments that no worker holds (docs/architecture.md's cancellation
-        /// triggers). `unknown` and `processing` payments are left to be settled.
-        async fn cancel_unclaimed(tx: &mut Tx, schedule_id: Uuid, reason: &str, at: Timestamp) -> Result<u64> {
-            // Both unclaimed states cancel alike (domain::payment's Cancel).
-            let cancelled = step(PaymentState::Scheduled, Transition::Cancel)?;
-            let done = query(sqlx::AssertSqlSafe(format!(
-                "UPDATE payments SET state = $4, reason = $1, next_attempt_at = NULL, updated_at = $2 WHERE schedule_id = $3 AND state IN ({})",
-                state_list(&UNCLAIMED)
-            )))
-                .bind(reason)
-                .bind(DbTime(at))
-                .bind(DbId(schedule_id))
-                .bind(cancelled.as_str())
-                .execute(tx.conn())
-                .await
-                .map_err(db_err("cancelling unclaimed payments"))?;
-            Ok(done.rows_affected())
         }
 
         async fn insert_credit(
@@ -236,39 +130,6 @@ macro_rules! shared_store_impl {
                 attempts: get(row, T, "attempts")?,
                 created_at: time(row, T, "created_at")?,
             })
-        }
-
-        /// Writes an outbox row in the caller's transaction; a second row with the same dedupe
-        /// key is a no-op (the member hears once).
-        async fn notify(
-            tx: &mut Tx,
-            kind: &str,
-            dedupe_key: &str,
-            member: &Member,
-            payload: serde_json::Value,
-            at: Timestamp,
-        ) -> Result<()> {
-            query("INSERT INTO notifications (id, kind, dedupe_key, member_id, recipient, payload, state, attempts, next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $7) ON CONFLICT (dedupe_key) DO NOTHING")
-                .bind(DbId(new_id()))
-                .bind(kind)
-                .bind(dedupe_key)
-                .bind(DbId(member.id))
-                .bind(member.email.as_str())
-                .bind(sqlx::types::Json(payload))
-                .bind(DbTime(at))
-                .execute(tx.conn())
-                .await
-                .map_err(db_err("writing a notification"))?;
-            <Db as Backend>::wake_others(tx).await
-        }
-
-        async fn member_by_id_in(tx: &mut Tx, member_id: Uuid) -> Result<Member> {
-            let row = query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE id = $1{}", <Db as Backend>::FOR_UPDATE)))
-                .bind(DbId(member_id))
-                .fetch_one(tx.conn())
-                .await
-                .map_err(db_err("reading a member"))?;
-            member_from(&row)
         }
 
         /// A payment with the engine's bookkeeping that `Payment` does not show.
@@ -590,11 +451,6 @@ macro_rules! shared_store_impl {
             Ok((paid, left))
         }
 
-        /// Writes a domain notice into the outbox in the caller's transaction.
-        async fn notify_notice(tx: &mut Tx, n: &Notice, member: &Member, at: Timestamp) -> Result<()> {
-            notify(tx, n.kind, &n.dedupe_key, member, n.payload.clone(), at).await
-        }
-
         /// A charge that happened: the payment moves to `state` (succeeded), its value pays
         /// bills oldest first (credits it used included), anything beyond what was owed becomes
         /// a credit, and the member gets a receipt. Nothing here can refuse: the money has moved.
@@ -654,97 +510,6 @@ macro_rules! shared_store_impl {
                 suspend_schedule(tx, payment.schedule_id, &format!("{failures} payments failed in a row"), member, audit).await?;
             }
             Ok(())
-        }
-
-        async fn suspend_schedule(tx: &mut Tx, schedule_id: Uuid, reason: &str, member: &Member, audit: &Audit) -> Result<()> {
-            let version: Option<i64> = query_scalar("UPDATE schedules SET status = 'suspended', status_reason = $1, next_run_at = NULL, next_occurrence = NULL, version = version + 1, updated_at = $2 WHERE id = $3 AND status IN ('active', 'paused') RETURNING version")
-                .bind(reason)
-                .bind(DbTime(audit.at))
-                .bind(DbId(schedule_id))
-                .fetch_optional(tx.conn())
-                .await
-                .map_err(db_err("suspending a schedule"))?;
-            let Some(version) = version else { return Ok(()) };
-            let cancelled = cancel_unclaimed(tx, schedule_id, "schedule suspended", audit.at).await?;
-            event(tx, audit, "schedule", schedule_id, "suspended", serde_json::json!({ "reason": reason, "cancelled_payments": cancelled })).await?;
-            let notice = ScheduleSuspended { schedule_id, to: member.addressee(), reason: reason.to_string(), version }.notice();
-            notify_notice(tx, &notice, member, audit.at).await
-        }
-
-        /// A card that must not be tried again: disabled, every schedule using it suspended,
-        /// the member told.
-        async fn disable_card(tx: &mut Tx, card: &Card, reason: &str, member: &Member, audit: &Audit) -> Result<()> {
-            let changed = query("UPDATE payment_methods SET status = 'disabled', status_reason = $1, updated_at = $2 WHERE id = $3 AND status = 'active'")
-                .bind(reason)
-                .bind(DbTime(audit.at))
-                .bind(DbId(card.id))
-                .execute(tx.conn())
-                .await
-                .map_err(db_err("disabling a card"))?
-                .rows_affected();
-            if changed == 0 {
-                // Already disabled. A card disabled only because it expired, which the card
-                // updater could bring back, takes the harder reason, so it never comes back.
-                let expired = crate::domain::decline::classify_code("expired_card").member_reason;
-                if reason != expired {
-                    let hardened = query("UPDATE payment_methods SET status_reason = $1, updated_at = $2 WHERE id = $3 AND status = 'disabled' AND status_reason = $4")
-                        .bind(reason)
-                        .bind(DbTime(audit.at))
-                        .bind(DbId(card.id))
-                        .bind(expired)
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("disabling a card"))?
-                        .rows_affected();
-                    if hardened > 0 {
-                        event(tx, audit, "card", card.id, "disabled", serde_json::json!({ "reason": reason })).await?;
-                    }
-                }
-                return Ok(());
-            }
-            event(tx, audit, "card", card.id, "disabled", serde_json::json!({ "reason": reason })).await?;
-            let schedules: Vec<DbId> = query_scalar("SELECT id FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused') ORDER BY id")
-                .bind(DbId(card.id))
-                .fetch_all(tx.conn())
-                .await
-                .map_err(db_err("reading the card's schedules"))?;
-            for s in &schedules {
-                suspend_schedule(tx, s.0, "the card can no longer be charged", member, audit).await?;
-            }
-            let notice = CardDisabled {
-                card_id: card.id,
-                card: card.label(),
-                to: member.addressee(),
-                reason: reason.to_string(),
-                suspended_schedules: schedules.iter().map(|s| s.0).collect(),
-            }
-            .notice();
-            notify_notice(tx, &notice, member, audit.at).await
-        }
-
-        fn amount_words(amount: &AmountRule) -> String {
-            match amount {
-                AmountRule::Fixed { amount } => amount.display_with_code(),
-                AmountRule::Balance => "your statement balance".to_string(),
-            }
-        }
-
-        /// Tells the member about a change to their automatic payments, in the change's own
-        /// transaction.
-        async fn confirm_schedule(tx: &mut Tx, change: &ScheduleChangeNotice, schedule: &Schedule, at: Timestamp) -> Result<()> {
-            let member = member_by_id_in(tx, schedule.member_id).await?;
-            let card = card_in(tx, schedule.card_id).await?;
-            let facts = ScheduleFacts {
-                schedule_id: schedule.id,
-                to: member.addressee(),
-                rule: schedule.recurrence.describe(),
-                amount: amount_words(&schedule.amount),
-                card: card.label(),
-                time_zone: schedule.time_zone.clone(),
-                at,
-                next_payment_at: schedule.next_run_at,
-            };
-            notify_notice(tx, &facts.notice(change), &member, at).await
         }
 
         /// The notice of a payment that was not charged.
@@ -1469,6 +1234,66 @@ macro_rules! shared_store_impl {
 
         #[async_trait]
         impl Store for SqlStore<$db> {
+            async fn add_card(&self, new: &NewCard, audit: &Audit) -> Result<Card> {
+                cards::add_card(self, new, audit).await
+            }
+
+            async fn card(&self, card_id: Uuid) -> Result<Card> {
+                cards::card(self, card_id).await
+            }
+
+            async fn list_cards(&self, member_id: Uuid) -> Result<Vec<Card>> {
+                cards::list_cards(self, member_id).await
+            }
+
+            async fn remove_card(&self, card_id: Uuid, audit: &Audit) -> Result<Card> {
+                cards::remove_card(self, card_id, audit).await
+            }
+
+            async fn refresh_card(&self, processor: &str, token: &str, details: &crate::processor::CardDetails, reenable_reason: Option<&str>, audit: &Audit) -> Result<Vec<Card>> {
+                cards::refresh_card(self, processor, token, details, reenable_reason, audit).await
+            }
+
+            async fn card_checked(&self, processor: &str, token: &str, at: Timestamp) -> Result<()> {
+                cards::card_checked(self, processor, token, at).await
+            }
+
+            async fn cards_to_refresh(&self, processor: &str, by: jiff::civil::Date, checked_before: Timestamp, limit: u32) -> Result<Vec<String>> {
+                cards::cards_to_refresh(self, processor, by, checked_before, limit).await
+            }
+
+            async fn cards_expiring(&self, by: jiff::civil::Date) -> Result<Vec<(Card, Member)>> {
+                cards::cards_expiring(self, by).await
+            }
+
+            async fn card_processors(&self) -> Result<Vec<CardProcessor>> {
+                cards::card_processors(self).await
+            }
+
+            async fn add_member(&self, new: &NewMember, audit: &Audit) -> Result<Member> {
+                members::add_member(self, new, audit).await
+            }
+
+            async fn member(&self, account: &AccountNumber) -> Result<Member> {
+                members::member(self, account).await
+            }
+
+            async fn member_by_id(&self, member_id: Uuid) -> Result<Member> {
+                members::member_by_id(self, member_id).await
+            }
+
+            async fn list_members(&self) -> Result<Vec<Member>> {
+                members::list_members(self).await
+            }
+
+            async fn update_member(&self, account: &AccountNumber, change: &MemberChange, audit: &Audit) -> Result<Member> {
+                members::update_member(self, account, change, audit).await
+            }
+
+            async fn close_member(&self, account: &AccountNumber, audit: &Audit) -> Result<ClosedMember> {
+                members::close_member(self, account, audit).await
+            }
+
             fn backend(&self) -> crate::config::Backend {
                 <Db as Backend>::KIND
             }
@@ -1584,255 +1409,6 @@ macro_rules! shared_store_impl {
                     findings_open,
                     processor_events,
                 })
-            }
-
-            async fn add_member(&self, new: &NewMember, audit: &Audit) -> Result<Member> {
-                let mut tx = self.begin_write().await?;
-                let member_id = new_id();
-                let row = query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO members (id, account_number, account_type, name, email, time_zone, reminders, email_bouncing, status, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, TRUE, FALSE, 'active', $7, $7) RETURNING {MEMBER_COLS}"
-                )))
-                .bind(DbId(member_id))
-                .bind(new.account_number.as_str())
-                .bind(new.account_type.as_str())
-                .bind(new.name.as_str())
-                .bind(new.email.as_str())
-                .bind(&new.time_zone)
-                .bind(DbTime(audit.at))
-                .fetch_one(tx.conn())
-                .await
-                .map_err(|e| {
-                    if is_unique_violation(&e) {
-                        StoreError::Conflict(format!(
-                            "a member with account number {} already exists; change it with `autopay member update`",
-                            new.account_number.masked()
-                        ))
-                    } else {
-                        StoreError::from_sqlx(e, "adding a member")
-                    }
-                })?;
-                let member = member_from(&row)?;
-                event(&mut tx, audit, "member", member.id, "added", serde_json::json!({
-                    "account_type": new.account_type.as_str(), "time_zone": new.time_zone,
-                })).await?;
-                commit(tx).await?;
-                Ok(member)
-            }
-
-            async fn member(&self, account: &AccountNumber) -> Result<Member> {
-                let row = query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE account_number = $1")))
-                    .bind(account.as_str())
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db_err("reading a member"))?;
-                match row {
-                    Some(row) => member_from(&row),
-                    None => Err(member_not_found(account)),
-                }
-            }
-
-            async fn member_by_id(&self, member_id: Uuid) -> Result<Member> {
-                let row = query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members WHERE id = $1")))
-                    .bind(DbId(member_id))
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db_err("reading a member"))?;
-                match row {
-                    Some(row) => member_from(&row),
-                    None => Err(StoreError::NotFound(format!("no member has id {member_id}"))),
-                }
-            }
-
-            async fn list_members(&self) -> Result<Vec<Member>> {
-                query(sqlx::AssertSqlSafe(format!("SELECT {MEMBER_COLS} FROM members ORDER BY account_number")))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db_err("listing members"))?
-                    .iter()
-                    .map(member_from)
-                    .collect()
-            }
-
-            async fn update_member(&self, account: &AccountNumber, change: &MemberChange, audit: &Audit) -> Result<Member> {
-                let mut tx = self.begin_write().await?;
-                let member = member_in(&mut tx, account).await?;
-                if member.status == MemberStatus::Closed {
-                    return Err(StoreError::Conflict(format!(
-                        "member {} is closed; a closed member cannot be changed", member.id
-                    )));
-                }
-                let row = query(sqlx::AssertSqlSafe(format!(
-                    "UPDATE members SET name = $1, email = $2, time_zone = $3, reminders = $4, email_bouncing = $5, updated_at = $6 WHERE id = $7 RETURNING {MEMBER_COLS}"
-                )))
-                .bind(change.name.as_ref().unwrap_or(&member.name).as_str())
-                .bind(change.email.as_ref().unwrap_or(&member.email).as_str())
-                .bind(change.time_zone.as_ref().unwrap_or(&member.time_zone))
-                .bind(change.reminders.unwrap_or(member.reminders))
-                // A new address is a fresh chance to deliver.
-                .bind(if change.email.is_some() { false } else { member.email_bouncing })
-                .bind(DbTime(audit.at))
-                .bind(DbId(member.id))
-                .fetch_one(tx.conn())
-                .await
-                .map_err(db_err("updating a member"))?;
-                let updated = member_from(&row)?;
-                let mut changed = Vec::new();
-                if change.name.is_some() { changed.push("name"); }
-                if change.email.is_some() { changed.push("email"); }
-                if change.time_zone.is_some() { changed.push("time_zone"); }
-                if change.reminders.is_some() { changed.push("reminders"); }
-                event(&mut tx, audit, "member", member.id, "updated", serde_json::json!({ "fields": changed })).await?;
-                commit(tx).await?;
-                Ok(updated)
-            }
-
-            async fn close_member(&self, account: &AccountNumber, audit: &Audit) -> Result<ClosedMember> {
-                let mut tx = self.begin_write().await?;
-                let member = member_in(&mut tx, account).await?;
-                if member.status == MemberStatus::Closed {
-                    return Err(StoreError::Conflict(format!("member {} is already closed", member.id)));
-                }
-                let live: Vec<DbId> = query_scalar("SELECT id FROM schedules WHERE member_id = $1 AND status IN ('active', 'paused', 'suspended') ORDER BY id")
-                    .bind(DbId(member.id))
-                    .fetch_all(tx.conn())
-                    .await
-                    .map_err(db_err("reading the member's schedules"))?;
-                let mut cancelled_payments = 0;
-                for schedule_id in &live {
-                    query("UPDATE schedules SET status = 'cancelled', status_reason = 'member closed', cancelled_at = $1, cancelled_by = $2, next_run_at = NULL, next_occurrence = NULL, version = version + 1, updated_at = $1 WHERE id = $3")
-                        .bind(DbTime(audit.at))
-                        .bind(&audit.actor)
-                        .bind(*schedule_id)
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("cancelling a schedule"))?;
-                    cancelled_payments += cancel_unclaimed(&mut tx, schedule_id.0, "member closed", audit.at).await?;
-                    let ended = schedule_in(&mut tx, schedule_id.0).await?;
-                    confirm_schedule(&mut tx, &ScheduleChangeNotice::Cancelled, &ended, audit.at).await?;
-                    event(&mut tx, audit, "schedule", schedule_id.0, "cancelled", serde_json::json!({ "reason": "member closed" })).await?;
-                }
-                let row = query(sqlx::AssertSqlSafe(format!("UPDATE members SET status = 'closed', updated_at = $1 WHERE id = $2 RETURNING {MEMBER_COLS}")))
-                    .bind(DbTime(audit.at))
-                    .bind(DbId(member.id))
-                    .fetch_one(tx.conn())
-                    .await
-                    .map_err(db_err("closing a member"))?;
-                let closed = member_from(&row)?;
-                let cancelled_schedules: Vec<Uuid> = live.into_iter().map(|i| i.0).collect();
-                event(&mut tx, audit, "member", member.id, "closed", serde_json::json!({
-                    "cancelled_schedules": cancelled_schedules, "cancelled_payments": cancelled_payments,
-                })).await?;
-                commit(tx).await?;
-                Ok(ClosedMember { member: closed, cancelled_schedules, cancelled_payments })
-            }
-
-            async fn add_card(&self, new: &NewCard, audit: &Audit) -> Result<Card> {
-                let mut tx = self.begin_write().await?;
-                let status: Option<String> = query_scalar(sqlx::AssertSqlSafe(format!("SELECT status FROM members WHERE id = $1{}", <Db as Backend>::FOR_UPDATE)))
-                    .bind(DbId(new.member_id))
-                    .fetch_optional(tx.conn())
-                    .await
-                    .map_err(db_err("reading a member"))?;
-                match status.as_deref() {
-                    None => return Err(StoreError::NotFound(format!("no member has id {}", new.member_id))),
-                    Some("active") => {}
-                    Some(_) => return Err(StoreError::Conflict(format!("member {} is closed; a closed member cannot add cards", new.member_id))),
-                }
-                if let Some(customer) = &new.customer {
-                    // A member's first card at a processor that keeps customers makes theirs.
-                    query("UPDATE members SET processor_customer_id = $1, updated_at = $2 WHERE id = $3 AND processor_customer_id IS NULL")
-                        .bind(customer)
-                        .bind(DbTime(audit.at))
-                        .bind(DbId(new.member_id))
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("keeping the member's processor customer"))?;
-                }
-                let row = query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO payment_methods (id, member_id, processor, processor_token, brand, last4, exp_month, exp_year, status, created_at, updated_at, fingerprint, processor_mode, consent_at, consent_via, consent_terms_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'active', $9, $9, $10, $11, $12, $13, $14) RETURNING {CARD_COLS}"
-                )))
-                .bind(DbId(new_id()))
-                .bind(DbId(new.member_id))
-                .bind(&new.processor)
-                .bind(&new.processor_token)
-                .bind(new.brand.as_str())
-                .bind(new.last4.as_str())
-                .bind(i64::from(new.expiry.month()))
-                .bind(i64::from(new.expiry.year()))
-                .bind(DbTime(audit.at))
-                .bind(new.fingerprint.as_deref())
-                .bind(new.processor_mode.as_deref())
-                .bind(DbTime(new.consent.at))
-                .bind(&new.consent.via)
-                .bind(new.consent.terms_version.as_deref())
-                .fetch_one(tx.conn())
-                .await
-                .map_err(|e| {
-                    if is_unique_violation(&e) {
-                        StoreError::Conflict("this member already has this card; see `autopay card list`".into())
-                    } else {
-                        StoreError::from_sqlx(e, "adding a card")
-                    }
-                })?;
-                let card = card_from(&row)?;
-                event(&mut tx, audit, "card", card.id, "added", serde_json::json!({
-                    "member_id": new.member_id, "brand": new.brand.as_str(), "last4": new.last4.as_str(),
-                })).await?;
-                commit(tx).await?;
-                Ok(card)
-            }
-
-            async fn card(&self, card_id: Uuid) -> Result<Card> {
-                let row = query(sqlx::AssertSqlSafe(format!("SELECT {CARD_COLS} FROM payment_methods WHERE id = $1")))
-                    .bind(DbId(card_id))
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db_err("reading a card"))?;
-                match row {
-                    Some(row) => card_from(&row),
-                    None => Err(card_not_found(card_id)),
-                }
-            }
-
-            async fn list_cards(&self, member_id: Uuid) -> Result<Vec<Card>> {
-                query(sqlx::AssertSqlSafe(format!("SELECT {CARD_COLS} FROM payment_methods WHERE member_id = $1 ORDER BY created_at, id")))
-                    .bind(DbId(member_id))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db_err("listing cards"))?
-                    .iter()
-                    .map(card_from)
-                    .collect()
-            }
-
-            async fn remove_card(&self, card_id: Uuid, audit: &Audit) -> Result<Card> {
-                let mut tx = self.begin_write().await?;
-                lock_owner(&mut tx, "payment_methods", card_id).await?;
-                let card = card_in(&mut tx, card_id).await?;
-                if card.status == CardStatus::Removed {
-                    return Err(StoreError::Conflict(format!("card {card_id} is already removed")));
-                }
-                let user: Option<(DbId, String)> = query_as("SELECT id, status FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused', 'suspended') ORDER BY id LIMIT 1")
-                    .bind(DbId(card_id))
-                    .fetch_optional(tx.conn())
-                    .await
-                    .map_err(db_err("checking the card's schedules"))?;
-                if let Some((schedule_id, status)) = user {
-                    return Err(StoreError::Conflict(format!(
-                        "card {card_id} is used by schedule {} ({status}); move that schedule to another card with `autopay schedule update {} --card NEW_CARD` or cancel it, then remove this card",
-                        schedule_id.0, schedule_id.0
-                    )));
-                }
-                let row = query(sqlx::AssertSqlSafe(format!("UPDATE payment_methods SET status = 'removed', status_reason = 'removed by operator', updated_at = $1 WHERE id = $2 RETURNING {CARD_COLS}")))
-                    .bind(DbTime(audit.at))
-                    .bind(DbId(card_id))
-                    .fetch_one(tx.conn())
-                    .await
-                    .map_err(db_err("removing a card"))?;
-                let removed = card_from(&row)?;
-                event(&mut tx, audit, "card", card_id, "removed", serde_json::json!({})).await?;
-                commit(tx).await?;
-                Ok(removed)
             }
 
             async fn add_bills(&self, bills: &[NewBill], audit: &Audit) -> Result<BillImport> {
@@ -3089,28 +2665,6 @@ macro_rules! shared_store_impl {
                 Ok(done)
             }
 
-            async fn cards_expiring(&self, by: jiff::civil::Date) -> Result<Vec<(Card, Member)>> {
-                let rows = query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {} FROM payment_methods p WHERE p.status = 'active' AND p.exp_year <= $1 AND (p.exp_year < $1 OR p.exp_month <= $2) \
-                     AND EXISTS (SELECT 1 FROM schedules s WHERE s.payment_method_id = p.id AND s.status = 'active') ORDER BY p.id",
-                    CARD_COLS.split(", ").map(|c| format!("p.{c}")).collect::<Vec<_>>().join(", ")
-                )))
-                .bind(i64::from(by.year()))
-                .bind(i64::from(by.month()))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_err("finding expiring cards"))?;
-                let mut out = Vec::new();
-                for row in rows {
-                    let card = card_from(&row)?;
-                    let member = self.member_by_id(card.member_id).await?;
-                    if member.reminders && member.status == MemberStatus::Active {
-                        out.push((card, member));
-                    }
-                }
-                Ok(out)
-            }
-
             async fn backup_into(&self, path: &std::path::Path, at: Timestamp) -> Result<()> {
                 <Db as Backend>::backup_into(self, path, at).await
             }
@@ -3365,71 +2919,6 @@ macro_rules! shared_store_impl {
                 Ok(moved)
             }
 
-            async fn refresh_card(&self, processor: &str, token: &str, details: &crate::processor::CardDetails, reenable_reason: Option<&str>, audit: &Audit) -> Result<Vec<Card>> {
-                let mut tx = self.begin_write().await?;
-                let ids: Vec<DbId> = query_scalar("SELECT id FROM payment_methods WHERE processor = $1 AND processor_token = $2 AND status IN ('active', 'disabled') ORDER BY id")
-                    .bind(processor)
-                    .bind(token)
-                    .fetch_all(tx.conn())
-                    .await
-                    .map_err(db_err("finding a card by its token"))?;
-                let mut cards = Vec::new();
-                for id in ids {
-                    let card = card_in(&mut tx, id.0).await?;
-                    // Only a card disabled because it expired comes back: never one disabled as
-                    // lost, stolen or revoked.
-                    let reenable = card.status == CardStatus::Disabled && reenable_reason.is_some() && card.status_reason.as_deref() == reenable_reason;
-                    let changed = card.brand != details.brand || card.last4 != details.last4 || card.exp_month != details.expiry.month() || card.exp_year != details.expiry.year();
-                    query("UPDATE payment_methods SET brand = $1, last4 = $2, exp_month = $3, exp_year = $4, status = CASE WHEN $5 THEN 'active' ELSE status END, status_reason = CASE WHEN $5 THEN NULL ELSE status_reason END, details_checked_at = $6, updated_at = CASE WHEN $7 THEN $6 ELSE updated_at END WHERE id = $8")
-                        .bind(details.brand.as_str())
-                        .bind(details.last4.as_str())
-                        .bind(i64::from(details.expiry.month()))
-                        .bind(i64::from(details.expiry.year()))
-                        .bind(reenable)
-                        .bind(DbTime(audit.at))
-                        .bind(changed || reenable)
-                        .bind(id)
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("refreshing a card"))?;
-                    if changed || reenable {
-                        event(&mut tx, audit, "card", card.id, "refreshed", serde_json::json!({
-                            "brand": details.brand.as_str(), "last4": details.last4.as_str(),
-                            "exp_month": details.expiry.month(), "exp_year": details.expiry.year(), "reenabled": reenable,
-                        })).await?;
-                    }
-                    cards.push(card_in(&mut tx, id.0).await?);
-                }
-                commit(tx).await?;
-                Ok(cards)
-            }
-
-            async fn card_checked(&self, processor: &str, token: &str, at: Timestamp) -> Result<()> {
-                let mut tx = self.begin_write().await?;
-                query("UPDATE payment_methods SET details_checked_at = $1 WHERE processor = $2 AND processor_token = $3")
-                    .bind(DbTime(at))
-                    .bind(processor)
-                    .bind(token)
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("marking a card read"))?;
-                commit(tx).await
-            }
-
-            async fn cards_to_refresh(&self, processor: &str, by: jiff::civil::Date, checked_before: Timestamp, limit: u32) -> Result<Vec<String>> {
-                query_scalar("SELECT DISTINCT p.processor_token FROM payment_methods p WHERE p.processor = $1 AND p.status = 'active' AND p.exp_year <= $2 AND (p.exp_year < $2 OR p.exp_month <= $3) \
-                     AND (p.details_checked_at IS NULL OR p.details_checked_at < $4) \
-                     AND EXISTS (SELECT 1 FROM schedules s WHERE s.payment_method_id = p.id AND s.status = 'active') ORDER BY p.processor_token LIMIT $5")
-                    .bind(processor)
-                    .bind(i64::from(by.year()))
-                    .bind(i64::from(by.month()))
-                    .bind(DbTime(checked_before))
-                    .bind(i64::from(limit))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db_err("finding cards to refresh"))
-            }
-
             async fn record_processor_event(&self, payment_id: Uuid, what: &str, detail: &serde_json::Value, action: crate::domain::dispute::DisputeAction, audit: &Audit) -> Result<()> {
                 use crate::domain::dispute::{DisputeAction, member_reason};
                 let mut tx = self.begin_write().await?;
@@ -3455,13 +2944,6 @@ macro_rules! shared_store_impl {
                 Ok(())
             }
 
-            async fn card_processors(&self) -> Result<Vec<CardProcessor>> {
-                let rows: Vec<(String, Option<String>, i64)> = query_as("SELECT processor, processor_mode, COUNT(*) FROM payment_methods WHERE status = 'active' GROUP BY processor, processor_mode ORDER BY processor, processor_mode")
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db_err("counting cards by processor"))?;
-                Ok(rows.into_iter().map(|(processor, mode, cards)| CardProcessor { processor, mode, cards }).collect())
-            }
         }
     };
 }

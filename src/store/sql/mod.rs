@@ -10,6 +10,7 @@ pub mod backend;
 pub(crate) mod bills;
 pub(crate) mod cards;
 pub(crate) mod members;
+pub(crate) mod outbox;
 pub(crate) mod payments;
 pub(crate) mod schedules;
 

@@ -52,6 +52,16 @@ pub(crate) fn claim_due_sql(claim_index: &str, skip_locked: &str) -> String {
 pub(crate) const LATER_PAYMENT_SQL: &str = "SELECT q.id FROM payments q JOIN schedules s ON s.id = q.schedule_id WHERE q.schedule_id = $1 AND s.kind = 'recurring' \
      AND q.state || '' = 'scheduled' AND q.next_attempt_at IS NULL AND q.due_at > $2 AND q.due_at <= $3 LIMIT 1";
 
+/// The states whose payment no worker holds and whose attempt was never sent.
+pub(crate) const UNCLAIMED: [PaymentState; 2] = [PaymentState::Scheduled, PaymentState::RetryWait];
+
+/// The states whose payment keeps its amount and credit reserved.
+pub(crate) const RESERVING: [PaymentState; 3] = [
+    PaymentState::Processing,
+    PaymentState::Unknown,
+    PaymentState::NeedsReview,
+];
+
 #[cfg(test)]
 mod tests {
     /// The claim's text per backend is the one the SQL had before it was built per backend.
