@@ -16,20 +16,21 @@ macro_rules! shared_store_impl {
         use crate::domain::decline::DeclineSignal;
         use crate::domain::money::Money;
         use crate::domain::notice::{
-            Declined, Notice, Receipt, ScheduleChange as ScheduleChangeNotice,
+            Declined, Notice, Receipt,
         };
         use crate::domain::payment::{PaymentState, Transition};
         use crate::domain::status::{CardStatus, MemberStatus, ScheduleStatus};
         use crate::sqltypes::{DbId, DbTime};
         use crate::store::*;
-        use crate::store::sql::{commit, currency,  db_err, event, execute_script, get, id, is_unique_violation, money_err, new_id, opt_time, parsed, query, query_as, query_scalar, short, state_list, step, time};
+        use crate::store::sql::{commit, currency,  db_err, event, execute_script, get, id, money_err, new_id, opt_time, parsed, query, query_as, query_scalar, short, state_list, step, time};
         use crate::store::sql::bills::*;
         use crate::store::sql::cards::*;
         use crate::store::sql::members::*;
         use crate::store::sql::outbox::*;
         use crate::store::sql::payments::*;
         use crate::store::sql::schedules::*;
-        use crate::store::sql::{bills, cards, members};
+
+        use crate::store::sql::{bills, cards, members, schedules};
 
         type Db = $db;
         type DbRow = <$db as sqlx::Database>::Row;
@@ -1049,56 +1050,52 @@ macro_rules! shared_store_impl {
             Ok(next)
         }
 
-        /// One schedule's plan, inside `tx`: false when the schedule changed since it was read.
-        async fn apply_plan_in(tx: &mut Tx, step: &PlanStep, audit: &Audit) -> Result<bool> {
-            let current = schedule_in(tx, step.schedule_id).await?;
-            if current.status != ScheduleStatus::Active
-                || current.version != step.expected_version
-                || current.next_occurrence.as_ref() != Some(&step.expected_next)
-            {
-                return Ok(false);
-            }
-            let mut planned = Vec::new();
-            for p in &step.payments {
-                let state = if p.missed.is_some() { "missed" } else { "scheduled" };
-                let inserted = query("INSERT INTO payments (id, schedule_id, member_id, occurrence, due_at, currency, state, attempt, payment_method_id, schedule_version, reason, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9, $10, $11, $11) ON CONFLICT (schedule_id, occurrence) DO NOTHING")
-                    .bind(DbId(new_id()))
-                    .bind(DbId(current.id))
-                    .bind(DbId(current.member_id))
-                    .bind(p.occurrence.to_string())
-                    .bind(DbTime(p.due_at))
-                    .bind(current.currency.code())
-                    .bind(state)
-                    .bind(DbId(current.card_id))
-                    .bind(current.version)
-                    .bind(p.missed.as_deref())
-                    .bind(DbTime(audit.at))
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("planning a payment"))?
-                    .rows_affected();
-                if inserted > 0 {
-                    planned.push(serde_json::json!({ "occurrence": p.occurrence.to_string(), "state": state }));
-                }
-            }
-            let status = if step.next_run_at.is_some() { "active" } else { "completed" };
-            query("UPDATE schedules SET next_run_at = $1, next_occurrence = $2, status = $3, updated_at = $4 WHERE id = $5")
-                .bind(step.next_run_at.map(DbTime))
-                .bind(step.next_occurrence.as_ref().map(|k| k.to_string()))
-                .bind(status)
-                .bind(DbTime(audit.at))
-                .bind(DbId(current.id))
-                .execute(tx.conn())
-                .await
-                .map_err(db_err("moving a schedule's cursor"))?;
-            event(tx, audit, "schedule", current.id, "planned", serde_json::json!({
-                "payments": planned, "next_run_at": step.next_run_at, "status": status,
-            })).await?;
-            Ok(true)
-        }
-
         #[async_trait]
         impl Store for SqlStore<$db> {
+            async fn add_schedule(&self, new: &NewSchedule, audit: &Audit) -> Result<Schedule> {
+                schedules::add_schedule(self, new, audit).await
+            }
+
+            async fn schedule(&self, schedule_id: Uuid) -> Result<Schedule> {
+                schedules::schedule(self, schedule_id).await
+            }
+
+            async fn list_schedules(&self, member_id: Option<Uuid>) -> Result<Vec<Schedule>> {
+                schedules::list_schedules(self, member_id).await
+            }
+
+            async fn update_schedule(&self, change: &ScheduleChange, audit: &Audit) -> Result<Schedule> {
+                schedules::update_schedule(self, change, audit).await
+            }
+
+            async fn pause_schedule(&self, schedule_id: Uuid, audit: &Audit) -> Result<Schedule> {
+                schedules::pause_schedule(self, schedule_id, audit).await
+            }
+
+            async fn resume_schedule(&self, resume: &ScheduleResume, audit: &Audit) -> Result<Schedule> {
+                schedules::resume_schedule(self, resume, audit).await
+            }
+
+            async fn cancel_schedule(&self, schedule_id: Uuid, audit: &Audit) -> Result<Schedule> {
+                schedules::cancel_schedule(self, schedule_id, audit).await
+            }
+
+            async fn due_schedules(&self, now: Timestamp, limit: u32) -> Result<Vec<Schedule>> {
+                schedules::plan::due_schedules(self, now, limit).await
+            }
+
+            async fn apply_plan(&self, step: &PlanStep, audit: &Audit) -> Result<bool> {
+                schedules::plan::apply_plan(self, step, audit).await
+            }
+
+            async fn apply_plans(&self, steps: &[PlanStep], audit: &Audit) -> Result<Vec<bool>> {
+                schedules::plan::apply_plans(self, steps, audit).await
+            }
+
+            async fn schedules_due_between(&self, after: Timestamp, until: Timestamp) -> Result<Vec<Schedule>> {
+                schedules::plan::schedules_due_between(self, after, until).await
+            }
+
             async fn add_bills(&self, bills: &[NewBill], audit: &Audit) -> Result<BillImport> {
                 bills::add_bills(self, bills, audit).await
             }
@@ -1304,256 +1301,6 @@ macro_rules! shared_store_impl {
                 })
             }
 
-            async fn add_schedule(&self, new: &NewSchedule, audit: &Audit) -> Result<Schedule> {
-                let mut tx = self.begin_write().await?;
-                // The member's row, locked first: a `member close` running at the same time
-                // either sees this schedule and cancels it, or happens before and is seen here.
-                let member = member_by_id_in(&mut tx, new.member_id).await?;
-                let card = card_in(&mut tx, new.card_id).await?;
-                if card.member_id != new.member_id {
-                    return Err(StoreError::Conflict(format!(
-                        "card {} belongs to another member; use one of this member's cards (`autopay card list --account N`)", card.id
-                    )));
-                }
-                if card.status != CardStatus::Active {
-                    return Err(StoreError::Conflict(format!(
-                        "card {} is {}; add a new card with `autopay card add` and use it", card.id, card.status
-                    )));
-                }
-                if member.status != MemberStatus::Active {
-                    return Err(StoreError::Conflict(format!("member {} is closed; a closed member cannot set up payments", new.member_id)));
-                }
-                let currency = new.currency;
-                let recurrence = serde_json::to_string(&new.recurrence)
-                    .map_err(|e| StoreError::Internal(format!("cannot store a recurrence: {e}")))?;
-                let row = query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO schedules (id, member_id, payment_method_id, kind, recurrence, amount_rule, fixed_amount, currency, time_zone, next_run_at, next_occurrence, status, version, authorized_at, authorized_via, authorized_by, terms_version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, $13, $14, $15, $16, $13, $13) RETURNING {SCHEDULE_COLS}"
-                )))
-                .bind(DbId(new_id()))
-                .bind(DbId(new.member_id))
-                .bind(DbId(new.card_id))
-                .bind(new.kind.as_str())
-                .bind(recurrence)
-                .bind(new.amount.kind())
-                .bind(new.amount.fixed_amount().map(|m| m.minor()))
-                .bind(currency.code())
-                .bind(new.recurrence.time_zone_name())
-                .bind(new.next_run_at.map(DbTime))
-                .bind(new.next_occurrence.as_ref().map(|k| k.to_string()))
-                .bind(if new.next_run_at.is_some() { "active" } else { "completed" })
-                .bind(DbTime(audit.at))
-                .bind(new.authorized_via.as_str())
-                .bind(&audit.actor)
-                .bind(&new.terms_version)
-                .fetch_one(tx.conn())
-                .await
-                .map_err(|e| {
-                    if is_unique_violation(&e) {
-                        StoreError::Conflict(
-                            "this member already has a statement-balance schedule; a member may have only one. Cancel it (`autopay schedule cancel ID`) or give this schedule a fixed --amount".into(),
-                        )
-                    } else {
-                        StoreError::from_sqlx(e, "adding a schedule")
-                    }
-                })?;
-                let schedule = schedule_from(&row)?;
-                confirm_schedule(&mut tx, &ScheduleChangeNotice::Setup {
-                    first_payment_at: schedule.next_run_at, authorized_at: schedule.authorized_at,
-                }, &schedule, audit.at).await?;
-                event(&mut tx, audit, "schedule", schedule.id, "authorized", serde_json::json!({
-                    "member_id": new.member_id, "card_id": new.card_id, "rule": new.recurrence.describe(),
-                    "amount": new.amount, "via": new.authorized_via.as_str(), "terms_version": new.terms_version,
-                })).await?;
-                commit(tx).await?;
-                Ok(schedule)
-            }
-
-            async fn schedule(&self, schedule_id: Uuid) -> Result<Schedule> {
-                let row = query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE id = $1")))
-                    .bind(DbId(schedule_id))
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db_err("reading a schedule"))?;
-                match row {
-                    Some(row) => schedule_from(&row),
-                    None => Err(schedule_not_found(schedule_id)),
-                }
-            }
-
-            async fn list_schedules(&self, member_id: Option<Uuid>) -> Result<Vec<Schedule>> {
-                query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE ($1 IS NULL OR member_id = $1) ORDER BY created_at, id")))
-                    .bind(member_id.map(DbId))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db_err("listing schedules"))?
-                    .iter()
-                    .map(schedule_from)
-                    .collect()
-            }
-
-            async fn update_schedule(&self, change: &ScheduleChange, audit: &Audit) -> Result<Schedule> {
-                let mut tx = self.begin_write().await?;
-                let (_, current) = schedule_locked(&mut tx, change.id).await?;
-                if current.version != change.expected_version {
-                    return Err(StoreError::Conflict(format!(
-                        "schedule {} changed while this update was prepared (version {} is now {}); run the command again", change.id, change.expected_version, current.version
-                    )));
-                }
-                if !current.status.is_live() {
-                    return Err(StoreError::Conflict(format!("schedule {} is {}; it can no longer be changed. Set up a new one with `autopay schedule add`", change.id, current.status)));
-                }
-                // Whether or not the card changes, a schedule is never left (or put back) on a card
-                // that cannot be charged: its member would be told of charges that never come.
-                let card = card_in(&mut tx, change.card_id).await?;
-                if card.member_id != current.member_id {
-                    return Err(StoreError::Conflict(format!("card {} belongs to another member; use one of this member's cards", card.id)));
-                }
-                if card.status != CardStatus::Active {
-                    return Err(card_unusable(&card, change.id));
-                }
-                let status = if change.lift_suspension && current.status == ScheduleStatus::Suspended {
-                    ScheduleStatus::Active
-                } else {
-                    current.status
-                };
-                let (next_run_at, next_occurrence) = if status == ScheduleStatus::Active {
-                    (change.next_run_at, change.next_occurrence.as_ref().map(|k| k.to_string()))
-                } else {
-                    (current.next_run_at, current.next_occurrence.as_ref().map(|k| k.to_string()))
-                };
-                let recurrence = serde_json::to_string(&change.recurrence)
-                    .map_err(|e| StoreError::Internal(format!("cannot store a recurrence: {e}")))?;
-                let row = query(sqlx::AssertSqlSafe(format!(
-                    "UPDATE schedules SET payment_method_id = $1, recurrence = $2, amount_rule = $3, fixed_amount = $4, time_zone = $5, next_run_at = $6, next_occurrence = $7, status = $8, status_reason = CASE WHEN $8 = status THEN status_reason ELSE NULL END, consecutive_failures = CASE WHEN $8 = status THEN consecutive_failures ELSE 0 END, version = version + 1, updated_at = $9 WHERE id = $10 RETURNING {SCHEDULE_COLS}"
-                )))
-                .bind(DbId(change.card_id))
-                .bind(recurrence)
-                .bind(change.amount.kind())
-                .bind(change.amount.fixed_amount().map(|m| m.minor()))
-                .bind(change.recurrence.time_zone_name())
-                .bind(next_run_at.map(DbTime))
-                .bind(next_occurrence)
-                .bind(status.as_str())
-                .bind(DbTime(audit.at))
-                .bind(DbId(change.id))
-                .fetch_one(tx.conn())
-                .await
-                .map_err(|e| {
-                    if is_unique_violation(&e) {
-                        StoreError::Conflict("this member already has a statement-balance schedule; a member may have only one".into())
-                    } else {
-                        StoreError::from_sqlx(e, "updating a schedule")
-                    }
-                })?;
-                let updated = schedule_from(&row)?;
-                // Re-plan unclaimed payments: the next attempt uses the new card, and its amount
-                // is computed afresh when it is claimed.
-                let replanned = query("UPDATE payments SET payment_method_id = $1, schedule_version = $2, amount = NULL, updated_at = $3 WHERE schedule_id = $4 AND state IN ('scheduled', 'retry_wait')")
-                    .bind(DbId(change.card_id))
-                    .bind(updated.version)
-                    .bind(DbTime(audit.at))
-                    .bind(DbId(change.id))
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("re-planning payments"))?
-                    .rows_affected();
-                confirm_schedule(&mut tx, &ScheduleChangeNotice::Changed {
-                    version: updated.version, changes: change.summary.clone(),
-                }, &updated, audit.at).await?;
-                event(&mut tx, audit, "schedule", change.id, "changed", serde_json::json!({
-                    "version": updated.version, "changes": change.summary, "replanned_payments": replanned,
-                    "resumed": status != current.status,
-                })).await?;
-                commit(tx).await?;
-                Ok(updated)
-            }
-
-            async fn pause_schedule(&self, schedule_id: Uuid, audit: &Audit) -> Result<Schedule> {
-                let mut tx = self.begin_write().await?;
-                let (_, current) = schedule_locked(&mut tx, schedule_id).await?;
-                if current.status != ScheduleStatus::Active {
-                    return Err(StoreError::Conflict(format!("schedule {schedule_id} is {}; only an active schedule can be paused", current.status)));
-                }
-                let row = query(sqlx::AssertSqlSafe(format!(
-                    "UPDATE schedules SET status = 'paused', status_reason = 'paused by operator', next_run_at = NULL, next_occurrence = NULL, version = version + 1, updated_at = $1 WHERE id = $2 RETURNING {SCHEDULE_COLS}"
-                )))
-                .bind(DbTime(audit.at))
-                .bind(DbId(schedule_id))
-                .fetch_one(tx.conn())
-                .await
-                .map_err(db_err("pausing a schedule"))?;
-                let cancelled = cancel_unclaimed(&mut tx, schedule_id, "schedule paused", audit.at).await?;
-                let paused = schedule_from(&row)?;
-                confirm_schedule(&mut tx, &ScheduleChangeNotice::Paused { version: paused.version }, &paused, audit.at).await?;
-                event(&mut tx, audit, "schedule", schedule_id, "paused", serde_json::json!({ "cancelled_payments": cancelled })).await?;
-                commit(tx).await?;
-                Ok(paused)
-            }
-
-            async fn resume_schedule(&self, resume: &ScheduleResume, audit: &Audit) -> Result<Schedule> {
-                let mut tx = self.begin_write().await?;
-                let (_, current) = schedule_locked(&mut tx, resume.id).await?;
-                let card = card_in(&mut tx, current.card_id).await?;
-                if card.status != CardStatus::Active {
-                    return Err(card_unusable(&card, resume.id));
-                }
-                if !matches!(current.status, ScheduleStatus::Paused | ScheduleStatus::Suspended) {
-                    return Err(StoreError::Conflict(format!("schedule {} is {}; only a paused or suspended schedule can be resumed", resume.id, current.status)));
-                }
-                if current.version != resume.expected_version {
-                    return Err(StoreError::Conflict(format!("schedule {} changed meanwhile; run the command again", resume.id)));
-                }
-                let status = if resume.next_run_at.is_some() { "active" } else { "completed" };
-                let row = query(sqlx::AssertSqlSafe(format!(
-                    "UPDATE schedules SET status = $1, status_reason = NULL, consecutive_failures = 0, next_run_at = $2, next_occurrence = $3, version = version + 1, updated_at = $4 WHERE id = $5 RETURNING {SCHEDULE_COLS}"
-                )))
-                .bind(status)
-                .bind(resume.next_run_at.map(DbTime))
-                .bind(resume.next_occurrence.as_ref().map(|k| k.to_string()))
-                .bind(DbTime(audit.at))
-                .bind(DbId(resume.id))
-                .fetch_one(tx.conn())
-                .await
-                .map_err(db_err("resuming a schedule"))?;
-                event(&mut tx, audit, "schedule", resume.id, "resumed", serde_json::json!({
-                    "from": current.status.as_str(), "next_run_at": resume.next_run_at,
-                })).await?;
-                <Db as Backend>::wake_others(&mut tx).await?;
-                commit(tx).await?;
-                schedule_from(&row)
-            }
-
-            async fn cancel_schedule(&self, schedule_id: Uuid, audit: &Audit) -> Result<Schedule> {
-                let mut tx = self.begin_write().await?;
-                let (_, current) = schedule_locked(&mut tx, schedule_id).await?;
-                // A completed schedule may still have a payment waiting for a retry: cancelling
-                // stops that too.
-                let waiting: i64 = query_scalar("SELECT COUNT(*) FROM payments WHERE schedule_id = $1 AND state IN ('scheduled', 'retry_wait')")
-                    .bind(DbId(schedule_id))
-                    .fetch_one(tx.conn())
-                    .await
-                    .map_err(db_err("counting waiting payments"))?;
-                let cancellable = current.status.is_live() || (current.status == ScheduleStatus::Completed && waiting > 0);
-                if !cancellable {
-                    return Err(StoreError::Conflict(format!("schedule {schedule_id} is already {}", current.status)));
-                }
-                let row = query(sqlx::AssertSqlSafe(format!(
-                    "UPDATE schedules SET status = 'cancelled', status_reason = 'cancelled by operator', cancelled_at = $1, cancelled_by = $2, next_run_at = NULL, next_occurrence = NULL, version = version + 1, updated_at = $1 WHERE id = $3 RETURNING {SCHEDULE_COLS}"
-                )))
-                .bind(DbTime(audit.at))
-                .bind(&audit.actor)
-                .bind(DbId(schedule_id))
-                .fetch_one(tx.conn())
-                .await
-                .map_err(db_err("cancelling a schedule"))?;
-                let cancelled = cancel_unclaimed(&mut tx, schedule_id, "schedule cancelled", audit.at).await?;
-                let ended = schedule_from(&row)?;
-                confirm_schedule(&mut tx, &ScheduleChangeNotice::Cancelled, &ended, audit.at).await?;
-                event(&mut tx, audit, "schedule", schedule_id, "cancelled", serde_json::json!({ "cancelled_payments": cancelled })).await?;
-                commit(tx).await?;
-                Ok(ended)
-            }
-
             async fn payment(&self, payment_id: Uuid) -> Result<Payment> {
                 let row = query(sqlx::AssertSqlSafe(format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = $1")))
                     .bind(DbId(payment_id))
@@ -1654,35 +1401,6 @@ macro_rules! shared_store_impl {
                     .iter()
                     .map(notification_from)
                     .collect()
-            }
-
-            async fn due_schedules(&self, now: Timestamp, limit: u32) -> Result<Vec<Schedule>> {
-                query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS}{DUE_SCHEDULES_SQL}")))
-                    .bind(DbTime(now))
-                    .bind(i64::from(limit))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db_err("reading due schedules"))?
-                    .iter()
-                    .map(schedule_from)
-                    .collect()
-            }
-
-            async fn apply_plan(&self, step: &PlanStep, audit: &Audit) -> Result<bool> {
-                let mut tx = self.begin_write().await?;
-                let moved = apply_plan_in(&mut tx, step, audit).await?;
-                commit(tx).await?;
-                Ok(moved)
-            }
-
-            async fn apply_plans(&self, steps: &[PlanStep], audit: &Audit) -> Result<Vec<bool>> {
-                let mut tx = self.begin_write().await?;
-                let mut moved = Vec::with_capacity(steps.len());
-                for step in steps {
-                    moved.push(apply_plan_in(&mut tx, step, audit).await?);
-                }
-                commit(tx).await?;
-                Ok(moved)
             }
 
             async fn claim_work(&self, owner: &str, now: Timestamp, rules: &ClaimRules) -> Result<Vec<Work>> {
@@ -2285,21 +2003,6 @@ macro_rules! shared_store_impl {
                 }
                 .map_err(db_err("recording the mail pause"))?;
                 Ok(())
-            }
-
-            async fn schedules_due_between(&self, after: Timestamp, until: Timestamp) -> Result<Vec<Schedule>> {
-                query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {} FROM schedules s JOIN members m ON m.id = s.member_id WHERE s.status = 'active' AND m.reminders = TRUE AND m.status = 'active' AND s.next_run_at > $1 AND s.next_run_at <= $2 ORDER BY s.next_run_at, s.id",
-                    SCHEDULE_COLS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
-                )))
-                .bind(DbTime(after))
-                .bind(DbTime(until))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_err("finding schedules to remind"))?
-                .iter()
-                .map(schedule_from)
-                .collect()
             }
 
             async fn watch(&self, changed: &(dyn Fn() + Send + Sync), stop: &crate::shutdown::Shutdown) -> Result<()> {

@@ -373,6 +373,10 @@ super::shared::shared_store_impl!(sqlx::Sqlite);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
+    use crate::store::sql::payments::LATER_PAYMENT_SQL;
+    use crate::store::sql::schedules::SCHEDULE_COLS;
+    use crate::store::sql::schedules::plan::DUE_SCHEDULES_SQL;
     use std::os::unix::fs::MetadataExt;
 
     /// SQLite's plan for `sql`, one line per step.
