@@ -72,7 +72,7 @@ impl Backend for sqlx::Postgres {
 
     fn claim_due_sql() -> &'static str {
         static SQL: LazyLock<String> = LazyLock::new(|| {
-            crate::store::sql::payments::claim_due_sql(
+            crate::store::sql::payments::claim::claim_due_sql(
                 <sqlx::Postgres as Backend>::CLAIM_INDEX,
                 <sqlx::Postgres as Backend>::SKIP_LOCKED,
             )

@@ -77,7 +77,7 @@ impl Backend for sqlx::Sqlite {
 
     fn claim_due_sql() -> &'static str {
         static SQL: LazyLock<String> = LazyLock::new(|| {
-            crate::store::sql::payments::claim_due_sql(
+            crate::store::sql::payments::claim::claim_due_sql(
                 <sqlx::Sqlite as Backend>::CLAIM_INDEX,
                 <sqlx::Sqlite as Backend>::SKIP_LOCKED,
             )
@@ -374,7 +374,7 @@ super::shared::shared_store_impl!(sqlx::Sqlite);
 mod tests {
     use super::*;
     use crate::store::Store;
-    use crate::store::sql::payments::LATER_PAYMENT_SQL;
+    use crate::store::sql::payments::claim::LATER_PAYMENT_SQL;
     use crate::store::sql::schedules::SCHEDULE_COLS;
     use crate::store::sql::schedules::plan::DUE_SCHEDULES_SQL;
     use std::os::unix::fs::MetadataExt;

@@ -9,6 +9,7 @@
 pub mod backend;
 pub(crate) mod bills;
 pub(crate) mod cards;
+pub(crate) mod control;
 pub(crate) mod members;
 pub(crate) mod outbox;
 pub(crate) mod payments;
