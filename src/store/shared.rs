@@ -5,48 +5,30 @@
 
 macro_rules! shared_store_impl {
     ($db:ty) => {
-        use std::collections::BTreeMap;
+
 
         use async_trait::async_trait;
         use jiff::Timestamp;
         use uuid::Uuid;
 
+        use std::collections::BTreeMap;
+
         use crate::domain::attempt::ProcessorAttempt;
         use crate::domain::member::AccountNumber;
-
         use crate::domain::money::Money;
-
         use crate::domain::payment::PaymentState;
-
         use crate::sqltypes::{DbId, DbTime};
         use crate::store::*;
-        use crate::store::sql::{commit, currency,  db_err, event, execute_script, get, id, new_id, opt_time, parsed, query, query_as, query_scalar, time};
-
-
+        use crate::store::sql::{commit, db_err, event, get, id, new_id, query, query_scalar, time};
+        use crate::store::sql::control::*;
         use crate::store::sql::members::*;
 
-        use crate::store::sql::payments::*;
 
 
-
-        use crate::store::sql::payments::outcome::*;
-
-
-
-        use crate::store::sql::{bills, cards, control, members, payments, schedules};
+        use crate::store::sql::{bills, cards, control, members, payments, reconcile, schedules};
 
         type Db = $db;
         type DbRow = <$db as sqlx::Database>::Row;
-        type Tx = crate::store::WriteTx<$db>;
-
-        async fn counts(pool: &sqlx::Pool<$db>, sql: &'static str) -> Result<BTreeMap<String, i64>> {
-            let rows = query(sql).fetch_all(pool).await.map_err(db_err("counting"))?;
-            let mut out = BTreeMap::new();
-            for row in rows {
-                out.insert(get::<String>(&row, "status", "k")?, get::<i64>(&row, "status", "n")?);
-            }
-            Ok(out)
-        }
 
         const NOTIFICATION_COLS: &str = "id, kind, dedupe_key, member_id, recipient, payload, state, attempts, created_at";
 
@@ -65,136 +47,80 @@ macro_rules! shared_store_impl {
             })
         }
 
-        fn finding_from(row: &DbRow) -> Result<Finding> {
-            const T: &str = "reconcile_findings";
-            let kind = parsed(T, "kind", get::<String>(row, T, "kind")?.parse::<crate::domain::reconcile::FindingKind>())?;
-            Ok(Finding {
-                id: id(row, T, "id")?,
-                kind: kind.as_str().to_string(),
-                explanation: kind.explain().to_string(),
-                idempotency_key: get(row, T, "idempotency_key")?,
-                reference: get(row, T, "reference")?,
-                payment_id: get::<Option<DbId>>(row, T, "payment_id")?.map(|i| i.0),
-                schedule_id: id(row, T, "schedule_id")?,
-                occurrence: get(row, T, "occurrence")?,
-                attempt: get(row, T, "attempt")?,
-                amount: Money::from_minor(get(row, T, "amount")?, currency(row, T)?),
-                charged_at: time(row, T, "charged_at")?,
-                found_at: time(row, T, "found_at")?,
-                acknowledged_at: opt_time(row, T, "acknowledged_at")?,
-                acknowledged_by: get(row, T, "acknowledged_by")?,
-                note: get(row, T, "note")?,
-            })
-        }
-
-        const FINDING_COLS: &str = "id, kind, idempotency_key, reference, payment_id, schedule_id, occurrence, attempt, amount, currency, charged_at, found_at, acknowledged_at, acknowledged_by, note";
-
-        /// Lists a charge `reconcile` could not place; a second run finds it listed already.
-        async fn insert_finding(tx: &mut Tx, found: &ProcessorAttempt, kind: crate::domain::reconcile::FindingKind, payment_id: Option<Uuid>, audit: &Audit) -> Result<()> {
-            let done = query("INSERT INTO reconcile_findings (id, idempotency_key, kind, reference, payment_id, schedule_id, occurrence, attempt, amount, currency, charged_at, found_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (idempotency_key) DO NOTHING")
-                .bind(DbId(new_id()))
-                .bind(&found.idempotency_key)
-                .bind(kind.as_str())
-                .bind(&found.reference)
-                .bind(payment_id.map(DbId))
-                .bind(DbId(found.schedule_id))
-                .bind(&found.occurrence)
-                .bind(found.attempt)
-                .bind(found.amount.minor())
-                .bind(found.amount.currency().code())
-                .bind(DbTime(found.created_at))
-                .bind(DbTime(audit.at))
-                .execute(tx.conn())
-                .await
-                .map_err(db_err("recording a reconcile finding"))?
-                .rows_affected();
-            if done > 0 {
-                event(tx, audit, "reconcile", found.schedule_id, "finding", serde_json::json!({
-                    "kind": kind.as_str(), "reference": found.reference, "attempt": found.attempt,
-                    "occurrence": found.occurrence, "payment_id": payment_id,
-                })).await?;
-            }
-            Ok(())
-        }
-
-        /// Writes (or completes) the history of one attempt the processor reports: the attempt
-        /// row under its key, and the request in the card's history so the card limits count it.
-        async fn record_found_attempt(tx: &mut Tx, l: &Locked, found: &ProcessorAttempt, audit: &Audit) -> Result<()> {
-            let payment = &l.held.payment;
-            let outcome = if found.approved { "approved" } else { "declined" };
-            let existing: Option<DbId> = query_scalar("SELECT id FROM payment_attempts WHERE idempotency_key = $1")
-                .bind(&found.idempotency_key)
-                .fetch_optional(tx.conn())
-                .await
-                .map_err(db_err("reading an attempt"))?;
-            if existing.is_some() {
-                // Its request is in the card's history already, unfinished: finish it.
-                query("UPDATE processor_calls SET outcome = $1, detail = $2, finished_at = $3 WHERE payment_id = $4 AND attempt = $5 AND kind = 'charge' AND outcome IS NULL")
-                    .bind(outcome)
-                    .bind(found.decline_code().unwrap_or(&found.reference))
-                    .bind(DbTime(found.created_at))
-                    .bind(DbId(payment.id))
-                    .bind(found.attempt)
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("recording a reconciled request"))?;
-                query("UPDATE payment_attempts SET outcome = $1, decline_code = $2, processor_reference = $3, finished_at = $4, resend_stopped = TRUE WHERE idempotency_key = $5")
-                    .bind(outcome)
-                    .bind(found.decline_code())
-                    .bind(&found.reference)
-                    .bind(DbTime(found.created_at))
-                    .bind(&found.idempotency_key)
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("recording a reconciled attempt"))?;
-            } else {
-                query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at, outcome, decline_code, processor_reference, finished_at, first_sent_at, sends, resend_stopped) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $8, $8, 1, TRUE)")
-                    .bind(DbId(new_id()))
-                    .bind(DbId(payment.id))
-                    .bind(found.attempt)
-                    .bind(DbId(l.card.id))
-                    .bind(&found.idempotency_key)
-                    .bind(found.amount.minor())
-                    .bind(found.amount.currency().code())
-                    .bind(DbTime(found.created_at))
-                    .bind(outcome)
-                    .bind(found.decline_code())
-                    .bind(&found.reference)
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("recording a reconciled attempt"))?;
-            }
-            if existing.is_none() {
-                query("INSERT INTO processor_calls (id, payment_id, attempt, payment_method_id, fingerprint, kind, actor, started_at, outcome, detail, finished_at) VALUES ($1, $2, $3, $4, $5, 'charge', $6, $7, $8, $9, $7)")
-                    .bind(DbId(new_id()))
-                    .bind(DbId(payment.id))
-                    .bind(found.attempt)
-                    .bind(DbId(l.card.id))
-                    .bind(l.card.fingerprint.as_deref())
-                    .bind(&audit.actor)
-                    .bind(DbTime(found.created_at))
-                    .bind(outcome)
-                    .bind(found.decline_code().unwrap_or(&found.reference))
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("recording a reconciled request"))?;
-            }
-            Ok(())
-        }
-
-        /// Runs a housekeeping `DELETE` whose one parameter is the cut-off time; returns how many
-        /// rows went.
-        async fn delete_before(tx: &mut Tx, sql: &'static str, before: Timestamp, doing: &'static str) -> Result<u64> {
-            Ok(query(sql)
-                .bind(DbTime(before))
-                .execute(tx.conn())
-                .await
-                .map_err(db_err(doing))?
-                .rows_affected())
-        }
-
         #[async_trait]
         impl Store for SqlStore<$db> {
+            async fn newest_attempt(&self) -> Result<Option<Timestamp>> {
+                reconcile::newest_attempt(self).await
+            }
+
+            async fn known_keys(&self, keys: &[String]) -> Result<std::collections::HashSet<String>> {
+                reconcile::known_keys(self, keys).await
+            }
+
+            async fn reconcile_attempt(&self, found: &ProcessorAttempt, last_try: bool, audit: &Audit) -> Result<Reconciled> {
+                reconcile::reconcile_attempt(self, found, last_try, audit).await
+            }
+
+            async fn findings(&self, open_only: bool) -> Result<Vec<Finding>> {
+                reconcile::findings(self, open_only).await
+            }
+
+            async fn acknowledge_finding(&self, id: Uuid, note: &str, audit: &Audit) -> Result<Finding> {
+                reconcile::acknowledge_finding(self, id, note, audit).await
+            }
+
+            async fn migrate(&self, now: Timestamp) -> Result<MigrationReport> {
+                control::migrate(self, now).await
+            }
+
+            async fn schema_state(&self) -> Result<SchemaState> {
+                control::schema_state(self).await
+            }
+
+            async fn status(&self) -> Result<StatusReport> {
+                control::status(self).await
+            }
+
+            async fn events(&self, entity_id: &str) -> Result<Vec<Event>> {
+                control::events(self, entity_id).await
+            }
+
+            async fn set_charging_pause(&self, reason: Option<&str>, audit: &Audit) -> Result<Control> {
+                control::set_charging_pause(self, reason, audit).await
+            }
+
+            async fn attempt_stats(&self, since: Timestamp) -> Result<AttemptStats> {
+                control::attempt_stats(self, since).await
+            }
+
+            async fn record_job_run(&self, job: &str, worker: &str, at: Timestamp) -> Result<()> {
+                control::record_job_run(self, job, worker, at).await
+            }
+
+            async fn activity(&self, now: Timestamp, since: Timestamp) -> Result<Activity> {
+                control::activity(self, now, since).await
+            }
+
+            async fn database_clock(&self) -> Result<Option<Timestamp>> {
+                control::database_clock(self).await
+            }
+
+            async fn prune_job_runs(&self, before: Timestamp) -> Result<u64> {
+                control::prune_job_runs(self, before).await
+            }
+
+            async fn set_reconcile_mark(&self, since: Option<Timestamp>, audit: &Audit) -> Result<()> {
+                control::set_reconcile_mark(self, since, audit).await
+            }
+
+            async fn webhook_seen(&self, id: &str) -> Result<bool> {
+                control::webhook_seen(self, id).await
+            }
+
+            async fn record_webhook(&self, id: &str, kind: &str, outcome: &str, at: Timestamp) -> Result<bool> {
+                control::record_webhook(self, id, kind, outcome, at).await
+            }
+
             async fn control(&self) -> Result<Control> {
                 control::control(self).await
             }
@@ -415,125 +341,6 @@ macro_rules! shared_store_impl {
                 <Db as Backend>::KIND
             }
 
-            async fn migrate(&self, now: Timestamp) -> Result<MigrationReport> {
-                let mut tx = self.begin_write().await?;
-                <Db as Backend>::lock_for_migration(&mut tx).await?;
-                execute_script(<Db as Backend>::BOOTSTRAP, tx.conn()).await.map_err(db_err("creating the migrations table"))?;
-                let done: Vec<i64> = query_scalar("SELECT version FROM schema_migrations")
-                    .fetch_all(tx.conn())
-                    .await
-                    .map_err(db_err("reading applied migrations"))?;
-                let mut applied = Vec::new();
-                for (version, name, sql) in <Db as Backend>::MIGRATIONS {
-                    if done.contains(version) {
-                        continue;
-                    }
-                    execute_script(*sql, tx.conn()).await.map_err(|e| {
-                        StoreError::Schema(format!("migration {version} ({name}) failed: {e}; nothing was changed"))
-                    })?;
-                    query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)")
-                        .bind(*version)
-                        .bind(*name)
-                        .bind(DbTime(now))
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("recording a migration"))?;
-                    applied.push(format!("{version:04}_{name}"));
-                }
-                let existing: Option<DbId> = query_scalar("SELECT installation_id FROM control WHERE id = 1")
-                    .fetch_optional(tx.conn())
-                    .await
-                    .map_err(db_err("reading the installation id"))?;
-                let installation_id = match existing {
-                    Some(id) => id.0,
-                    None => {
-                        let id = Uuid::now_v7();
-                        query("INSERT INTO control (id, installation_id, min_binary_schema, created_at) VALUES (1, $1, $2, $3)")
-                            .bind(DbId(id))
-                            .bind(MIN_BINARY_SCHEMA)
-                            .bind(DbTime(now))
-                            .execute(tx.conn())
-                            .await
-                            .map_err(db_err("recording the installation id"))?;
-                        id
-                    }
-                };
-                commit(tx).await?;
-                Ok(MigrationReport { applied, schema_version: SCHEMA_VERSION, installation_id })
-            }
-
-            async fn schema_state(&self) -> Result<SchemaState> {
-                let applied: Option<i64> = match query_scalar("SELECT MAX(version) FROM schema_migrations")
-                    .fetch_one(&self.pool)
-                    .await
-                {
-                    Ok(v) => v,
-                    Err(e) => match StoreError::from_sqlx(e, "reading the schema version") {
-                        StoreError::Schema(_) => None,
-                        other => return Err(other),
-                    },
-                };
-                let applied = applied.unwrap_or(0);
-                let min_binary = if applied == 0 {
-                    0
-                } else {
-                    query_scalar::<_, i64>("SELECT min_binary_schema FROM control WHERE id = 1")
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(db_err("reading control"))?
-                        .unwrap_or(0)
-                };
-                Ok(SchemaState { applied, min_binary })
-            }
-
-            async fn status(&self) -> Result<StatusReport> {
-                let control = self.control().await?;
-                let members_bouncing: i64 = query_scalar("SELECT COUNT(*) FROM members WHERE email_bouncing = TRUE")
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(db_err("counting"))?;
-                let findings_open: i64 = query_scalar("SELECT COUNT(*) FROM reconcile_findings WHERE acknowledged_at IS NULL")
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(db_err("counting findings"))?;
-                let processor_events = counts(&self.pool, "SELECT type AS k, COUNT(*) AS n FROM webhook_events WHERE type IN ('charge.refunded', 'charge.dispute.created') GROUP BY type").await?;
-                Ok(StatusReport {
-                    backend: format!("{:?}", <Db as Backend>::KIND).to_lowercase(),
-                    schema_version: self.schema_state().await?.applied,
-                    control,
-                    members: counts(&self.pool, "SELECT status AS k, COUNT(*) AS n FROM members GROUP BY status").await?,
-                    schedules: counts(&self.pool, "SELECT status AS k, COUNT(*) AS n FROM schedules GROUP BY status").await?,
-                    payments: counts(&self.pool, "SELECT state AS k, COUNT(*) AS n FROM payments GROUP BY state").await?,
-                    bills: counts(&self.pool, "SELECT status AS k, COUNT(*) AS n FROM bills GROUP BY status").await?,
-                    notifications: counts(&self.pool, "SELECT state AS k, COUNT(*) AS n FROM notifications GROUP BY state").await?,
-                    members_bouncing,
-                    findings_open,
-                    processor_events,
-                })
-            }
-
-            async fn events(&self, entity_id: &str) -> Result<Vec<Event>> {
-                let rows = query("SELECT id, at, actor, entity, entity_id, action, detail FROM events WHERE entity_id = $1 ORDER BY at, id")
-                    .bind(entity_id)
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db_err("reading events"))?;
-                rows.iter()
-                    .map(|row| {
-                        const T: &str = "events";
-                        Ok(Event {
-                            id: id(row, T, "id")?,
-                            at: time(row, T, "at")?,
-                            actor: get(row, T, "actor")?,
-                            entity: get(row, T, "entity")?,
-                            entity_id: get(row, T, "entity_id")?,
-                            action: get(row, T, "action")?,
-                            detail: get::<sqlx::types::Json<serde_json::Value>>(row, T, "detail")?.0,
-                        })
-                    })
-                    .collect()
-            }
-
             async fn notifications(&self, member_id: Option<Uuid>) -> Result<Vec<Notification>> {
                 query(sqlx::AssertSqlSafe(format!("SELECT {NOTIFICATION_COLS} FROM notifications WHERE ($1 IS NULL OR member_id = $1) ORDER BY created_at, id")))
                     .bind(member_id.map(DbId))
@@ -543,40 +350,6 @@ macro_rules! shared_store_impl {
                     .iter()
                     .map(notification_from)
                     .collect()
-            }
-
-            async fn attempt_stats(&self, since: Timestamp) -> Result<AttemptStats> {
-                let row = query("SELECT COUNT(*) AS attempts, CAST(COALESCE(SUM(CASE WHEN outcome = 'declined' THEN 1 ELSE 0 END), 0) AS BIGINT) AS declines, CAST(COALESCE(SUM(CASE WHEN outcome IN ('unknown', 'busy', 'mismatch') THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors FROM processor_calls WHERE kind = 'charge' AND outcome IS NOT NULL AND started_at >= $1")
-                    .bind(DbTime(since))
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(db_err("reading attempt statistics"))?;
-                const T: &str = "processor_calls";
-                Ok(AttemptStats { attempts: get(&row, T, "attempts")?, declines: get(&row, T, "declines")?, errors: get(&row, T, "errors")? })
-            }
-
-            async fn set_charging_pause(&self, reason: Option<&str>, audit: &Audit) -> Result<Control> {
-                let mut tx = self.begin_write().await?;
-                let done = match reason {
-                    Some(reason) => query("UPDATE control SET charging_paused_at = COALESCE(charging_paused_at, $1), charging_paused_by = $2, charging_paused_reason = $3 WHERE id = 1")
-                        .bind(DbTime(audit.at))
-                        .bind(&audit.actor)
-                        .bind(reason)
-                        .execute(tx.conn())
-                        .await,
-                    None => query("UPDATE control SET charging_paused_at = NULL, charging_paused_by = NULL, charging_paused_reason = NULL WHERE id = 1")
-                        .execute(tx.conn())
-                        .await,
-                }
-                .map_err(db_err("changing the charging pause"))?;
-                if done.rows_affected() == 0 {
-                    return Err(StoreError::Schema("the database has no installation id; run `autopay migrate`".into()));
-                }
-                let installation: DbId = query_scalar("SELECT installation_id FROM control WHERE id = 1").fetch_one(tx.conn()).await.map_err(db_err("reading control"))?;
-                event(&mut tx, audit, "control", installation.0, if reason.is_some() { "charging_paused" } else { "charging_resumed" }, serde_json::json!({ "reason": reason })).await?;
-                <Db as Backend>::wake_others(&mut tx).await?;
-                commit(tx).await?;
-                self.control().await
             }
 
             async fn enqueue(&self, n: &NewNotification, at: Timestamp) -> Result<bool> {
@@ -762,54 +535,6 @@ macro_rules! shared_store_impl {
                 <Db as Backend>::watch(self, changed, stop).await
             }
 
-            async fn record_job_run(&self, job: &str, worker: &str, at: Timestamp) -> Result<()> {
-                let mut tx = self.begin_write().await?;
-                query("INSERT INTO job_runs (job, worker, last_run) VALUES ($1, $2, $3) ON CONFLICT (job, worker) DO UPDATE SET last_run = excluded.last_run")
-                    .bind(job)
-                    .bind(worker)
-                    .bind(DbTime(at))
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("recording a periodic job's run"))?;
-                commit(tx).await
-            }
-
-            async fn activity(&self, now: Timestamp, since: Timestamp) -> Result<Activity> {
-                let (due_now, oldest_due) = self.due_backlog(now).await?;
-                let next_due = self.next_wakeup().await?;
-                let jobs: Vec<(String, DbTime)> = query_as("SELECT job, MAX(last_run) FROM job_runs GROUP BY job ORDER BY job")
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db_err("reading the periodic jobs' runs"))?;
-                let recent = |state: PaymentState| {
-                    query_scalar::<_, i64>("SELECT COUNT(*) FROM payments WHERE state = $1 AND updated_at >= $2")
-                        .bind(state.as_str())
-                        .bind(DbTime(since))
-                        .fetch_one(&self.pool)
-                };
-                let failed = recent(PaymentState::Failed).await.map_err(db_err("counting recent failures"))?;
-                let unknown = recent(PaymentState::Unknown).await.map_err(db_err("counting recent failures"))?;
-                let needs_review = recent(PaymentState::NeedsReview).await.map_err(db_err("counting recent failures"))?;
-                Ok(Activity {
-                    due_now,
-                    oldest_due,
-                    next_due,
-                    jobs: jobs.into_iter().map(|(j, t)| (j, t.0)).collect(),
-                    failed,
-                    unknown,
-                    needs_review,
-                })
-            }
-
-            async fn database_clock(&self) -> Result<Option<Timestamp>> {
-                let Some(sql) = <Db as Backend>::CLOCK_QUERY else { return Ok(None) };
-                let t: DbTime = query_scalar(sql)
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(db_err("reading the database's clock"))?;
-                Ok(Some(t.0))
-            }
-
             async fn next_mail_due(&self) -> Result<Option<Timestamp>> {
                 let t: Option<DbTime> = query_scalar("SELECT MIN(CASE WHEN state = 'pending' THEN next_attempt_at ELSE lease_expires_at END) FROM notifications WHERE state IN ('pending', 'sending')")
                     .fetch_one(&self.pool)
@@ -825,251 +550,8 @@ macro_rules! shared_store_impl {
                 Ok(done)
             }
 
-            async fn prune_job_runs(&self, before: Timestamp) -> Result<u64> {
-                let mut tx = self.begin_write().await?;
-                let mut done = delete_before(&mut tx, "DELETE FROM job_runs WHERE last_run < $1", before, "deleting old job runs").await?;
-                // Handled webhook events are kept while the processor may deliver them again
-                // (Stripe: three days); refunds and disputes stay, for `status`.
-                done += delete_before(&mut tx, "DELETE FROM webhook_events WHERE received_at < $1 AND type NOT IN ('charge.refunded', 'charge.dispute.created')", before, "deleting old webhook events").await?;
-                commit(tx).await?;
-                Ok(done)
-            }
-
             async fn backup_into(&self, path: &std::path::Path, at: Timestamp) -> Result<()> {
                 <Db as Backend>::backup_into(self, path, at).await
-            }
-
-            async fn set_reconcile_mark(&self, since: Option<Timestamp>, audit: &Audit) -> Result<()> {
-                let mut tx = self.begin_write().await?;
-                match since {
-                    Some(t) => query("UPDATE control SET reconcile_required_since = CASE WHEN reconcile_required_since IS NOT NULL AND reconcile_required_since < $1 THEN reconcile_required_since ELSE $1 END, min_binary_schema = CASE WHEN min_binary_schema < $2 THEN $2 ELSE min_binary_schema END WHERE id = 1")
-                        .bind(DbTime(t))
-                        .bind(RECONCILE_SCHEMA),
-                    None => query("UPDATE control SET reconcile_required_since = NULL, min_binary_schema = $1 WHERE id = 1")
-                        .bind(MIN_BINARY_SCHEMA),
-                }
-                .execute(tx.conn())
-                .await
-                .map_err(db_err("marking the database"))?;
-                let action = if since.is_some() { "reconcile_required" } else { "reconciled" };
-                event(&mut tx, audit, "control", Uuid::nil(), action, serde_json::json!({ "since": since })).await?;
-                commit(tx).await
-            }
-
-            async fn newest_attempt(&self) -> Result<Option<Timestamp>> {
-                let mut newest: Option<Timestamp> = None;
-                for sql in ["SELECT MAX(started_at) FROM payment_attempts", "SELECT MAX(started_at) FROM processor_calls"] {
-                    let t: Option<DbTime> = query_scalar(sql)
-                        .fetch_one(&self.pool)
-                        .await
-                        .map_err(db_err("finding the newest record"))?;
-                    newest = newest.max(t.map(|t| t.0));
-                }
-                Ok(newest)
-            }
-
-            async fn known_keys(&self, keys: &[String]) -> Result<std::collections::HashSet<String>> {
-                let mut known = std::collections::HashSet::new();
-                for chunk in keys.chunks(500) {
-                    let marks = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
-                    let sql = format!(
-                        "SELECT idempotency_key FROM payment_attempts WHERE idempotency_key IN ({marks}) \
-                         UNION SELECT idempotency_key FROM reconcile_findings WHERE idempotency_key IN ({marks})"
-                    );
-                    let mut q = query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
-                    for k in chunk {
-                        q = q.bind(k);
-                    }
-                    known.extend(q.fetch_all(&self.pool).await.map_err(db_err("comparing attempts with the processor's"))?);
-                }
-                Ok(known)
-            }
-
-            async fn reconcile_attempt(&self, found: &ProcessorAttempt, last_try: bool, audit: &Audit) -> Result<Reconciled> {
-                use crate::domain::reconcile::{decide, Decision, OurPayment, Recorded};
-                let mut tx = self.begin_write().await?;
-                let listed: Option<DbId> = query_scalar("SELECT id FROM reconcile_findings WHERE idempotency_key = $1")
-                    .bind(&found.idempotency_key)
-                    .fetch_optional(tx.conn())
-                    .await
-                    .map_err(db_err("reading findings"))?;
-                if listed.is_some() {
-                    return Ok(Reconciled::Finding);
-                }
-                // The payment the attempt was made for: by its id, or (planned again after the
-                // restore under another id) by its schedule and occurrence, which the key names.
-                let payment_id: Option<DbId> = query_scalar("SELECT id FROM payments WHERE id = $1 OR (schedule_id = $2 AND occurrence = $3) ORDER BY CASE WHEN id = $1 THEN 0 ELSE 1 END LIMIT 1")
-                    .bind(DbId(found.payment_id))
-                    .bind(DbId(found.schedule_id))
-                    .bind(&found.occurrence)
-                    .fetch_optional(tx.conn())
-                    .await
-                    .map_err(db_err("finding the attempt's payment"))?;
-                let locked = match payment_id {
-                    Some(pid) => lock_payment(&mut tx, pid.0).await?,
-                    None => None,
-                };
-                let ours = match &locked {
-                    None => None,
-                    Some(l) => {
-                        let outcome: Option<Option<String>> = query_scalar("SELECT outcome FROM payment_attempts WHERE idempotency_key = $1")
-                            .bind(&found.idempotency_key)
-                            .fetch_optional(tx.conn())
-                            .await
-                            .map_err(db_err("reading an attempt"))?;
-                        let in_flight: Option<i64> = query_scalar("SELECT attempt FROM payment_attempts WHERE payment_id = $1 AND attempt = $2 AND first_sent_at IS NOT NULL AND outcome IS NULL")
-                            .bind(DbId(l.held.payment.id))
-                            .bind(l.held.payment.attempt)
-                            .fetch_optional(tx.conn())
-                            .await
-                            .map_err(db_err("reading an attempt"))?;
-                        Some(OurPayment {
-                            current_in_flight: in_flight.is_some(),
-                            state: l.held.payment.state,
-                            attempt: l.held.payment.attempt,
-                            reference: l.held.payment.processor_reference.clone(),
-                            recorded: outcome.map(|o| match o.as_deref() {
-                                Some("approved") => Recorded::Approved,
-                                Some("declined") => Recorded::Declined,
-                                _ => Recorded::Open,
-                            }),
-                        })
-                    }
-                };
-                let decision = decide(found, ours.as_ref());
-                let done = match (decision, locked) {
-                    (Decision::Known, _) => Reconciled::Known,
-                    (Decision::Ignore, _) => Reconciled::Ignored,
-                    (Decision::Finding(crate::domain::reconcile::FindingKind::NoPayment), _) if !last_try => {
-                        let schedule: Option<DbId> = query_scalar("SELECT id FROM schedules WHERE id = $1")
-                            .bind(DbId(found.schedule_id))
-                            .fetch_optional(tx.conn())
-                            .await
-                            .map_err(db_err("reading a schedule"))?;
-                        if schedule.is_some() {
-                            return Ok(Reconciled::Unplanned);
-                        }
-                        insert_finding(&mut tx, found, crate::domain::reconcile::FindingKind::NoPayment, None, audit).await?;
-                        Reconciled::Finding
-                    }
-                    (Decision::Finding(kind), l) => {
-                        insert_finding(&mut tx, found, kind, l.as_ref().map(|l| l.held.payment.id), audit).await?;
-                        Reconciled::Finding
-                    }
-                    (Decision::Record { .. }, None) => {
-                        return Err(StoreError::Internal("reconcile decided to record onto a payment it did not find".into()));
-                    }
-                    (Decision::Record { moves_to }, Some(mut l)) => {
-                        record_found_attempt(&mut tx, &l, found, audit).await?;
-                        let (payment_id, from) = (l.held.payment.id, l.held.payment.state);
-                        let state = match moves_to {
-                            None => from,
-                            Some(PaymentState::Succeeded) => {
-                                // The money moved at the amount the processor reports; credit the
-                                // lost attempt reserved is not known, so none is used.
-                                query("UPDATE payments SET attempt = $1, amount = $2, credit_applied = 0 WHERE id = $3")
-                                    .bind(found.attempt)
-                                    .bind(found.amount.minor())
-                                    .bind(DbId(payment_id))
-                                    .execute(tx.conn())
-                                    .await
-                                    .map_err(db_err("recording a reconciled success"))?;
-                                l.held.payment.attempt = found.attempt;
-                                l.held.payment.amount = Some(found.amount);
-                                l.held.credit_applied = 0;
-                                // The receipt and the allocations carry the moment the money moved.
-                                let charged = Audit { actor: audit.actor.clone(), at: found.created_at };
-                                settle_success(&mut tx, &l, PaymentState::Succeeded, &found.reference, &charged).await?;
-                                PaymentState::Succeeded
-                            }
-                            Some(state) => {
-                                let reason = format!(
-                                    "reconcile: the processor declined attempt {} ({}) after the backup this database was restored from; retry it with `autopay payment retry` or resolve it",
-                                    found.attempt, found.decline_code().unwrap_or("no code")
-                                );
-                                query("UPDATE payments SET state = $1, attempt = $2, amount = $3, credit_applied = 0, decline_code = $4, reason = $5, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, unknown_since = NULL, updated_at = $6 WHERE id = $7")
-                                    .bind(state.as_str())
-                                    .bind(found.attempt)
-                                    .bind(found.amount.minor())
-                                    .bind(found.decline_code())
-                                    .bind(&reason)
-                                    .bind(DbTime(audit.at))
-                                    .bind(DbId(payment_id))
-                                    .execute(tx.conn())
-                                    .await
-                                    .map_err(db_err("recording a reconciled decline"))?;
-                                state
-                            }
-                        };
-                        event(&mut tx, audit, "payment", payment_id, "reconciled", serde_json::json!({
-                            "attempt": found.attempt, "approved": found.approved, "reference": found.reference,
-                            "from": from.as_str(), "to": state.as_str(),
-                        })).await?;
-                        Reconciled::Recorded { payment_id, state }
-                    }
-                };
-                commit(tx).await?;
-                Ok(done)
-            }
-
-            async fn findings(&self, open_only: bool) -> Result<Vec<Finding>> {
-                let filter = if open_only { " WHERE acknowledged_at IS NULL" } else { "" };
-                let rows = query(sqlx::AssertSqlSafe(format!("SELECT {FINDING_COLS} FROM reconcile_findings{filter} ORDER BY charged_at, id")))
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db_err("reading findings"))?;
-                rows.iter().map(finding_from).collect()
-            }
-
-            async fn acknowledge_finding(&self, id: Uuid, note: &str, audit: &Audit) -> Result<Finding> {
-                let mut tx = self.begin_write().await?;
-                let row = query(sqlx::AssertSqlSafe(format!("SELECT {FINDING_COLS} FROM reconcile_findings WHERE id = $1{}", <Db as Backend>::FOR_UPDATE)))
-                    .bind(DbId(id))
-                    .fetch_optional(tx.conn())
-                    .await
-                    .map_err(db_err("reading a finding"))?
-                    .ok_or_else(|| StoreError::NotFound(format!("no finding has id {id}; list them with `autopay reconcile --findings`")))?;
-                let finding = finding_from(&row)?;
-                if let Some(at) = finding.acknowledged_at {
-                    return Err(StoreError::Conflict(format!(
-                        "finding {id} was acknowledged at {at} by {}; nothing changed", finding.acknowledged_by.as_deref().unwrap_or("someone")
-                    )));
-                }
-                query("UPDATE reconcile_findings SET acknowledged_at = $1, acknowledged_by = $2, note = $3 WHERE id = $4")
-                    .bind(DbTime(audit.at))
-                    .bind(&audit.actor)
-                    .bind(note)
-                    .bind(DbId(id))
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("acknowledging a finding"))?;
-                event(&mut tx, audit, "reconcile", id, "acknowledged", serde_json::json!({ "note": note })).await?;
-                commit(tx).await?;
-                Ok(Finding { acknowledged_at: Some(audit.at), acknowledged_by: Some(audit.actor.clone()), note: Some(note.to_string()), ..finding })
-            }
-
-            async fn webhook_seen(&self, id: &str) -> Result<bool> {
-                let n: i64 = query_scalar("SELECT COUNT(*) FROM webhook_events WHERE id = $1")
-                    .bind(id)
-                    .fetch_one(&self.pool)
-                    .await
-                    .map_err(db_err("reading webhook events"))?;
-                Ok(n > 0)
-            }
-
-            async fn record_webhook(&self, id: &str, kind: &str, outcome: &str, at: Timestamp) -> Result<bool> {
-                let mut tx = self.begin_write().await?;
-                let added = query("INSERT INTO webhook_events (id, type, received_at, outcome) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING")
-                    .bind(id)
-                    .bind(kind)
-                    .bind(DbTime(at))
-                    .bind(outcome)
-                    .execute(tx.conn())
-                    .await
-                    .map_err(db_err("recording a webhook event"))?
-                    .rows_affected() > 0;
-                commit(tx).await?;
-                Ok(added)
             }
 
         }

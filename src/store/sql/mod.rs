@@ -13,6 +13,7 @@ pub(crate) mod control;
 pub(crate) mod members;
 pub(crate) mod outbox;
 pub(crate) mod payments;
+pub(crate) mod reconcile;
 pub(crate) mod schedules;
 
 use jiff::Timestamp;
