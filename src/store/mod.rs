@@ -8,7 +8,6 @@
 pub mod postgres;
 mod records;
 pub mod retry;
-mod shared;
 pub mod sql;
 pub mod sqlite;
 

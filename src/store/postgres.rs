@@ -246,5 +246,3 @@ impl PgStore {
         Ok(SqlStore { pool, turn: () })
     }
 }
-
-super::shared::shared_store_impl!(sqlx::Postgres);

@@ -368,8 +368,6 @@ fn create_private(url: &DatabaseUrl) {
         .open(path);
 }
 
-super::shared::shared_store_impl!(sqlx::Sqlite);
-
 #[cfg(test)]
 mod tests {
     use super::*;

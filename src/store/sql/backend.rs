@@ -47,7 +47,7 @@ pub trait Backend: sqlx::Database<Row: Record> {
     /// (see [`WriteTx`]); nothing for PostgreSQL.
     type WriteTurn: Clone + std::fmt::Debug + Send + Sync;
 
-    /// The due-charges claim ([`super::payments::claim::claim_due_sql`]) in this dialect, built
+    /// The due-charges claim (`sql::payments::claim::claim_due_sql`) in this dialect, built
     /// once.
     fn claim_due_sql() -> &'static str;
 

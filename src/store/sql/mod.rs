@@ -15,6 +15,7 @@ pub(crate) mod outbox;
 pub(crate) mod payments;
 pub(crate) mod reconcile;
 pub(crate) mod schedules;
+mod store;
 
 use jiff::Timestamp;
 use uuid::Uuid;
