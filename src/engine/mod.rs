@@ -79,10 +79,9 @@ pub struct Engine {
     pub(crate) health: Arc<Health>,
     /// Once triggered, the charge pipeline claims nothing more (what is in flight finishes).
     pub(crate) stop: Shutdown,
-    /// Write transactions this engine runs at once: 1 on SQLite, `daemon.concurrency` on
-    /// PostgreSQL (the group commit's lanes, the planner's parallel plans).
-    pub(crate) writers: usize,
-    /// Writes the attempts' steps of every charge in flight, many to a transaction.
+    /// Writes the attempts' steps of every charge in flight, many to a transaction, in as
+    /// many transactions at once as the database writes: 1 on SQLite, `daemon.concurrency` on
+    /// PostgreSQL.
     pub(crate) committer: Arc<committer::Committer>,
 }
 
@@ -122,7 +121,6 @@ impl Engine {
             crash_hook: None,
             health: Arc::new(Health::new()),
             stop: Shutdown::new(),
-            writers,
             committer: Arc::new(committer::Committer::new(writers)),
         }
     }

@@ -127,47 +127,23 @@ impl Engine {
         }
     }
 
-    /// Writes one batch of plans. With one writer (SQLite), the batch in one transaction: one
-    /// commit instead of one per schedule; should that fail, each schedule is written on its own,
-    /// so one bad schedule fails only itself. With several (PostgreSQL), each schedule in a
-    /// transaction of its own, that many at once, overlapping their round trips; none of these
-    /// transactions holds more than one schedule's lock.
+    /// Writes one batch of plans in one transaction, set-based (a statement for every
+    /// schedule's row, one for every payment, one per cursor position): one commit instead of
+    /// one per schedule. Should that fail, each schedule is written on its own, so one bad
+    /// schedule fails only itself.
     async fn apply_plans(&self, steps: &[PlanStep]) -> Result<Vec<bool>, EngineError> {
         let audit = self.audit();
-        match self.writers {
-            1 => match self.store.apply_plans(steps, &audit).await {
-                Ok(applied) => Ok(applied),
-                Err(e) if steps.len() > 1 => {
-                    tracing::warn!(error.message = %e, schedules = steps.len(), "planning a batch in one transaction failed; planning its schedules one by one");
-                    let mut applied = Vec::with_capacity(steps.len());
-                    for step in steps {
-                        applied.push(self.store.apply_plan(step, &audit).await?);
-                    }
-                    Ok(applied)
+        match self.store.apply_plans(steps, &audit).await {
+            Ok(applied) => Ok(applied),
+            Err(e) if steps.len() > 1 => {
+                tracing::warn!(error.message = %e, schedules = steps.len(), "planning a batch in one transaction failed; planning its schedules one by one");
+                let mut applied = Vec::with_capacity(steps.len());
+                for step in steps {
+                    applied.push(self.store.apply_plan(step, &audit).await?);
                 }
-                Err(e) => Err(e.into()),
-            },
-            lanes => {
-                let mut applied = vec![false; steps.len()];
-                let mut tasks = tokio::task::JoinSet::new();
-                let mut first_error = None;
-                for (i, step) in steps.iter().enumerate() {
-                    if tasks.len() >= lanes
-                        && let Some(done) = tasks.join_next().await
-                    {
-                        collect(done, &mut applied, &mut first_error);
-                    }
-                    let (store, step, audit) = (self.store.clone(), step.clone(), audit.clone());
-                    tasks.spawn(async move { (i, store.apply_plan(&step, &audit).await) });
-                }
-                while let Some(done) = tasks.join_next().await {
-                    collect(done, &mut applied, &mut first_error);
-                }
-                match first_error {
-                    Some(e) => Err(e),
-                    None => Ok(applied),
-                }
+                Ok(applied)
             }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -239,24 +215,6 @@ pub async fn plan_if_due(
 }
 
 /// One schedule's plan written by a task of its own: its result in its place, or the first error.
-fn collect(
-    done: Result<(usize, Result<bool, StoreError>), tokio::task::JoinError>,
-    applied: &mut [bool],
-    first_error: &mut Option<EngineError>,
-) {
-    match done {
-        Ok((i, Ok(moved))) => applied[i] = moved,
-        Ok((_, Err(e))) => {
-            first_error.get_or_insert(e.into());
-        }
-        Err(e) => {
-            first_error.get_or_insert(EngineError::Store(StoreError::Internal(format!(
-                "a planning task stopped: {e}"
-            ))));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1138,7 +1138,59 @@ crate::helpers::on_both!(
     an_operator_resolves_an_unknown_payment_and_retries_a_missed_one,
     the_circuit_breaker_pauses_charging_when_declines_spike,
     cancelling_a_completed_one_time_schedule_stops_its_retries,
+    a_batch_of_plans_applies_each_fresh_step_once_and_refuses_the_stale,
 );
+
+/// A batch of plans is written set-based: each step applies once, a step made against a
+/// cursor that moved since (or the same schedule twice) is refused, and an occurrence another
+/// planner already wrote is left alone.
+async fn a_batch_of_plans_applies_each_fresh_step_once_and_refuses_the_stale(kind: Kind) {
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::EmployerGroup).await;
+    let card = w.card(&m, "4242424242424242").await;
+    let fixed = || AmountRule::Fixed {
+        amount: usd("5.00"),
+    };
+    let a = w.schedule_now(&m, &card, fixed()).await;
+    let b = w.schedule_now(&m, &card, fixed()).await;
+    let c = w.schedule_now(&m, &card, fixed()).await;
+    let now = w.clock.now();
+    let plan = |s: &Schedule| {
+        autopay::engine::plan_step(
+            s,
+            now,
+            w.settings.payments.misfire,
+            w.settings.payments.max_lateness.as_std(),
+        )
+    };
+    // c's cursor moves (planned alone) before the batch made against its old cursor.
+    let c_step = plan(&c);
+    assert!(w.store.apply_plan(&c_step, &w.audit()).await.unwrap());
+    let steps = vec![plan(&a), c_step.clone(), plan(&b), plan(&a)];
+    let applied = w.store.apply_plans(&steps, &w.audit()).await.unwrap();
+    assert_eq!(applied, vec![true, false, true, false]);
+    let payments = w.payments(&m).await;
+    assert_eq!(payments.len(), 3, "one payment per schedule: {payments:?}");
+    for s in [&a, &b, &c] {
+        let moved = w.store.schedule(s.id).await.unwrap();
+        assert_eq!(moved.status, ScheduleStatus::Active);
+        assert_eq!(moved.next_run_at, plan(s).next_run_at, "cursor moved once");
+        assert_eq!(payments.iter().filter(|p| p.schedule_id == s.id).count(), 1);
+    }
+    let planned = w
+        .store
+        .events(&a.id.to_string())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "planned")
+        .count();
+    assert_eq!(planned, 1, "one audit event for a's plan");
+    // The same batch again: every cursor moved, nothing is written twice.
+    let again = w.store.apply_plans(&steps, &w.audit()).await.unwrap();
+    assert_eq!(again, vec![false; 4]);
+    assert_eq!(w.payments(&m).await.len(), 3);
+}
 
 /// Three engines on one PostgreSQL race over many due payments: each is charged once.
 #[tokio::test]

@@ -106,6 +106,18 @@ pub(crate) fn currency(row: &impl Record, table: &str) -> Result<Currency> {
     )
 }
 
+/// `$first, $first+1, …`: `n` placeholders in a row, for an `IN (…)` list or a `VALUES` row.
+pub(crate) fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Ids per `IN (…)` list or rows per multi-row statement: well under both backends' limits
+/// on bound values (32,766 in SQLite, 65,535 in PostgreSQL) at a dozen values a row.
+pub(crate) const ROWS_PER_STATEMENT: usize = 1000;
+
 pub(crate) fn new_id() -> Uuid {
     Uuid::now_v7()
 }

@@ -10,7 +10,8 @@ use crate::sqltypes::{DbId, DbTime};
 use crate::store::sql::control::delete_before;
 use crate::store::sql::members::member_by_id_in;
 use crate::store::sql::{
-    Backend, Record, SqlStore, commit, db_err, event, get, id, new_id, query, query_scalar, time,
+    Backend, Record, SqlStore, commit, db_err, event, get, id, new_id, placeholders, query,
+    query_scalar, time,
 };
 use crate::store::{
     Audit, Delivered, DeliveryOutcome, Member, NewNotification, Notification, NotificationLease,
@@ -156,10 +157,7 @@ pub(crate) async fn claim_notifications<B: Backend>(
     // The recipient is the member's address now, not when the row was queued: an
     // address changed in between must not send the message to the old one. The
     // column then records where this attempt went.
-    let placeholders = (0..ids.len())
-        .map(|i| format!("${}", i + 4))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let placeholders = placeholders(4, ids.len());
     let mut update = query(sqlx::AssertSqlSafe(format!(
         "UPDATE notifications SET state = 'sending', lease_owner = $1, lease_token = $2, lease_expires_at = $3, attempts = attempts + 1, \
          recipient = COALESCE((SELECT m.email FROM members m WHERE m.id = notifications.member_id), recipient) WHERE id IN ({placeholders}) RETURNING {NOTIFICATION_COLS}"

@@ -1,84 +1,217 @@
 //! The planner's side of schedules: which are due, and writing their due occurrences as payments.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
+
 use jiff::Timestamp;
+use uuid::Uuid;
 
 use crate::domain::status::ScheduleStatus;
 use crate::sqltypes::{DbId, DbTime};
-use crate::store::sql::schedules::{SCHEDULE_COLS, schedule_from, schedule_in};
-use crate::store::sql::{Backend, SqlStore, commit, db_err, event, new_id, query};
-use crate::store::{Audit, PlanStep, Result, Schedule, WriteTx};
+use crate::store::sql::schedules::{SCHEDULE_COLS, schedule_from};
+use crate::store::sql::{
+    Backend, ROWS_PER_STATEMENT, SqlStore, commit, db_err, event, get, new_id, placeholders, query,
+};
+use crate::store::{Audit, PlanStep, PlannedPayment, Result, Schedule, WriteTx};
 
 /// Due schedules in order, after `SELECT {SCHEDULE_COLS}`: read from `schedules_due_order`.
 pub(crate) const DUE_SCHEDULES_SQL: &str = " FROM schedules WHERE status = 'active' AND next_run_at <= $1 ORDER BY next_run_at, id LIMIT $2";
 
-/// One schedule's plan, inside `tx`: false when the schedule changed since it was read.
-pub(crate) async fn apply_plan_in<B: Backend>(
+/// The plans of a batch of due schedules, inside `tx`, set-based: one statement reads and
+/// locks every schedule (in id order, the order any other transaction locks them in), one
+/// multi-row `INSERT` writes every payment, one `UPDATE` moves the cursors of all schedules
+/// that move to the same place (on the 1st of the month, nearly all), and the audit events go
+/// in with the commit. For each step, false when its schedule changed since it was read (or
+/// the same schedule came twice: the second is late by definition).
+pub(crate) async fn apply_plans_in<B: Backend>(
     tx: &mut WriteTx<B>,
-    step: &PlanStep,
+    steps: &[PlanStep],
     audit: &Audit,
-) -> Result<bool> {
-    let current = schedule_in(tx, step.schedule_id).await?;
-    if current.status != ScheduleStatus::Active
-        || current.version != step.expected_version
-        || current.next_occurrence.as_ref() != Some(&step.expected_next)
-    {
-        return Ok(false);
-    }
-    let mut planned = Vec::new();
-    for p in &step.payments {
-        let state = if p.missed.is_some() {
-            "missed"
-        } else {
-            "scheduled"
-        };
-        let inserted = query("INSERT INTO payments (id, schedule_id, member_id, occurrence, due_at, currency, state, attempt, payment_method_id, schedule_version, reason, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9, $10, $11, $11) ON CONFLICT (schedule_id, occurrence) DO NOTHING")
-            .bind(DbId(new_id()))
-            .bind(DbId(current.id))
-            .bind(DbId(current.member_id))
-            .bind(p.occurrence.to_string())
-            .bind(DbTime(p.due_at))
-            .bind(current.currency.code())
-            .bind(state)
-            .bind(DbId(current.card_id))
-            .bind(current.version)
-            .bind(p.missed.as_deref())
-            .bind(DbTime(audit.at))
-            .execute(tx.conn())
+) -> Result<Vec<bool>> {
+    let mut ids: Vec<Uuid> = steps.iter().map(|s| s.schedule_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut current: HashMap<Uuid, Schedule> = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut read = query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SCHEDULE_COLS} FROM schedules WHERE id IN ({}) ORDER BY id{}",
+            placeholders(1, chunk.len()),
+            B::FOR_UPDATE
+        )));
+        for id in chunk {
+            read = read.bind(DbId(*id));
+        }
+        for row in read
+            .fetch_all(tx.conn())
             .await
-            .map_err(db_err("planning a payment"))?
-            .rows_affected();
-        if inserted > 0 {
-            planned.push(
-                serde_json::json!({ "occurrence": p.occurrence.to_string(), "state": state }),
-            );
+            .map_err(db_err("reading due schedules"))?
+        {
+            let schedule = schedule_from(&row)?;
+            current.insert(schedule.id, schedule);
         }
     }
-    let status = if step.next_run_at.is_some() {
+    let mut applied = Vec::with_capacity(steps.len());
+    let mut taken: Vec<(&PlanStep, Schedule)> = Vec::with_capacity(steps.len());
+    for step in steps {
+        // Taken out once planned, so a second step for the same schedule finds nothing.
+        let fresh = current.remove(&step.schedule_id).filter(|c| {
+            c.status == ScheduleStatus::Active
+                && c.version == step.expected_version
+                && c.next_occurrence.as_ref() == Some(&step.expected_next)
+        });
+        applied.push(fresh.is_some());
+        if let Some(schedule) = fresh {
+            taken.push((step, schedule));
+        }
+    }
+    let inserted = insert_payments(tx, &taken, audit.at).await?;
+    move_cursors(tx, &taken, audit.at).await?;
+    for (step, schedule) in &taken {
+        let planned: Vec<serde_json::Value> = step
+            .payments
+            .iter()
+            .filter(|p| inserted.contains(&(schedule.id, p.occurrence.to_string())))
+            .map(|p| {
+                serde_json::json!({ "occurrence": p.occurrence.to_string(), "state": planned_state(p) })
+            })
+            .collect();
+        event(
+            tx,
+            audit,
+            "schedule",
+            schedule.id,
+            "planned",
+            serde_json::json!({
+                "payments": planned, "next_run_at": step.next_run_at, "status": cursor_status(step),
+            }),
+        )
+        .await?;
+    }
+    Ok(applied)
+}
+
+/// A planned payment's first state: `missed` when a rule says it is not to be charged.
+fn planned_state(p: &PlannedPayment) -> &'static str {
+    if p.missed.is_some() {
+        "missed"
+    } else {
+        "scheduled"
+    }
+}
+
+/// A schedule with a next run stays active; one without is completed.
+fn cursor_status(step: &PlanStep) -> &'static str {
+    if step.next_run_at.is_some() {
         "active"
     } else {
         "completed"
-    };
-    query("UPDATE schedules SET next_run_at = $1, next_occurrence = $2, status = $3, updated_at = $4 WHERE id = $5")
-        .bind(step.next_run_at.map(DbTime))
-        .bind(step.next_occurrence.as_ref().map(|k| k.to_string()))
-        .bind(status)
-        .bind(DbTime(audit.at))
-        .bind(DbId(current.id))
-        .execute(tx.conn())
-        .await
-        .map_err(db_err("moving a schedule's cursor"))?;
-    event(
-        tx,
-        audit,
-        "schedule",
-        current.id,
-        "planned",
-        serde_json::json!({
-            "payments": planned, "next_run_at": step.next_run_at, "status": status,
-        }),
-    )
-    .await?;
-    Ok(true)
+    }
+}
+
+/// Writes the steps' payments, many to a statement; an occurrence already written (by another
+/// planner) is left alone. Returns the (schedule, occurrence) pairs written.
+async fn insert_payments<B: Backend>(
+    tx: &mut WriteTx<B>,
+    taken: &[(&PlanStep, Schedule)],
+    at: Timestamp,
+) -> Result<HashSet<(Uuid, String)>> {
+    /// Values per payment row, each row `(…, 1, …)` with its attempt number written out.
+    const VALUES: usize = 11;
+    let rows: Vec<(&Schedule, &PlannedPayment)> = taken
+        .iter()
+        .flat_map(|(step, schedule)| step.payments.iter().map(move |p| (schedule, p)))
+        .collect();
+    let mut inserted = HashSet::with_capacity(rows.len());
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let values = (0..chunk.len())
+            .map(|i| {
+                let b = i * VALUES;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, 1, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8,
+                    b + 9,
+                    b + 10,
+                    b + 11,
+                    b + 11
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut insert = query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO payments (id, schedule_id, member_id, occurrence, due_at, currency, state, attempt, payment_method_id, schedule_version, reason, created_at, updated_at) \
+             VALUES {values} ON CONFLICT (schedule_id, occurrence) DO NOTHING RETURNING schedule_id, occurrence"
+        )));
+        for (schedule, p) in chunk {
+            insert = insert
+                .bind(DbId(new_id()))
+                .bind(DbId(schedule.id))
+                .bind(DbId(schedule.member_id))
+                .bind(p.occurrence.to_string())
+                .bind(DbTime(p.due_at))
+                .bind(schedule.currency.code())
+                .bind(planned_state(p))
+                .bind(DbId(schedule.card_id))
+                .bind(schedule.version)
+                .bind(p.missed.clone())
+                .bind(DbTime(at));
+        }
+        for row in insert
+            .fetch_all(tx.conn())
+            .await
+            .map_err(db_err("planning payments"))?
+        {
+            inserted.insert((
+                get::<DbId>(&row, "payments", "schedule_id")?.0,
+                get::<String>(&row, "payments", "occurrence")?,
+            ));
+        }
+    }
+    Ok(inserted)
+}
+
+/// Moves each schedule's cursor to its next run: one `UPDATE` for all the schedules that move
+/// to the same run, occurrence and status.
+async fn move_cursors<B: Backend>(
+    tx: &mut WriteTx<B>,
+    taken: &[(&PlanStep, Schedule)],
+    at: Timestamp,
+) -> Result<()> {
+    type Cursor = (Option<Timestamp>, Option<String>, &'static str);
+    let mut groups: BTreeMap<Cursor, Vec<Uuid>> = BTreeMap::new();
+    for (step, schedule) in taken {
+        let cursor = (
+            step.next_run_at,
+            step.next_occurrence.as_ref().map(|k| k.to_string()),
+            cursor_status(step),
+        );
+        groups.entry(cursor).or_default().push(schedule.id);
+    }
+    for ((next_run_at, next_occurrence, status), ids) in groups {
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let mut update = query(sqlx::AssertSqlSafe(format!(
+                "UPDATE schedules SET next_run_at = $1, next_occurrence = $2, status = $3, updated_at = $4 WHERE id IN ({})",
+                placeholders(5, chunk.len())
+            )))
+            .bind(next_run_at.map(DbTime))
+            .bind(next_occurrence.clone())
+            .bind(status)
+            .bind(DbTime(at));
+            for id in chunk {
+                update = update.bind(DbId(*id));
+            }
+            update
+                .execute(tx.conn())
+                .await
+                .map_err(db_err("moving schedules' cursors"))?;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) async fn due_schedules<B: Backend>(
@@ -105,9 +238,9 @@ pub(crate) async fn apply_plan<B: Backend>(
     audit: &Audit,
 ) -> Result<bool> {
     let mut tx = db.begin_write().await?;
-    let moved = apply_plan_in(&mut tx, step, audit).await?;
+    let moved = apply_plans_in(&mut tx, std::slice::from_ref(step), audit).await?;
     commit(tx).await?;
-    Ok(moved)
+    Ok(moved.first() == Some(&true))
 }
 
 pub(crate) async fn apply_plans<B: Backend>(
@@ -116,10 +249,7 @@ pub(crate) async fn apply_plans<B: Backend>(
     audit: &Audit,
 ) -> Result<Vec<bool>> {
     let mut tx = db.begin_write().await?;
-    let mut moved = Vec::with_capacity(steps.len());
-    for step in steps {
-        moved.push(apply_plan_in(&mut tx, step, audit).await?);
-    }
+    let moved = apply_plans_in(&mut tx, steps, audit).await?;
     commit(tx).await?;
     Ok(moved)
 }
