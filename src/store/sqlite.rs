@@ -372,7 +372,7 @@ fn create_private(url: &DatabaseUrl) {
 mod tests {
     use super::*;
     use crate::store::Store;
-    use crate::store::sql::payments::claim::LATER_PAYMENT_SQL;
+    use crate::store::sql::payments::claim::coalesced_sql;
     use crate::store::sql::schedules::SCHEDULE_COLS;
     use crate::store::sql::schedules::plan::DUE_SCHEDULES_SQL;
     use std::os::unix::fs::MetadataExt;
@@ -420,7 +420,7 @@ mod tests {
         assert!(!due.contains("TEMP B-TREE"), "{due}");
 
         // The misfire check reads one schedule's payments, never every scheduled one.
-        let later = plan(&store, LATER_PAYMENT_SQL).await;
+        let later = plan(&store, &coalesced_sql(2)).await;
         assert!(later.contains("(schedule_id=?)"), "{later}");
         assert!(!later.contains("payments_due"), "{later}");
     }

@@ -1139,6 +1139,7 @@ crate::helpers::on_both!(
     the_circuit_breaker_pauses_charging_when_declines_spike,
     cancelling_a_completed_one_time_schedule_stops_its_retries,
     a_batch_of_plans_applies_each_fresh_step_once_and_refuses_the_stale,
+    one_claim_sorts_its_batch_by_the_lateness_and_misfire_rules,
 );
 
 /// A batch of plans is written set-based: each step applies once, a step made against a
@@ -1190,6 +1191,111 @@ async fn a_batch_of_plans_applies_each_fresh_step_once_and_refuses_the_stale(kin
     let again = w.store.apply_plans(&steps, &w.audit()).await.unwrap();
     assert_eq!(again, vec![false; 4]);
     assert_eq!(w.payments(&m).await.len(), 3);
+}
+
+/// A claim takes its batch set-based, in due order and under one lease token: a late payment
+/// and an occurrence a later one coalesces are recorded as missed, a claim that expired
+/// mid-call is taken over to be settled, and the rest are claimed to be charged.
+async fn one_claim_sorts_its_batch_by_the_lateness_and_misfire_rules(kind: Kind) {
+    let w = World::with_settings(
+        kind,
+        &[
+            ("AUTOPAY__PAYMENTS__MISFIRE", "coalesce"),
+            ("AUTOPAY__PAYMENTS__MAX_LATENESS", "3d"),
+        ],
+    )
+    .await;
+    let m = w.member("A-100200", AccountType::EmployerGroup).await;
+    let card = w.card(&m, "4242424242424242").await;
+    let fixed = || AmountRule::Fixed {
+        amount: usd("5.00"),
+    };
+    // A payment claimed by a worker that dies mid-call: its lease runs out meanwhile.
+    let other = w.member("B-100300", AccountType::EmployerGroup).await;
+    let other_card = w.card(&other, "5555555555554444").await;
+    w.schedule_now(&other, &other_card, fixed()).await;
+    w.engine().plan_due().await.unwrap();
+    let dead = w
+        .store
+        .claim_work(
+            "dead-worker",
+            w.clock.now(),
+            &ClaimRules {
+                lease: Duration::from_secs(60),
+                limit: 1,
+                ..w.claim_rules()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    let dead_payment = dead[0].payment.id;
+    // A daily schedule planned while charging is paused for five days: its first four
+    // occurrences wait, the oldest beyond max_lateness.
+    let daily = w
+        .schedule(
+            &m,
+            &card,
+            Rule::Every {
+                n: 1,
+                unit: autopay::domain::schedule::Unit::Days,
+            },
+            fixed(),
+        )
+        .await;
+    w.store
+        .set_charging_pause(Some("incident"), &w.audit())
+        .await
+        .unwrap();
+    let engine = w.engine();
+    for _ in 0..4 {
+        engine.plan_due().await.unwrap();
+        w.advance(SignedDuration::from_hours(24));
+    }
+    engine.plan_due().await.unwrap();
+    w.store.set_charging_pause(None, &w.audit()).await.unwrap();
+    let work = w.claim("worker").await;
+    let token = work[0].lease.token;
+    assert!(
+        work.iter().all(|w| w.lease.token == token),
+        "one token for the claim"
+    );
+    assert_ne!(token, dead[0].lease.token);
+    let settle: Vec<&Work> = work
+        .iter()
+        .filter(|w| w.kind == autopay::store::WorkKind::Settle)
+        .collect();
+    assert_eq!(settle.len(), 1);
+    assert_eq!(settle[0].payment.id, dead_payment);
+    assert!(settle[0].taken_over);
+    let charge: Vec<&Work> = work
+        .iter()
+        .filter(|w| w.kind == autopay::store::WorkKind::Charge)
+        .collect();
+    assert_eq!(
+        charge.len(),
+        1,
+        "only the newest occurrence is charged: {work:?}"
+    );
+    let payments = w.payments(&m).await;
+    let newest = payments.iter().max_by_key(|p| p.due_at).unwrap();
+    assert_eq!(charge[0].payment.id, newest.id);
+    assert_eq!(charge[0].payment.schedule_id, daily.id);
+    let missed: Vec<&str> = payments
+        .iter()
+        .filter(|p| p.state == PaymentState::Missed)
+        .filter_map(|p| p.reason.as_deref())
+        .collect();
+    assert!(payments.len() >= 4, "{payments:?}");
+    assert_eq!(missed.len(), payments.len() - 1, "{payments:?}");
+    assert!(
+        missed.iter().any(|r| r.contains("max_lateness")),
+        "{missed:?}"
+    );
+    assert!(missed.iter().any(|r| r.contains("coalesced")), "{missed:?}");
+    // The leases hold: the claimed payments are processing under the claim's token.
+    let again = w.claim("another-worker").await;
+    assert!(again.is_empty(), "nothing left to claim: {again:?}");
 }
 
 /// Three engines on one PostgreSQL race over many due payments: each is charged once.

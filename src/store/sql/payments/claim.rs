@@ -1,5 +1,7 @@
 //! Claims: which due payments a worker takes, under a lease, and when work next falls due.
 
+use std::collections::{BTreeMap, HashMap};
+
 use jiff::Timestamp;
 use uuid::Uuid;
 
@@ -8,7 +10,8 @@ use crate::sqltypes::{DbId, DbTime};
 use crate::store::sql::payments::attempt::charging_paused_in;
 use crate::store::sql::payments::{PAYMENT_COLS, payment_from};
 use crate::store::sql::{
-    Backend, SqlStore, commit, db_err, event, parsed, query, query_as, query_scalar, step,
+    Backend, ROWS_PER_STATEMENT, SqlStore, commit, db_err, event, parsed, placeholders, query,
+    query_as, query_scalar, step,
 };
 use crate::store::{Audit, ClaimRules, Lease, Result, StoreError, Work, WorkKind, WriteTx};
 
@@ -18,36 +21,60 @@ pub(crate) const LATE_REASON: &str = "not charged within payments.max_lateness o
 /// Why an earlier occurrence was not charged (the coalesce rule, applied at the claim).
 pub(crate) const COALESCED_REASON: &str = "coalesced into a later payment of the same schedule";
 
-/// Why a due payment is not charged when claimed, if it is not: older than
-/// `payments.max_lateness`, or (with `payments.misfire = coalesce`) an earlier occurrence of
-/// a recurring schedule whose later occurrence is due too.
-pub(crate) async fn late_or_coalesced<B: Backend>(
+/// Which of the unclaimed `candidates` (id, schedule, due, next attempt) are not charged when
+/// claimed, and why: older than `payments.max_lateness`, or (with `payments.misfire =
+/// coalesce`) an earlier occurrence of a recurring schedule whose later occurrence is due too.
+/// One statement checks every candidate for a later occurrence.
+async fn late_or_coalesced<B: Backend>(
     tx: &mut WriteTx<B>,
     rules: &ClaimRules,
     cutoff: Timestamp,
     now: Timestamp,
-    schedule_id: DbId,
-    due_at: Timestamp,
-    next_attempt_at: Option<Timestamp>,
-) -> Result<Option<&'static str>> {
-    if next_attempt_at.unwrap_or(due_at) < cutoff {
-        return Ok(Some(LATE_REASON));
+    candidates: &[&Candidate],
+) -> Result<HashMap<Uuid, &'static str>> {
+    let mut missed = HashMap::new();
+    let mut first_attempts = Vec::new();
+    for c in candidates {
+        if c.next_attempt_at.unwrap_or(c.due_at) < cutoff {
+            missed.insert(c.id, LATE_REASON);
+        } else if rules.misfire == crate::domain::schedule::Misfire::Coalesce
+            && c.next_attempt_at.is_none()
+        {
+            // Only a first attempt the planner wrote is coalesced: a retry or an operator's
+            // retry has a next_attempt_at of its own.
+            first_attempts.push(c.id);
+        }
     }
-    // Only a first attempt the planner wrote is coalesced: a retry or an operator's
-    // retry has a next_attempt_at of its own.
-    if rules.misfire != crate::domain::schedule::Misfire::Coalesce || next_attempt_at.is_some() {
-        return Ok(None);
+    for chunk in first_attempts.chunks(ROWS_PER_STATEMENT) {
+        let mut check = query_scalar::<B, DbId>(sqlx::AssertSqlSafe(coalesced_sql(chunk.len())))
+            .bind(DbTime(now));
+        for id in chunk {
+            check = check.bind(DbId(*id));
+        }
+        for id in check
+            .fetch_all(tx.conn())
+            .await
+            .map_err(db_err("looking for later occurrences"))?
+        {
+            missed.insert(id.0, COALESCED_REASON);
+        }
     }
-    let later: Option<DbId> = query_scalar(LATER_PAYMENT_SQL)
-        .bind(schedule_id)
-        .bind(DbTime(due_at))
-        .bind(DbTime(now))
-        .fetch_optional(tx.conn())
-        .await
-        .map_err(db_err("looking for a later occurrence"))?;
-    Ok(later.map(|_| COALESCED_REASON))
+    Ok(missed)
 }
 
+/// A payment a claim may take: due to charge, or an attempt to settle.
+struct Candidate {
+    id: Uuid,
+    from: PaymentState,
+    due_at: Timestamp,
+    next_attempt_at: Option<Timestamp>,
+}
+
+/// Claims up to `rules.limit` payments in one transaction, set-based: the candidates in two
+/// reads (attempts to settle, then due charges in their index's order), the lateness and
+/// misfire rules in one more, and one `UPDATE … RETURNING` for every group of payments that
+/// moves the same way, all under one lease token (a lease is this claim of this payment; a
+/// later claim of any of them gets a token of its own).
 pub(crate) async fn claim_work<B: Backend>(
     db: &SqlStore<B>,
     owner: &str,
@@ -65,6 +92,7 @@ pub(crate) async fn claim_work<B: Backend>(
         at: now,
     };
     let cutoff = crate::domain::charge::lateness_cutoff(now, rules.max_lateness);
+    let token = Uuid::new_v4();
     let mut tx = db.begin_write().await?;
     let paused = charging_paused_in(&mut tx).await?;
     let mut work = Vec::new();
@@ -73,98 +101,78 @@ pub(crate) async fn claim_work<B: Backend>(
         if want <= 0 {
             break;
         }
-        // Attempts to settle first (few: the unknown outcomes due for a lookup and
-        // the claims that expired mid-call), then due charges, read in their order
-        // from the payments_claimable index rather than sorted, however many are due.
-        let mut candidates: Vec<(DbId, String, DbId, DbTime, Option<DbTime>)> = query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT id, state, schedule_id, due_at, next_attempt_at FROM payments WHERE \
-             (state = 'unknown' AND (next_attempt_at IS NULL OR next_attempt_at <= $1) AND (lease_expires_at IS NULL OR lease_expires_at <= $1)) \
-             OR (state = 'processing' AND lease_expires_at <= $1) \
-             ORDER BY COALESCE(next_attempt_at, due_at), id LIMIT $2{}", B::SKIP_LOCKED
-        )))
-        .bind(DbTime(now))
-        .bind(want)
-        .fetch_all(tx.conn())
-        .await
-        .map_err(db_err("finding payments to settle"))?;
-        let more = want - candidates.len() as i64;
-        if more > 0 && !paused {
-            let due: Vec<(DbId, String, DbId, DbTime, Option<DbTime>)> =
-                query_as(B::claim_due_sql())
-                    .bind(DbTime(now))
-                    .bind(more)
-                    .fetch_all(tx.conn())
-                    .await
-                    .map_err(db_err("finding due payments"))?;
-            candidates.extend(due);
-        }
+        let candidates = candidates(&mut tx, now, want, paused).await?;
         if candidates.is_empty() {
             break;
         }
-        let mut missed = 0;
-        for (payment_id, state, schedule_id, due_at, next_attempt_at) in candidates {
-            let from: PaymentState = parsed("payments", "state", state.parse())?;
-            if from.is_unclaimed() {
-                // A payment a pause kept waiting meets the lateness and misfire rules
-                // when it is claimed, as it would have when it was planned.
-                if let Some(reason) = late_or_coalesced(
-                    &mut tx,
-                    rules,
-                    cutoff,
-                    now,
-                    schedule_id,
-                    due_at.0,
-                    next_attempt_at.map(|t| t.0),
-                )
-                .await?
-                {
-                    let state = step(from, Transition::Late)?;
-                    query("UPDATE payments SET state = $1, reason = $2, next_attempt_at = NULL, updated_at = $3 WHERE id = $4")
-                        .bind(state.as_str())
-                        .bind(reason)
-                        .bind(DbTime(now))
-                        .bind(payment_id)
-                        .execute(tx.conn())
-                        .await
-                        .map_err(db_err("recording a payment as missed"))?;
-                    event(
-                        &mut tx,
-                        &audit,
-                        "payment",
-                        payment_id.0,
-                        "missed",
-                        serde_json::json!({ "reason": reason }),
-                    )
-                    .await?;
-                    missed += 1;
-                    continue;
+        // A payment a pause kept waiting meets the lateness and misfire rules when it is
+        // claimed, as it would have when it was planned.
+        let unclaimed: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| c.from.is_unclaimed())
+            .collect();
+        let missed = late_or_coalesced(&mut tx, rules, cutoff, now, &unclaimed).await?;
+        let mut by_move: BTreeMap<(PaymentState, PaymentState), Vec<Uuid>> = BTreeMap::new();
+        let mut miss_by_move: BTreeMap<(PaymentState, &'static str), Vec<Uuid>> = BTreeMap::new();
+        for c in &candidates {
+            match missed.get(&c.id) {
+                Some(reason) => miss_by_move
+                    .entry((step(c.from, Transition::Late)?, reason))
+                    .or_default()
+                    .push(c.id),
+                None => {
+                    // An unknown outcome, or a claim that expired mid-call: settle the same
+                    // attempt, never a new key.
+                    let transition = if c.from.is_unclaimed() {
+                        Transition::Claim
+                    } else {
+                        Transition::Settle
+                    };
+                    by_move
+                        .entry((c.from, step(c.from, transition)?))
+                        .or_default()
+                        .push(c.id)
                 }
             }
-            let (transition, kind) = if from.is_unclaimed() {
-                (Transition::Claim, WorkKind::Charge)
-            } else {
-                // An unknown outcome, or a claim that expired mid-call: settle the
-                // same attempt, never a new key.
-                (Transition::Settle, WorkKind::Settle)
+        }
+        for ((state, reason), ids) in &miss_by_move {
+            record_missed(&mut tx, *state, reason, ids, &audit).await?;
+        }
+        let mut claimed: HashMap<Uuid, (PaymentState, crate::store::Payment)> = HashMap::new();
+        for ((from, to), ids) in &by_move {
+            for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+                let mut update = query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE payments SET state = $1, lease_owner = $2, lease_token = $3, lease_expires_at = $4, \
+                     unknown_since = CASE WHEN $5 THEN COALESCE(unknown_since, $6) ELSE unknown_since END, updated_at = $6 \
+                     WHERE id IN ({}) RETURNING {PAYMENT_COLS}",
+                    placeholders(7, chunk.len())
+                )))
+                .bind(to.as_str())
+                .bind(owner)
+                .bind(token.to_string())
+                .bind(DbTime(until))
+                .bind(*from == PaymentState::Processing)
+                .bind(DbTime(now));
+                for id in chunk {
+                    update = update.bind(DbId(*id));
+                }
+                for row in update
+                    .fetch_all(tx.conn())
+                    .await
+                    .map_err(db_err("claiming payments"))?
+                {
+                    let payment = payment_from(&row)?;
+                    claimed.insert(payment.id, (*from, payment));
+                }
+            }
+        }
+        // In the order the candidates were read (RETURNING promises none).
+        for c in &candidates {
+            let Some((from, payment)) = claimed.remove(&c.id) else {
+                continue;
             };
-            let token = Uuid::new_v4();
-            let row = query(sqlx::AssertSqlSafe(format!(
-                "UPDATE payments SET state = $1, lease_owner = $2, lease_token = $3, lease_expires_at = $4, \
-                 unknown_since = CASE WHEN $5 THEN COALESCE(unknown_since, $6) ELSE unknown_since END, updated_at = $6 \
-                 WHERE id = $7 RETURNING {PAYMENT_COLS}"
-            )))
-            .bind(step(from, transition)?.as_str())
-            .bind(owner)
-            .bind(token.to_string())
-            .bind(DbTime(until))
-            .bind(from == PaymentState::Processing)
-            .bind(DbTime(now))
-            .bind(payment_id)
-            .fetch_one(tx.conn())
-            .await
-            .map_err(db_err("claiming a payment"))?;
-            let payment = payment_from(&row)?;
-            if from == PaymentState::Processing {
+            let taken_over = from == PaymentState::Processing;
+            if taken_over {
                 event(
                     &mut tx,
                     &audit,
@@ -180,17 +188,103 @@ pub(crate) async fn claim_work<B: Backend>(
                     payment_id: payment.id,
                     token,
                 },
-                kind,
+                kind: if from.is_unclaimed() {
+                    WorkKind::Charge
+                } else {
+                    WorkKind::Settle
+                },
                 payment,
-                taken_over: from == PaymentState::Processing,
+                taken_over,
             });
         }
-        if missed == 0 {
+        if missed.is_empty() {
             break;
         }
     }
     commit(tx).await?;
     Ok(work)
+}
+
+/// What a claim may take, in order: attempts to settle first (few: the unknown outcomes due
+/// for a lookup and the claims that expired mid-call), then due charges, read in their order
+/// from the `payments_claimable` index rather than sorted, however many are due.
+async fn candidates<B: Backend>(
+    tx: &mut WriteTx<B>,
+    now: Timestamp,
+    want: i64,
+    paused: bool,
+) -> Result<Vec<Candidate>> {
+    type Row = (DbId, String, DbId, DbTime, Option<DbTime>);
+    let mut rows: Vec<Row> = query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT id, state, schedule_id, due_at, next_attempt_at FROM payments WHERE \
+         (state = 'unknown' AND (next_attempt_at IS NULL OR next_attempt_at <= $1) AND (lease_expires_at IS NULL OR lease_expires_at <= $1)) \
+         OR (state = 'processing' AND lease_expires_at <= $1) \
+         ORDER BY COALESCE(next_attempt_at, due_at), id LIMIT $2{}",
+        B::SKIP_LOCKED
+    )))
+    .bind(DbTime(now))
+    .bind(want)
+    .fetch_all(tx.conn())
+    .await
+    .map_err(db_err("finding payments to settle"))?;
+    let more = want - rows.len() as i64;
+    if more > 0 && !paused {
+        let due: Vec<Row> = query_as(B::claim_due_sql())
+            .bind(DbTime(now))
+            .bind(more)
+            .fetch_all(tx.conn())
+            .await
+            .map_err(db_err("finding due payments"))?;
+        rows.extend(due);
+    }
+    rows.into_iter()
+        .map(|(id, state, _schedule, due_at, next_attempt_at)| {
+            Ok(Candidate {
+                id: id.0,
+                from: parsed("payments", "state", state.parse())?,
+                due_at: due_at.0,
+                next_attempt_at: next_attempt_at.map(|t| t.0),
+            })
+        })
+        .collect()
+}
+
+/// Records payments the lateness or misfire rule keeps from being charged.
+async fn record_missed<B: Backend>(
+    tx: &mut WriteTx<B>,
+    state: PaymentState,
+    reason: &str,
+    ids: &[Uuid],
+    audit: &Audit,
+) -> Result<()> {
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut update = query(sqlx::AssertSqlSafe(format!(
+            "UPDATE payments SET state = $1, reason = $2, next_attempt_at = NULL, updated_at = $3 WHERE id IN ({})",
+            placeholders(4, chunk.len())
+        )))
+        .bind(state.as_str())
+        .bind(reason)
+        .bind(DbTime(audit.at));
+        for id in chunk {
+            update = update.bind(DbId(*id));
+        }
+        update
+            .execute(tx.conn())
+            .await
+            .map_err(db_err("recording payments as missed"))?;
+    }
+    for id in ids {
+        event(
+            tx,
+            audit,
+            "payment",
+            *id,
+            "missed",
+            serde_json::json!({ "reason": reason }),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 pub(crate) async fn renew_leases<B: Backend>(
@@ -261,13 +355,19 @@ pub(crate) fn claim_due_sql(claim_index: &str, skip_locked: &str) -> String {
     )
 }
 
-/// The misfire check: a later first payment of the same recurring schedule, due by now,
-/// read among that schedule's payments (by `schedule_id`). `q.state || ''` keeps
-/// `payments_due` out of the planner's choice: on the 1st of the month its statistics
-/// still say few payments are scheduled, and PostgreSQL read every scheduled payment
-/// for each check.
-pub(crate) const LATER_PAYMENT_SQL: &str = "SELECT q.id FROM payments q JOIN schedules s ON s.id = q.schedule_id WHERE q.schedule_id = $1 AND s.kind = 'recurring' \
-     AND q.state || '' = 'scheduled' AND q.next_attempt_at IS NULL AND q.due_at > $2 AND q.due_at <= $3 LIMIT 1";
+/// The misfire check for a batch: which of `n` candidates (ids from `$2` on) have a later
+/// first payment of the same recurring schedule due by now (`$1`), read among that schedule's
+/// payments (by `schedule_id`). `q.state || ''` keeps `payments_due` out of the planner's
+/// choice: on the 1st of the month its statistics still say few payments are scheduled, and
+/// PostgreSQL read every scheduled payment for each check.
+pub(crate) fn coalesced_sql(n: usize) -> String {
+    format!(
+        "SELECT c.id FROM payments c WHERE c.id IN ({}) AND EXISTS (SELECT 1 FROM payments q JOIN schedules s ON s.id = q.schedule_id \
+         WHERE q.schedule_id = c.schedule_id AND s.kind = 'recurring' AND q.state || '' = 'scheduled' AND q.next_attempt_at IS NULL \
+         AND q.due_at > c.due_at AND q.due_at <= $1)",
+        placeholders(2, n)
+    )
+}
 
 #[cfg(test)]
 mod tests {
