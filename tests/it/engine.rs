@@ -1140,6 +1140,7 @@ crate::helpers::on_both!(
     cancelling_a_completed_one_time_schedule_stops_its_retries,
     a_batch_of_plans_applies_each_fresh_step_once_and_refuses_the_stale,
     one_claim_sorts_its_batch_by_the_lateness_and_misfire_rules,
+    a_group_step_sees_what_an_earlier_step_of_the_group_wrote,
 );
 
 /// A batch of plans is written set-based: each step applies once, a step made against a
@@ -1296,6 +1297,97 @@ async fn one_claim_sorts_its_batch_by_the_lateness_and_misfire_rules(kind: Kind)
     // The leases hold: the claimed payments are processing under the claim's token.
     let again = w.claim("another-worker").await;
     assert!(again.is_empty(), "nothing left to claim: {again:?}");
+}
+
+/// A group commit reads its steps' rows together, but a step whose member an earlier step of
+/// the same group changed reads them again: a lost card disabled by one step's answer stops
+/// the next step's charge on it, in the same transaction.
+async fn a_group_step_sees_what_an_earlier_step_of_the_group_wrote(kind: Kind) {
+    use autopay::domain::decline::DeclineSignal;
+    use autopay::store::ChargeStep;
+    let w = World::new(kind).await;
+    let m = w.member("A-100200", AccountType::EmployerGroup).await;
+    let card = w.card(&m, "4242424242424242").await;
+    let fixed = || AmountRule::Fixed {
+        amount: usd("5.00"),
+    };
+    let first = w.schedule_now(&m, &card, fixed()).await;
+    let second = w.schedule_now(&m, &card, fixed()).await;
+    // Another member's payment in the same group, untouched by the first member's steps.
+    let other = w.member("B-100300", AccountType::EmployerGroup).await;
+    let other_card = w.card(&other, "5555555555554444").await;
+    w.schedule_now(&other, &other_card, fixed()).await;
+    w.engine().plan_due().await.unwrap();
+    let work = w.claim("worker").await;
+    assert_eq!(work.len(), 3);
+    let lease_of = |schedule_id| {
+        work.iter()
+            .find(|w| w.payment.schedule_id == schedule_id)
+            .unwrap()
+            .lease
+    };
+    let other_lease = work
+        .iter()
+        .find(|w| w.payment.member_id == other.id)
+        .unwrap()
+        .lease;
+    let policy = w.policy();
+    let begun = w
+        .store
+        .charge_steps(
+            &[ChargeStep::Begin {
+                lease: lease_of(first.id),
+                audit: w.audit(),
+            }],
+            &policy,
+        )
+        .await
+        .unwrap();
+    let Next::Send { call, .. } = &begun[0] else {
+        panic!("expected a request to send, got {begun:?}");
+    };
+    let steps = vec![
+        ChargeStep::Record {
+            lease: lease_of(first.id),
+            call: Some(*call),
+            answer: Answer::Declined {
+                signal: DeclineSignal::code("lost_card".to_string()),
+                reference: None,
+            },
+            audit: w.audit(),
+        },
+        ChargeStep::Begin {
+            lease: lease_of(second.id),
+            audit: w.audit(),
+        },
+        ChargeStep::Begin {
+            lease: other_lease,
+            audit: w.audit(),
+        },
+    ];
+    let done = w.store.charge_steps(&steps, &policy).await.unwrap();
+    assert_eq!(done[0], Next::Moved(PaymentState::Failed), "{done:?}");
+    assert!(
+        matches!(done[1], Next::Moved(_)),
+        "the disabled card is not charged: {done:?}"
+    );
+    assert!(matches!(done[2], Next::Send { .. }), "{done:?}");
+    assert_eq!(
+        w.store.card(card.id).await.unwrap().status,
+        CardStatus::Disabled
+    );
+    let second_payment = w
+        .payments(&m)
+        .await
+        .into_iter()
+        .find(|p| p.schedule_id == second.id)
+        .unwrap();
+    assert_ne!(second_payment.state, PaymentState::Processing);
+    assert_eq!(
+        w.store.calls(second_payment.id).await.unwrap().len(),
+        0,
+        "no request was opened for the disabled card"
+    );
 }
 
 /// Three engines on one PostgreSQL race over many due payments: each is charged once.

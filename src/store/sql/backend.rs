@@ -147,6 +147,17 @@ impl<A: Column, B: Column, C: Column> Columns for (A, B, C) {
     }
 }
 
+impl<A: Column, B: Column, C: Column, D: Column> Columns for (A, B, C, D) {
+    fn from_record(row: &impl Record) -> std::result::Result<Self, sqlx::Error> {
+        Ok((
+            row.column_at(0)?,
+            row.column_at(1)?,
+            row.column_at(2)?,
+            row.column_at(3)?,
+        ))
+    }
+}
+
 impl<A: Column, B: Column, C: Column, D: Column, E: Column> Columns for (A, B, C, D, E) {
     fn from_record(row: &impl Record) -> std::result::Result<Self, sqlx::Error> {
         Ok((

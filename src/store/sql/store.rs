@@ -248,7 +248,7 @@ impl<B: Backend> Store for SqlStore<B> {
         steps: &[ChargeStep],
         policy: &OutcomePolicy,
     ) -> Result<Vec<Next>> {
-        payments::attempt::charge_steps(self, steps, policy).await
+        payments::group::charge_steps(self, steps, policy).await
     }
 
     async fn record_lookup(

@@ -25,8 +25,8 @@ use crate::store::sql::{
     short, state_list, step,
 };
 use crate::store::{
-    Audit, Card, ChargeStep, Lease, Next, OutcomePolicy, Payment, Result, SentFacts, Settler,
-    StoreError, WriteTx,
+    Audit, Card, Lease, Next, OutcomePolicy, Payment, Result, SentFacts, Settler, StoreError,
+    WriteTx,
 };
 
 /// A card's limits before one more request: every charge request that could have reached
@@ -243,8 +243,19 @@ pub(crate) async fn begin_attempt_in<B: Backend>(
     policy: &OutcomePolicy,
     audit: &Audit,
 ) -> Result<Next> {
+    let locked = lock_leased(tx, lease, &[PaymentState::Processing]).await?;
+    begin_locked(tx, locked, policy, audit).await
+}
+
+/// [`begin_attempt_in`] once the payment's rows are locked (`None`: its lease is gone).
+pub(crate) async fn begin_locked<B: Backend>(
+    tx: &mut WriteTx<B>,
+    locked: Option<Locked>,
+    policy: &OutcomePolicy,
+    audit: &Audit,
+) -> Result<Next> {
     use crate::domain::charge::{ChargePlan, Reservation};
-    let Some(l) = lock_leased(tx, lease, &[PaymentState::Processing]).await? else {
+    let Some(l) = locked else {
         return Ok(Next::LeaseLost);
     };
     if !l.held.lease_runs(audit.at) {
@@ -515,7 +526,20 @@ pub(crate) async fn record_charge_in<B: Backend>(
     policy: &OutcomePolicy,
     audit: &Audit,
 ) -> Result<Next> {
-    let Some(l) = lock_leased(tx, lease, &[PaymentState::Processing]).await? else {
+    let locked = lock_leased(tx, lease, &[PaymentState::Processing]).await?;
+    record_locked(tx, locked, call, answer, policy, audit).await
+}
+
+/// [`record_charge_in`] once the payment's rows are locked (`None`: its lease is gone).
+pub(crate) async fn record_locked<B: Backend>(
+    tx: &mut WriteTx<B>,
+    locked: Option<Locked>,
+    call: Option<Uuid>,
+    answer: &Answer,
+    policy: &OutcomePolicy,
+    audit: &Audit,
+) -> Result<Next> {
+    let Some(l) = locked else {
         return Ok(Next::LeaseLost);
     };
     let row = attempt_row(tx, &l.held.payment).await?.ok_or_else(|| {
@@ -639,28 +663,4 @@ pub(crate) async fn record_charge<B: Backend>(
     let next = record_charge_in(&mut tx, lease, call, answer, policy, audit).await?;
     commit(tx).await?;
     Ok(next)
-}
-
-pub(crate) async fn charge_steps<B: Backend>(
-    db: &SqlStore<B>,
-    steps: &[ChargeStep],
-    policy: &OutcomePolicy,
-) -> Result<Vec<Next>> {
-    let mut tx = db.begin_write().await?;
-    let mut done = Vec::with_capacity(steps.len());
-    for step in steps {
-        done.push(match step {
-            ChargeStep::Begin { lease, audit } => {
-                begin_attempt_in(&mut tx, lease, policy, audit).await?
-            }
-            ChargeStep::Record {
-                lease,
-                call,
-                answer,
-                audit,
-            } => record_charge_in(&mut tx, lease, *call, answer, policy, audit).await?,
-        });
-    }
-    commit(tx).await?;
-    Ok(done)
 }

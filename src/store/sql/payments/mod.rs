@@ -3,6 +3,7 @@
 
 pub(crate) mod attempt;
 pub(crate) mod claim;
+pub(crate) mod group;
 pub(crate) mod operator;
 pub(crate) mod outcome;
 
@@ -66,6 +67,7 @@ pub(crate) const RESERVING: [PaymentState; 3] = [
 ];
 
 /// A payment with the engine's bookkeeping that `Payment` does not show.
+#[derive(Clone)]
 pub(crate) struct Held {
     pub(crate) payment: Payment,
     pub(crate) credit_applied: i64,
