@@ -1,7 +1,8 @@
 //! SQL column codecs, shared by the store and the simulated processor's ledger so that one SQL
 //! text and one set of binds serve SQLite and PostgreSQL: ids are `uuid` in PostgreSQL and text
 //! in SQLite, instants `timestamptz` and fixed-width RFC 3339 text (whose text order is time
-//! order), dates `date` and `YYYY-MM-DD`.
+//! order), dates `date` and `YYYY-MM-DD`. The typed ids of [`crate::domain::ids`] bind and read
+//! as [`DbId`] does.
 
 use jiff::Timestamp;
 use jiff::civil::Date;
@@ -11,6 +12,8 @@ use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueFormat, PgValueRef};
 use sqlx::sqlite::{SqliteArgumentsBuffer, SqliteTypeInfo, SqliteValueRef};
 use sqlx::{Decode, Encode, Postgres, Sqlite, Type};
 use uuid::Uuid;
+
+use crate::domain::ids::{CardId, MemberId, PaymentId, ScheduleId};
 
 /// An id column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +83,64 @@ impl<'r> Decode<'r, Postgres> for DbId {
         Ok(DbId(<Uuid as Decode<Postgres>>::decode(value)?))
     }
 }
+
+/// A value that binds as an id column: a [`DbId`] or a typed id. A bare [`Uuid`] is not one:
+/// sqlx would bind it as a blob in SQLite, which matches no stored id.
+pub trait IdParam:
+    Copy
+    + Send
+    + Sync
+    + 'static
+    + Encode<'static, Sqlite>
+    + Type<Sqlite>
+    + Encode<'static, Postgres>
+    + Type<Postgres>
+{
+}
+
+impl IdParam for DbId {}
+
+/// Binds and reads a typed id exactly as [`DbId`] binds and reads its UUID.
+macro_rules! id_column {
+    ($($name:ident),+) => {$(
+        impl Type<Sqlite> for $name {
+            fn type_info() -> SqliteTypeInfo {
+                <DbId as Type<Sqlite>>::type_info()
+            }
+        }
+        impl<'q> Encode<'q, Sqlite> for $name {
+            fn encode_by_ref(
+                &self,
+                buf: &mut SqliteArgumentsBuffer,
+            ) -> Result<IsNull, BoxDynError> {
+                <DbId as Encode<Sqlite>>::encode(DbId(self.as_uuid()), buf)
+            }
+        }
+        impl<'r> Decode<'r, Sqlite> for $name {
+            fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
+                Ok($name::from_uuid(<DbId as Decode<Sqlite>>::decode(value)?.0))
+            }
+        }
+        impl Type<Postgres> for $name {
+            fn type_info() -> PgTypeInfo {
+                <DbId as Type<Postgres>>::type_info()
+            }
+        }
+        impl Encode<'_, Postgres> for $name {
+            fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+                <DbId as Encode<Postgres>>::encode(DbId(self.as_uuid()), buf)
+            }
+        }
+        impl<'r> Decode<'r, Postgres> for $name {
+            fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+                Ok($name::from_uuid(<DbId as Decode<Postgres>>::decode(value)?.0))
+            }
+        }
+        impl IdParam for $name {}
+    )+};
+}
+
+id_column!(MemberId, CardId, ScheduleId, PaymentId);
 
 impl Type<Sqlite> for DbTime {
     fn type_info() -> SqliteTypeInfo {

@@ -9,6 +9,7 @@ pub mod charge;
 pub mod cron;
 pub mod decline;
 pub mod dispute;
+pub mod ids;
 pub mod member;
 pub mod money;
 pub mod notice;
