@@ -660,24 +660,31 @@ pub(super) async fn load(
         .await?;
 
     // The copies' ids: a random base per table plus the copy's number, so member m's card and
-    // bill are found again without holding a list of them.
+    // bill are found again without holding a list of them. The bulk loader copies rows of any
+    // table, so it takes plain UUIDs.
     let base = || Uuid::new_v4().as_u128();
     let (member_base, card_base, bill_base, schedule_base) = (base(), base(), base(), base());
     let id = |base: u128, i: u32| Uuid::from_u128(base.wrapping_add(u128::from(i)));
     let member_id = |m: u32| {
         if m == 0 {
-            member.id
+            member.id.as_uuid()
         } else {
             id(member_base, m)
         }
     };
-    let card_id = |m: u32| if m == 0 { card.id } else { id(card_base, m) };
+    let card_id = |m: u32| {
+        if m == 0 {
+            card.id.as_uuid()
+        } else {
+            id(card_base, m)
+        }
+    };
 
     let bulk = BulkLoader::open(url).await?;
     let loaded = async {
         bulk.replicate(
             "members",
-            member.id,
+            member.id.as_uuid(),
             &["id", "account_number", "email"],
             (1..members).map(|m| {
                 vec![
@@ -690,7 +697,7 @@ pub(super) async fn load(
         .await?;
         bulk.replicate(
             "payment_methods",
-            card.id,
+            card.id.as_uuid(),
             &["id", "member_id"],
             (1..members).map(|m| vec![Value::Id(card_id(m)), Value::Id(member_id(m))]),
         )
@@ -711,7 +718,7 @@ pub(super) async fn load(
         progress(format!("  {members} members, cards and bills loaded"));
         bulk.replicate(
             "schedules",
-            schedule.id,
+            schedule.id.as_uuid(),
             &["id", "member_id", "payment_method_id"],
             (1..n).map(|i| {
                 let m = i % members;

@@ -4,13 +4,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use uuid::Uuid;
-
 use super::args::BillCommand;
 use super::members::account;
 use super::output::{self, Table, say};
 use super::{CliError, Context, exit, parse_id};
 use crate::domain::bill;
+use crate::domain::ids::MemberId;
 use crate::domain::member::AccountNumber;
 use crate::domain::money::Money;
 use crate::domain::schedule::parse_date;
@@ -51,10 +50,10 @@ async fn read_csv(ctx: &Context, store: &dyn Store, path: &Path) -> Result<Vec<N
             e.utf8_error().valid_up_to()
         ))
     })?;
-    let mut members: HashMap<AccountNumber, Option<Uuid>> = HashMap::new();
+    let mut members: HashMap<AccountNumber, Option<MemberId>> = HashMap::new();
     let mut bills = Vec::new();
     let mut problems = Vec::new();
-    let mut seen: HashMap<(Uuid, Reference), usize> = HashMap::new();
+    let mut seen: HashMap<(MemberId, Reference), usize> = HashMap::new();
     for parsed in bill::read_import(&text, ctx.settings.payments.currency) {
         let line = parsed.line;
         let mut row_problems = parsed.problems.clone();

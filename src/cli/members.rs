@@ -9,6 +9,7 @@ use super::args::{CardCommand, MemberCommand};
 use super::output::{self, Table, say};
 use super::{CliError, Context, parse_id};
 use crate::domain::card::{CardNumber, Expiry, SecurityCode};
+use crate::domain::ids::MemberId;
 use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
 use crate::processor::{CardOwner, Processor, ProcessorError, Tokenized};
 use crate::store::{Card, Consent, Member, MemberChange, NewCard, NewMember};
@@ -23,7 +24,7 @@ pub(super) fn owner(member: &Member) -> CardOwner {
 
 /// The card row for a token the processor issued, saved under `consent`.
 pub(super) fn new_card(
-    member_id: uuid::Uuid,
+    member_id: MemberId,
     processor: &dyn Processor,
     card: Tokenized,
     consent: Consent,

@@ -22,7 +22,6 @@ use std::sync::Arc;
 
 use clap::Parser;
 use jiff::Timestamp;
-use uuid::Uuid;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{ConfigError, Settings};
@@ -186,9 +185,10 @@ fn login_uid() -> Option<libc::uid_t> {
     (uid != libc::uid_t::MAX).then_some(uid)
 }
 
-/// Parses a UUID argument, naming what it should be.
-pub fn parse_id(value: &str, what: &str) -> Result<Uuid, CliError> {
-    Uuid::parse_str(value.trim()).map_err(|_| {
+/// Parses an id argument (a UUID, or one of the typed ids of [`crate::domain::ids`]), naming
+/// what it should be.
+pub fn parse_id<T: std::str::FromStr>(value: &str, what: &str) -> Result<T, CliError> {
+    value.trim().parse::<T>().map_err(|_| {
         CliError::usage(format!(
             "'{}' is not a {what} id; ids look like 0193a5b2-7c1e-7d3f-9a41-2b6c8d0e1f23 (see the list command)",
             output::escape(&redact_card_numbers(value))

@@ -11,6 +11,7 @@ use super::args::{ChargingCommand, RunArgs};
 use super::output::{self, Table, say};
 use super::{CliError, Context, exit, parse_id};
 use crate::daemon::{self, Daemon, DaemonError, RunSummary, engine_config, outcome_policy};
+use crate::domain::ids::{MemberId, ScheduleId};
 use crate::domain::money::Money;
 use crate::domain::payment::{AmountRule, Resolution};
 use crate::domain::schedule::parse_date;
@@ -367,7 +368,7 @@ async fn forecast(
 ) -> Result<Forecast, CliError> {
     let currency = ctx.settings.payments.currency;
     let mut days: BTreeMap<String, (u64, i64)> = BTreeMap::new();
-    let mut balances: BTreeMap<uuid::Uuid, i64> = BTreeMap::new();
+    let mut balances: BTreeMap<MemberId, i64> = BTreeMap::new();
     let mut estimates = 0;
     let mut add = |at: Timestamp, minor: i64| {
         let day = at.strftime("%Y-%m-%d").to_string();
@@ -376,7 +377,7 @@ async fn forecast(
         entry.1 += minor;
     };
     let schedules = store.list_schedules(None).await?;
-    let amount_rules: std::collections::HashMap<uuid::Uuid, AmountRule> =
+    let amount_rules: std::collections::HashMap<ScheduleId, AmountRule> =
         schedules.iter().map(|s| (s.id, s.amount)).collect();
     for p in store.list_payments(None, None).await? {
         if !p.state.is_unclaimed() {
@@ -440,7 +441,7 @@ async fn forecast(
     })
 }
 
-async fn open_balance(store: &dyn Store, member_id: uuid::Uuid) -> Result<i64, StoreError> {
+async fn open_balance(store: &dyn Store, member_id: MemberId) -> Result<i64, StoreError> {
     let owed: i64 = store
         .list_bills(Some(member_id))
         .await?
@@ -459,8 +460,8 @@ async fn open_balance(store: &dyn Store, member_id: uuid::Uuid) -> Result<i64, S
 
 async fn balance(
     store: &dyn Store,
-    cache: &mut BTreeMap<uuid::Uuid, i64>,
-    member_id: uuid::Uuid,
+    cache: &mut BTreeMap<MemberId, i64>,
+    member_id: MemberId,
 ) -> Result<i64, StoreError> {
     if let std::collections::btree_map::Entry::Vacant(slot) = cache.entry(member_id) {
         slot.insert(open_balance(store, member_id).await?);

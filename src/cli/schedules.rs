@@ -8,6 +8,7 @@ use super::args::{PaymentCommand, RuleArgs, ScheduleCommand};
 use super::members::{account, time_zone};
 use super::output::{self, Table, say};
 use super::{CliError, Context, parse_id};
+use crate::domain::ids::ScheduleId;
 use crate::domain::money::ChargeAmount;
 use crate::domain::payment::{AmountRule, PaymentState};
 use crate::domain::schedule::{
@@ -517,7 +518,7 @@ pub(super) async fn schedule(ctx: &Context, command: ScheduleCommand) -> Result<
 /// Records an occurrence that fell due while the daemon was down before a change to its
 /// schedule, so that the change never drops it (it is charged, or cancelled with the schedule,
 /// and either way it is on record).
-async fn plan_due_first(ctx: &Context, store: &dyn Store, id: uuid::Uuid) -> Result<(), CliError> {
+async fn plan_due_first(ctx: &Context, store: &dyn Store, id: ScheduleId) -> Result<(), CliError> {
     let planned = crate::engine::plan_if_due(
         store,
         id,

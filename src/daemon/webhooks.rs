@@ -30,6 +30,7 @@ use tokio::sync::Notify;
 use crate::clock::Clock;
 use crate::domain::decline::classify_code;
 use crate::domain::dispute::{DisputeAction, dispute_action};
+use crate::domain::ids::PaymentId;
 use crate::domain::payment::PaymentState;
 use crate::processor::ProcessorEvent;
 use crate::processor::stripe::StripeProcessor;
@@ -259,7 +260,7 @@ impl Webhooks {
     /// [`CALL_WAIT`] for that; `None` for a payment this database does not hold.
     async fn after_the_call(
         &self,
-        payment_id: uuid::Uuid,
+        payment_id: PaymentId,
     ) -> Result<Option<crate::store::Payment>, StoreError> {
         let deadline = tokio::time::Instant::now() + CALL_WAIT;
         loop {
@@ -278,7 +279,7 @@ impl Webhooks {
 
     async fn record(
         &self,
-        payment_id: uuid::Uuid,
+        payment_id: PaymentId,
         what: &str,
         detail: &serde_json::Value,
         action: DisputeAction,

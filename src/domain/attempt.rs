@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::decline::DeclineSignal;
+use super::ids::{PaymentId, ScheduleId};
 use super::money::Money;
 use super::spelled_enum;
 
@@ -56,8 +57,8 @@ pub struct ChargeRequest {
     pub idempotency_key: String,
     pub token: String,
     pub amount: Money,
-    pub payment_id: Uuid,
-    pub schedule_id: Uuid,
+    pub payment_id: PaymentId,
+    pub schedule_id: ScheduleId,
     pub occurrence: String,
     pub attempt: i64,
     pub account_last4: String,
@@ -74,7 +75,7 @@ pub struct ChargeRequest {
 /// What a lookup needs to find one attempt at the processor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptRef {
-    pub payment_id: Uuid,
+    pub payment_id: PaymentId,
     pub attempt: i64,
     /// The processor's customer the charge was made for, when the processor keeps customers:
     /// a lookup lists that customer's charges.
@@ -91,8 +92,8 @@ pub struct ProcessorAttempt {
     /// and attempt number ([`idempotency_key`]).
     pub idempotency_key: String,
     pub reference: String,
-    pub payment_id: Uuid,
-    pub schedule_id: Uuid,
+    pub payment_id: PaymentId,
+    pub schedule_id: ScheduleId,
     pub occurrence: String,
     pub attempt: i64,
     pub amount: Money,
@@ -113,7 +114,7 @@ impl ProcessorAttempt {
 /// restore, new for every attempt, and distinct between installations sharing a processor.
 pub fn idempotency_key(
     installation: Uuid,
-    schedule_id: Uuid,
+    schedule_id: ScheduleId,
     occurrence: &str,
     attempt: i64,
 ) -> String {

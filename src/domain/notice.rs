@@ -9,6 +9,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::ids::{CardId, PaymentId, ScheduleId};
 use super::money::Money;
 
 /// One outbox row to write: its kind, its dedupe key and its payload.
@@ -63,8 +64,8 @@ pub struct BillPaid {
 /// A charge that happened.
 #[derive(Debug, Clone, Serialize)]
 pub struct Receipt {
-    pub payment_id: Uuid,
-    pub schedule_id: Uuid,
+    pub payment_id: PaymentId,
+    pub schedule_id: ScheduleId,
     #[serde(flatten)]
     pub to: Addressee,
     #[serde(serialize_with = "amount_str")]
@@ -93,8 +94,8 @@ impl Receipt {
 /// any call (over the limit, the card's attempt limit).
 #[derive(Debug, Clone, Serialize)]
 pub struct Declined {
-    pub payment_id: Uuid,
-    pub schedule_id: Uuid,
+    pub payment_id: PaymentId,
+    pub schedule_id: ScheduleId,
     #[serde(flatten)]
     pub to: Addressee,
     #[serde(serialize_with = "opt_amount_str")]
@@ -127,12 +128,12 @@ impl Declined {
 /// A card that must not be tried again.
 #[derive(Debug, Clone, Serialize)]
 pub struct CardDisabled {
-    pub card_id: Uuid,
+    pub card_id: CardId,
     pub card: String,
     #[serde(flatten)]
     pub to: Addressee,
     pub reason: String,
-    pub suspended_schedules: Vec<Uuid>,
+    pub suspended_schedules: Vec<ScheduleId>,
 }
 
 impl CardDisabled {
@@ -148,7 +149,7 @@ impl CardDisabled {
 /// A schedule autopay stopped.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScheduleSuspended {
-    pub schedule_id: Uuid,
+    pub schedule_id: ScheduleId,
     #[serde(flatten)]
     pub to: Addressee,
     pub reason: String,
@@ -170,7 +171,7 @@ impl ScheduleSuspended {
 /// What a schedule confirmation shows of the schedule.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScheduleFacts {
-    pub schedule_id: Uuid,
+    pub schedule_id: ScheduleId,
     #[serde(flatten)]
     pub to: Addressee,
     /// The rule in words.
@@ -245,7 +246,7 @@ impl ScheduleFacts {
 /// A charge coming up.
 #[derive(Debug, Clone, Serialize)]
 pub struct Reminder {
-    pub schedule_id: Uuid,
+    pub schedule_id: ScheduleId,
     #[serde(flatten)]
     pub to: Addressee,
     pub due_at: Timestamp,
@@ -273,7 +274,7 @@ impl Reminder {
 /// A card about to expire while a schedule uses it.
 #[derive(Debug, Clone, Serialize)]
 pub struct CardExpiring {
-    pub card_id: Uuid,
+    pub card_id: CardId,
     pub card: String,
     #[serde(flatten)]
     pub to: Addressee,
@@ -284,7 +285,7 @@ pub struct CardExpiring {
 }
 
 impl CardExpiring {
-    pub fn new(card_id: Uuid, card: String, to: Addressee, exp_month: u8, exp_year: u16) -> Self {
+    pub fn new(card_id: CardId, card: String, to: Addressee, exp_month: u8, exp_year: u16) -> Self {
         CardExpiring {
             card_id,
             card,
@@ -371,8 +372,8 @@ mod tests {
         let now: Timestamp = "2026-12-01T14:00:00Z".parse().unwrap();
         let id = Uuid::nil();
         let receipt = Receipt {
-            payment_id: id,
-            schedule_id: id,
+            payment_id: PaymentId::from_uuid(id),
+            schedule_id: ScheduleId::from_uuid(id),
             to: to(),
             amount: usd("125"),
             currency_of_amount: usd("125"),
@@ -389,8 +390,8 @@ mod tests {
         assert_eq!(receipt.payload["amount"], "125.00");
         assert_eq!(receipt.payload["currency"], "USD");
         let declined = Declined {
-            payment_id: id,
-            schedule_id: id,
+            payment_id: PaymentId::from_uuid(id),
+            schedule_id: ScheduleId::from_uuid(id),
             to: to(),
             amount: None,
             currency: "USD",
@@ -413,16 +414,16 @@ mod tests {
             ("failed", "failed:00000000-0000-0000-0000-000000000000")
         );
         let disabled = CardDisabled {
-            card_id: id,
+            card_id: CardId::from_uuid(id),
             card: "c".into(),
             to: to(),
             reason: "r".into(),
-            suspended_schedules: vec![id],
+            suspended_schedules: vec![ScheduleId::from_uuid(id)],
         }
         .notice();
         assert_eq!(keys(&disabled), documented("card_disabled"));
         let suspended = ScheduleSuspended {
-            schedule_id: id,
+            schedule_id: ScheduleId::from_uuid(id),
             to: to(),
             reason: "r".into(),
             version: 3,
@@ -430,7 +431,7 @@ mod tests {
         .notice();
         assert_eq!(keys(&suspended), documented("schedule_suspended"));
         let facts = ScheduleFacts {
-            schedule_id: id,
+            schedule_id: ScheduleId::from_uuid(id),
             to: to(),
             rule: "monthly".into(),
             amount: "125.00 USD".into(),
@@ -458,7 +459,7 @@ mod tests {
             assert_eq!(keys(&n), documented(n.kind));
         }
         let reminder = Reminder {
-            schedule_id: id,
+            schedule_id: ScheduleId::from_uuid(id),
             to: to(),
             due_at: now,
             amount: None,
@@ -470,7 +471,7 @@ mod tests {
         .notice();
         assert_eq!(keys(&reminder), documented("reminder"));
         assert!(reminder.payload["amount"].is_null());
-        let expiring = CardExpiring::new(id, "c".into(), to(), 4, 2028).notice();
+        let expiring = CardExpiring::new(CardId::from_uuid(id), "c".into(), to(), 4, 2028).notice();
         assert_eq!(keys(&expiring), documented("card_expiring"));
         assert_eq!(expiring.payload["expiry"], "04/2028");
     }

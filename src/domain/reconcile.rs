@@ -249,6 +249,7 @@ pub struct ReconcileReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ids::{PaymentId, ScheduleId};
     use crate::domain::money::{Currency, Money};
     use PaymentState as S;
 
@@ -260,13 +261,13 @@ mod tests {
         ProcessorAttempt {
             idempotency_key: crate::domain::attempt::idempotency_key(
                 installation(),
-                Uuid::from_u128(2),
+                ScheduleId::from_uuid(Uuid::from_u128(2)),
                 "R2026-12-01",
                 attempt,
             ),
             reference: format!("ch_{attempt}"),
-            payment_id: Uuid::from_u128(3),
-            schedule_id: Uuid::from_u128(2),
+            payment_id: PaymentId::from_uuid(Uuid::from_u128(3)),
+            schedule_id: ScheduleId::from_uuid(Uuid::from_u128(2)),
             occurrence: "R2026-12-01".into(),
             attempt,
             amount: Money::from_minor(12_500, Currency::USD),
@@ -291,8 +292,12 @@ mod tests {
     fn keys_name_their_installation_and_others_are_left_out() {
         let mine = found(1, true);
         let mut theirs = found(1, true);
-        theirs.idempotency_key =
-            crate::domain::attempt::idempotency_key(Uuid::from_u128(8), Uuid::nil(), "x", 1);
+        theirs.idempotency_key = crate::domain::attempt::idempotency_key(
+            Uuid::from_u128(8),
+            ScheduleId::from_uuid(Uuid::nil()),
+            "x",
+            1,
+        );
         let mut foreign = found(1, true);
         foreign.idempotency_key = "order-42".into();
         assert_eq!(

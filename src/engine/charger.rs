@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use jiff::SignedDuration;
 use serde::Serialize;
 use tokio::task::JoinSet;
-use uuid::Uuid;
 
 use super::{Engine, EngineError};
 use crate::domain::attempt::Answer;
+use crate::domain::ids::MemberId;
 use crate::processor::{AttemptRef, ChargeOutcome, ChargeRequest, Lookup};
 use crate::store::{ChargeStep, ClaimRules, Lease, Next, Settler, Work, WorkKind};
 
@@ -283,7 +283,7 @@ impl Engine {
     }
 
     /// Writes one attempt step through the group commit, and returns once it is committed.
-    async fn step(&self, step: ChargeStep, member: Uuid) -> Result<Next, EngineError> {
+    async fn step(&self, step: ChargeStep, member: MemberId) -> Result<Next, EngineError> {
         Ok(self
             .committer
             .write(self.store.as_ref(), &self.policy, step, member)
@@ -358,7 +358,7 @@ impl Engine {
     pub(crate) async fn drive(
         &self,
         lease: Lease,
-        member: Uuid,
+        member: MemberId,
         mut next: Next,
     ) -> Result<Next, EngineError> {
         let mut busy: Option<(Instant, Duration)> = None;

@@ -11,15 +11,19 @@
 use std::sync::Mutex;
 
 use tokio::sync::{Semaphore, oneshot};
-use uuid::Uuid;
 
+use crate::domain::ids::MemberId;
 use crate::store::{ChargeStep, Next, OutcomePolicy, Store, StoreError};
 
 /// The most steps one transaction writes.
 pub const MAX_GROUP: usize = 64;
 
 /// A step, the member whose rows it locks, and where its result goes.
-type Waiting = (ChargeStep, Uuid, oneshot::Sender<Result<Next, StoreError>>);
+type Waiting = (
+    ChargeStep,
+    MemberId,
+    oneshot::Sender<Result<Next, StoreError>>,
+);
 
 pub struct Committer {
     queue: Mutex<Vec<Waiting>>,
@@ -43,7 +47,7 @@ impl Committer {
         store: &dyn Store,
         policy: &OutcomePolicy,
         step: ChargeStep,
-        member: Uuid,
+        member: MemberId,
     ) -> Result<Next, StoreError> {
         let (done, result) = oneshot::channel();
         self.queue().push((step, member, done));

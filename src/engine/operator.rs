@@ -10,6 +10,7 @@ use jiff::Timestamp;
 
 use super::{Engine, EngineError};
 use crate::domain::attempt::{OperatorRetry, operator_retry};
+use crate::domain::ids::PaymentId;
 use crate::domain::payment::PaymentState;
 use crate::processor::Lookup;
 use crate::store::{Audit, Next, Payment, Settler, StoreError};
@@ -34,7 +35,7 @@ impl Engine {
     /// Retries a payment for an operator (see the module docs).
     pub async fn operator_retry(
         &self,
-        payment_id: uuid::Uuid,
+        payment_id: PaymentId,
         force: bool,
         audit: &Audit,
     ) -> Result<RetryOutcome, EngineError> {

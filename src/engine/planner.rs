@@ -11,6 +11,7 @@ use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 
 use super::{Engine, EngineError};
+use crate::domain::ids::ScheduleId;
 use crate::domain::schedule::Misfire;
 use crate::domain::schedule::{Occurrence, OccurrenceKey, Recurrence};
 use crate::store::{Audit, PlanStep, PlannedPayment, Schedule, Store, StoreError};
@@ -197,7 +198,7 @@ pub fn plan_step(
 /// change made while the daemon was down never drops an occurrence. True when it planned.
 pub async fn plan_if_due(
     store: &dyn Store,
-    schedule_id: uuid::Uuid,
+    schedule_id: ScheduleId,
     now: Timestamp,
     misfire: Misfire,
     max_lateness: std::time::Duration,

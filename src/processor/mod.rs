@@ -19,6 +19,7 @@ use crate::config::{DatabaseUrl, ProcessorKind, ProcessorSettings};
 use crate::domain::attempt::{Answer, LookupAnswer};
 use crate::domain::card::{CardBrand, CardNumber, Expiry, Last4, SecurityCode};
 use crate::domain::decline::DeclineSignal;
+use crate::domain::ids::{MemberId, PaymentId};
 
 /// What the processor knows about a stored card now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -45,7 +46,7 @@ pub struct Tokenized {
 /// made before.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CardOwner {
-    pub member_id: uuid::Uuid,
+    pub member_id: MemberId,
     pub customer: Option<String>,
 }
 
@@ -155,13 +156,13 @@ pub enum ProcessorEvent {
     CardUpdated { token: String, details: CardDetails },
     /// A charge was refunded, in part or in full (`amount`: refunded so far).
     Refunded {
-        payment_id: uuid::Uuid,
+        payment_id: PaymentId,
         reference: String,
         amount: crate::domain::money::Money,
     },
     /// The cardholder disputed a charge, for `reason` (the processor's spelling).
     Disputed {
-        payment_id: uuid::Uuid,
+        payment_id: PaymentId,
         reference: String,
         reason: String,
     },

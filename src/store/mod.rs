@@ -21,6 +21,7 @@ use uuid::Uuid;
 pub use records::*;
 
 use crate::config::{Backend, DatabaseUrl};
+use crate::domain::ids::{CardId, MemberId, PaymentId, ScheduleId};
 use crate::domain::member::AccountNumber;
 use crate::domain::money::Money;
 use crate::domain::payment::PaymentState;
@@ -222,7 +223,7 @@ pub trait Store: Send + Sync {
 
     async fn add_member(&self, new: &NewMember, audit: &Audit) -> Result<Member>;
     async fn member(&self, account: &AccountNumber) -> Result<Member>;
-    async fn member_by_id(&self, id: Uuid) -> Result<Member>;
+    async fn member_by_id(&self, id: MemberId) -> Result<Member>;
     async fn list_members(&self) -> Result<Vec<Member>>;
     async fn update_member(
         &self,
@@ -234,16 +235,16 @@ pub trait Store: Send + Sync {
     async fn close_member(&self, account: &AccountNumber, audit: &Audit) -> Result<ClosedMember>;
 
     async fn add_card(&self, new: &NewCard, audit: &Audit) -> Result<Card>;
-    async fn card(&self, id: Uuid) -> Result<Card>;
-    async fn list_cards(&self, member_id: Uuid) -> Result<Vec<Card>>;
+    async fn card(&self, id: CardId) -> Result<Card>;
+    async fn list_cards(&self, member_id: MemberId) -> Result<Vec<Card>>;
     /// Refuses (Conflict) while a live schedule uses the card.
-    async fn remove_card(&self, id: Uuid, audit: &Audit) -> Result<Card>;
+    async fn remove_card(&self, id: CardId, audit: &Audit) -> Result<Card>;
 
     /// Adds bills all together or not at all; a bill already stored with the same member,
     /// reference, amount and due date counts as unchanged, one with other values is a Conflict.
     async fn add_bills(&self, bills: &[NewBill], audit: &Audit) -> Result<BillImport>;
     async fn bill(&self, id: Uuid) -> Result<Bill>;
-    async fn list_bills(&self, member_id: Option<Uuid>) -> Result<Vec<Bill>>;
+    async fn list_bills(&self, member_id: Option<MemberId>) -> Result<Vec<Bill>>;
     async fn void_bill(&self, id: Uuid, reason: &str, audit: &Audit) -> Result<BillChange>;
     async fn adjust_bill(
         &self,
@@ -259,29 +260,29 @@ pub trait Store: Send + Sync {
         reference: &str,
         audit: &Audit,
     ) -> Result<BillChange>;
-    async fn list_credits(&self, member_id: Uuid) -> Result<Vec<Credit>>;
+    async fn list_credits(&self, member_id: MemberId) -> Result<Vec<Credit>>;
 
     async fn add_schedule(&self, new: &NewSchedule, audit: &Audit) -> Result<Schedule>;
-    async fn schedule(&self, id: Uuid) -> Result<Schedule>;
-    async fn list_schedules(&self, member_id: Option<Uuid>) -> Result<Vec<Schedule>>;
+    async fn schedule(&self, id: ScheduleId) -> Result<Schedule>;
+    async fn list_schedules(&self, member_id: Option<MemberId>) -> Result<Vec<Schedule>>;
     /// Applies a change made against `change.expected_version`, bumps the version and re-plans
     /// the schedule's unclaimed payments with the new card and amount.
     async fn update_schedule(&self, change: &ScheduleChange, audit: &Audit) -> Result<Schedule>;
-    async fn pause_schedule(&self, id: Uuid, audit: &Audit) -> Result<Schedule>;
+    async fn pause_schedule(&self, id: ScheduleId, audit: &Audit) -> Result<Schedule>;
     async fn resume_schedule(&self, resume: &ScheduleResume, audit: &Audit) -> Result<Schedule>;
-    async fn cancel_schedule(&self, id: Uuid, audit: &Audit) -> Result<Schedule>;
+    async fn cancel_schedule(&self, id: ScheduleId, audit: &Audit) -> Result<Schedule>;
 
-    async fn payment(&self, id: Uuid) -> Result<Payment>;
+    async fn payment(&self, id: PaymentId) -> Result<Payment>;
     async fn list_payments(
         &self,
-        member_id: Option<Uuid>,
+        member_id: Option<MemberId>,
         state: Option<PaymentState>,
     ) -> Result<Vec<Payment>>;
     async fn events(&self, entity_id: &str) -> Result<Vec<Event>>;
-    async fn allocations(&self, payment_id: Uuid) -> Result<Vec<Allocation>>;
+    async fn allocations(&self, payment_id: PaymentId) -> Result<Vec<Allocation>>;
     /// Every request made to the processor for a payment, oldest first.
-    async fn calls(&self, payment_id: Uuid) -> Result<Vec<Call>>;
-    async fn notifications(&self, member_id: Option<Uuid>) -> Result<Vec<Notification>>;
+    async fn calls(&self, payment_id: PaymentId) -> Result<Vec<Call>>;
+    async fn notifications(&self, member_id: Option<MemberId>) -> Result<Vec<Notification>>;
 
     // The engine. Each call is one transaction; every write that finishes a payment names its
     // lease, so a worker whose lease was taken over records nothing.
@@ -359,12 +360,12 @@ pub trait Store: Send + Sync {
     /// Pauses charging with a reason (`None` resumes it).
     async fn set_charging_pause(&self, reason: Option<&str>, audit: &Audit) -> Result<Control>;
     /// Operator: a `failed` or `missed` payment goes again with a new key.
-    async fn retry_payment(&self, id: Uuid, force: bool, audit: &Audit) -> Result<Payment>;
+    async fn retry_payment(&self, id: PaymentId, force: bool, audit: &Audit) -> Result<Payment>;
     /// Operator: takes an `unknown` or `needs_review` payment under a lease of its own, so
     /// that no worker settles it while the operator asks the processor and decides.
     async fn take_for_operator(
         &self,
-        id: Uuid,
+        id: PaymentId,
         lease: std::time::Duration,
         audit: &Audit,
     ) -> Result<Taken>;
@@ -485,7 +486,8 @@ pub trait Store: Send + Sync {
     /// Brings the lookup of an `unknown` payment's attempt forward to `at` (the processor said
     /// it has an answer), and wakes the workers. False when the payment is no longer waiting
     /// on that attempt.
-    async fn settle_soon(&self, payment_id: Uuid, attempt: i64, at: Timestamp) -> Result<bool>;
+    async fn settle_soon(&self, payment_id: PaymentId, attempt: i64, at: Timestamp)
+    -> Result<bool>;
     /// Writes the processor's details onto every card with this token (and when they were
     /// read), and re-enables one that was disabled with `reenable_reason` (expiry) only; an
     /// audit event when anything changed. Returns the cards after.
@@ -514,7 +516,7 @@ pub trait Store: Send + Sync {
     /// or balance changes.
     async fn record_processor_event(
         &self,
-        payment_id: Uuid,
+        payment_id: PaymentId,
         what: &str,
         detail: &serde_json::Value,
         action: crate::domain::dispute::DisputeAction,

@@ -10,6 +10,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::domain::card::{CardBrand, Expiry, Last4};
+use crate::domain::ids::{CardId, MemberId, PaymentId, ScheduleId};
 use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
 use crate::domain::money::{Currency, Money};
 use crate::domain::payment::{AmountRule, PaymentState};
@@ -85,7 +86,7 @@ pub struct Activity {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Member {
-    pub id: Uuid,
+    pub id: MemberId,
     pub account_number: AccountNumber,
     pub account_type: AccountType,
     pub name: MemberName,
@@ -131,15 +132,15 @@ pub struct MemberChange {
 #[derive(Debug, Clone, Serialize)]
 pub struct ClosedMember {
     pub member: Member,
-    pub cancelled_schedules: Vec<Uuid>,
+    pub cancelled_schedules: Vec<ScheduleId>,
     pub cancelled_payments: u64,
 }
 
 /// A stored card: the processor's token and what may be shown. Never a number or a code.
 #[derive(Debug, Clone, Serialize)]
 pub struct Card {
-    pub id: Uuid,
-    pub member_id: Uuid,
+    pub id: CardId,
+    pub member_id: MemberId,
     pub processor: String,
     #[serde(skip)]
     pub processor_token: String,
@@ -189,7 +190,7 @@ impl Card {
 
 #[derive(Debug, Clone)]
 pub struct NewCard {
-    pub member_id: Uuid,
+    pub member_id: MemberId,
     pub processor: String,
     pub processor_token: String,
     pub brand: CardBrand,
@@ -207,7 +208,7 @@ pub struct NewCard {
 #[derive(Debug, Clone, Serialize)]
 pub struct Bill {
     pub id: Uuid,
-    pub member_id: Uuid,
+    pub member_id: MemberId,
     pub reference: String,
     #[serde(serialize_with = "money_str")]
     pub amount_due: Money,
@@ -230,7 +231,7 @@ impl Bill {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewBill {
-    pub member_id: Uuid,
+    pub member_id: MemberId,
     pub reference: String,
     pub amount_due: Money,
     pub due_date: Date,
@@ -254,7 +255,7 @@ pub struct BillChange {
 #[derive(Debug, Clone, Serialize)]
 pub struct Credit {
     pub id: Uuid,
-    pub member_id: Uuid,
+    pub member_id: MemberId,
     #[serde(serialize_with = "money_str")]
     pub amount: Money,
     #[serde(serialize_with = "money_str")]
@@ -267,9 +268,9 @@ pub struct Credit {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Schedule {
-    pub id: Uuid,
-    pub member_id: Uuid,
-    pub card_id: Uuid,
+    pub id: ScheduleId,
+    pub member_id: MemberId,
+    pub card_id: CardId,
     pub kind: ScheduleKind,
     pub recurrence: Recurrence,
     pub amount: AmountRule,
@@ -295,8 +296,8 @@ pub struct Schedule {
 
 #[derive(Debug, Clone)]
 pub struct NewSchedule {
-    pub member_id: Uuid,
-    pub card_id: Uuid,
+    pub member_id: MemberId,
+    pub card_id: CardId,
     pub kind: ScheduleKind,
     pub recurrence: Recurrence,
     pub amount: AmountRule,
@@ -310,9 +311,9 @@ pub struct NewSchedule {
 /// A `schedule update`, computed by the caller against the version it read.
 #[derive(Debug, Clone)]
 pub struct ScheduleChange {
-    pub id: Uuid,
+    pub id: ScheduleId,
     pub expected_version: i64,
-    pub card_id: Uuid,
+    pub card_id: CardId,
     pub recurrence: Recurrence,
     pub amount: AmountRule,
     pub next_run_at: Option<Timestamp>,
@@ -326,7 +327,7 @@ pub struct ScheduleChange {
 /// A `schedule resume`: the next occurrence counted from the moment of resuming.
 #[derive(Debug, Clone)]
 pub struct ScheduleResume {
-    pub id: Uuid,
+    pub id: ScheduleId,
     pub expected_version: i64,
     pub next_run_at: Option<Timestamp>,
     pub next_occurrence: Option<OccurrenceKey>,
@@ -334,9 +335,9 @@ pub struct ScheduleResume {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Payment {
-    pub id: Uuid,
-    pub schedule_id: Uuid,
-    pub member_id: Uuid,
+    pub id: PaymentId,
+    pub schedule_id: ScheduleId,
+    pub member_id: MemberId,
     pub occurrence: String,
     pub due_at: Timestamp,
     #[serde(serialize_with = "opt_money_str")]
@@ -344,7 +345,7 @@ pub struct Payment {
     pub currency: Currency,
     pub state: PaymentState,
     pub attempt: i64,
-    pub card_id: Uuid,
+    pub card_id: CardId,
     pub schedule_version: i64,
     pub next_attempt_at: Option<Timestamp>,
     pub processor_reference: Option<String>,
@@ -393,7 +394,7 @@ pub struct PlannedPayment {
 /// What the planner does to one due schedule, made against the cursor it read.
 #[derive(Debug, Clone)]
 pub struct PlanStep {
-    pub schedule_id: Uuid,
+    pub schedule_id: ScheduleId,
     pub expected_version: i64,
     pub expected_next: OccurrenceKey,
     pub payments: Vec<PlannedPayment>,
@@ -404,7 +405,7 @@ pub struct PlanStep {
 /// A claim on one payment: every write that finishes it names the token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
-    pub payment_id: Uuid,
+    pub payment_id: PaymentId,
     pub token: Uuid,
 }
 
@@ -531,7 +532,7 @@ pub struct Resolve {
 /// What a succeeded payment paid: a bill, or a credit it used.
 #[derive(Debug, Clone, Serialize)]
 pub struct Allocation {
-    pub payment_id: Uuid,
+    pub payment_id: PaymentId,
     pub bill_id: Option<Uuid>,
     pub credit_id: Option<Uuid>,
     #[serde(serialize_with = "money_str")]
@@ -544,7 +545,7 @@ pub struct Notification {
     pub id: Uuid,
     pub kind: String,
     pub dedupe_key: String,
-    pub member_id: Option<Uuid>,
+    pub member_id: Option<MemberId>,
     pub recipient: String,
     pub payload: serde_json::Value,
     pub state: String,
@@ -557,7 +558,7 @@ pub struct Notification {
 pub struct NewNotification {
     pub kind: String,
     pub dedupe_key: String,
-    pub member_id: Uuid,
+    pub member_id: MemberId,
     pub payload: serde_json::Value,
     /// When the message stops being worth sending (reminders: their moment).
     pub expires_at: Option<Timestamp>,
@@ -609,8 +610,8 @@ pub struct Finding {
     pub explanation: String,
     pub idempotency_key: String,
     pub reference: String,
-    pub payment_id: Option<Uuid>,
-    pub schedule_id: Uuid,
+    pub payment_id: Option<PaymentId>,
+    pub schedule_id: ScheduleId,
     pub occurrence: String,
     pub attempt: i64,
     #[serde(serialize_with = "money_str")]
@@ -629,7 +630,7 @@ pub enum Reconciled {
     Ignored,
     /// Recorded onto `payment_id`, which is now in `state`.
     Recorded {
-        payment_id: Uuid,
+        payment_id: PaymentId,
         state: PaymentState,
     },
     /// Listed as a finding (now or by an earlier run).

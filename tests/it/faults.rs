@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use autopay::clock::{Clock, SystemClock};
 use autopay::config::DatabaseUrl;
+use autopay::domain::ids::PaymentId;
 use autopay::domain::payment::PaymentState;
 use autopay::store::{self, Store};
 use mail_parser::MessageParser;
@@ -516,7 +517,7 @@ async fn postgres_restarted_mid_run_leaves_the_daemon_up_and_every_payment_charg
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(idle().await, "nothing fell due meanwhile");
-    let known: BTreeSet<uuid::Uuid> = store
+    let known: BTreeSet<PaymentId> = store
         .list_payments(None, None)
         .await
         .unwrap()
@@ -655,7 +656,7 @@ async fn postgres_restarted_mid_run_leaves_the_daemon_up_and_every_payment_charg
 /// A payment whose charge request went out within the last 300 ms and has no answer yet: with
 /// the processor's 2.5 s latency, its answer comes well after the database is stopped (a
 /// request caught near its end could be answered and recorded before the stop lands).
-async fn charge_in_flight(store: &Arc<dyn Store>) -> Option<uuid::Uuid> {
+async fn charge_in_flight(store: &Arc<dyn Store>) -> Option<PaymentId> {
     let recent = SystemClock.now() - jiff::SignedDuration::from_millis(300);
     for p in store.list_payments(None, None).await.ok()? {
         if p.state == PaymentState::Processing

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use autopay::config::DatabaseUrl;
+use autopay::domain::ids::{CardId, MemberId};
 use autopay::store::{self, Store};
 
 pub const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -500,7 +501,7 @@ pub async fn load_due_payments(
     let token = processor
         .tokenize(
             &autopay::processor::CardOwner {
-                member_id: uuid::Uuid::nil(),
+                member_id: MemberId::from_uuid(uuid::Uuid::nil()),
                 customer: None,
             },
             &number,
@@ -607,7 +608,7 @@ pub async fn add_load_member(
 /// time of its choosing.
 pub async fn schedule_first_due(
     store: &dyn Store,
-    (member_id, card_id): (uuid::Uuid, uuid::Uuid),
+    (member_id, card_id): (MemberId, CardId),
     due: jiff::Timestamp,
     amount: autopay::domain::money::Money,
     audit: &autopay::store::Audit,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use autopay::clock::Clock;
 use autopay::config::DatabaseUrl;
+use autopay::domain::ids::ScheduleId;
 use autopay::domain::payment::{AmountRule, PaymentState};
 use autopay::domain::schedule::{Rule, Unit};
 use autopay::engine::{Engine, ReconcileError, RestoreCheck};
@@ -22,8 +23,8 @@ on_both!(an_older_backup_restored_is_refused_until_reconciled_and_then_charges_n
 /// Approved charges per (schedule, occurrence) in the processor's ledger: the truth about money.
 async fn approved_charges(
     processor: &dyn Processor,
-) -> BTreeMap<(uuid::Uuid, String), Vec<String>> {
-    let mut by_occurrence: BTreeMap<(uuid::Uuid, String), Vec<String>> = BTreeMap::new();
+) -> BTreeMap<(ScheduleId, String), Vec<String>> {
+    let mut by_occurrence: BTreeMap<(ScheduleId, String), Vec<String>> = BTreeMap::new();
     for a in processor
         .list_attempts("2000-01-01T00:00:00Z".parse().unwrap())
         .await

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use autopay::clock::Clock;
+use autopay::domain::ids::ScheduleId;
 use autopay::domain::member::AccountType;
 use autopay::domain::payment::{AmountRule, PaymentState};
 use autopay::domain::schedule::{End, FirstPayment, Recurrence, RecurrenceSpec, Rule, Unit};
@@ -248,7 +249,7 @@ async fn check(w: &World, external: &HashMap<uuid::Uuid, i64>, step: u64) {
     let now = w.clock.now();
     // 1. No occurrence charged twice.
     let ledger = w.processor.list_attempts(Timestamp::MIN).await.unwrap();
-    let mut approved: HashMap<(uuid::Uuid, String), u32> = HashMap::new();
+    let mut approved: HashMap<(ScheduleId, String), u32> = HashMap::new();
     for a in ledger.iter().filter(|a| a.approved) {
         let n = approved
             .entry((a.schedule_id, a.occurrence.clone()))

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use autopay::domain::card::{CardBrand, Expiry, Last4};
+use autopay::domain::ids::{CardId, PaymentId};
 use autopay::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
 use autopay::domain::money::{Currency, Money};
 use autopay::domain::payment::{AmountRule, PaymentState};
@@ -11,7 +12,7 @@ use autopay::domain::schedule::{End, Recurrence, RecurrenceSpec, Rule};
 use autopay::domain::status::{
     AuthorizedVia, BillStatus, CardStatus, MemberStatus, ScheduleKind, ScheduleStatus,
 };
-use autopay::sqltypes::{DbId, DbTime};
+use autopay::sqltypes::DbTime;
 use autopay::store::{
     self, Audit, Card, Member, MemberChange, NewBill, NewCard, NewMember, NewSchedule, Schedule,
     ScheduleChange, ScheduleResume, Store, StoreError,
@@ -120,20 +121,20 @@ async fn insert_payment(
     schedule: &Schedule,
     occurrence: &str,
     state: PaymentState,
-) -> uuid::Uuid {
-    let id = uuid::Uuid::now_v7();
+) -> PaymentId {
+    let id = PaymentId::new();
     let now: Timestamp = "2026-11-30T14:00:00Z".parse().unwrap();
     let sql = "INSERT INTO payments (id, schedule_id, member_id, occurrence, due_at, amount, currency, state, attempt, payment_method_id, schedule_version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 12500, 'USD', $6, 1, $7, $8, $5, $5)";
     macro_rules! run {
         ($pool:expr) => {
             sqlx::query(sql)
-                .bind(DbId(id))
-                .bind(DbId(schedule.id))
-                .bind(DbId(schedule.member_id))
+                .bind(id)
+                .bind(schedule.id)
+                .bind(schedule.member_id)
                 .bind(occurrence)
                 .bind(DbTime(now))
                 .bind(state.as_str())
-                .bind(DbId(schedule.card_id))
+                .bind(schedule.card_id)
                 .bind(schedule.version)
                 .execute(&$pool)
                 .await
@@ -154,17 +155,17 @@ async fn insert_payment(
 }
 
 /// Disables a card directly in the database with `reason`, as a decline would have.
-async fn disable_card_as(db: &TestDb, kind: Kind, card_id: uuid::Uuid, reason: &str) {
+async fn disable_card_as(db: &TestDb, kind: Kind, card_id: CardId, reason: &str) {
     let sql = "UPDATE payment_methods SET status = 'disabled', status_reason = $1 WHERE id = $2";
     match kind {
         Kind::Sqlite => {
             let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
-            let q = sqlx::query(sql).bind(reason).bind(DbId(card_id));
+            let q = sqlx::query(sql).bind(reason).bind(card_id);
             q.execute(&pool).await.unwrap();
         }
         Kind::Postgres => {
             let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
-            let q = sqlx::query(sql).bind(reason).bind(DbId(card_id));
+            let q = sqlx::query(sql).bind(reason).bind(card_id);
             q.execute(&pool).await.unwrap();
         }
     }
@@ -608,7 +609,7 @@ async fn payments_are_listed_by_member_and_state(kind: Kind) {
     let status = store.status().await.unwrap();
     assert_eq!(status.payments.get("succeeded"), Some(&1));
     assert_eq!(status.members.get("active"), Some(&1));
-    assert!(store.payment(uuid::Uuid::now_v7()).await.is_err());
+    assert!(store.payment(PaymentId::new()).await.is_err());
 }
 
 async fn queued_mail_goes_to_the_address_the_member_has_when_it_is_sent(kind: Kind) {

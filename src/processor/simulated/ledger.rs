@@ -18,13 +18,13 @@ use jiff::Timestamp;
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use uuid::Uuid;
 
 use crate::config::{Backend, DatabaseUrl, redact_url};
 use crate::domain::decline::DeclineSignal;
+use crate::domain::ids::{PaymentId, ScheduleId};
 use crate::domain::money::{Currency, Money};
 use crate::processor::{ChargeRequest, ProcessorAttempt, ProcessorError};
-use crate::sqltypes::{DbId, DbTime};
+use crate::sqltypes::DbTime;
 
 /// One ledger row: the request as it was first made under its key, and what came of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,7 +156,7 @@ const SINCE: &str = concat!(
 const COUNT: &str = "SELECT COUNT(*) AS n FROM sim_charges";
 
 /// One set of queries per SQL backend; the SQL text is shared (`$N` placeholders, columns typed
-/// through [`DbId`] and [`DbTime`]), only the pool type and the opening statement differ.
+/// through [`crate::sqltypes`]: ids as the store binds them, instants as [`DbTime`]), only the pool type and the opening statement differ.
 macro_rules! sql_backend {
     ($module:ident, $db:ty, $begin:literal) => {
         mod $module {
@@ -167,19 +167,18 @@ macro_rules! sql_backend {
             fn charge_from(row: &DbRow) -> Result<Charge, String> {
                 let text = |col: &str| row.try_get::<String, _>(col).map_err(|e| e.to_string());
                 let int = |col: &str| row.try_get::<i64, _>(col).map_err(|e| e.to_string());
-                let id = |col: &str| {
-                    row.try_get::<DbId, _>(col)
-                        .map(|i| i.0)
-                        .map_err(|e| e.to_string())
-                };
                 let currency = Currency::parse(&text("currency")?).map_err(|e| e.to_string())?;
                 let amount = Money::from_minor(int("amount_minor")?, currency);
                 let request = ChargeRequest {
                     idempotency_key: text("idempotency_key")?,
                     token: text("token")?,
                     amount,
-                    payment_id: id("payment_id")?,
-                    schedule_id: id("schedule_id")?,
+                    payment_id: row
+                        .try_get::<PaymentId, _>("payment_id")
+                        .map_err(|e| e.to_string())?,
+                    schedule_id: row
+                        .try_get::<ScheduleId, _>("schedule_id")
+                        .map_err(|e| e.to_string())?,
                     occurrence: text("occurrence")?,
                     attempt: int("attempt")?,
                     account_last4: text("account_last4")?,
@@ -230,8 +229,8 @@ macro_rules! sql_backend {
                 sqlx::query(INSERT)
                     .bind(&r.idempotency_key)
                     .bind(&a.reference)
-                    .bind(DbId(r.payment_id))
-                    .bind(DbId(r.schedule_id))
+                    .bind(r.payment_id)
+                    .bind(r.schedule_id)
                     .bind(&r.occurrence)
                     .bind(r.attempt)
                     .bind(r.amount.minor())
@@ -261,11 +260,11 @@ macro_rules! sql_backend {
 
             pub(super) async fn by_attempt(
                 pool: &sqlx::Pool<$db>,
-                payment_id: Uuid,
+                payment_id: PaymentId,
                 attempt: i64,
             ) -> Result<Option<Charge>, sqlx::Error> {
                 let row = sqlx::query(BY_ATTEMPT)
-                    .bind(DbId(payment_id))
+                    .bind(payment_id)
                     .bind(attempt)
                     .fetch_optional(pool)
                     .await?;
@@ -274,11 +273,11 @@ macro_rules! sql_backend {
 
             pub(super) async fn by_payment(
                 pool: &sqlx::Pool<$db>,
-                payment_id: Uuid,
+                payment_id: PaymentId,
             ) -> Result<Vec<Charge>, sqlx::Error> {
                 rows(
                     sqlx::query(BY_PAYMENT)
-                        .bind(DbId(payment_id))
+                        .bind(payment_id)
                         .fetch_all(pool)
                         .await?,
                 )
@@ -476,7 +475,7 @@ impl ChargeLedger {
     /// The first charge recorded for this payment and attempt.
     pub(crate) async fn by_attempt(
         &self,
-        payment_id: Uuid,
+        payment_id: PaymentId,
         attempt: i64,
     ) -> Result<Option<ProcessorAttempt>, ProcessorError> {
         let found = match &self.store {
@@ -504,7 +503,7 @@ impl ChargeLedger {
     /// Every charge recorded for one payment, oldest first.
     pub(crate) async fn by_payment(
         &self,
-        payment_id: Uuid,
+        payment_id: PaymentId,
     ) -> Result<Vec<ProcessorAttempt>, ProcessorError> {
         let found = match &self.store {
             Store::Memory(m) => Ok(Self::memory_rows(m)

@@ -49,6 +49,7 @@ use crate::clock::Clock;
 use crate::config::{Backend, DatabaseUrl, Latency, Ledger, SimulatedSettings};
 use crate::domain::card::{CardBrand, CardNumber, Expiry, Last4, SecurityCode};
 use crate::domain::decline::DeclineSignal;
+use crate::domain::ids::PaymentId;
 use crate::domain::spelled_enum;
 
 spelled_enum! {
@@ -396,7 +397,7 @@ impl SimulatedProcessor {
     /// simulation's "charged twice?" check.
     pub async fn charges_for(
         &self,
-        payment_id: Uuid,
+        payment_id: PaymentId,
     ) -> Result<Vec<ProcessorAttempt>, ProcessorError> {
         self.ledger.by_payment(payment_id).await
     }
@@ -660,6 +661,7 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::domain::card::luhn_valid;
+    use crate::domain::ids::{MemberId, ScheduleId};
     use crate::domain::money::{Currency, Money};
 
     fn clock() -> Arc<ManualClock> {
@@ -667,7 +669,7 @@ mod tests {
     }
 
     /// A lookup of one attempt by its metadata, as the engine makes it.
-    fn attempt_ref(payment_id: Uuid, attempt: i64) -> AttemptRef {
+    fn attempt_ref(payment_id: PaymentId, attempt: i64) -> AttemptRef {
         AttemptRef {
             payment_id,
             attempt,
@@ -679,7 +681,7 @@ mod tests {
 
     fn owner() -> CardOwner {
         CardOwner {
-            member_id: Uuid::nil(),
+            member_id: MemberId::from_uuid(Uuid::nil()),
             customer: None,
         }
     }
@@ -747,8 +749,8 @@ mod tests {
             idempotency_key: key.into(),
             token: token.into(),
             amount: Money::from_minor(12_500, Currency::USD),
-            payment_id: Uuid::nil(),
-            schedule_id: Uuid::nil(),
+            payment_id: PaymentId::from_uuid(Uuid::nil()),
+            schedule_id: ScheduleId::from_uuid(Uuid::nil()),
             occurrence: "2026-12-01".into(),
             attempt: 1,
             account_last4: "0001".into(),
@@ -758,7 +760,7 @@ mod tests {
     }
 
     /// A request for its own payment, so checks on one ledger never see each other's rows.
-    fn request_for(payment_id: Uuid, token: &str, key: &str) -> ChargeRequest {
+    fn request_for(payment_id: PaymentId, token: &str, key: &str) -> ChargeRequest {
         ChargeRequest {
             payment_id,
             ..request(token, key)
@@ -775,7 +777,7 @@ mod tests {
     /// Idempotency, lookups and listings, on whatever ledger `p` has (empty at the start).
     async fn honours_keys_and_answers_from_its_ledger(p: &SimulatedProcessor) {
         let visa = tokenize(p, "4242424242424242").await;
-        let payment = Uuid::now_v7();
+        let payment = PaymentId::new();
         let first = p.charge(&request_for(payment, &visa.token, "k1")).await;
         let again = p.charge(&request_for(payment, &visa.token, "k1")).await;
         assert_eq!(reference(&first), reference(&again));
@@ -828,7 +830,7 @@ mod tests {
             Lookup::NotFound
         );
         assert_eq!(
-            p.find_attempt(&attempt_ref(Uuid::now_v7(), 1)).await,
+            p.find_attempt(&attempt_ref(PaymentId::new(), 1)).await,
             Lookup::NotFound
         );
 
@@ -854,7 +856,7 @@ mod tests {
     async fn one_row_for_concurrent_charges_with_one_key(p: Arc<SimulatedProcessor>) {
         let before = p.ledger_count().await.unwrap();
         let visa = tokenize(&p, "4242424242424242").await;
-        let payment = Uuid::now_v7();
+        let payment = PaymentId::new();
         let tasks: Vec<_> = (0..20)
             .map(|_| {
                 let p = p.clone();
@@ -878,7 +880,7 @@ mod tests {
         let before = p.ledger_count().await.unwrap();
 
         p.set_faults(1.0, 0.0);
-        let dropped = Uuid::now_v7();
+        let dropped = PaymentId::new();
         let answer = p
             .charge(&request_for(dropped, &visa.token, "dropped"))
             .await;
@@ -897,7 +899,7 @@ mod tests {
         assert!(found.approved);
 
         p.set_faults(0.0, 1.0);
-        let timed_out = Uuid::now_v7();
+        let timed_out = PaymentId::new();
         let answer = p
             .charge(&request_for(timed_out, &visa.token, "timed-out"))
             .await;
@@ -1001,11 +1003,13 @@ mod tests {
             ChargeOutcome::IdempotencyMismatch { .. }
         ));
         assert!(matches!(
-            p.find_attempt(&attempt_ref(Uuid::nil(), 1)).await,
+            p.find_attempt(&attempt_ref(PaymentId::from_uuid(Uuid::nil()), 1))
+                .await,
             Lookup::Found(_)
         ));
         assert_eq!(
-            p.find_attempt(&attempt_ref(Uuid::nil(), 2)).await,
+            p.find_attempt(&attempt_ref(PaymentId::from_uuid(Uuid::nil()), 2))
+                .await,
             Lookup::NotFound
         );
         assert_eq!(
@@ -1033,7 +1037,8 @@ mod tests {
         ));
         assert_eq!(p.ledger_count().await.unwrap(), 1);
         assert_eq!(
-            p.find_attempt(&attempt_ref(Uuid::nil(), 2)).await,
+            p.find_attempt(&attempt_ref(PaymentId::from_uuid(Uuid::nil()), 2))
+                .await,
             Lookup::NotFound
         );
     }
@@ -1051,7 +1056,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = on_sqlite(dir.path(), 0.0, 0.0).await;
         let visa = tokenize(&p, "4242424242424242").await;
-        let payment = Uuid::now_v7();
+        let payment = PaymentId::new();
         let first = reference(&p.charge(&request_for(payment, &visa.token, "kept")).await);
         drop(p);
 
@@ -1084,7 +1089,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = on_sqlite(dir.path(), 1.0, 0.0).await;
         let visa = tokenize(&p, "4242424242424242").await;
-        let payment = Uuid::now_v7();
+        let payment = PaymentId::new();
         let answer = p.charge(&request_for(payment, &visa.token, "d")).await;
         assert!(
             matches!(answer, ChargeOutcome::Unknown { .. }),
@@ -1102,7 +1107,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = on_sqlite(dir.path(), 0.0, 1.0).await;
         let visa = tokenize(&p, "4242424242424242").await;
-        let payment = Uuid::now_v7();
+        let payment = PaymentId::new();
         let answer = p.charge(&request_for(payment, &visa.token, "t")).await;
         assert!(
             matches!(answer, ChargeOutcome::Unknown { .. }),
@@ -1213,7 +1218,7 @@ mod tests {
             let visa = tokenize(&p, "4242424242424242").await;
             let mut out = Vec::new();
             for i in 0..64 {
-                let r = request_for(Uuid::now_v7(), &visa.token, &format!("k{i}"));
+                let r = request_for(PaymentId::new(), &visa.token, &format!("k{i}"));
                 out.push(matches!(p.charge(&r).await, ChargeOutcome::Unknown { .. }));
             }
             out

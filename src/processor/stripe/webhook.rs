@@ -8,10 +8,10 @@ use jiff::Timestamp;
 use ring::hmac;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use uuid::Uuid;
 
 use super::StripeProcessor;
 use super::wire::{self, PaymentIntent};
+use crate::domain::ids::PaymentId;
 use crate::domain::money::{Currency, Money};
 use crate::processor::ProcessorEvent;
 
@@ -311,7 +311,7 @@ impl StripeProcessor {
     async fn ours(
         &self,
         payment_intent: Option<&str>,
-    ) -> Result<Option<(Uuid, String)>, RefusalOr> {
+    ) -> Result<Option<(PaymentId, String)>, RefusalOr> {
         let Some(id) = payment_intent else {
             return Ok(None);
         };
@@ -322,7 +322,7 @@ impl StripeProcessor {
         Ok(pi
             .metadata
             .get(wire::meta::PAYMENT)
-            .and_then(|p| Uuid::parse_str(p).ok())
+            .and_then(|p| p.parse::<PaymentId>().ok())
             .map(|p| (p, pi.id.clone())))
     }
 }

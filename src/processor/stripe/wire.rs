@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::domain::attempt::{ChargeRequest, ProcessorAttempt};
 use crate::domain::card::{CardBrand, Expiry, Last4};
 use crate::domain::decline::DeclineSignal;
+use crate::domain::ids::{PaymentId, ScheduleId};
 use crate::domain::money::{Currency, Money};
 use crate::processor::{CardDetails, ChargeOutcome, ProcessorError};
 
@@ -380,7 +381,7 @@ impl PaymentIntent {
     pub fn attempt(&self) -> Option<ProcessorAttempt> {
         let m = &self.metadata;
         let installation = Uuid::parse_str(m.get(meta::INSTALLATION)?).ok()?;
-        let schedule_id = Uuid::parse_str(m.get(meta::SCHEDULE)?).ok()?;
+        let schedule_id: ScheduleId = m.get(meta::SCHEDULE)?.parse().ok()?;
         let occurrence = m.get(meta::OCCURRENCE)?.clone();
         let attempt: i64 = m.get(meta::ATTEMPT)?.parse().ok()?;
         let (approved, decline) = match self.settled() {
@@ -405,7 +406,7 @@ impl PaymentIntent {
             } else {
                 self.charge_id().unwrap_or_else(|| self.id.clone())
             },
-            payment_id: Uuid::parse_str(m.get(meta::PAYMENT)?).ok()?,
+            payment_id: m.get(meta::PAYMENT)?.parse().ok()?,
             schedule_id,
             occurrence,
             attempt,
@@ -424,7 +425,7 @@ impl PaymentIntent {
     }
 
     /// Whether the metadata names this payment's attempt.
-    pub fn is_attempt(&self, payment_id: Uuid, attempt: i64) -> bool {
+    pub fn is_attempt(&self, payment_id: PaymentId, attempt: i64) -> bool {
         self.metadata
             .get(meta::PAYMENT)
             .is_some_and(|p| p.eq_ignore_ascii_case(&payment_id.to_string()))
@@ -610,8 +611,8 @@ mod tests {
             idempotency_key: "autopay:0193a5b2-7c1e-7d3f-9a41-212345678900:0193a5b2-7c1e-7d3f-9a41-2123456789aa:2026-12-01:1".into(),
             token: "pm_1Abc".into(),
             amount: Money::from_minor(12_500, Currency::USD),
-            payment_id: Uuid::parse_str("0193a5b2-7c1e-7d3f-9a41-2123456789bb").unwrap(),
-            schedule_id: Uuid::parse_str("0193a5b2-7c1e-7d3f-9a41-2123456789aa").unwrap(),
+            payment_id: "0193a5b2-7c1e-7d3f-9a41-2123456789bb".parse().unwrap(),
+            schedule_id: "0193a5b2-7c1e-7d3f-9a41-2123456789aa".parse().unwrap(),
             occurrence: "2026-12-01".into(),
             attempt: 1,
             account_last4: "0042".into(),

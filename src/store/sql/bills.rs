@@ -3,6 +3,7 @@
 use jiff::Timestamp;
 use uuid::Uuid;
 
+use crate::domain::ids::MemberId;
 use crate::domain::money::Money;
 use crate::domain::notice::BillPaid;
 use crate::domain::status::BillStatus;
@@ -26,7 +27,7 @@ pub(crate) fn bill_from(row: &impl Record) -> Result<Bill> {
     let cur = currency(row, T)?;
     Ok(Bill {
         id: id(row, T, "id")?,
-        member_id: id(row, T, "member_id")?,
+        member_id: get(row, T, "member_id")?,
         reference: get(row, T, "reference")?,
         amount_due: Money::from_minor(get(row, T, "amount_due")?, cur),
         amount_paid: Money::from_minor(get(row, T, "amount_paid")?, cur),
@@ -47,7 +48,7 @@ pub(crate) fn credit_from(row: &impl Record) -> Result<Credit> {
     let cur = currency(row, T)?;
     Ok(Credit {
         id: id(row, T, "id")?,
-        member_id: id(row, T, "member_id")?,
+        member_id: get(row, T, "member_id")?,
         amount: Money::from_minor(get(row, T, "amount")?, cur),
         remaining: Money::from_minor(get(row, T, "remaining")?, cur),
         currency: cur,
@@ -76,10 +77,10 @@ pub(crate) async fn bill_in<B: Backend>(tx: &mut WriteTx<B>, bill_id: Uuid) -> R
 
 pub(crate) async fn insert_credit<B: Backend>(
     tx: &mut WriteTx<B>,
-    member_id: Uuid,
+    member_id: MemberId,
     amount: Money,
     source: &str,
-    source_id: Uuid,
+    source_id: impl std::fmt::Display + Send,
     reason: &str,
     audit: &Audit,
 ) -> Result<Credit> {
@@ -87,7 +88,7 @@ pub(crate) async fn insert_credit<B: Backend>(
         "INSERT INTO credits (id, member_id, amount, remaining, currency, source, source_id, reason, created_at, updated_at) VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $8, $8) RETURNING {CREDIT_COLS}"
     )))
     .bind(DbId(new_id()))
-    .bind(DbId(member_id))
+    .bind(member_id)
     .bind(amount.minor())
     .bind(amount.currency().code())
     .bind(source)
@@ -99,7 +100,7 @@ pub(crate) async fn insert_credit<B: Backend>(
     .map_err(db_err("recording a credit"))?;
     let credit = credit_from(&row)?;
     event(tx, audit, "credit", credit.id, "created", serde_json::json!({
-        "amount": amount.amount_string(), "currency": amount.currency().code(), "source": source, "source_id": source_id,
+        "amount": amount.amount_string(), "currency": amount.currency().code(), "source": source, "source_id": source_id.to_string(),
     })).await?;
     Ok(credit)
 }
@@ -140,7 +141,7 @@ pub(crate) async fn consume_credits<B: Backend>(
     let rows: Vec<(DbId, i64)> = query_as(sqlx::AssertSqlSafe(format!(
         "SELECT id, remaining FROM credits WHERE member_id = $1 AND remaining > 0 ORDER BY created_at, id{}", B::FOR_UPDATE
     )))
-    .bind(DbId(payment.member_id))
+    .bind(payment.member_id)
     .fetch_all(tx.conn())
     .await
     .map_err(db_err("reading credits"))?;
@@ -162,7 +163,7 @@ pub(crate) async fn consume_credits<B: Backend>(
             .map_err(db_err("using a credit"))?;
         query("INSERT INTO payment_allocations (id, payment_id, bill_id, credit_id, amount, currency, created_at) VALUES ($1, $2, NULL, $3, $4, $5, $6)")
             .bind(DbId(new_id()))
-            .bind(DbId(payment.id))
+            .bind(payment.id)
             .bind(*credit_id)
             .bind(used.minor())
             .bind(payment.currency.code())
@@ -185,7 +186,7 @@ pub(crate) async fn pay_bills<B: Backend>(
     let rows = query(sqlx::AssertSqlSafe(format!(
         "SELECT {BILL_COLS} FROM bills WHERE member_id = $1 AND status = 'open' ORDER BY due_date, created_at, id{}", B::FOR_UPDATE
     )))
-    .bind(DbId(payment.member_id))
+    .bind(payment.member_id)
     .fetch_all(tx.conn())
     .await
     .map_err(db_err("reading open bills"))?;
@@ -216,7 +217,7 @@ pub(crate) async fn pay_bills<B: Backend>(
         .await?;
         query("INSERT INTO payment_allocations (id, payment_id, bill_id, credit_id, amount, currency, created_at) VALUES ($1, $2, $3, NULL, $4, $5, $6)")
             .bind(DbId(new_id()))
-            .bind(DbId(payment.id))
+            .bind(payment.id)
             .bind(DbId(bill.id))
             .bind(part.minor())
             .bind(payment.currency.code())
@@ -246,7 +247,7 @@ pub(crate) async fn add_bills<B: Backend>(
             "INSERT INTO bills (id, member_id, reference, amount_due, amount_paid, currency, due_date, status, created_at, updated_at) VALUES ($1, $2, $3, $4, 0, $5, $6, 'open', $7, $7) ON CONFLICT (member_id, reference) DO NOTHING RETURNING {BILL_COLS}"
         )))
         .bind(DbId(new_id()))
-        .bind(DbId(bill.member_id))
+        .bind(bill.member_id)
         .bind(&bill.reference)
         .bind(bill.amount_due.minor())
         .bind(bill.amount_due.currency().code())
@@ -269,7 +270,7 @@ pub(crate) async fn add_bills<B: Backend>(
                 let row = query(sqlx::AssertSqlSafe(format!(
                     "SELECT {BILL_COLS} FROM bills WHERE member_id = $1 AND reference = $2"
                 )))
-                .bind(DbId(bill.member_id))
+                .bind(bill.member_id)
                 .bind(&bill.reference)
                 .fetch_one(tx.conn())
                 .await
@@ -311,10 +312,10 @@ pub(crate) async fn bill<B: Backend>(db: &SqlStore<B>, bill_id: Uuid) -> Result<
 
 pub(crate) async fn list_bills<B: Backend>(
     db: &SqlStore<B>,
-    member_id: Option<Uuid>,
+    member_id: Option<MemberId>,
 ) -> Result<Vec<Bill>> {
     query(sqlx::AssertSqlSafe(format!("SELECT {BILL_COLS} FROM bills WHERE ($1 IS NULL OR member_id = $1) ORDER BY due_date, reference")))
-        .bind(member_id.map(DbId))
+        .bind(member_id)
         .fetch_all(&db.pool)
         .await
         .map_err(db_err("listing bills"))?
@@ -330,7 +331,7 @@ pub(crate) async fn void_bill<B: Backend>(
     audit: &Audit,
 ) -> Result<BillChange> {
     let mut tx = db.begin_write().await?;
-    lock_owner(&mut tx, "bills", bill_id).await?;
+    lock_owner(&mut tx, "bills", DbId(bill_id)).await?;
     let bill = bill_in(&mut tx, bill_id).await?;
     if bill.status == BillStatus::Void {
         return Err(StoreError::Conflict(format!(
@@ -387,7 +388,7 @@ pub(crate) async fn adjust_bill<B: Backend>(
     audit: &Audit,
 ) -> Result<BillChange> {
     let mut tx = db.begin_write().await?;
-    lock_owner(&mut tx, "bills", bill_id).await?;
+    lock_owner(&mut tx, "bills", DbId(bill_id)).await?;
     let bill = bill_in(&mut tx, bill_id).await?;
     if bill.status == BillStatus::Void {
         return Err(StoreError::Conflict(format!(
@@ -449,7 +450,7 @@ pub(crate) async fn pay_bill_external<B: Backend>(
     audit: &Audit,
 ) -> Result<BillChange> {
     let mut tx = db.begin_write().await?;
-    lock_owner(&mut tx, "bills", bill_id).await?;
+    lock_owner(&mut tx, "bills", DbId(bill_id)).await?;
     let bill = bill_in(&mut tx, bill_id).await?;
     if bill.status == BillStatus::Void {
         return Err(StoreError::Conflict(format!(
@@ -531,12 +532,12 @@ pub(crate) async fn pay_bill_external<B: Backend>(
 
 pub(crate) async fn list_credits<B: Backend>(
     db: &SqlStore<B>,
-    member_id: Uuid,
+    member_id: MemberId,
 ) -> Result<Vec<Credit>> {
     query(sqlx::AssertSqlSafe(format!(
         "SELECT {CREDIT_COLS} FROM credits WHERE member_id = $1 ORDER BY created_at, id"
     )))
-    .bind(DbId(member_id))
+    .bind(member_id)
     .fetch_all(&db.pool)
     .await
     .map_err(db_err("listing credits"))?

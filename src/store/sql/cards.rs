@@ -1,18 +1,18 @@
 //! Cards (`payment_methods`): adding, reading, removing, and refreshing them from the processor.
 
 use jiff::Timestamp;
-use uuid::Uuid;
 
 use crate::domain::card::{CardBrand, Last4};
+use crate::domain::ids::{CardId, MemberId, ScheduleId};
 use crate::domain::notice::CardDisabled;
 use crate::domain::status::{CardStatus, MemberStatus};
-use crate::sqltypes::{DbId, DbTime};
+use crate::sqltypes::DbTime;
 use crate::store::sql::members::lock_owner;
 use crate::store::sql::outbox::notify_notice;
 use crate::store::sql::schedules::suspend_schedule;
 use crate::store::sql::{
-    Backend, Record, SqlStore, commit, db_err, event, get, id, is_unique_violation, new_id, parsed,
-    query, query_as, query_scalar, time,
+    Backend, Record, SqlStore, commit, db_err, event, get, is_unique_violation, parsed, query,
+    query_as, query_scalar, time,
 };
 use crate::store::{
     Audit, Card, CardProcessor, Consent, Member, NewCard, Result, StoreError, WriteTx,
@@ -25,8 +25,8 @@ pub(crate) fn card_from(row: &impl Record) -> Result<Card> {
     let month: i64 = get(row, T, "exp_month")?;
     let year: i64 = get(row, T, "exp_year")?;
     Ok(Card {
-        id: id(row, T, "id")?,
-        member_id: id(row, T, "member_id")?,
+        id: get(row, T, "id")?,
+        member_id: get(row, T, "member_id")?,
         processor: get(row, T, "processor")?,
         processor_token: get(row, T, "processor_token")?,
         fingerprint: get(row, T, "fingerprint")?,
@@ -58,12 +58,12 @@ pub(crate) fn card_from(row: &impl Record) -> Result<Card> {
     })
 }
 
-pub(crate) async fn card_in<B: Backend>(tx: &mut WriteTx<B>, card_id: Uuid) -> Result<Card> {
+pub(crate) async fn card_in<B: Backend>(tx: &mut WriteTx<B>, card_id: CardId) -> Result<Card> {
     let row = query(sqlx::AssertSqlSafe(format!(
         "SELECT {CARD_COLS} FROM payment_methods WHERE id = $1{}",
         B::FOR_UPDATE
     )))
-    .bind(DbId(card_id))
+    .bind(card_id)
     .fetch_optional(tx.conn())
     .await
     .map_err(db_err("reading a card"))?;
@@ -74,14 +74,14 @@ pub(crate) async fn card_in<B: Backend>(tx: &mut WriteTx<B>, card_id: Uuid) -> R
 }
 
 /// A schedule cannot stay on, or go back to, a card that cannot be charged.
-pub(crate) fn card_unusable(card: &Card, schedule_id: Uuid) -> StoreError {
+pub(crate) fn card_unusable(card: &Card, schedule_id: ScheduleId) -> StoreError {
     StoreError::Conflict(format!(
         "card {} is {}, so schedule {schedule_id} cannot charge it; add a new card (`autopay card add`) and move the schedule to it with `autopay schedule update {schedule_id} --card NEW_CARD`",
         card.id, card.status
     ))
 }
 
-pub(crate) fn card_not_found(id: Uuid) -> StoreError {
+pub(crate) fn card_not_found(id: CardId) -> StoreError {
     StoreError::NotFound(format!(
         "no card has id {id}; list a member's cards with `autopay card list --account N`"
     ))
@@ -99,7 +99,7 @@ pub(crate) async fn disable_card<B: Backend>(
     let changed = query("UPDATE payment_methods SET status = 'disabled', status_reason = $1, updated_at = $2 WHERE id = $3 AND status = 'active'")
         .bind(reason)
         .bind(DbTime(audit.at))
-        .bind(DbId(card.id))
+        .bind(card.id)
         .execute(tx.conn())
         .await
         .map_err(db_err("disabling a card"))?
@@ -112,7 +112,7 @@ pub(crate) async fn disable_card<B: Backend>(
             let hardened = query("UPDATE payment_methods SET status_reason = $1, updated_at = $2 WHERE id = $3 AND status = 'disabled' AND status_reason = $4")
                 .bind(reason)
                 .bind(DbTime(audit.at))
-                .bind(DbId(card.id))
+                .bind(card.id)
                 .bind(expired)
                 .execute(tx.conn())
                 .await
@@ -141,20 +141,20 @@ pub(crate) async fn disable_card<B: Backend>(
         serde_json::json!({ "reason": reason }),
     )
     .await?;
-    let schedules: Vec<DbId> = query_scalar("SELECT id FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused') ORDER BY id")
-        .bind(DbId(card.id))
+    let schedules: Vec<ScheduleId> = query_scalar("SELECT id FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused') ORDER BY id")
+        .bind(card.id)
         .fetch_all(tx.conn())
         .await
         .map_err(db_err("reading the card's schedules"))?;
     for s in &schedules {
-        suspend_schedule(tx, s.0, "the card can no longer be charged", member, audit).await?;
+        suspend_schedule(tx, *s, "the card can no longer be charged", member, audit).await?;
     }
     let notice = CardDisabled {
         card_id: card.id,
         card: card.label(),
         to: member.addressee(),
         reason: reason.to_string(),
-        suspended_schedules: schedules.iter().map(|s| s.0).collect(),
+        suspended_schedules: schedules,
     }
     .notice();
     notify_notice(tx, &notice, member, audit.at).await
@@ -170,7 +170,7 @@ pub(crate) async fn add_card<B: Backend>(
         "SELECT status FROM members WHERE id = $1{}",
         B::FOR_UPDATE
     )))
-    .bind(DbId(new.member_id))
+    .bind(new.member_id)
     .fetch_optional(tx.conn())
     .await
     .map_err(db_err("reading a member"))?;
@@ -194,7 +194,7 @@ pub(crate) async fn add_card<B: Backend>(
         query("UPDATE members SET processor_customer_id = $1, updated_at = $2 WHERE id = $3 AND processor_customer_id IS NULL")
             .bind(customer)
             .bind(DbTime(audit.at))
-            .bind(DbId(new.member_id))
+            .bind(new.member_id)
             .execute(tx.conn())
             .await
             .map_err(db_err("keeping the member's processor customer"))?;
@@ -202,8 +202,8 @@ pub(crate) async fn add_card<B: Backend>(
     let row = query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO payment_methods (id, member_id, processor, processor_token, brand, last4, exp_month, exp_year, status, created_at, updated_at, fingerprint, processor_mode, consent_at, consent_via, consent_terms_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'active', $9, $9, $10, $11, $12, $13, $14) RETURNING {CARD_COLS}"
     )))
-    .bind(DbId(new_id()))
-    .bind(DbId(new.member_id))
+    .bind(CardId::new())
+    .bind(new.member_id)
     .bind(&new.processor)
     .bind(&new.processor_token)
     .bind(new.brand.as_str())
@@ -241,11 +241,11 @@ pub(crate) async fn add_card<B: Backend>(
     Ok(card)
 }
 
-pub(crate) async fn card<B: Backend>(db: &SqlStore<B>, card_id: Uuid) -> Result<Card> {
+pub(crate) async fn card<B: Backend>(db: &SqlStore<B>, card_id: CardId) -> Result<Card> {
     let row = query(sqlx::AssertSqlSafe(format!(
         "SELECT {CARD_COLS} FROM payment_methods WHERE id = $1"
     )))
-    .bind(DbId(card_id))
+    .bind(card_id)
     .fetch_optional(&db.pool)
     .await
     .map_err(db_err("reading a card"))?;
@@ -255,11 +255,14 @@ pub(crate) async fn card<B: Backend>(db: &SqlStore<B>, card_id: Uuid) -> Result<
     }
 }
 
-pub(crate) async fn list_cards<B: Backend>(db: &SqlStore<B>, member_id: Uuid) -> Result<Vec<Card>> {
+pub(crate) async fn list_cards<B: Backend>(
+    db: &SqlStore<B>,
+    member_id: MemberId,
+) -> Result<Vec<Card>> {
     query(sqlx::AssertSqlSafe(format!(
         "SELECT {CARD_COLS} FROM payment_methods WHERE member_id = $1 ORDER BY created_at, id"
     )))
-    .bind(DbId(member_id))
+    .bind(member_id)
     .fetch_all(&db.pool)
     .await
     .map_err(db_err("listing cards"))?
@@ -270,7 +273,7 @@ pub(crate) async fn list_cards<B: Backend>(db: &SqlStore<B>, member_id: Uuid) ->
 
 pub(crate) async fn remove_card<B: Backend>(
     db: &SqlStore<B>,
-    card_id: Uuid,
+    card_id: CardId,
     audit: &Audit,
 ) -> Result<Card> {
     let mut tx = db.begin_write().await?;
@@ -281,20 +284,20 @@ pub(crate) async fn remove_card<B: Backend>(
             "card {card_id} is already removed"
         )));
     }
-    let user: Option<(DbId, String)> = query_as("SELECT id, status FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused', 'suspended') ORDER BY id LIMIT 1")
-        .bind(DbId(card_id))
+    let user: Option<(ScheduleId, String)> = query_as("SELECT id, status FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused', 'suspended') ORDER BY id LIMIT 1")
+        .bind(card_id)
         .fetch_optional(tx.conn())
         .await
         .map_err(db_err("checking the card's schedules"))?;
     if let Some((schedule_id, status)) = user {
         return Err(StoreError::Conflict(format!(
             "card {card_id} is used by schedule {} ({status}); move that schedule to another card with `autopay schedule update {} --card NEW_CARD` or cancel it, then remove this card",
-            schedule_id.0, schedule_id.0
+            schedule_id, schedule_id
         )));
     }
     let row = query(sqlx::AssertSqlSafe(format!("UPDATE payment_methods SET status = 'removed', status_reason = 'removed by operator', updated_at = $1 WHERE id = $2 RETURNING {CARD_COLS}")))
         .bind(DbTime(audit.at))
-        .bind(DbId(card_id))
+        .bind(card_id)
         .fetch_one(tx.conn())
         .await
         .map_err(db_err("removing a card"))?;
@@ -321,7 +324,7 @@ pub(crate) async fn refresh_card<B: Backend>(
     audit: &Audit,
 ) -> Result<Vec<Card>> {
     let mut tx = db.begin_write().await?;
-    let ids: Vec<DbId> = query_scalar("SELECT id FROM payment_methods WHERE processor = $1 AND processor_token = $2 AND status IN ('active', 'disabled') ORDER BY id")
+    let ids: Vec<CardId> = query_scalar("SELECT id FROM payment_methods WHERE processor = $1 AND processor_token = $2 AND status IN ('active', 'disabled') ORDER BY id")
         .bind(processor)
         .bind(token)
         .fetch_all(tx.conn())
@@ -329,7 +332,7 @@ pub(crate) async fn refresh_card<B: Backend>(
         .map_err(db_err("finding a card by its token"))?;
     let mut cards = Vec::new();
     for id in ids {
-        let card = card_in(&mut tx, id.0).await?;
+        let card = card_in(&mut tx, id).await?;
         // Only a card disabled because it expired comes back: never one disabled as
         // lost, stolen or revoked.
         let reenable = card.status == CardStatus::Disabled
@@ -357,7 +360,7 @@ pub(crate) async fn refresh_card<B: Backend>(
                 "exp_month": details.expiry.month(), "exp_year": details.expiry.year(), "reenabled": reenable,
             })).await?;
         }
-        cards.push(card_in(&mut tx, id.0).await?);
+        cards.push(card_in(&mut tx, id).await?);
     }
     commit(tx).await?;
     Ok(cards)

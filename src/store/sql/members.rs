@@ -1,15 +1,14 @@
 //! Members: who pays, and the row every other change of theirs locks first.
 
-use uuid::Uuid;
-
+use crate::domain::ids::{MemberId, ScheduleId};
 use crate::domain::member::{AccountNumber, AccountType, EmailAddress, MemberName};
 use crate::domain::notice::ScheduleChange as ScheduleChangeNotice;
 use crate::domain::status::MemberStatus;
-use crate::sqltypes::{DbId, DbTime};
+use crate::sqltypes::{DbTime, IdParam};
 use crate::store::sql::schedules::{cancel_unclaimed, confirm_schedule, schedule_in};
 use crate::store::sql::{
-    Backend, Record, SqlStore, commit, db_err, event, get, id, is_unique_violation, new_id, parsed,
-    query, query_scalar, time,
+    Backend, Record, SqlStore, commit, db_err, event, get, is_unique_violation, parsed, query,
+    query_scalar, time,
 };
 use crate::store::{
     Audit, ClosedMember, Member, MemberChange, NewMember, Result, StoreError, WriteTx,
@@ -20,7 +19,7 @@ pub(crate) const MEMBER_COLS: &str = "id, account_number, account_type, name, em
 pub(crate) fn member_from(row: &impl Record) -> Result<Member> {
     const T: &str = "members";
     Ok(Member {
-        id: id(row, T, "id")?,
+        id: get(row, T, "id")?,
         account_number: parsed(
             T,
             "account_number",
@@ -82,13 +81,13 @@ pub(crate) fn member_not_found(account: &AccountNumber) -> StoreError {
 
 pub(crate) async fn member_by_id_in<B: Backend>(
     tx: &mut WriteTx<B>,
-    member_id: Uuid,
+    member_id: MemberId,
 ) -> Result<Member> {
     let row = query(sqlx::AssertSqlSafe(format!(
         "SELECT {MEMBER_COLS} FROM members WHERE id = $1{}",
         B::FOR_UPDATE
     )))
-    .bind(DbId(member_id))
+    .bind(member_id)
     .fetch_one(tx.conn())
     .await
     .map_err(db_err("reading a member"))?;
@@ -100,17 +99,17 @@ pub(crate) async fn member_by_id_in<B: Backend>(
 pub(crate) async fn lock_owner<B: Backend>(
     tx: &mut WriteTx<B>,
     table: &'static str,
-    id: Uuid,
+    id: impl IdParam,
 ) -> Result<Option<Member>> {
-    let owner: Option<DbId> = query_scalar(sqlx::AssertSqlSafe(format!(
+    let owner: Option<MemberId> = query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT member_id FROM {table} WHERE id = $1"
     )))
-    .bind(DbId(id))
+    .bind(id)
     .fetch_optional(tx.conn())
     .await
     .map_err(db_err("reading an owner"))?;
     match owner {
-        Some(member_id) => Ok(Some(member_by_id_in(tx, member_id.0).await?)),
+        Some(member_id) => Ok(Some(member_by_id_in(tx, member_id).await?)),
         None => Ok(None),
     }
 }
@@ -121,11 +120,11 @@ pub(crate) async fn add_member<B: Backend>(
     audit: &Audit,
 ) -> Result<Member> {
     let mut tx = db.begin_write().await?;
-    let member_id = new_id();
+    let member_id = MemberId::new();
     let row = query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO members (id, account_number, account_type, name, email, time_zone, reminders, email_bouncing, status, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, TRUE, FALSE, 'active', $7, $7) RETURNING {MEMBER_COLS}"
     )))
-    .bind(DbId(member_id))
+    .bind(member_id)
     .bind(new.account_number.as_str())
     .bind(new.account_type.as_str())
     .bind(new.name.as_str())
@@ -177,11 +176,14 @@ pub(crate) async fn member<B: Backend>(
     }
 }
 
-pub(crate) async fn member_by_id<B: Backend>(db: &SqlStore<B>, member_id: Uuid) -> Result<Member> {
+pub(crate) async fn member_by_id<B: Backend>(
+    db: &SqlStore<B>,
+    member_id: MemberId,
+) -> Result<Member> {
     let row = query(sqlx::AssertSqlSafe(format!(
         "SELECT {MEMBER_COLS} FROM members WHERE id = $1"
     )))
-    .bind(DbId(member_id))
+    .bind(member_id)
     .fetch_optional(&db.pool)
     .await
     .map_err(db_err("reading a member"))?;
@@ -229,7 +231,7 @@ pub(crate) async fn update_member<B: Backend>(
     // A new address is a fresh chance to deliver.
     .bind(if change.email.is_some() { false } else { member.email_bouncing })
     .bind(DbTime(audit.at))
-    .bind(DbId(member.id))
+    .bind(member.id)
     .fetch_one(tx.conn())
     .await
     .map_err(db_err("updating a member"))?;
@@ -273,8 +275,8 @@ pub(crate) async fn close_member<B: Backend>(
             member.id
         )));
     }
-    let live: Vec<DbId> = query_scalar("SELECT id FROM schedules WHERE member_id = $1 AND status IN ('active', 'paused', 'suspended') ORDER BY id")
-        .bind(DbId(member.id))
+    let live: Vec<ScheduleId> = query_scalar("SELECT id FROM schedules WHERE member_id = $1 AND status IN ('active', 'paused', 'suspended') ORDER BY id")
+        .bind(member.id)
         .fetch_all(tx.conn())
         .await
         .map_err(db_err("reading the member's schedules"))?;
@@ -288,14 +290,14 @@ pub(crate) async fn close_member<B: Backend>(
             .await
             .map_err(db_err("cancelling a schedule"))?;
         cancelled_payments +=
-            cancel_unclaimed(&mut tx, schedule_id.0, "member closed", audit.at).await?;
-        let ended = schedule_in(&mut tx, schedule_id.0).await?;
+            cancel_unclaimed(&mut tx, *schedule_id, "member closed", audit.at).await?;
+        let ended = schedule_in(&mut tx, *schedule_id).await?;
         confirm_schedule(&mut tx, &ScheduleChangeNotice::Cancelled, &ended, audit.at).await?;
         event(
             &mut tx,
             audit,
             "schedule",
-            schedule_id.0,
+            schedule_id,
             "cancelled",
             serde_json::json!({ "reason": "member closed" }),
         )
@@ -303,12 +305,12 @@ pub(crate) async fn close_member<B: Backend>(
     }
     let row = query(sqlx::AssertSqlSafe(format!("UPDATE members SET status = 'closed', updated_at = $1 WHERE id = $2 RETURNING {MEMBER_COLS}")))
         .bind(DbTime(audit.at))
-        .bind(DbId(member.id))
+        .bind(member.id)
         .fetch_one(tx.conn())
         .await
         .map_err(db_err("closing a member"))?;
     let closed = member_from(&row)?;
-    let cancelled_schedules: Vec<Uuid> = live.into_iter().map(|i| i.0).collect();
+    let cancelled_schedules = live;
     event(
         &mut tx,
         audit,

@@ -162,7 +162,7 @@ pub(crate) async fn event<B: Backend>(
     tx: &mut WriteTx<B>,
     audit: &Audit,
     entity: &str,
-    entity_id: Uuid,
+    entity_id: impl std::fmt::Display,
     action: &str,
     detail: serde_json::Value,
 ) -> Result<()> {

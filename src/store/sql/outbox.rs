@@ -5,6 +5,7 @@ use jiff::Timestamp;
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
+use crate::domain::ids::MemberId;
 use crate::domain::notice::Notice;
 use crate::sqltypes::{DbId, DbTime};
 use crate::store::sql::control::delete_before;
@@ -32,7 +33,7 @@ pub(crate) async fn notify<B: Backend>(
         .bind(DbId(new_id()))
         .bind(kind)
         .bind(dedupe_key)
-        .bind(DbId(member.id))
+        .bind(member.id)
         .bind(member.email.as_str())
         .bind(sqlx::types::Json(payload))
         .bind(DbTime(at))
@@ -61,7 +62,7 @@ pub(crate) fn notification_from(row: &impl Record) -> Result<Notification> {
         id: id(row, T, "id")?,
         kind: get(row, T, "kind")?,
         dedupe_key: get(row, T, "dedupe_key")?,
-        member_id: get::<Option<DbId>>(row, T, "member_id")?.map(|i| i.0),
+        member_id: get(row, T, "member_id")?,
         recipient: get(row, T, "recipient")?,
         payload: get::<sqlx::types::Json<serde_json::Value>>(row, T, "payload")?.0,
         state: get(row, T, "state")?,
@@ -72,10 +73,10 @@ pub(crate) fn notification_from(row: &impl Record) -> Result<Notification> {
 
 pub(crate) async fn notifications<B: Backend>(
     db: &SqlStore<B>,
-    member_id: Option<Uuid>,
+    member_id: Option<MemberId>,
 ) -> Result<Vec<Notification>> {
     query(sqlx::AssertSqlSafe(format!("SELECT {NOTIFICATION_COLS} FROM notifications WHERE ($1 IS NULL OR member_id = $1) ORDER BY created_at, id")))
-        .bind(member_id.map(DbId))
+        .bind(member_id)
         .fetch_all(&db.pool)
         .await
         .map_err(db_err("listing notifications"))?
@@ -105,7 +106,7 @@ pub(crate) async fn enqueue<B: Backend>(
         .bind(DbId(new_id()))
         .bind(&n.kind)
         .bind(&n.dedupe_key)
-        .bind(DbId(member.id))
+        .bind(member.id)
         .bind(member.email.as_str())
         .bind(sqlx::types::Json(&n.payload))
         .bind(DbTime(at))
@@ -239,7 +240,7 @@ pub(crate) async fn finish_notifications<B: Backend>(
             continue;
         };
         recorded[i] = true;
-        let member_id: Option<DbId> = get(&row, "notifications", "member_id")?;
+        let member_id: Option<MemberId> = get(&row, "notifications", "member_id")?;
         if let (DeliveryOutcome::Failed { bounce: true, .. }, Some(member_id)) =
             (outcome, member_id)
         {
@@ -256,7 +257,7 @@ pub(crate) async fn finish_notifications<B: Backend>(
                     at: now,
                 },
                 "member",
-                member_id.0,
+                member_id,
                 "email_bouncing",
                 serde_json::json!({ "notification_id": lease.id }),
             )

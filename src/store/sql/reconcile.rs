@@ -5,6 +5,7 @@ use jiff::Timestamp;
 use uuid::Uuid;
 
 use crate::domain::attempt::ProcessorAttempt;
+use crate::domain::ids::{PaymentId, ScheduleId};
 use crate::domain::money::Money;
 use crate::domain::payment::PaymentState;
 use crate::sqltypes::{DbId, DbTime};
@@ -29,8 +30,8 @@ pub(crate) fn finding_from(row: &impl Record) -> Result<Finding> {
         explanation: kind.explain().to_string(),
         idempotency_key: get(row, T, "idempotency_key")?,
         reference: get(row, T, "reference")?,
-        payment_id: get::<Option<DbId>>(row, T, "payment_id")?.map(|i| i.0),
-        schedule_id: id(row, T, "schedule_id")?,
+        payment_id: get(row, T, "payment_id")?,
+        schedule_id: get(row, T, "schedule_id")?,
         occurrence: get(row, T, "occurrence")?,
         attempt: get(row, T, "attempt")?,
         amount: Money::from_minor(get(row, T, "amount")?, currency(row, T)?),
@@ -49,7 +50,7 @@ pub(crate) async fn insert_finding<B: Backend>(
     tx: &mut WriteTx<B>,
     found: &ProcessorAttempt,
     kind: crate::domain::reconcile::FindingKind,
-    payment_id: Option<Uuid>,
+    payment_id: Option<PaymentId>,
     audit: &Audit,
 ) -> Result<()> {
     let done = query("INSERT INTO reconcile_findings (id, idempotency_key, kind, reference, payment_id, schedule_id, occurrence, attempt, amount, currency, charged_at, found_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (idempotency_key) DO NOTHING")
@@ -57,8 +58,8 @@ pub(crate) async fn insert_finding<B: Backend>(
         .bind(&found.idempotency_key)
         .bind(kind.as_str())
         .bind(&found.reference)
-        .bind(payment_id.map(DbId))
-        .bind(DbId(found.schedule_id))
+        .bind(payment_id)
+        .bind(found.schedule_id)
         .bind(&found.occurrence)
         .bind(found.attempt)
         .bind(found.amount.minor())
@@ -112,7 +113,7 @@ pub(crate) async fn record_found_attempt<B: Backend>(
             .bind(outcome)
             .bind(found.decline_code().unwrap_or(&found.reference))
             .bind(DbTime(found.created_at))
-            .bind(DbId(payment.id))
+            .bind(payment.id)
             .bind(found.attempt)
             .execute(tx.conn())
             .await
@@ -129,9 +130,9 @@ pub(crate) async fn record_found_attempt<B: Backend>(
     } else {
         query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at, outcome, decline_code, processor_reference, finished_at, first_sent_at, sends, resend_stopped) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $8, $8, 1, TRUE)")
             .bind(DbId(new_id()))
-            .bind(DbId(payment.id))
+            .bind(payment.id)
             .bind(found.attempt)
-            .bind(DbId(l.card.id))
+            .bind(l.card.id)
             .bind(&found.idempotency_key)
             .bind(found.amount.minor())
             .bind(found.amount.currency().code())
@@ -146,9 +147,9 @@ pub(crate) async fn record_found_attempt<B: Backend>(
     if existing.is_none() {
         query("INSERT INTO processor_calls (id, payment_id, attempt, payment_method_id, fingerprint, kind, actor, started_at, outcome, detail, finished_at) VALUES ($1, $2, $3, $4, $5, 'charge', $6, $7, $8, $9, $7)")
             .bind(DbId(new_id()))
-            .bind(DbId(payment.id))
+            .bind(payment.id)
             .bind(found.attempt)
-            .bind(DbId(l.card.id))
+            .bind(l.card.id)
             .bind(l.card.fingerprint.as_deref())
             .bind(&audit.actor)
             .bind(DbTime(found.created_at))
@@ -222,15 +223,15 @@ pub(crate) async fn reconcile_attempt<B: Backend>(
     }
     // The payment the attempt was made for: by its id, or (planned again after the
     // restore under another id) by its schedule and occurrence, which the key names.
-    let payment_id: Option<DbId> = query_scalar("SELECT id FROM payments WHERE id = $1 OR (schedule_id = $2 AND occurrence = $3) ORDER BY CASE WHEN id = $1 THEN 0 ELSE 1 END LIMIT 1")
-        .bind(DbId(found.payment_id))
-        .bind(DbId(found.schedule_id))
+    let payment_id: Option<PaymentId> = query_scalar("SELECT id FROM payments WHERE id = $1 OR (schedule_id = $2 AND occurrence = $3) ORDER BY CASE WHEN id = $1 THEN 0 ELSE 1 END LIMIT 1")
+        .bind(found.payment_id)
+        .bind(found.schedule_id)
         .bind(&found.occurrence)
         .fetch_optional(tx.conn())
         .await
         .map_err(db_err("finding the attempt's payment"))?;
     let locked = match payment_id {
-        Some(pid) => lock_payment(&mut tx, pid.0).await?,
+        Some(pid) => lock_payment(&mut tx, pid).await?,
         None => None,
     };
     let ours = match &locked {
@@ -243,7 +244,7 @@ pub(crate) async fn reconcile_attempt<B: Backend>(
                     .await
                     .map_err(db_err("reading an attempt"))?;
             let in_flight: Option<i64> = query_scalar("SELECT attempt FROM payment_attempts WHERE payment_id = $1 AND attempt = $2 AND first_sent_at IS NOT NULL AND outcome IS NULL")
-                .bind(DbId(l.held.payment.id))
+                .bind(l.held.payment.id)
                 .bind(l.held.payment.attempt)
                 .fetch_optional(tx.conn())
                 .await
@@ -266,11 +267,12 @@ pub(crate) async fn reconcile_attempt<B: Backend>(
         (Decision::Known, _) => Reconciled::Known,
         (Decision::Ignore, _) => Reconciled::Ignored,
         (Decision::Finding(crate::domain::reconcile::FindingKind::NoPayment), _) if !last_try => {
-            let schedule: Option<DbId> = query_scalar("SELECT id FROM schedules WHERE id = $1")
-                .bind(DbId(found.schedule_id))
-                .fetch_optional(tx.conn())
-                .await
-                .map_err(db_err("reading a schedule"))?;
+            let schedule: Option<ScheduleId> =
+                query_scalar("SELECT id FROM schedules WHERE id = $1")
+                    .bind(found.schedule_id)
+                    .fetch_optional(tx.conn())
+                    .await
+                    .map_err(db_err("reading a schedule"))?;
             if schedule.is_some() {
                 return Ok(Reconciled::Unplanned);
             }
@@ -311,7 +313,7 @@ pub(crate) async fn reconcile_attempt<B: Backend>(
                     query("UPDATE payments SET attempt = $1, amount = $2, credit_applied = 0 WHERE id = $3")
                         .bind(found.attempt)
                         .bind(found.amount.minor())
-                        .bind(DbId(payment_id))
+                        .bind(payment_id)
                         .execute(tx.conn())
                         .await
                         .map_err(db_err("recording a reconciled success"))?;
@@ -346,7 +348,7 @@ pub(crate) async fn reconcile_attempt<B: Backend>(
                         .bind(found.decline_code())
                         .bind(&reason)
                         .bind(DbTime(audit.at))
-                        .bind(DbId(payment_id))
+                        .bind(payment_id)
                         .execute(tx.conn())
                         .await
                         .map_err(db_err("recording a reconciled decline"))?;

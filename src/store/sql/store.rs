@@ -6,6 +6,7 @@ use jiff::Timestamp;
 use uuid::Uuid;
 
 use crate::domain::attempt::{Answer, LookupAnswer, ProcessorAttempt};
+use crate::domain::ids::{CardId, MemberId, PaymentId, ScheduleId};
 use crate::domain::member::AccountNumber;
 use crate::domain::money::Money;
 use crate::domain::payment::PaymentState;
@@ -51,7 +52,7 @@ impl<B: Backend> Store for SqlStore<B> {
         members::member(self, account).await
     }
 
-    async fn member_by_id(&self, member_id: Uuid) -> Result<Member> {
+    async fn member_by_id(&self, member_id: MemberId) -> Result<Member> {
         members::member_by_id(self, member_id).await
     }
 
@@ -76,15 +77,15 @@ impl<B: Backend> Store for SqlStore<B> {
         cards::add_card(self, new, audit).await
     }
 
-    async fn card(&self, card_id: Uuid) -> Result<Card> {
+    async fn card(&self, card_id: CardId) -> Result<Card> {
         cards::card(self, card_id).await
     }
 
-    async fn list_cards(&self, member_id: Uuid) -> Result<Vec<Card>> {
+    async fn list_cards(&self, member_id: MemberId) -> Result<Vec<Card>> {
         cards::list_cards(self, member_id).await
     }
 
-    async fn remove_card(&self, card_id: Uuid, audit: &Audit) -> Result<Card> {
+    async fn remove_card(&self, card_id: CardId, audit: &Audit) -> Result<Card> {
         cards::remove_card(self, card_id, audit).await
     }
 
@@ -96,7 +97,7 @@ impl<B: Backend> Store for SqlStore<B> {
         bills::bill(self, bill_id).await
     }
 
-    async fn list_bills(&self, member_id: Option<Uuid>) -> Result<Vec<Bill>> {
+    async fn list_bills(&self, member_id: Option<MemberId>) -> Result<Vec<Bill>> {
         bills::list_bills(self, member_id).await
     }
 
@@ -124,7 +125,7 @@ impl<B: Backend> Store for SqlStore<B> {
         bills::pay_bill_external(self, bill_id, amount, reference, audit).await
     }
 
-    async fn list_credits(&self, member_id: Uuid) -> Result<Vec<Credit>> {
+    async fn list_credits(&self, member_id: MemberId) -> Result<Vec<Credit>> {
         bills::list_credits(self, member_id).await
     }
 
@@ -132,11 +133,11 @@ impl<B: Backend> Store for SqlStore<B> {
         schedules::add_schedule(self, new, audit).await
     }
 
-    async fn schedule(&self, schedule_id: Uuid) -> Result<Schedule> {
+    async fn schedule(&self, schedule_id: ScheduleId) -> Result<Schedule> {
         schedules::schedule(self, schedule_id).await
     }
 
-    async fn list_schedules(&self, member_id: Option<Uuid>) -> Result<Vec<Schedule>> {
+    async fn list_schedules(&self, member_id: Option<MemberId>) -> Result<Vec<Schedule>> {
         schedules::list_schedules(self, member_id).await
     }
 
@@ -144,7 +145,7 @@ impl<B: Backend> Store for SqlStore<B> {
         schedules::update_schedule(self, change, audit).await
     }
 
-    async fn pause_schedule(&self, schedule_id: Uuid, audit: &Audit) -> Result<Schedule> {
+    async fn pause_schedule(&self, schedule_id: ScheduleId, audit: &Audit) -> Result<Schedule> {
         schedules::pause_schedule(self, schedule_id, audit).await
     }
 
@@ -152,17 +153,17 @@ impl<B: Backend> Store for SqlStore<B> {
         schedules::resume_schedule(self, resume, audit).await
     }
 
-    async fn cancel_schedule(&self, schedule_id: Uuid, audit: &Audit) -> Result<Schedule> {
+    async fn cancel_schedule(&self, schedule_id: ScheduleId, audit: &Audit) -> Result<Schedule> {
         schedules::cancel_schedule(self, schedule_id, audit).await
     }
 
-    async fn payment(&self, payment_id: Uuid) -> Result<Payment> {
+    async fn payment(&self, payment_id: PaymentId) -> Result<Payment> {
         payments::payment(self, payment_id).await
     }
 
     async fn list_payments(
         &self,
-        member_id: Option<Uuid>,
+        member_id: Option<MemberId>,
         state: Option<PaymentState>,
     ) -> Result<Vec<Payment>> {
         payments::list_payments(self, member_id, state).await
@@ -172,15 +173,15 @@ impl<B: Backend> Store for SqlStore<B> {
         control::events(self, entity_id).await
     }
 
-    async fn allocations(&self, payment_id: Uuid) -> Result<Vec<Allocation>> {
+    async fn allocations(&self, payment_id: PaymentId) -> Result<Vec<Allocation>> {
         payments::allocations(self, payment_id).await
     }
 
-    async fn calls(&self, payment_id: Uuid) -> Result<Vec<Call>> {
+    async fn calls(&self, payment_id: PaymentId) -> Result<Vec<Call>> {
         payments::calls(self, payment_id).await
     }
 
-    async fn notifications(&self, member_id: Option<Uuid>) -> Result<Vec<Notification>> {
+    async fn notifications(&self, member_id: Option<MemberId>) -> Result<Vec<Notification>> {
         outbox::notifications(self, member_id).await
     }
 
@@ -274,13 +275,18 @@ impl<B: Backend> Store for SqlStore<B> {
         control::set_charging_pause(self, reason, audit).await
     }
 
-    async fn retry_payment(&self, payment_id: Uuid, force: bool, audit: &Audit) -> Result<Payment> {
+    async fn retry_payment(
+        &self,
+        payment_id: PaymentId,
+        force: bool,
+        audit: &Audit,
+    ) -> Result<Payment> {
         payments::operator::retry_payment(self, payment_id, force, audit).await
     }
 
     async fn take_for_operator(
         &self,
-        payment_id: Uuid,
+        payment_id: PaymentId,
         lease: std::time::Duration,
         audit: &Audit,
     ) -> Result<Taken> {
@@ -416,7 +422,12 @@ impl<B: Backend> Store for SqlStore<B> {
         control::record_webhook(self, id, kind, outcome, at).await
     }
 
-    async fn settle_soon(&self, payment_id: Uuid, attempt: i64, at: Timestamp) -> Result<bool> {
+    async fn settle_soon(
+        &self,
+        payment_id: PaymentId,
+        attempt: i64,
+        at: Timestamp,
+    ) -> Result<bool> {
         payments::operator::settle_soon(self, payment_id, attempt, at).await
     }
 
@@ -447,7 +458,7 @@ impl<B: Backend> Store for SqlStore<B> {
 
     async fn record_processor_event(
         &self,
-        payment_id: Uuid,
+        payment_id: PaymentId,
         what: &str,
         detail: &serde_json::Value,
         action: crate::domain::dispute::DisputeAction,

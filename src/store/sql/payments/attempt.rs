@@ -55,7 +55,7 @@ pub(crate) async fn card_limit<B: Backend>(
         }
         None => {
             query_as(sqlx::AssertSqlSafe(sql("payment_method_id")))
-                .bind(DbId(card.id))
+                .bind(card.id)
                 .bind(DbTime(month))
                 .fetch_all(tx.conn())
                 .await
@@ -88,9 +88,9 @@ pub(crate) async fn open_call<B: Backend>(
     let call = new_id();
     query("INSERT INTO processor_calls (id, payment_id, attempt, payment_method_id, fingerprint, kind, actor, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
         .bind(DbId(call))
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .bind(payment.attempt)
-        .bind(DbId(card.id))
+        .bind(card.id)
         .bind(card.fingerprint.as_deref())
         .bind(kind)
         .bind(&audit.actor)
@@ -212,12 +212,12 @@ pub(crate) async fn prepare_resend<B: Backend>(
     query("UPDATE payments SET state = $1, updated_at = $2 WHERE id = $3")
         .bind(state.as_str())
         .bind(DbTime(now))
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .execute(tx.conn())
         .await
         .map_err(db_err("resending an attempt"))?;
     query("UPDATE payment_attempts SET sends = sends + 1 WHERE payment_id = $1 AND attempt = $2")
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .bind(payment.attempt)
         .execute(tx.conn())
         .await
@@ -284,7 +284,7 @@ pub(crate) async fn begin_locked<B: Backend>(
     }
     let cur = payment.currency;
     let bills: Vec<(i64, i64)> = query_as("SELECT amount_due, amount_paid FROM bills WHERE member_id = $1 AND status = 'open' ORDER BY due_date, created_at, id")
-        .bind(DbId(payment.member_id))
+        .bind(payment.member_id)
         .fetch_all(tx.conn())
         .await
         .map_err(db_err("reading open bills"))?;
@@ -298,7 +298,7 @@ pub(crate) async fn begin_locked<B: Backend>(
         .collect::<Result<_>>()?;
     let credits: Vec<i64> =
         query_scalar("SELECT remaining FROM credits WHERE member_id = $1 AND remaining > 0")
-            .bind(DbId(payment.member_id))
+            .bind(payment.member_id)
             .fetch_all(tx.conn())
             .await
             .map_err(db_err("reading credits"))?;
@@ -310,8 +310,8 @@ pub(crate) async fn begin_locked<B: Backend>(
         "SELECT amount, credit_applied FROM payments WHERE member_id = $1 AND id <> $2 AND amount IS NOT NULL AND state IN ({})",
         state_list(&RESERVING)
     )))
-    .bind(DbId(payment.member_id))
-    .bind(DbId(payment.id))
+    .bind(payment.member_id)
+    .bind(payment.id)
     .fetch_all(tx.conn())
     .await
     .map_err(db_err("reading reserved amounts"))?;
@@ -437,7 +437,7 @@ pub(crate) async fn begin_locked<B: Backend>(
                 .bind(DbTime(until))
                 .bind("the card reached 10 declined requests in 24 hours; waiting before trying it again")
                 .bind(DbTime(audit.at))
-                .bind(DbId(payment.id))
+                .bind(payment.id)
                 .execute(tx.conn())
                 .await
                 .map_err(db_err("holding a payment for its card's limit"))?;
@@ -484,15 +484,15 @@ pub(crate) async fn begin_locked<B: Backend>(
         .bind(amount.minor())
         .bind(credit_used.minor())
         .bind(DbTime(audit.at))
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .execute(tx.conn())
         .await
         .map_err(db_err("freezing the amount"))?;
     query("INSERT INTO payment_attempts (id, payment_id, attempt, payment_method_id, idempotency_key, amount, currency, started_at, request, first_sent_at, sends) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8, 1)")
         .bind(DbId(new_id()))
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .bind(payment.attempt)
-        .bind(DbId(l.card.id))
+        .bind(l.card.id)
         .bind(&request.idempotency_key)
         .bind(amount.minor())
         .bind(cur.code())
@@ -578,7 +578,7 @@ pub(crate) async fn record_locked<B: Backend>(
         // credential's reference, kept in the same transaction as the charge.
         query("UPDATE payment_methods SET network_transaction_id = $1 WHERE id = $2 AND network_transaction_id IS NULL")
             .bind(ntid)
-            .bind(DbId(l.card.id))
+            .bind(l.card.id)
             .execute(tx.conn())
             .await
             .map_err(db_err("keeping a card's network transaction id"))?;

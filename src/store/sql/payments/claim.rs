@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use jiff::Timestamp;
 use uuid::Uuid;
 
+use crate::domain::ids::{PaymentId, ScheduleId};
 use crate::domain::payment::{PaymentState, Transition};
-use crate::sqltypes::{DbId, DbTime};
+use crate::sqltypes::DbTime;
 use crate::store::sql::payments::attempt::charging_paused_in;
 use crate::store::sql::payments::{PAYMENT_COLS, payment_from};
 use crate::store::sql::{
@@ -31,7 +32,7 @@ async fn late_or_coalesced<B: Backend>(
     cutoff: Timestamp,
     now: Timestamp,
     candidates: &[&Candidate],
-) -> Result<HashMap<Uuid, &'static str>> {
+) -> Result<HashMap<PaymentId, &'static str>> {
     let mut missed = HashMap::new();
     let mut first_attempts = Vec::new();
     for c in candidates {
@@ -46,17 +47,18 @@ async fn late_or_coalesced<B: Backend>(
         }
     }
     for chunk in first_attempts.chunks(ROWS_PER_STATEMENT) {
-        let mut check = query_scalar::<B, DbId>(sqlx::AssertSqlSafe(coalesced_sql(chunk.len())))
-            .bind(DbTime(now));
+        let mut check =
+            query_scalar::<B, PaymentId>(sqlx::AssertSqlSafe(coalesced_sql(chunk.len())))
+                .bind(DbTime(now));
         for id in chunk {
-            check = check.bind(DbId(*id));
+            check = check.bind(*id);
         }
         for id in check
             .fetch_all(tx.conn())
             .await
             .map_err(db_err("looking for later occurrences"))?
         {
-            missed.insert(id.0, COALESCED_REASON);
+            missed.insert(id, COALESCED_REASON);
         }
     }
     Ok(missed)
@@ -64,7 +66,7 @@ async fn late_or_coalesced<B: Backend>(
 
 /// A payment a claim may take: due to charge, or an attempt to settle.
 struct Candidate {
-    id: Uuid,
+    id: PaymentId,
     from: PaymentState,
     due_at: Timestamp,
     next_attempt_at: Option<Timestamp>,
@@ -112,8 +114,9 @@ pub(crate) async fn claim_work<B: Backend>(
             .filter(|c| c.from.is_unclaimed())
             .collect();
         let missed = late_or_coalesced(&mut tx, rules, cutoff, now, &unclaimed).await?;
-        let mut by_move: BTreeMap<(PaymentState, PaymentState), Vec<Uuid>> = BTreeMap::new();
-        let mut miss_by_move: BTreeMap<(PaymentState, &'static str), Vec<Uuid>> = BTreeMap::new();
+        let mut by_move: BTreeMap<(PaymentState, PaymentState), Vec<PaymentId>> = BTreeMap::new();
+        let mut miss_by_move: BTreeMap<(PaymentState, &'static str), Vec<PaymentId>> =
+            BTreeMap::new();
         for c in &candidates {
             match missed.get(&c.id) {
                 Some(reason) => miss_by_move
@@ -138,7 +141,7 @@ pub(crate) async fn claim_work<B: Backend>(
         for ((state, reason), ids) in &miss_by_move {
             record_missed(&mut tx, *state, reason, ids, &audit).await?;
         }
-        let mut claimed: HashMap<Uuid, (PaymentState, crate::store::Payment)> = HashMap::new();
+        let mut claimed: HashMap<PaymentId, (PaymentState, crate::store::Payment)> = HashMap::new();
         for ((from, to), ids) in &by_move {
             for chunk in ids.chunks(ROWS_PER_STATEMENT) {
                 let mut update = query(sqlx::AssertSqlSafe(format!(
@@ -154,7 +157,7 @@ pub(crate) async fn claim_work<B: Backend>(
                 .bind(*from == PaymentState::Processing)
                 .bind(DbTime(now));
                 for id in chunk {
-                    update = update.bind(DbId(*id));
+                    update = update.bind(*id);
                 }
                 for row in update
                     .fetch_all(tx.conn())
@@ -214,7 +217,7 @@ async fn candidates<B: Backend>(
     want: i64,
     paused: bool,
 ) -> Result<Vec<Candidate>> {
-    type Row = (DbId, String, DbId, DbTime, Option<DbTime>);
+    type Row = (PaymentId, String, ScheduleId, DbTime, Option<DbTime>);
     let mut rows: Vec<Row> = query_as(sqlx::AssertSqlSafe(format!(
         "SELECT id, state, schedule_id, due_at, next_attempt_at FROM payments WHERE \
          (state = 'unknown' AND (next_attempt_at IS NULL OR next_attempt_at <= $1) AND (lease_expires_at IS NULL OR lease_expires_at <= $1)) \
@@ -240,7 +243,7 @@ async fn candidates<B: Backend>(
     rows.into_iter()
         .map(|(id, state, _schedule, due_at, next_attempt_at)| {
             Ok(Candidate {
-                id: id.0,
+                id,
                 from: parsed("payments", "state", state.parse())?,
                 due_at: due_at.0,
                 next_attempt_at: next_attempt_at.map(|t| t.0),
@@ -254,7 +257,7 @@ async fn record_missed<B: Backend>(
     tx: &mut WriteTx<B>,
     state: PaymentState,
     reason: &str,
-    ids: &[Uuid],
+    ids: &[PaymentId],
     audit: &Audit,
 ) -> Result<()> {
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
@@ -266,7 +269,7 @@ async fn record_missed<B: Backend>(
         .bind(reason)
         .bind(DbTime(audit.at));
         for id in chunk {
-            update = update.bind(DbId(*id));
+            update = update.bind(*id);
         }
         update
             .execute(tx.conn())
@@ -296,7 +299,7 @@ pub(crate) async fn renew_leases<B: Backend>(
     for lease in leases {
         held += query("UPDATE payments SET lease_expires_at = $1 WHERE id = $2 AND lease_token = $3 AND state = 'processing'")
             .bind(DbTime(until))
-            .bind(DbId(lease.payment_id))
+            .bind(lease.payment_id)
             .bind(lease.token.to_string())
             .execute(&db.pool)
             .await

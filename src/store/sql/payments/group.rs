@@ -10,17 +10,17 @@
 
 use std::collections::{HashMap, HashSet};
 
-use uuid::Uuid;
-
+use crate::domain::ids::{CardId, MemberId, PaymentId, ScheduleId};
 use crate::domain::payment::PaymentState;
-use crate::sqltypes::DbId;
+use crate::sqltypes::IdParam;
 use crate::store::sql::cards::{CARD_COLS, card_from};
 use crate::store::sql::members::{MEMBER_COLS, member_from};
 use crate::store::sql::payments::attempt::{begin_locked, record_locked};
 use crate::store::sql::payments::{Locked, PAYMENT_COLS, held_from, lock_leased};
 use crate::store::sql::schedules::{SCHEDULE_COLS, schedule_from};
 use crate::store::sql::{
-    Backend, ROWS_PER_STATEMENT, SqlStore, commit, db_err, get, placeholders, query, query_as,
+    Backend, Column, ROWS_PER_STATEMENT, SqlStore, commit, db_err, get, placeholders, query,
+    query_as,
 };
 use crate::store::{ChargeStep, Lease, Next, OutcomePolicy, Result, WriteTx};
 
@@ -34,7 +34,7 @@ pub(crate) async fn charge_steps<B: Backend>(
     let leases: Vec<Lease> = steps.iter().map(lease_of).collect();
     let mut locked = lock_group(&mut tx, &leases).await?;
     // Members an earlier step of this group wrote to: their rows are read again.
-    let mut changed: HashSet<Uuid> = HashSet::new();
+    let mut changed: HashSet<MemberId> = HashSet::new();
     let mut done = Vec::with_capacity(steps.len());
     for step in steps {
         let lease = lease_of(step);
@@ -71,24 +71,26 @@ fn lease_of(step: &ChargeStep) -> Lease {
 async fn lock_group<B: Backend>(
     tx: &mut WriteTx<B>,
     leases: &[Lease],
-) -> Result<HashMap<Uuid, Locked>> {
-    let payment_ids: Vec<Uuid> = sorted(leases.iter().map(|l| l.payment_id));
+) -> Result<HashMap<PaymentId, Locked>> {
+    let payment_ids: Vec<PaymentId> = sorted(leases.iter().map(|l| l.payment_id));
     // Read without a lock only to learn which rows to lock first.
-    let mut owners: HashMap<Uuid, (Uuid, Uuid, Uuid)> = HashMap::new();
+    let mut owners: HashMap<PaymentId, (MemberId, ScheduleId, CardId)> = HashMap::new();
     for chunk in payment_ids.chunks(ROWS_PER_STATEMENT) {
-        let mut read = query_as::<B, (DbId, DbId, DbId, DbId)>(sqlx::AssertSqlSafe(format!(
-            "SELECT id, member_id, schedule_id, payment_method_id FROM payments WHERE id IN ({})",
-            placeholders(1, chunk.len())
-        )));
+        let mut read = query_as::<B, (PaymentId, MemberId, ScheduleId, CardId)>(
+            sqlx::AssertSqlSafe(format!(
+                "SELECT id, member_id, schedule_id, payment_method_id FROM payments WHERE id IN ({})",
+                placeholders(1, chunk.len())
+            )),
+        );
         for id in chunk {
-            read = read.bind(DbId(*id));
+            read = read.bind(*id);
         }
         for (p, m, s, c) in read
             .fetch_all(tx.conn())
             .await
             .map_err(db_err("reading payments"))?
         {
-            owners.insert(p.0, (m.0, s.0, c.0));
+            owners.insert(p, (m, s, c));
         }
     }
     let members = locked_rows(
@@ -163,8 +165,8 @@ async fn lock_group<B: Backend>(
 }
 
 /// The ids, sorted, each once.
-fn sorted(ids: impl Iterator<Item = Uuid>) -> Vec<Uuid> {
-    let mut ids: Vec<Uuid> = ids.collect();
+fn sorted<I: Ord>(ids: impl Iterator<Item = I>) -> Vec<I> {
+    let mut ids: Vec<I> = ids.collect();
     ids.sort_unstable();
     ids.dedup();
     ids
@@ -172,13 +174,13 @@ fn sorted(ids: impl Iterator<Item = Uuid>) -> Vec<Uuid> {
 
 /// Reads (and on PostgreSQL locks, in id order) the rows of `table` with these `ids`, each
 /// made into a `T` by `from`, by id.
-async fn locked_rows<B: Backend, T>(
+async fn locked_rows<B: Backend, I: IdParam + Column + Eq + std::hash::Hash, T>(
     tx: &mut WriteTx<B>,
     table: &'static str,
     cols: &str,
-    ids: Vec<Uuid>,
+    ids: Vec<I>,
     from: impl Fn(&B::Row) -> Result<T>,
-) -> Result<HashMap<Uuid, T>> {
+) -> Result<HashMap<I, T>> {
     let mut rows = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         let mut read = query(sqlx::AssertSqlSafe(format!(
@@ -187,14 +189,14 @@ async fn locked_rows<B: Backend, T>(
             B::FOR_UPDATE
         )));
         for id in chunk {
-            read = read.bind(DbId(*id));
+            read = read.bind(*id);
         }
         for row in read
             .fetch_all(tx.conn())
             .await
             .map_err(db_err("locking a group's rows"))?
         {
-            let id = get::<DbId>(&row, table, "id")?.0;
+            let id = get::<I>(&row, table, "id")?;
             rows.insert(id, from(&row)?);
         }
     }

@@ -11,6 +11,7 @@ use jiff::Timestamp;
 use uuid::Uuid;
 
 use crate::domain::attempt::{AttemptRef, CallOutcome, ChargeRequest, SentAttempt};
+use crate::domain::ids::{CardId, MemberId, PaymentId, ScheduleId};
 use crate::domain::money::Money;
 use crate::domain::payment::PaymentState;
 use crate::sqltypes::DbId;
@@ -18,7 +19,7 @@ use crate::store::sql::cards::card_in;
 use crate::store::sql::members::member_by_id_in;
 use crate::store::sql::schedules::schedule_in;
 use crate::store::sql::{
-    Backend, Record, SqlStore, currency, db_err, get, id, opt_time, parsed, query, query_as,
+    Backend, Record, SqlStore, currency, db_err, get, opt_time, parsed, query, query_as,
     state_list, time,
 };
 use crate::store::{
@@ -32,9 +33,9 @@ pub(crate) fn payment_from(row: &impl Record) -> Result<Payment> {
     const T: &str = "payments";
     let cur = currency(row, T)?;
     Ok(Payment {
-        id: id(row, T, "id")?,
-        schedule_id: id(row, T, "schedule_id")?,
-        member_id: id(row, T, "member_id")?,
+        id: get(row, T, "id")?,
+        schedule_id: get(row, T, "schedule_id")?,
+        member_id: get(row, T, "member_id")?,
         occurrence: get(row, T, "occurrence")?,
         due_at: time(row, T, "due_at")?,
         amount: get::<Option<i64>>(row, T, "amount")?.map(|m| Money::from_minor(m, cur)),
@@ -45,7 +46,7 @@ pub(crate) fn payment_from(row: &impl Record) -> Result<Payment> {
             get::<String>(row, T, "state")?.parse::<PaymentState>(),
         )?,
         attempt: get(row, T, "attempt")?,
-        card_id: id(row, T, "payment_method_id")?,
+        card_id: get(row, T, "payment_method_id")?,
         schedule_version: get(row, T, "schedule_version")?,
         next_attempt_at: opt_time(row, T, "next_attempt_at")?,
         processor_reference: get(row, T, "processor_reference")?,
@@ -102,7 +103,7 @@ pub(crate) async fn leased_payment<B: Backend>(
         "SELECT {PAYMENT_COLS}, credit_applied, unknown_since, lease_expires_at FROM payments WHERE id = $1 AND lease_token = $2 AND state IN ({}){}",
         state_list(states), B::FOR_UPDATE
     )))
-    .bind(DbId(lease.payment_id))
+    .bind(lease.payment_id)
     .bind(lease.token.to_string())
     .fetch_optional(tx.conn())
     .await
@@ -124,21 +125,21 @@ pub(crate) struct Locked {
 /// follows; None when there is no such payment. The payment itself is locked after them.
 pub(crate) async fn lock_owners<B: Backend>(
     tx: &mut WriteTx<B>,
-    payment_id: Uuid,
+    payment_id: PaymentId,
 ) -> Result<Option<(Member, Schedule, Card)>> {
     // Read without a lock only to learn which rows to lock first.
-    let owners: Option<(DbId, DbId, DbId)> =
+    let owners: Option<(MemberId, ScheduleId, CardId)> =
         query_as("SELECT member_id, schedule_id, payment_method_id FROM payments WHERE id = $1")
-            .bind(DbId(payment_id))
+            .bind(payment_id)
             .fetch_optional(tx.conn())
             .await
             .map_err(db_err("reading a payment"))?;
     let Some((member_id, schedule_id, card_id)) = owners else {
         return Ok(None);
     };
-    let member = member_by_id_in(tx, member_id.0).await?;
-    let schedule = schedule_in(tx, schedule_id.0).await?;
-    let card = card_in(tx, card_id.0).await?;
+    let member = member_by_id_in(tx, member_id).await?;
+    let schedule = schedule_in(tx, schedule_id).await?;
+    let card = card_in(tx, card_id).await?;
     Ok(Some((member, schedule, card)))
 }
 
@@ -172,7 +173,7 @@ pub(crate) async fn lock_leased<B: Backend>(
 /// holds it: for `reconcile`, which runs while no daemon does.
 pub(crate) async fn lock_payment<B: Backend>(
     tx: &mut WriteTx<B>,
-    payment_id: Uuid,
+    payment_id: PaymentId,
 ) -> Result<Option<Locked>> {
     let Some((member, schedule, card)) = lock_owners(tx, payment_id).await? else {
         return Ok(None);
@@ -180,7 +181,7 @@ pub(crate) async fn lock_payment<B: Backend>(
     let row = query(sqlx::AssertSqlSafe(format!(
         "SELECT {PAYMENT_COLS}, credit_applied, unknown_since, lease_expires_at FROM payments WHERE id = $1{}", B::FOR_UPDATE
     )))
-    .bind(DbId(payment_id))
+    .bind(payment_id)
     .fetch_one(tx.conn())
     .await
     .map_err(db_err("reading a payment"))?;
@@ -216,7 +217,7 @@ pub(crate) async fn attempt_row<B: Backend>(
 ) -> Result<Option<AttemptRow>> {
     const T: &str = "payment_attempts";
     let row = query("SELECT idempotency_key, request, first_sent_at, sends, unknown_cycles, resend_stopped FROM payment_attempts WHERE payment_id = $1 AND attempt = $2 AND first_sent_at IS NOT NULL")
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .bind(payment.attempt)
         .fetch_optional(tx.conn())
         .await
@@ -252,11 +253,14 @@ pub(crate) fn sent_facts(held: &Held, row: &AttemptRow) -> SentFacts {
     }
 }
 
-pub(crate) async fn payment<B: Backend>(db: &SqlStore<B>, payment_id: Uuid) -> Result<Payment> {
+pub(crate) async fn payment<B: Backend>(
+    db: &SqlStore<B>,
+    payment_id: PaymentId,
+) -> Result<Payment> {
     let row = query(sqlx::AssertSqlSafe(format!(
         "SELECT {PAYMENT_COLS} FROM payments WHERE id = $1"
     )))
-    .bind(DbId(payment_id))
+    .bind(payment_id)
     .fetch_optional(&db.pool)
     .await
     .map_err(db_err("reading a payment"))?;
@@ -270,13 +274,13 @@ pub(crate) async fn payment<B: Backend>(db: &SqlStore<B>, payment_id: Uuid) -> R
 
 pub(crate) async fn list_payments<B: Backend>(
     db: &SqlStore<B>,
-    member_id: Option<Uuid>,
+    member_id: Option<MemberId>,
     state: Option<PaymentState>,
 ) -> Result<Vec<Payment>> {
     query(sqlx::AssertSqlSafe(format!(
         "SELECT {PAYMENT_COLS} FROM payments WHERE ($1 IS NULL OR member_id = $1) AND ($2 IS NULL OR state = $2) ORDER BY due_at, id"
     )))
-    .bind(member_id.map(DbId))
+    .bind(member_id)
     .bind(state.map(|s| s.as_str()))
     .fetch_all(&db.pool)
     .await
@@ -288,10 +292,10 @@ pub(crate) async fn list_payments<B: Backend>(
 
 pub(crate) async fn allocations<B: Backend>(
     db: &SqlStore<B>,
-    payment_id: Uuid,
+    payment_id: PaymentId,
 ) -> Result<Vec<Allocation>> {
     let rows = query("SELECT payment_id, bill_id, credit_id, amount, currency FROM payment_allocations WHERE payment_id = $1 ORDER BY created_at, id")
-        .bind(DbId(payment_id))
+        .bind(payment_id)
         .fetch_all(&db.pool)
         .await
         .map_err(db_err("reading allocations"))?;
@@ -299,7 +303,7 @@ pub(crate) async fn allocations<B: Backend>(
         .map(|row| {
             const T: &str = "payment_allocations";
             Ok(Allocation {
-                payment_id: id(row, T, "payment_id")?,
+                payment_id: get(row, T, "payment_id")?,
                 bill_id: get::<Option<DbId>>(row, T, "bill_id")?.map(|i| i.0),
                 credit_id: get::<Option<DbId>>(row, T, "credit_id")?.map(|i| i.0),
                 amount: Money::from_minor(get(row, T, "amount")?, currency(row, T)?),
@@ -308,10 +312,13 @@ pub(crate) async fn allocations<B: Backend>(
         .collect()
 }
 
-pub(crate) async fn calls<B: Backend>(db: &SqlStore<B>, payment_id: Uuid) -> Result<Vec<Call>> {
+pub(crate) async fn calls<B: Backend>(
+    db: &SqlStore<B>,
+    payment_id: PaymentId,
+) -> Result<Vec<Call>> {
     const T: &str = "processor_calls";
     let rows = query("SELECT attempt, kind, actor, started_at, outcome, detail, finished_at FROM processor_calls WHERE payment_id = $1 ORDER BY started_at, id")
-        .bind(DbId(payment_id))
+        .bind(payment_id)
         .fetch_all(&db.pool)
         .await
         .map_err(db_err("reading the attempt history"))?;

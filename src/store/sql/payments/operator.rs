@@ -5,9 +5,10 @@ use jiff::Timestamp;
 use uuid::Uuid;
 
 use crate::domain::attempt::{CallOutcome, LookupAnswer, Step as AttemptStep};
+use crate::domain::ids::{CardId, MemberId, PaymentId, ScheduleId};
 use crate::domain::payment::{PaymentState, Transition};
 use crate::domain::status::CardStatus;
-use crate::sqltypes::{DbId, DbTime};
+use crate::sqltypes::DbTime;
 use crate::store::sql::cards::{card_in, disable_card};
 use crate::store::sql::members::member_by_id_in;
 use crate::store::sql::outbox::notify_notice;
@@ -32,7 +33,7 @@ use crate::store::{
 /// Clears an operator's lease, leaving the payment as it was.
 pub(crate) async fn release_lease<B: Backend>(tx: &mut WriteTx<B>, lease: &Lease) -> Result<bool> {
     let done = query("UPDATE payments SET lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL WHERE id = $1 AND lease_token = $2 AND state IN ('unknown', 'needs_review')")
-        .bind(DbId(lease.payment_id))
+        .bind(lease.payment_id)
         .bind(lease.token.to_string())
         .execute(tx.conn())
         .await
@@ -53,7 +54,7 @@ pub(crate) async fn start_new_attempt<B: Backend>(
         .bind(state.as_str())
         .bind(DbTime(audit.at))
         .bind(reason)
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .execute(tx.conn())
         .await
         .map_err(db_err("retrying a payment"))?;
@@ -198,7 +199,7 @@ pub(crate) async fn record_lookup<B: Backend>(
 
 pub(crate) async fn retry_payment<B: Backend>(
     db: &SqlStore<B>,
-    payment_id: Uuid,
+    payment_id: PaymentId,
     force: bool,
     audit: &Audit,
 ) -> Result<Payment> {
@@ -208,21 +209,21 @@ pub(crate) async fn retry_payment<B: Backend>(
             "no payment has id {payment_id}; list payments with `autopay payment list`"
         ))
     };
-    let owners: Option<(DbId, DbId)> =
+    let owners: Option<(MemberId, CardId)> =
         query_as("SELECT member_id, payment_method_id FROM payments WHERE id = $1")
-            .bind(DbId(payment_id))
+            .bind(payment_id)
             .fetch_optional(tx.conn())
             .await
             .map_err(db_err("reading a payment"))?;
     let (member_id, card_id) = owners.ok_or_else(not_found)?;
     // The documented lock order: member, card, then the payment.
-    member_by_id_in(&mut tx, member_id.0).await?;
-    let card = card_in(&mut tx, card_id.0).await?;
+    member_by_id_in(&mut tx, member_id).await?;
+    let card = card_in(&mut tx, card_id).await?;
     let row = query(sqlx::AssertSqlSafe(format!(
         "SELECT {PAYMENT_COLS} FROM payments WHERE id = $1{}",
         B::FOR_UPDATE
     )))
-    .bind(DbId(payment_id))
+    .bind(payment_id)
     .fetch_optional(tx.conn())
     .await
     .map_err(db_err("reading a payment"))?
@@ -274,7 +275,7 @@ pub(crate) async fn retry_payment<B: Backend>(
 
 pub(crate) async fn take_for_operator<B: Backend>(
     db: &SqlStore<B>,
-    payment_id: Uuid,
+    payment_id: PaymentId,
     lease: std::time::Duration,
     audit: &Audit,
 ) -> Result<Taken> {
@@ -289,7 +290,7 @@ pub(crate) async fn take_for_operator<B: Backend>(
     let row = query(sqlx::AssertSqlSafe(format!(
         "SELECT {PAYMENT_COLS}, credit_applied, unknown_since, lease_owner, lease_expires_at FROM payments WHERE id = $1{}", B::FOR_UPDATE
     )))
-    .bind(DbId(payment_id))
+    .bind(payment_id)
     .fetch_optional(tx.conn())
     .await
     .map_err(db_err("reading a payment"))?
@@ -319,7 +320,7 @@ pub(crate) async fn take_for_operator<B: Backend>(
         .bind(&audit.actor)
         .bind(token.to_string())
         .bind(DbTime(until))
-        .bind(DbId(payment_id))
+        .bind(payment_id)
         .execute(tx.conn())
         .await
         .map_err(db_err("taking a payment for review"))?;
@@ -392,7 +393,7 @@ pub(crate) async fn resolve_payment<B: Backend>(
                 .bind(&resolve.reason)
                 .bind(&resolve.reference)
                 .bind(DbTime(audit.at))
-                .bind(DbId(payment.id))
+                .bind(payment.id)
                 .execute(tx.conn())
                 .await
                 .map_err(db_err("resolving a payment"))?;
@@ -416,14 +417,14 @@ pub(crate) async fn resolve_payment<B: Backend>(
 
 pub(crate) async fn settle_soon<B: Backend>(
     db: &SqlStore<B>,
-    payment_id: Uuid,
+    payment_id: PaymentId,
     attempt: i64,
     at: Timestamp,
 ) -> Result<bool> {
     let mut tx = db.begin_write().await?;
     let moved = query("UPDATE payments SET next_attempt_at = $1 WHERE id = $2 AND attempt = $3 AND state = 'unknown' AND (next_attempt_at IS NULL OR next_attempt_at > $1)")
         .bind(DbTime(at))
-        .bind(DbId(payment_id))
+        .bind(payment_id)
         .bind(attempt)
         .execute(tx.conn())
         .await
@@ -438,7 +439,7 @@ pub(crate) async fn settle_soon<B: Backend>(
 
 pub(crate) async fn record_processor_event<B: Backend>(
     db: &SqlStore<B>,
-    payment_id: Uuid,
+    payment_id: PaymentId,
     what: &str,
     detail: &serde_json::Value,
     action: crate::domain::dispute::DisputeAction,
@@ -458,13 +459,13 @@ pub(crate) async fn record_processor_event<B: Backend>(
             disable_card(&mut tx, &card, member_reason(action), &member, audit).await?
         }
         DisputeAction::SuspendSchedules => {
-            let schedules: Vec<DbId> = query_scalar("SELECT id FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused') ORDER BY id")
-                .bind(DbId(card.id))
+            let schedules: Vec<ScheduleId> = query_scalar("SELECT id FROM schedules WHERE payment_method_id = $1 AND status IN ('active', 'paused') ORDER BY id")
+                .bind(card.id)
                 .fetch_all(tx.conn())
                 .await
                 .map_err(db_err("reading the card's schedules"))?;
             for s in schedules {
-                suspend_schedule(&mut tx, s.0, member_reason(action), &member, audit).await?;
+                suspend_schedule(&mut tx, s, member_reason(action), &member, audit).await?;
             }
         }
     }

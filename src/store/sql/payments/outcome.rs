@@ -35,7 +35,7 @@ pub(crate) async fn finish_attempt<B: Backend>(
         .bind(code)
         .bind(reference)
         .bind(DbTime(at))
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .bind(payment.attempt)
         .execute(tx.conn())
         .await
@@ -53,7 +53,7 @@ pub(crate) async fn record_advice<B: Backend>(
         .bind(signal.advice_code.as_deref())
         .bind(signal.network_advice_code.as_deref())
         .bind(signal.network_decline_code.as_deref())
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .bind(payment.attempt)
         .execute(tx.conn())
         .await
@@ -78,7 +78,7 @@ pub(crate) async fn settle_without_charge<B: Backend>(
         .bind(amount)
         .bind(decline_code)
         .bind(DbTime(audit.at))
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .execute(tx.conn())
         .await
         .map_err(db_err("settling a payment"))?;
@@ -110,7 +110,7 @@ pub(crate) async fn settle_success<B: Backend>(
         .bind(state.as_str())
         .bind(reference)
         .bind(DbTime(audit.at))
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .execute(tx.conn())
         .await
         .map_err(db_err("recording a success"))?;
@@ -131,7 +131,7 @@ pub(crate) async fn settle_success<B: Backend>(
     }
     if l.schedule.consecutive_failures != 0 {
         query("UPDATE schedules SET consecutive_failures = 0 WHERE id = $1")
-            .bind(DbId(payment.schedule_id))
+            .bind(payment.schedule_id)
             .execute(tx.conn())
             .await
             .map_err(db_err("resetting failures"))?;
@@ -173,7 +173,7 @@ pub(crate) async fn count_failure<B: Backend>(
     audit: &Audit,
 ) -> Result<()> {
     let failures: i64 = query_scalar("UPDATE schedules SET consecutive_failures = consecutive_failures + 1 WHERE id = $1 RETURNING consecutive_failures")
-        .bind(DbId(payment.schedule_id))
+        .bind(payment.schedule_id)
         .fetch_one(tx.conn())
         .await
         .map_err(db_err("counting failures"))?;
@@ -228,7 +228,7 @@ pub(crate) async fn release_payment<B: Backend>(
     query("UPDATE payments SET state = $1, amount = NULL, credit_applied = 0, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = $2 WHERE id = $3")
         .bind(state.as_str())
         .bind(DbTime(audit.at))
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .execute(tx.conn())
         .await
         .map_err(db_err("releasing a payment"))?;
@@ -316,7 +316,7 @@ pub(crate) async fn apply_decline<B: Backend>(
         .bind(&decline.code)
         .bind(decline.member_reason)
         .bind(DbTime(audit.at))
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .execute(tx.conn())
         .await
         .map_err(db_err("recording a decline"))?;
@@ -355,7 +355,7 @@ pub(crate) async fn hold_unknown<B: Backend>(
         query("UPDATE payment_attempts SET unknown_cycles = $1, resend_stopped = $2 WHERE payment_id = $3 AND attempt = $4")
             .bind(i64::from(cycles))
             .bind(stopped)
-            .bind(DbId(payment.id))
+            .bind(payment.id)
             .bind(payment.attempt)
             .execute(tx.conn())
             .await
@@ -366,7 +366,7 @@ pub(crate) async fn hold_unknown<B: Backend>(
         .bind(short(reason))
         .bind(DbTime(audit.at))
         .bind(DbTime(look_at))
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .execute(tx.conn())
         .await
         .map_err(db_err("recording an unknown outcome"))?;
@@ -386,7 +386,7 @@ pub(crate) async fn send_to_review<B: Backend>(
         .bind(state.as_str())
         .bind(short(reason))
         .bind(DbTime(audit.at))
-        .bind(DbId(payment.id))
+        .bind(payment.id)
         .execute(tx.conn())
         .await
         .map_err(db_err("recording a payment for review"))?;
@@ -450,7 +450,7 @@ pub(crate) async fn apply_step<B: Backend>(
             // it afresh, with the same key), the payment goes back untouched, and
             // charging stops until an operator has fixed the credentials.
             query("DELETE FROM payment_attempts WHERE payment_id = $1 AND attempt = $2")
-                .bind(DbId(payment.id))
+                .bind(payment.id)
                 .bind(payment.attempt)
                 .execute(tx.conn())
                 .await

@@ -3,8 +3,8 @@
 pub(crate) mod plan;
 
 use jiff::Timestamp;
-use uuid::Uuid;
 
+use crate::domain::ids::{MemberId, ScheduleId};
 use crate::domain::money::Money;
 use crate::domain::notice::{
     ScheduleChange as ScheduleChangeNotice, ScheduleFacts, ScheduleSuspended,
@@ -12,14 +12,14 @@ use crate::domain::notice::{
 use crate::domain::payment::{AmountRule, PaymentState, Transition};
 use crate::domain::schedule::{OccurrenceKey, Recurrence};
 use crate::domain::status::{CardStatus, MemberStatus, ScheduleStatus};
-use crate::sqltypes::{DbId, DbTime};
+use crate::sqltypes::DbTime;
 use crate::store::sql::cards::{card_in, card_unusable};
 use crate::store::sql::members::{lock_owner, member_by_id_in};
 use crate::store::sql::outbox::notify_notice;
 use crate::store::sql::payments::UNCLAIMED;
 use crate::store::sql::{
-    Backend, Record, SqlStore, commit, corrupt, currency, db_err, event, get, id,
-    is_unique_violation, new_id, opt_time, parsed, query, query_scalar, state_list, step, time,
+    Backend, Record, SqlStore, commit, corrupt, currency, db_err, event, get, is_unique_violation,
+    opt_time, parsed, query, query_scalar, state_list, step, time,
 };
 use crate::store::{
     Audit, Member, NewSchedule, Result, Schedule, ScheduleChange, ScheduleResume, StoreError,
@@ -47,9 +47,9 @@ pub(crate) fn schedule_from(row: &impl Record) -> Result<Schedule> {
         },
     };
     Ok(Schedule {
-        id: id(row, T, "id")?,
-        member_id: id(row, T, "member_id")?,
-        card_id: id(row, T, "payment_method_id")?,
+        id: get(row, T, "id")?,
+        member_id: get(row, T, "member_id")?,
+        card_id: get(row, T, "payment_method_id")?,
         kind: parsed(T, "kind", get::<String>(row, T, "kind")?.parse())?,
         recurrence,
         amount,
@@ -85,13 +85,13 @@ pub(crate) fn schedule_from(row: &impl Record) -> Result<Schedule> {
 
 pub(crate) async fn schedule_in<B: Backend>(
     tx: &mut WriteTx<B>,
-    schedule_id: Uuid,
+    schedule_id: ScheduleId,
 ) -> Result<Schedule> {
     let row = query(sqlx::AssertSqlSafe(format!(
         "SELECT {SCHEDULE_COLS} FROM schedules WHERE id = $1{}",
         B::FOR_UPDATE
     )))
-    .bind(DbId(schedule_id))
+    .bind(schedule_id)
     .fetch_optional(tx.conn())
     .await
     .map_err(db_err("reading a schedule"))?;
@@ -104,7 +104,7 @@ pub(crate) async fn schedule_in<B: Backend>(
 /// A schedule and its member, locked member first.
 pub(crate) async fn schedule_locked<B: Backend>(
     tx: &mut WriteTx<B>,
-    schedule_id: Uuid,
+    schedule_id: ScheduleId,
 ) -> Result<(Member, Schedule)> {
     let member = lock_owner(tx, "schedules", schedule_id)
         .await?
@@ -113,7 +113,7 @@ pub(crate) async fn schedule_locked<B: Backend>(
     Ok((member, schedule))
 }
 
-pub(crate) fn schedule_not_found(id: Uuid) -> StoreError {
+pub(crate) fn schedule_not_found(id: ScheduleId) -> StoreError {
     StoreError::NotFound(format!(
         "no schedule has id {id}; list schedules with `autopay schedule list`"
     ))
@@ -123,7 +123,7 @@ pub(crate) fn schedule_not_found(id: Uuid) -> StoreError {
 /// triggers). `unknown` and `processing` payments are left to be settled.
 pub(crate) async fn cancel_unclaimed<B: Backend>(
     tx: &mut WriteTx<B>,
-    schedule_id: Uuid,
+    schedule_id: ScheduleId,
     reason: &str,
     at: Timestamp,
 ) -> Result<u64> {
@@ -135,7 +135,7 @@ pub(crate) async fn cancel_unclaimed<B: Backend>(
     )))
         .bind(reason)
         .bind(DbTime(at))
-        .bind(DbId(schedule_id))
+        .bind(schedule_id)
         .bind(cancelled.as_str())
         .execute(tx.conn())
         .await
@@ -145,7 +145,7 @@ pub(crate) async fn cancel_unclaimed<B: Backend>(
 
 pub(crate) async fn suspend_schedule<B: Backend>(
     tx: &mut WriteTx<B>,
-    schedule_id: Uuid,
+    schedule_id: ScheduleId,
     reason: &str,
     member: &Member,
     audit: &Audit,
@@ -153,7 +153,7 @@ pub(crate) async fn suspend_schedule<B: Backend>(
     let version: Option<i64> = query_scalar("UPDATE schedules SET status = 'suspended', status_reason = $1, next_run_at = NULL, next_occurrence = NULL, version = version + 1, updated_at = $2 WHERE id = $3 AND status IN ('active', 'paused') RETURNING version")
         .bind(reason)
         .bind(DbTime(audit.at))
-        .bind(DbId(schedule_id))
+        .bind(schedule_id)
         .fetch_optional(tx.conn())
         .await
         .map_err(db_err("suspending a schedule"))?;
@@ -244,9 +244,9 @@ pub(crate) async fn add_schedule<B: Backend>(
     let row = query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO schedules (id, member_id, payment_method_id, kind, recurrence, amount_rule, fixed_amount, currency, time_zone, next_run_at, next_occurrence, status, version, authorized_at, authorized_via, authorized_by, terms_version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 1, $13, $14, $15, $16, $13, $13) RETURNING {SCHEDULE_COLS}"
     )))
-    .bind(DbId(new_id()))
-    .bind(DbId(new.member_id))
-    .bind(DbId(new.card_id))
+    .bind(ScheduleId::new())
+    .bind(new.member_id)
+    .bind(new.card_id)
     .bind(new.kind.as_str())
     .bind(recurrence)
     .bind(new.amount.kind())
@@ -290,11 +290,14 @@ pub(crate) async fn add_schedule<B: Backend>(
     Ok(schedule)
 }
 
-pub(crate) async fn schedule<B: Backend>(db: &SqlStore<B>, schedule_id: Uuid) -> Result<Schedule> {
+pub(crate) async fn schedule<B: Backend>(
+    db: &SqlStore<B>,
+    schedule_id: ScheduleId,
+) -> Result<Schedule> {
     let row = query(sqlx::AssertSqlSafe(format!(
         "SELECT {SCHEDULE_COLS} FROM schedules WHERE id = $1"
     )))
-    .bind(DbId(schedule_id))
+    .bind(schedule_id)
     .fetch_optional(&db.pool)
     .await
     .map_err(db_err("reading a schedule"))?;
@@ -306,10 +309,10 @@ pub(crate) async fn schedule<B: Backend>(db: &SqlStore<B>, schedule_id: Uuid) ->
 
 pub(crate) async fn list_schedules<B: Backend>(
     db: &SqlStore<B>,
-    member_id: Option<Uuid>,
+    member_id: Option<MemberId>,
 ) -> Result<Vec<Schedule>> {
     query(sqlx::AssertSqlSafe(format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE ($1 IS NULL OR member_id = $1) ORDER BY created_at, id")))
-        .bind(member_id.map(DbId))
+        .bind(member_id)
         .fetch_all(&db.pool)
         .await
         .map_err(db_err("listing schedules"))?
@@ -370,7 +373,7 @@ pub(crate) async fn update_schedule<B: Backend>(
     let row = query(sqlx::AssertSqlSafe(format!(
         "UPDATE schedules SET payment_method_id = $1, recurrence = $2, amount_rule = $3, fixed_amount = $4, time_zone = $5, next_run_at = $6, next_occurrence = $7, status = $8, status_reason = CASE WHEN $8 = status THEN status_reason ELSE NULL END, consecutive_failures = CASE WHEN $8 = status THEN consecutive_failures ELSE 0 END, version = version + 1, updated_at = $9 WHERE id = $10 RETURNING {SCHEDULE_COLS}"
     )))
-    .bind(DbId(change.card_id))
+    .bind(change.card_id)
     .bind(recurrence)
     .bind(change.amount.kind())
     .bind(change.amount.fixed_amount().map(|m| m.minor()))
@@ -379,7 +382,7 @@ pub(crate) async fn update_schedule<B: Backend>(
     .bind(next_occurrence)
     .bind(status.as_str())
     .bind(DbTime(audit.at))
-    .bind(DbId(change.id))
+    .bind(change.id)
     .fetch_one(tx.conn())
     .await
     .map_err(|e| {
@@ -393,10 +396,10 @@ pub(crate) async fn update_schedule<B: Backend>(
     // Re-plan unclaimed payments: the next attempt uses the new card, and its amount
     // is computed afresh when it is claimed.
     let replanned = query("UPDATE payments SET payment_method_id = $1, schedule_version = $2, amount = NULL, updated_at = $3 WHERE schedule_id = $4 AND state IN ('scheduled', 'retry_wait')")
-        .bind(DbId(change.card_id))
+        .bind(change.card_id)
         .bind(updated.version)
         .bind(DbTime(audit.at))
-        .bind(DbId(change.id))
+        .bind(change.id)
         .execute(tx.conn())
         .await
         .map_err(db_err("re-planning payments"))?
@@ -429,7 +432,7 @@ pub(crate) async fn update_schedule<B: Backend>(
 
 pub(crate) async fn pause_schedule<B: Backend>(
     db: &SqlStore<B>,
-    schedule_id: Uuid,
+    schedule_id: ScheduleId,
     audit: &Audit,
 ) -> Result<Schedule> {
     let mut tx = db.begin_write().await?;
@@ -444,7 +447,7 @@ pub(crate) async fn pause_schedule<B: Backend>(
         "UPDATE schedules SET status = 'paused', status_reason = 'paused by operator', next_run_at = NULL, next_occurrence = NULL, version = version + 1, updated_at = $1 WHERE id = $2 RETURNING {SCHEDULE_COLS}"
     )))
     .bind(DbTime(audit.at))
-    .bind(DbId(schedule_id))
+    .bind(schedule_id)
     .fetch_one(tx.conn())
     .await
     .map_err(db_err("pausing a schedule"))?;
@@ -510,7 +513,7 @@ pub(crate) async fn resume_schedule<B: Backend>(
     .bind(resume.next_run_at.map(DbTime))
     .bind(resume.next_occurrence.as_ref().map(|k| k.to_string()))
     .bind(DbTime(audit.at))
-    .bind(DbId(resume.id))
+    .bind(resume.id)
     .fetch_one(tx.conn())
     .await
     .map_err(db_err("resuming a schedule"))?;
@@ -532,7 +535,7 @@ pub(crate) async fn resume_schedule<B: Backend>(
 
 pub(crate) async fn cancel_schedule<B: Backend>(
     db: &SqlStore<B>,
-    schedule_id: Uuid,
+    schedule_id: ScheduleId,
     audit: &Audit,
 ) -> Result<Schedule> {
     let mut tx = db.begin_write().await?;
@@ -540,7 +543,7 @@ pub(crate) async fn cancel_schedule<B: Backend>(
     // A completed schedule may still have a payment waiting for a retry: cancelling
     // stops that too.
     let waiting: i64 = query_scalar("SELECT COUNT(*) FROM payments WHERE schedule_id = $1 AND state IN ('scheduled', 'retry_wait')")
-        .bind(DbId(schedule_id))
+        .bind(schedule_id)
         .fetch_one(tx.conn())
         .await
         .map_err(db_err("counting waiting payments"))?;
@@ -557,7 +560,7 @@ pub(crate) async fn cancel_schedule<B: Backend>(
     )))
     .bind(DbTime(audit.at))
     .bind(&audit.actor)
-    .bind(DbId(schedule_id))
+    .bind(schedule_id)
     .fetch_one(tx.conn())
     .await
     .map_err(db_err("cancelling a schedule"))?;

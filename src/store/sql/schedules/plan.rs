@@ -3,13 +3,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use jiff::Timestamp;
-use uuid::Uuid;
 
+use crate::domain::ids::{PaymentId, ScheduleId};
 use crate::domain::status::ScheduleStatus;
-use crate::sqltypes::{DbId, DbTime};
+use crate::sqltypes::DbTime;
 use crate::store::sql::schedules::{SCHEDULE_COLS, schedule_from};
 use crate::store::sql::{
-    Backend, ROWS_PER_STATEMENT, SqlStore, commit, db_err, event, get, new_id, placeholders, query,
+    Backend, ROWS_PER_STATEMENT, SqlStore, commit, db_err, event, get, placeholders, query,
 };
 use crate::store::{Audit, PlanStep, PlannedPayment, Result, Schedule, WriteTx};
 
@@ -27,10 +27,10 @@ pub(crate) async fn apply_plans_in<B: Backend>(
     steps: &[PlanStep],
     audit: &Audit,
 ) -> Result<Vec<bool>> {
-    let mut ids: Vec<Uuid> = steps.iter().map(|s| s.schedule_id).collect();
+    let mut ids: Vec<ScheduleId> = steps.iter().map(|s| s.schedule_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    let mut current: HashMap<Uuid, Schedule> = HashMap::with_capacity(ids.len());
+    let mut current: HashMap<ScheduleId, Schedule> = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         let mut read = query(sqlx::AssertSqlSafe(format!(
             "SELECT {SCHEDULE_COLS} FROM schedules WHERE id IN ({}) ORDER BY id{}",
@@ -38,7 +38,7 @@ pub(crate) async fn apply_plans_in<B: Backend>(
             B::FOR_UPDATE
         )));
         for id in chunk {
-            read = read.bind(DbId(*id));
+            read = read.bind(*id);
         }
         for row in read
             .fetch_all(tx.conn())
@@ -113,7 +113,7 @@ async fn insert_payments<B: Backend>(
     tx: &mut WriteTx<B>,
     taken: &[(&PlanStep, Schedule)],
     at: Timestamp,
-) -> Result<HashSet<(Uuid, String)>> {
+) -> Result<HashSet<(ScheduleId, String)>> {
     /// Values per payment row, each row `(…, 1, …)` with its attempt number written out.
     const VALUES: usize = 11;
     let rows: Vec<(&Schedule, &PlannedPayment)> = taken
@@ -149,14 +149,14 @@ async fn insert_payments<B: Backend>(
         )));
         for (schedule, p) in chunk {
             insert = insert
-                .bind(DbId(new_id()))
-                .bind(DbId(schedule.id))
-                .bind(DbId(schedule.member_id))
+                .bind(PaymentId::new())
+                .bind(schedule.id)
+                .bind(schedule.member_id)
                 .bind(p.occurrence.to_string())
                 .bind(DbTime(p.due_at))
                 .bind(schedule.currency.code())
                 .bind(planned_state(p))
-                .bind(DbId(schedule.card_id))
+                .bind(schedule.card_id)
                 .bind(schedule.version)
                 .bind(p.missed.clone())
                 .bind(DbTime(at));
@@ -167,7 +167,7 @@ async fn insert_payments<B: Backend>(
             .map_err(db_err("planning payments"))?
         {
             inserted.insert((
-                get::<DbId>(&row, "payments", "schedule_id")?.0,
+                get::<ScheduleId>(&row, "payments", "schedule_id")?,
                 get::<String>(&row, "payments", "occurrence")?,
             ));
         }
@@ -183,7 +183,7 @@ async fn move_cursors<B: Backend>(
     at: Timestamp,
 ) -> Result<()> {
     type Cursor = (Option<Timestamp>, Option<String>, &'static str);
-    let mut groups: BTreeMap<Cursor, Vec<Uuid>> = BTreeMap::new();
+    let mut groups: BTreeMap<Cursor, Vec<ScheduleId>> = BTreeMap::new();
     for (step, schedule) in taken {
         let cursor = (
             step.next_run_at,
@@ -203,7 +203,7 @@ async fn move_cursors<B: Backend>(
             .bind(status)
             .bind(DbTime(at));
             for id in chunk {
-                update = update.bind(DbId(*id));
+                update = update.bind(*id);
             }
             update
                 .execute(tx.conn())
