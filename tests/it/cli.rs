@@ -1112,6 +1112,16 @@ async fn bench_databases(admin: &str) -> Vec<String> {
         .expect("list databases")
 }
 
+/// The throwaway database this run's progress named is gone (other benchmarks may run
+/// meanwhile, so the check is by name).
+async fn assert_dropped(stderr: &str, admin: &str) {
+    let made = stderr
+        .split_whitespace()
+        .find(|w| w.starts_with("autopay_bench_"))
+        .expect("the progress names the throwaway database");
+    assert!(!bench_databases(admin).await.iter().any(|d| d == made));
+}
+
 #[tokio::test]
 async fn bench_charges_on_throwaway_databases_and_leaves_none_behind() {
     // The configured database is a SQLite file in the test's folder; bench must never create it.
@@ -1177,12 +1187,7 @@ async fn bench_charges_on_throwaway_databases_and_leaves_none_behind() {
 
     // Nothing left behind: not its throwaway database (other benchmarks may run meanwhile), no
     // configured file, no processor ledger.
-    let made = run
-        .stderr
-        .split_whitespace()
-        .find(|w| w.starts_with("autopay_bench_"))
-        .expect("the progress names the throwaway database");
-    assert!(!bench_databases(&admin).await.iter().any(|d| d == made));
+    assert_dropped(&run.stderr, &admin).await;
     assert!(
         !configured.exists(),
         "bench created the configured database"
@@ -1272,12 +1277,7 @@ async fn bench_mail_delivers_every_receipt_and_prints_the_plain_clients_rate_bes
         assert!((share - rate / plain).abs() < 0.01, "{r}");
     }
     // Its own throwaway database is gone (others' benchmarks may run meanwhile).
-    let made = run
-        .stderr
-        .split_whitespace()
-        .find(|w| w.starts_with("autopay_bench_"))
-        .expect("the progress names the throwaway database");
-    assert!(!bench_databases(&admin).await.iter().any(|d| d == made));
+    assert_dropped(&run.stderr, &admin).await;
 }
 
 #[tokio::test]

@@ -17,12 +17,14 @@ pub(crate) mod reconcile;
 pub(crate) mod schedules;
 mod store;
 
+use std::collections::HashMap;
+
 use jiff::Timestamp;
 use uuid::Uuid;
 
 use crate::domain::money::Currency;
 use crate::domain::payment::{PaymentState, Transition};
-use crate::sqltypes::{DbId, DbTime};
+use crate::sqltypes::{DbId, DbTime, IdParam};
 use crate::store::{Audit, Event, Result, StoreError, WriteTx};
 
 pub use backend::{Backend, Column, Conn, Param, Record};
@@ -118,6 +120,45 @@ pub(crate) fn placeholders(first: usize, n: usize) -> String {
 /// on bound values (32,766 in SQLite, 65,535 in PostgreSQL) at a dozen values a row.
 pub(crate) const ROWS_PER_STATEMENT: usize = 1000;
 
+/// The ids, sorted, each once.
+pub(crate) fn sorted<I: Ord>(ids: impl Iterator<Item = I>) -> Vec<I> {
+    let mut ids: Vec<I> = ids.collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Reads (and on PostgreSQL locks, in id order) the rows of `table` with these `ids`, each
+/// made into a `T` by `from`, by id.
+pub(crate) async fn locked_rows<B: Backend, I: IdParam + Column + Eq + std::hash::Hash, T>(
+    tx: &mut WriteTx<B>,
+    table: &'static str,
+    cols: &str,
+    ids: Vec<I>,
+    from: impl Fn(&B::Row) -> Result<T>,
+) -> Result<HashMap<I, T>> {
+    let mut rows = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut read = query(sqlx::AssertSqlSafe(format!(
+            "SELECT {cols} FROM {table} WHERE id IN ({}) ORDER BY id{}",
+            placeholders(1, chunk.len()),
+            B::FOR_UPDATE
+        )));
+        for id in chunk {
+            read = read.bind(*id);
+        }
+        for row in read
+            .fetch_all(tx.conn())
+            .await
+            .map_err(db_err("reading rows to change"))?
+        {
+            let id = get::<I>(&row, table, "id")?;
+            rows.insert(id, from(&row)?);
+        }
+    }
+    Ok(rows)
+}
+
 pub(crate) fn new_id() -> Uuid {
     Uuid::now_v7()
 }
@@ -196,16 +237,7 @@ pub(crate) async fn commit<B: Backend>(mut tx: WriteTx<B>) -> Result<()> {
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7
-            ));
+            sql.push_str(&format!("({})", placeholders(b + 1, 7)));
         }
         let mut q = query::<B>(sqlx::AssertSqlSafe(sql));
         for e in chunk {

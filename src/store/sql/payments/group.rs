@@ -12,15 +12,14 @@ use std::collections::{HashMap, HashSet};
 
 use crate::domain::ids::{CardId, MemberId, PaymentId, ScheduleId};
 use crate::domain::payment::PaymentState;
-use crate::sqltypes::IdParam;
 use crate::store::sql::cards::{CARD_COLS, card_from};
 use crate::store::sql::members::{MEMBER_COLS, member_from};
 use crate::store::sql::payments::attempt::{begin_locked, record_locked};
 use crate::store::sql::payments::{Locked, PAYMENT_COLS, held_from, lock_leased};
 use crate::store::sql::schedules::{SCHEDULE_COLS, schedule_from};
 use crate::store::sql::{
-    Backend, Column, ROWS_PER_STATEMENT, SqlStore, commit, db_err, get, placeholders, query,
-    query_as,
+    Backend, ROWS_PER_STATEMENT, SqlStore, commit, db_err, get, locked_rows, placeholders,
+    query_as, sorted,
 };
 use crate::store::{ChargeStep, Lease, Next, OutcomePolicy, Result, WriteTx};
 
@@ -162,43 +161,4 @@ async fn lock_group<B: Backend>(
         );
     }
     Ok(locked)
-}
-
-/// The ids, sorted, each once.
-fn sorted<I: Ord>(ids: impl Iterator<Item = I>) -> Vec<I> {
-    let mut ids: Vec<I> = ids.collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
-/// Reads (and on PostgreSQL locks, in id order) the rows of `table` with these `ids`, each
-/// made into a `T` by `from`, by id.
-async fn locked_rows<B: Backend, I: IdParam + Column + Eq + std::hash::Hash, T>(
-    tx: &mut WriteTx<B>,
-    table: &'static str,
-    cols: &str,
-    ids: Vec<I>,
-    from: impl Fn(&B::Row) -> Result<T>,
-) -> Result<HashMap<I, T>> {
-    let mut rows = HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let mut read = query(sqlx::AssertSqlSafe(format!(
-            "SELECT {cols} FROM {table} WHERE id IN ({}) ORDER BY id{}",
-            placeholders(1, chunk.len()),
-            B::FOR_UPDATE
-        )));
-        for id in chunk {
-            read = read.bind(*id);
-        }
-        for row in read
-            .fetch_all(tx.conn())
-            .await
-            .map_err(db_err("locking a group's rows"))?
-        {
-            let id = get::<I>(&row, table, "id")?;
-            rows.insert(id, from(&row)?);
-        }
-    }
-    Ok(rows)
 }

@@ -1,6 +1,6 @@
 //! The planner's side of schedules: which are due, and writing their due occurrences as payments.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use jiff::Timestamp;
 
@@ -9,7 +9,8 @@ use crate::domain::status::ScheduleStatus;
 use crate::sqltypes::DbTime;
 use crate::store::sql::schedules::{SCHEDULE_COLS, schedule_from};
 use crate::store::sql::{
-    Backend, ROWS_PER_STATEMENT, SqlStore, commit, db_err, event, get, placeholders, query,
+    Backend, ROWS_PER_STATEMENT, SqlStore, commit, db_err, event, get, locked_rows, placeholders,
+    query, sorted,
 };
 use crate::store::{Audit, PlanStep, PlannedPayment, Result, Schedule, WriteTx};
 
@@ -27,28 +28,8 @@ pub(crate) async fn apply_plans_in<B: Backend>(
     steps: &[PlanStep],
     audit: &Audit,
 ) -> Result<Vec<bool>> {
-    let mut ids: Vec<ScheduleId> = steps.iter().map(|s| s.schedule_id).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let mut current: HashMap<ScheduleId, Schedule> = HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let mut read = query(sqlx::AssertSqlSafe(format!(
-            "SELECT {SCHEDULE_COLS} FROM schedules WHERE id IN ({}) ORDER BY id{}",
-            placeholders(1, chunk.len()),
-            B::FOR_UPDATE
-        )));
-        for id in chunk {
-            read = read.bind(*id);
-        }
-        for row in read
-            .fetch_all(tx.conn())
-            .await
-            .map_err(db_err("reading due schedules"))?
-        {
-            let schedule = schedule_from(&row)?;
-            current.insert(schedule.id, schedule);
-        }
-    }
+    let ids = sorted(steps.iter().map(|s| s.schedule_id));
+    let mut current = locked_rows(tx, "schedules", SCHEDULE_COLS, ids, schedule_from).await?;
     let mut applied = Vec::with_capacity(steps.len());
     let mut taken: Vec<(&PlanStep, Schedule)> = Vec::with_capacity(steps.len());
     for step in steps {
@@ -125,19 +106,11 @@ async fn insert_payments<B: Backend>(
         let values = (0..chunk.len())
             .map(|i| {
                 let b = i * VALUES;
+                // created_at and updated_at take the same value.
                 format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, 1, ${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8,
-                    b + 9,
-                    b + 10,
-                    b + 11,
+                    "({}, 1, {}, ${})",
+                    placeholders(b + 1, 7),
+                    placeholders(b + 8, 4),
                     b + 11
                 )
             })
