@@ -215,7 +215,6 @@ pub async fn plan_if_due(
         .await
 }
 
-/// One schedule's plan written by a task of its own: its result in its place, or the first error.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -271,9 +271,7 @@ impl Dispatcher {
             Ok::<DeliveryReport, StoreError>(tally)
         };
         let ((), tally) = tokio::try_join!(sending, recording)?;
-        report.sent = tally.sent;
-        report.failed = tally.failed;
-        report.retrying = tally.retrying;
+        report.add(&tally);
         let refused = session_refused
             .lock()
             .unwrap_or_else(|p| p.into_inner())

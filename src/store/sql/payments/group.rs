@@ -118,7 +118,7 @@ async fn lock_group<B: Backend>(
     .await?;
     let cols =
         format!("{PAYMENT_COLS}, credit_applied, unknown_since, lease_expires_at, lease_token");
-    let held = locked_rows(tx, "payments", &cols, payment_ids, |row| {
+    let mut held = locked_rows(tx, "payments", &cols, payment_ids, |row| {
         Ok((
             held_from(row)?,
             get::<Option<String>>(row, "payments", "lease_token")?,
@@ -128,7 +128,7 @@ async fn lock_group<B: Backend>(
 
     let mut locked = HashMap::with_capacity(leases.len());
     for lease in leases {
-        let Some((held, token)) = held.get(&lease.payment_id) else {
+        let Some((held, token)) = held.remove(&lease.payment_id) else {
             continue;
         };
         let Some((member_id, schedule_id, card_id)) = owners.get(&lease.payment_id) else {
@@ -156,7 +156,7 @@ async fn lock_group<B: Backend>(
                 member: member.clone(),
                 schedule: schedule.clone(),
                 card: card.clone(),
-                held: held.clone(),
+                held,
             },
         );
     }

@@ -68,7 +68,6 @@ pub(crate) const RESERVING: [PaymentState; 3] = [
 ];
 
 /// A payment with the engine's bookkeeping that `Payment` does not show.
-#[derive(Clone)]
 pub(crate) struct Held {
     pub(crate) payment: Payment,
     pub(crate) credit_applied: i64,
