@@ -1240,6 +1240,39 @@ async fn bench_month_start_charges_bulk_loaded_schedules_and_queues_every_receip
     );
 }
 
+/// The table says where the ledger was: it said "in memory" for every run, also for a ledger
+/// in a database.
+#[tokio::test]
+async fn bench_table_names_where_the_ledger_was() {
+    let db = TestDb::new(Kind::Sqlite).await;
+    let run = Bin::new(&db)
+        .run(&[
+            "bench",
+            "--payments",
+            "20",
+            "--backend",
+            "sqlite",
+            "--ledger",
+            "database",
+        ])
+        .ok();
+    let row = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("sqlite"))
+        .expect("a row for sqlite");
+    assert!(
+        row.split_whitespace().any(|c| c == "database"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        !run.stdout.contains("ledger is in memory"),
+        "{}",
+        run.stdout
+    );
+}
+
 /// The mail scenario: receipts delivered to a local SMTP server by the dispatcher, beside a
 /// plain one-connection client's rate to the same server, on both backends.
 #[tokio::test]
