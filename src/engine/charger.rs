@@ -79,15 +79,50 @@ const FIRST_BUSY_WAIT: Duration = Duration::from_millis(250);
 const MAX_BUSY_WAIT: Duration = Duration::from_secs(2);
 /// How often a running pipeline checks the circuit breaker.
 const BREAKER_EVERY: Duration = Duration::from_secs(1);
+/// How often a running pipeline's claims look for attempts to settle (besides its first
+/// claim, and the claim after one that found a full batch of them).
+const SETTLE_EVERY: Duration = Duration::from_secs(1);
+
+/// When a pipeline's claim looks for attempts to settle: at its first claim, then once every
+/// [`SETTLE_EVERY`], and at the next claim whenever a look found a full batch of them.
+#[derive(Debug, Default)]
+struct SettleCadence {
+    /// When a claim last looked; never yet.
+    looked: Option<Instant>,
+    /// Whether that look found as many as its claim could take (more may be waiting).
+    full: bool,
+}
+
+impl SettleCadence {
+    /// Whether the claim about to run at `now` looks (and if so, counts it as the last look).
+    fn look(&mut self, now: Instant) -> bool {
+        let look = self.full
+            || self
+                .looked
+                .is_none_or(|at| now.saturating_duration_since(at) >= SETTLE_EVERY);
+        if look {
+            self.looked = Some(now);
+        }
+        look
+    }
+
+    /// What the claim found: `full` when it looked and took a whole batch of attempts to settle.
+    fn found(&mut self, looked: bool, full: bool) {
+        if looked {
+            self.full = full;
+        }
+    }
+}
 
 impl Engine {
     /// The claim rules from the settings.
-    fn claim_rules(&self, limit: u32) -> ClaimRules {
+    fn claim_rules(&self, limit: u32, settle: bool) -> ClaimRules {
         ClaimRules {
             lease: self.config.lease,
             limit,
             max_lateness: self.config.max_lateness,
             misfire: self.config.misfire,
+            settle,
         }
     }
 
@@ -100,12 +135,18 @@ impl Engine {
     /// stop, or after `daemon.poll_interval` (so the planner and the worker loop get their
     /// turn); what is in flight always finishes and is recorded before it returns. The circuit
     /// breaker is checked every second and at the end.
+    ///
+    /// Attempts to settle (unknown outcomes due for a lookup, claims that expired mid-call) go
+    /// first. The first claim looks for them, and then one claim a second, or the next claim
+    /// when the last look found a full batch: a month start claims thousands of times a
+    /// minute, and looking every time cost a read each (docs/performance.md).
     pub async fn charge_due(self: &Engine) -> Result<ChargeReport, EngineError> {
         let mut report = ChargeReport::default();
         let slots = self.slots();
         let refill_at = slots.div_ceil(4);
         let started = Instant::now();
         let mut breaker_checked = Instant::now();
+        let mut settle = SettleCadence::default();
         let mut claiming = true;
         let mut first_error: Option<EngineError> = None;
         let this = Arc::new(self.clone());
@@ -121,9 +162,14 @@ impl Engine {
             let free = slots - tasks.len();
             if claiming && (free >= refill_at || tasks.is_empty()) {
                 let limit = (free as u32).min(self.config.batch_size);
+                let look = settle.look(Instant::now());
                 match self
                     .store
-                    .claim_work(&self.worker_id, self.clock.now(), &self.claim_rules(limit))
+                    .claim_work(
+                        &self.worker_id,
+                        self.clock.now(),
+                        &self.claim_rules(limit, look),
+                    )
                     .await
                 {
                     Ok(work) => {
@@ -131,8 +177,10 @@ impl Engine {
                             claiming = false;
                         }
                         report.claimed += work.len() as u64;
-                        report.looked_up +=
+                        let settling =
                             work.iter().filter(|w| w.kind == WorkKind::Settle).count() as u64;
+                        settle.found(look, settling >= u64::from(limit));
+                        report.looked_up += settling;
                         let taken_over = work.iter().filter(|w| w.taken_over).count() as u64;
                         if taken_over > 0 {
                             metrics::counter!(crate::metrics::LEASES_TAKEN_OVER)
@@ -481,5 +529,40 @@ impl Engine {
             self.store.set_charging_pause(Some(&reason), &audit).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_look_for_attempts_to_settle_once_a_second_not_at_every_claim() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut cadence = SettleCadence::default();
+        // The pipeline's first claim looks; the claims in the next second do not.
+        assert!(cadence.look(at(0)));
+        cadence.found(true, false);
+        for ms in [1, 10, 500, 999] {
+            assert!(!cadence.look(at(ms)), "a claim {ms} ms after a look");
+            cadence.found(false, false);
+        }
+        // A second on, one claim looks again.
+        assert!(cadence.look(at(1_000)));
+        cadence.found(true, false);
+        assert!(!cadence.look(at(1_001)));
+    }
+
+    #[test]
+    fn a_look_that_found_a_full_batch_looks_again_at_the_next_claim() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut cadence = SettleCadence::default();
+        assert!(cadence.look(at(0)));
+        cadence.found(true, true);
+        assert!(cadence.look(at(5)), "more may be waiting");
+        cadence.found(true, false);
+        assert!(!cadence.look(at(10)));
     }
 }

@@ -65,6 +65,11 @@ impl Backend for sqlx::Postgres {
             "claim_order_indexes",
             include_str!("../../migrations/postgres/0007_claim_order_indexes.sql"),
         ),
+        (
+            8,
+            "in_flight_indexes",
+            include_str!("../../migrations/postgres/0008_in_flight_indexes.sql"),
+        ),
     ];
 
     /// Row locks and `SKIP LOCKED` let PostgreSQL writers run side by side: no turn to take.

@@ -436,6 +436,9 @@ pub struct ClaimRules {
     pub limit: u32,
     pub max_lateness: std::time::Duration,
     pub misfire: crate::domain::schedule::Misfire,
+    /// Whether the claim first looks for attempts to settle (unknown outcomes due for a
+    /// lookup, claims that expired mid-call); otherwise it takes due charges only.
+    pub settle: bool,
 }
 
 /// What to do next with a claimed payment, after a step of its attempt was recorded.

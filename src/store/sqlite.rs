@@ -70,6 +70,11 @@ impl Backend for sqlx::Sqlite {
             "claim_order_indexes",
             include_str!("../../migrations/sqlite/0007_claim_order_indexes.sql"),
         ),
+        (
+            8,
+            "in_flight_indexes",
+            include_str!("../../migrations/sqlite/0008_in_flight_indexes.sql"),
+        ),
     ];
 
     /// This process's writers take turns here before `BEGIN IMMEDIATE` (see [`WriteTx`]).

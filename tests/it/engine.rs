@@ -260,6 +260,7 @@ impl World {
             limit: 10,
             max_lateness: self.settings.payments.max_lateness.as_std(),
             misfire: self.settings.payments.misfire,
+            settle: true,
         }
     }
 

@@ -103,7 +103,7 @@ pub(crate) async fn claim_work<B: Backend>(
         if want <= 0 {
             break;
         }
-        let candidates = candidates(&mut tx, now, want, paused).await?;
+        let candidates = candidates(&mut tx, now, want, paused, rules.settle).await?;
         if candidates.is_empty() {
             break;
         }
@@ -211,25 +211,35 @@ pub(crate) async fn claim_work<B: Backend>(
 /// What a claim may take, in order: attempts to settle first (few: the unknown outcomes due
 /// for a lookup and the claims that expired mid-call), then due charges, read in their order
 /// from the `payments_claimable` index rather than sorted, however many are due.
+///
+/// The first read is written as one `state IN (…)` term and a `CASE`, not as an `OR` of two
+/// states, so that it reads only the `payments_settle` index: given the `OR`, PostgreSQL
+/// combined two scans of `payments_due`, visiting an entry for every payment ever charged
+/// that a vacuum had not removed yet.
 async fn candidates<B: Backend>(
     tx: &mut WriteTx<B>,
     now: Timestamp,
     want: i64,
     paused: bool,
+    settle: bool,
 ) -> Result<Vec<Candidate>> {
     type Row = (PaymentId, String, ScheduleId, DbTime, Option<DbTime>);
-    let mut rows: Vec<Row> = query_as(sqlx::AssertSqlSafe(format!(
+    let mut rows: Vec<Row> = Vec::new();
+    if settle {
+        rows = query_as(sqlx::AssertSqlSafe(format!(
         "SELECT id, state, schedule_id, due_at, next_attempt_at FROM payments WHERE \
-         (state = 'unknown' AND (next_attempt_at IS NULL OR next_attempt_at <= $1) AND (lease_expires_at IS NULL OR lease_expires_at <= $1)) \
-         OR (state = 'processing' AND lease_expires_at <= $1) \
+         state IN ('unknown', 'processing') AND CASE WHEN state = 'unknown' \
+         THEN (next_attempt_at IS NULL OR next_attempt_at <= $1) AND (lease_expires_at IS NULL OR lease_expires_at <= $1) \
+         ELSE lease_expires_at <= $1 END \
          ORDER BY COALESCE(next_attempt_at, due_at), id LIMIT $2{}",
         B::SKIP_LOCKED
     )))
-    .bind(DbTime(now))
-    .bind(want)
-    .fetch_all(tx.conn())
-    .await
-    .map_err(db_err("finding payments to settle"))?;
+        .bind(DbTime(now))
+        .bind(want)
+        .fetch_all(tx.conn())
+        .await
+        .map_err(db_err("finding payments to settle"))?;
+    }
     let more = want - rows.len() as i64;
     if more > 0 && !paused {
         let due: Vec<Row> = query_as(B::claim_due_sql())
