@@ -3,7 +3,7 @@
 //!
 //! The limit is a promise about any sliding one-second window: at most `per_second` grants in
 //! it. A grant waits until the `per_second`-th grant before it is a full second old (a log of
-//! the last `per_second` grant times). On top, bursts are at most a tenth of the limit (a token
+//! the grant times of the last second, at most `per_second` of them). On top, bursts are at most a tenth of the limit (a token
 //! bucket of that size, refilled at the limit's rate), so a backlog is spread over the second
 //! rather than sent at once.
 
@@ -30,7 +30,10 @@ pub struct RateLimiter {
 
 #[derive(Debug)]
 struct State {
-    /// The times of the last `per_second` grants, oldest first.
+    /// The times of the grants in the last window (at most `per_second`), oldest first. Older
+    /// ones are dropped: they can no longer hold a grant back, and a log of every grant up to
+    /// `per_second` would grow with each request until it held that many (1.6 MB at the
+    /// bench's lifted limit of 100,000).
     granted: VecDeque<Instant>,
     /// Burst tokens and when they were last refilled.
     tokens: f64,
@@ -44,7 +47,7 @@ impl RateLimiter {
             per_second,
             line: Mutex::new(()),
             state: Mutex::new(State {
-                granted: VecDeque::with_capacity(per_second.min(100_000) as usize),
+                granted: VecDeque::new(),
                 tokens: f64::from(Self::burst_of(per_second)),
                 refilled: Instant::now(),
             }),
@@ -68,6 +71,13 @@ impl RateLimiter {
                 s.tokens =
                     (s.tokens + now.duration_since(s.refilled).as_secs_f64() * rate).min(burst);
                 s.refilled = now;
+                while s
+                    .granted
+                    .front()
+                    .is_some_and(|oldest| now.saturating_duration_since(*oldest) >= WINDOW)
+                {
+                    s.granted.pop_front();
+                }
                 let window_full = s.granted.len() >= self.per_second as usize;
                 // The grant that would leave the window if this one were made now.
                 let window_wait = match s.granted.front() {
@@ -148,6 +158,27 @@ mod tests {
         tasks.join_all().await;
         let served = served.lock().unwrap().clone();
         assert_eq!(served, (0..12).collect::<Vec<_>>());
+    }
+
+    /// The log keeps the last second's grants only: at a high limit and a low rate it holds a
+    /// few times, not one for every request up to the limit.
+    #[tokio::test(start_paused = true)]
+    async fn the_log_holds_only_the_last_seconds_grants() {
+        let limiter = RateLimiter::new(100_000);
+        for _ in 0..3 {
+            for _ in 0..50 {
+                limiter.acquire().await;
+            }
+            tokio::time::advance(Duration::from_secs(2)).await;
+        }
+        limiter.acquire().await;
+        let state = limiter.state.lock().await;
+        assert_eq!(state.granted.len(), 1);
+        assert!(
+            state.granted.capacity() < 1_000,
+            "{}",
+            state.granted.capacity()
+        );
     }
 
     #[tokio::test(start_paused = true)]
